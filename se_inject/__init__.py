@@ -1,0 +1,49 @@
+"""se_inject: retrofit Squeeze-and-Excitation units into existing PyTorch models.
+
+>>> import timm, se_inject
+>>> result = se_inject.retrofit(timm.create_model("resnet18"), position="standard", r=16)
+>>> len(result.report.sites)
+8
+"""
+
+from se_inject.api import Retrofit, inject, make_config, report, retrofit
+from se_inject.config import POSITIONS, InjectConfig
+from se_inject.errors import (
+    ConfigError,
+    ModelSpecError,
+    NoSitesError,
+    RewriteError,
+    SEInjectError,
+    ShapePropagationError,
+    UntraceableModelError,
+)
+from se_inject.models import load_model
+from se_inject.report import OverheadReport, StageReport, Totals, UnitReport, eq5_params
+from se_inject.unit import SqueezeExcite, hidden_width
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "POSITIONS",
+    "ConfigError",
+    "InjectConfig",
+    "ModelSpecError",
+    "NoSitesError",
+    "OverheadReport",
+    "Retrofit",
+    "RewriteError",
+    "SEInjectError",
+    "ShapePropagationError",
+    "SqueezeExcite",
+    "StageReport",
+    "Totals",
+    "UnitReport",
+    "UntraceableModelError",
+    "eq5_params",
+    "hidden_width",
+    "inject",
+    "load_model",
+    "make_config",
+    "report",
+    "retrofit",
+]

@@ -1,0 +1,132 @@
+"""The public API: retrofit SE units into a model and report what they cost.
+
+>>> import torch, timm, se_inject
+>>> model = timm.create_model("resnet18")
+>>> se_model = se_inject.inject(model, position="standard", r=16)
+>>> rep = se_inject.report(model, position="standard", r=16)
+>>> rep.totals.params_added == rep.totals.eq5_params
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from torch import nn
+
+from se_inject.config import InjectConfig
+from se_inject.errors import ConfigError
+from se_inject.plan import Plan, plan_units
+from se_inject.report import OverheadReport, build_report
+from se_inject.rewrite import build_injected, dry_run
+from se_inject.sites import Analysis, analyse
+from se_inject.tracing import on_meta
+
+
+@dataclass(frozen=True)
+class Retrofit:
+    """The result of :func:`retrofit`: the new model, its report, and the plan behind both."""
+
+    model: nn.Module
+    report: OverheadReport
+    plan: Plan
+    config: InjectConfig
+
+
+def make_config(config: InjectConfig | None = None, **options: Any) -> InjectConfig:
+    """An InjectConfig from an existing one and/or keyword options (unknown names are refused)."""
+    known = {f.name for f in fields(InjectConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: not an injection option; options are {', '.join(sorted(known))}")
+    if isinstance(options.get("r"), list):
+        options["r"] = tuple(options["r"])
+    if isinstance(options.get("stages"), list):
+        options["stages"] = tuple(options["stages"])
+    return replace(config, **options) if config is not None else InjectConfig(**options)
+
+
+def retrofit(
+    model: nn.Module,
+    config: InjectConfig | None = None,
+    *,
+    input_size: int | Sequence[int] = 224,
+    model_name: str | None = None,
+    **options: Any,
+) -> Retrofit:
+    """Insert SE units into a copy of ``model`` and measure what they cost, from one trace.
+
+    ``options`` are :class:`InjectConfig` fields (``position``, ``r``, ``stages``, ``squeeze``,
+    ``excitation``, ``bias``, ``rounding``, ``init``, ``leaf_modules``). ``input_size`` is the
+    spatial size FLOPs are counted at. ``model`` is never modified; on any error it is exactly
+    as it was. A model on the meta device is analysed without allocating weights.
+
+    Example::
+
+        result = se_inject.retrofit(my_model, position="post", r=8, stages=[3, 4])
+        result.model(images)            # the retrofitted nn.Module
+        print(result.report.to_json())  # Eq. 5 vs. added weights, FLOPs per stage
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    config = make_config(config, **options)
+    _check_input_size(input_size)
+    analysis: Analysis = analyse(model, input_size, config.leaf_modules)
+    plan = plan_units(analysis, config)
+    injected = build_injected(model, analysis.gm, plan, config)
+    flops_after, unit_flops = dry_run(injected, plan, analysis.input_shape)
+    notes = []
+    if "" in plan.owners:
+        notes.append(
+            f"sites live in the forward of {type(model).__name__} itself: the result is a GraphModule, "
+            "so methods of that class other than forward are not carried over"
+        )
+    if plan.skipped:
+        notes.append(f"{len(plan.skipped)} block(s) skipped: {plan.skipped[0][1]}")
+    if on_meta(model):
+        notes.append("built on the meta device: shapes and counts only, no weights")
+    report = build_report(
+        model_name or type(model).__name__, config, analysis, plan, model, injected, flops_after, unit_flops, notes
+    )
+    injected.se_inject_config = config  # lets later tools see what was injected, and how
+    return Retrofit(injected, report, plan, config)
+
+
+def inject(model: nn.Module, config: InjectConfig | None = None, **options: Any) -> nn.Module:
+    """Return a copy of ``model`` with SE units inserted; ``model`` itself is never changed.
+
+    Example::
+
+        >>> import torch, timm, se_inject
+        >>> se_model = se_inject.inject(timm.create_model("resnet50"), position="standard", r=16)
+        >>> se_model.layer1[0].se_1_1
+        SqueezeExcite(...)
+
+    With the default ``init="preserve"`` the returned model computes exactly what ``model`` did
+    until it is trained. See :func:`retrofit` for the options.
+    """
+    return retrofit(model, config, **options).model
+
+
+def report(
+    model: nn.Module,
+    config: InjectConfig | None = None,
+    *,
+    input_size: int | Sequence[int] = 224,
+    model_name: str | None = None,
+    **options: Any,
+) -> OverheadReport:
+    """The overhead report of injecting ``model`` with these options (the model is not changed).
+
+    For a large model build it on the meta device first (``with torch.device("meta"): ...``)
+    and nothing but shapes is computed.
+    """
+    return retrofit(model, config, input_size=input_size, model_name=model_name, **options).report
+
+
+def _check_input_size(input_size: int | Sequence[int]) -> None:
+    sizes = [input_size] if isinstance(input_size, int) else list(input_size)
+    if len(sizes) not in (1, 2) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+        raise ConfigError(f"input_size: expected a positive size or (height, width), got {input_size!r}")

@@ -1,0 +1,178 @@
+"""The ``se-inject`` command: parse, call the public API, render with rich.
+
+A user mistake prints one line on stderr and exits with code 2; there is no traceback for it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperCommand
+
+from se_inject.api import retrofit
+from se_inject.config import InjectConfig
+from se_inject.errors import ConfigError, SEInjectError
+from se_inject.models import load_model
+from se_inject.report import OverheadReport
+
+HELP = InjectConfig.field_help()
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"se-inject: error: {' '.join(message.split())}", err=True)
+    sys.exit(2)
+
+
+class OneLineErrors(TyperCommand):
+    """A command that reports usage errors and se_inject errors as one line with exit code 2.
+
+    typer vendors its own click, so its usage errors are caught by typer's public base class
+    (``typer.TyperException``) rather than by click's.
+    """
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except SEInjectError as err:
+            _fail(str(err))
+        except typer.Abort:
+            typer.echo("se-inject: aborted", err=True)
+            sys.exit(1)
+        except typer.TyperException as err:
+            _fail(f"{err.format_message()} (see 'se-inject --help')")
+        if standalone_mode:
+            sys.exit(result if isinstance(result, int) else 0)
+        return result
+
+
+app = typer.Typer(
+    help="Retrofit Squeeze-and-Excitation units into existing models.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    no_args_is_help=True,
+)
+
+
+def parse_int_list(text: str, option: str) -> int | tuple[int, ...]:
+    """``"16"`` -> 16, ``"8,16,16,32"`` -> (8, 16, 16, 32), ``"2-4"`` -> (2, 3, 4)."""
+    values: list[int] = []
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        try:
+            if dash and low:  # a range; a leading "-" is a (refused later) negative number
+                values.extend(range(int(low), int(high) + 1))
+            else:
+                values.append(int(part))
+        except ValueError:
+            raise ConfigError(f"{option}: expected integers like 16, 8,16,32 or 2-4, got {text!r}") from None
+    is_single = len(values) == 1 and "," not in text and "-" not in text.strip().lstrip("-")
+    return values[0] if is_single else tuple(values)
+
+
+@app.command("inject", cls=OneLineErrors)
+def inject_command(
+    model: str = typer.Argument(..., help="timm name, torchvision:NAME, module.path:callable or file.py:callable"),
+    position: str = typer.Option("standard", "--position", "-p", help=HELP["position"]),
+    r: str = typer.Option("16", "--r", "-r", help=HELP["r"] + " (e.g. 16 or 8,16,16,32)"),
+    stages: Optional[str] = typer.Option(None, "--stages", help="stages that get units, e.g. 2,3 or 2-4 (default: all)"),
+    squeeze: str = typer.Option("avg", "--squeeze", help=HELP["squeeze"]),
+    excitation: str = typer.Option("sigmoid", "--excitation", help=HELP["excitation"]),
+    bias: bool = typer.Option(False, "--bias/--no-bias", help=HELP["bias"]),
+    init: str = typer.Option("preserve", "--init", help=HELP["init"]),
+    rounding: str = typer.Option("floor", "--rounding", help=HELP["rounding"]),
+    input_size: int = typer.Option(224, "--input-size", min=1, help="spatial size FLOPs are counted at"),
+    leaf: list[str] = typer.Option([], "--leaf", help="module class or qualified name fx must not trace into (repeatable)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    show_sites: bool = typer.Option(False, "--sites", help="list every unit with its stage, block and channels"),
+) -> None:
+    """Plan SE units for MODEL and print the overhead report (built on the meta device: no weights)."""
+    config = InjectConfig(
+        position=position,
+        r=parse_int_list(r, "r"),
+        stages=parse_int_list(stages, "stages") if stages else None,
+        squeeze=squeeze,
+        excitation=excitation,
+        bias=bias,
+        init=init,
+        rounding=rounding,
+        leaf_modules=tuple(leaf),
+    )
+    network = load_model(model, device="meta")
+    result = retrofit(network, config, input_size=input_size, model_name=model)
+    if as_json:
+        typer.echo(result.report.to_json())
+        return
+    render_report(result.report, show_sites, console())
+
+
+def console() -> Console:
+    """stdout console; when stdout is no terminal (a pipe, a file, a test) tables get 120 columns."""
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+
+
+def _count(n: int | float) -> str:
+    return f"{n:,}" if isinstance(n, int) else f"{n:,.2f}"
+
+
+def _gflops(n: int) -> str:
+    return f"{n / 1e9:.3f}"
+
+
+def render_report(report: OverheadReport, show_sites: bool, console: Console) -> None:
+    """The plan and the overhead report as rich tables."""
+    r_text = ",".join(map(str, report.r)) if isinstance(report.r, list) else str(report.r)
+    console.print(
+        f"[bold]{report.model}[/]: {len(report.sites)} SE units at position [bold]{report.position}[/], "
+        f"r={r_text}, input {report.input_size[0]}x{report.input_size[1]}"
+    )
+    if show_sites:
+        sites = Table(title="Units", box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in ("unit", "stage", "block", "C", "hidden", "r", "size", "params", "MFLOPs"):
+            sites.add_column(column, justify="left" if column == "unit" else "right", no_wrap=True)
+        for u in report.sites:
+            sites.add_row(
+                u.name, str(u.stage), str(u.block), str(u.channels), str(u.hidden), str(u.r),
+                f"{u.size[0]}x{u.size[1]}", _count(u.params), f"{u.flops / 1e6:.3f}",
+            )
+        console.print(sites)
+    table = Table(
+        title="Overhead: Eq. 5 vs. weights added; FLOPs at batch 1 (multiply-add = 2)", box=box.SIMPLE_HEAD, pad_edge=False
+    )
+    for column in ("stage", "size", "N_s", "C_s", "r", "Eq.5 params", "added", "GFLOPs", "GFLOPs+SE"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for s in report.stages:
+        channels = str(s.channels) if isinstance(s.channels, int) else ",".join(map(str, sorted(set(s.channels))))
+        table.add_row(
+            str(s.stage), f"{s.size[0]}x{s.size[1]}", f"{s.blocks}/{s.sites}", channels,
+            "-" if s.r is None else str(s.r), _count(s.eq5_params), _count(s.added_params),
+            _gflops(s.flops_before), _gflops(s.flops_after),
+        )
+    t = report.totals
+    table.add_row(
+        "total", "", str(len(report.sites)), "", "", _count(t.eq5_params), _count(t.params_added),
+        _gflops(t.flops_before), _gflops(t.flops_after), style="bold",
+    )
+    console.print(table)
+    console.print(
+        f"params {t.params_before:,} -> {t.params_after:,} (+{t.params_increase:.2%}); "
+        f"FLOPs {_gflops(t.flops_before)}G -> {_gflops(t.flops_after)}G (+{t.flops_increase:.2%})"
+    )
+    agreement = "[green]agrees exactly[/]" if report.eq5_agrees else "[yellow]differs (hidden widths were rounded)[/]"
+    console.print(f"Eq. 5 {agreement} with the weights added")
+    for note in report.notes:
+        console.print(f"note: {note}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The options of an injection, validated once, in one frozen dataclass.
+
+Each field carries its help text in ``metadata["help"]`` (the CLI reuses it), choices are
+``Literal`` types, and a bad value raises :class:`ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal, get_args
+
+from se_inject.errors import ConfigError
+
+Position = Literal["standard", "pre", "post", "identity", "inner"]
+Squeeze = Literal["avg", "max", "none"]
+Excitation = Literal["sigmoid", "tanh", "relu"]
+Rounding = Literal["floor", "round", "ceil", "multiple8"]
+Init = Literal["preserve", "paper"]
+
+POSITIONS: tuple[str, ...] = get_args(Position)
+SQUEEZES: tuple[str, ...] = get_args(Squeeze)
+EXCITATIONS: tuple[str, ...] = get_args(Excitation)
+ROUNDINGS: tuple[str, ...] = get_args(Rounding)
+INITS: tuple[str, ...] = get_args(Init)
+
+
+@dataclass(frozen=True)
+class InjectConfig:
+    """Where SE units go and what they look like.
+
+    Example::
+
+        cfg = InjectConfig(position="standard", r=16, stages=(2, 3, 4))
+    """
+
+    position: Position = field(
+        default="standard",
+        metadata={"help": "where the unit goes in a residual block: " + ", ".join(POSITIONS)},
+    )
+    r: int | tuple[int, ...] = field(
+        default=16,
+        metadata={"help": "reduction ratio: one int, or one per stage (all stages, or the selected ones)"},
+    )
+    stages: tuple[int, ...] | None = field(
+        default=None,
+        metadata={"help": "stages (numbered from 1 over stages that hold sites) that get units; None: all"},
+    )
+    squeeze: Squeeze = field(
+        default="avg",
+        metadata={"help": "squeeze operator: avg or max pooling, or none (the paper's NoSqueeze control)"},
+    )
+    excitation: Excitation = field(
+        default="sigmoid", metadata={"help": "gating non-linearity of the excitation: " + ", ".join(EXCITATIONS)}
+    )
+    bias: bool = field(default=False, metadata={"help": "bias on the two FC layers (off: the paper's ResNet setting)"})
+    rounding: Rounding = field(
+        default="floor",
+        metadata={"help": "hidden width when C/r is not whole: floor, round, ceil, or multiple8 (timm's); never below 1"},
+    )
+    init: Init = field(
+        default="preserve",
+        metadata={"help": "preserve: the model computes exactly what it did at insertion; paper: standard init, sigmoid gate"},
+    )
+    leaf_modules: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "module class names or qualified names torch.fx must not trace into"},
+    )
+
+    def __post_init__(self) -> None:
+        for name, choices in (
+            ("position", POSITIONS),
+            ("squeeze", SQUEEZES),
+            ("excitation", EXCITATIONS),
+            ("rounding", ROUNDINGS),
+            ("init", INITS),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+        object.__setattr__(self, "r", _validate_r(self.r))
+        if self.stages is not None:
+            object.__setattr__(self, "stages", _validate_stages(self.stages))
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"bias: expected True or False, got {self.bias!r}")
+        if isinstance(self.leaf_modules, str):
+            object.__setattr__(self, "leaf_modules", (self.leaf_modules,))
+        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
+        for leaf in self.leaf_modules:
+            if not isinstance(leaf, str) or not leaf:
+                raise ConfigError(f"leaf_modules: expected class or module names, got {leaf!r}")
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """Help text of every field, for the CLI and the docs."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_r(r: object) -> int | tuple[int, ...]:
+    if _is_int(r):
+        if r <= 0:
+            raise ConfigError(f"r: the reduction ratio must be a positive integer, got {r}")
+        return r
+    if isinstance(r, (list, tuple)) and r and all(_is_int(v) for v in r):
+        bad = [v for v in r if v <= 0]
+        if bad:
+            raise ConfigError(f"r: every reduction ratio must be a positive integer, got {bad[0]}")
+        return r[0] if len(r) == 1 else tuple(r)
+    raise ConfigError(f"r: expected a positive integer or a list of them, got {r!r}")
+
+
+def _validate_stages(stages: object) -> tuple[int, ...]:
+    if _is_int(stages):
+        stages = (stages,)
+    if not isinstance(stages, (list, tuple)) or not stages or not all(_is_int(s) for s in stages):
+        raise ConfigError(f"stages: expected stage numbers counted from 1, got {stages!r}")
+    if any(s < 1 for s in stages):
+        raise ConfigError(f"stages: stage numbers count from 1, got {min(stages)}")
+    if len(set(stages)) != len(stages):
+        raise ConfigError(f"stages: a stage is listed twice in {list(stages)}")
+    return tuple(sorted(stages))

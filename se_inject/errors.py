@@ -1,0 +1,36 @@
+"""Every error se_inject raises on purpose derives from :class:`SEInjectError`.
+
+User mistakes are ``ValueError``/``TypeError`` subclasses, so callers can catch either the
+package error or the builtin they already expect; the CLI turns any of them into one line and
+exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class SEInjectError(Exception):
+    """Base class of every error se_inject raises on purpose."""
+
+
+class ConfigError(SEInjectError, ValueError):
+    """An injection option is invalid; the message names the option."""
+
+
+class ModelSpecError(SEInjectError, ValueError):
+    """A model specification (timm name, ``torchvision:NAME``, ``module:callable``) cannot be resolved."""
+
+
+class NoSitesError(SEInjectError, ValueError):
+    """The model holds no place where the requested SE position applies."""
+
+
+class UntraceableModelError(SEInjectError, RuntimeError):
+    """torch.fx could not trace the model; the message names the module that broke the trace."""
+
+
+class ShapePropagationError(SEInjectError, RuntimeError):
+    """Running the traced graph on fake/meta tensors failed at a node (printed in the message)."""
+
+
+class RewriteError(SEInjectError, RuntimeError):
+    """The graph rewrite could not be carried out; the user's model is left untouched."""

@@ -1,0 +1,140 @@
+"""Turning found sites and an InjectConfig into a checked list of units to insert.
+
+Every check happens here, before anything is built (peft's inject_adapter habit: prepare,
+match, check everything, then mutate): stages in range, r per stage, r not wider than the
+channels, the position applicable, the module that will hold each unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from se_inject.config import InjectConfig
+from se_inject.errors import ConfigError, NoSitesError
+from se_inject.sites import Analysis, Insertion, ResidualSite
+from se_inject.tracing import module_scope
+from se_inject.unit import hidden_width
+
+
+@dataclass(frozen=True)
+class PlannedUnit:
+    """One SE unit to insert: where, how wide, and which module will hold it."""
+
+    site: ResidualSite
+    insertion: Insertion
+    r: int
+    hidden: int
+    owner: str  # qualified name of the module rewritten to hold the unit ("" is the root)
+    name: str  # child name of the unit in ``owner``, SE_stage_block as in the paper
+
+    @property
+    def stage(self) -> int:
+        return self.site.stage
+
+    @property
+    def block(self) -> int:
+        return self.site.block
+
+    @property
+    def channels(self) -> int:
+        return self.insertion.channels
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.owner}.{self.name}" if self.owner else self.name
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What will be inserted, plus the stages and sites left out."""
+
+    units: tuple[PlannedUnit, ...]
+    stage_count: int
+    selected_stages: tuple[int, ...]
+    skipped: tuple[tuple[ResidualSite, str], ...]  # sites of selected stages without a unit, and why
+
+    @property
+    def owners(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(u.owner for u in self.units))
+
+
+def stage_ratio(config: InjectConfig, stage: int, stage_count: int, selected: tuple[int, ...]) -> int:
+    """The reduction ratio of ``stage``: one r for all, or a list over all stages or the selected ones."""
+    if isinstance(config.r, int):
+        return config.r
+    if len(config.r) == stage_count:
+        return config.r[stage - 1]
+    if len(config.r) == len(selected):
+        return config.r[selected.index(stage)]
+    per_selected = f", or one per selected stage ({len(selected)})" if config.stages else ""
+    raise ConfigError(
+        f"r: got {len(config.r)} ratios; give one or one per stage ({stage_count}){per_selected}"
+    )
+
+
+def _common_scope(nodes: tuple) -> str:
+    scopes = [module_scope(n) for n in nodes]
+    common: tuple[str, ...] = ()
+    for depth in range(min(len(s) for s in scopes)):
+        if len({s[depth] for s in scopes}) != 1:
+            break
+        common = scopes[0][: depth + 1]
+    return common[-1] if common else ""
+
+
+def _outermost_owners(owners: set[str]) -> dict[str, str]:
+    """Map each owner to the outermost owner containing it, so no rewritten module nests another."""
+    def contains(outer: str, inner: str) -> bool:
+        return outer == "" or inner == outer or inner.startswith(outer + ".")
+
+    return {o: min((p for p in owners if contains(p, o)), key=len) for o in owners}
+
+
+def plan_units(analysis: Analysis, config: InjectConfig) -> Plan:
+    """Check ``config`` against the sites of ``analysis`` and decide every unit; mutates nothing."""
+    search = analysis.search
+    if not search.sites:
+        raise NoSitesError(
+            f"no residual additions for position '{config.position}': {search.describe()}; "
+            "se_inject currently places units in residual blocks"
+        )
+    stage_count = search.stage_count
+    selected = config.stages or tuple(range(1, stage_count + 1))
+    out_of_range = [s for s in selected if s > stage_count]
+    if out_of_range:
+        raise ConfigError(f"stages: stage {out_of_range[0]} does not exist; this model has stages 1-{stage_count}")
+
+    planned: list[tuple[ResidualSite, Insertion, int, str]] = []
+    skipped: list[tuple[ResidualSite, str]] = []
+    for site in search.sites:
+        if site.stage not in selected:
+            continue
+        insertion = site.insertion(config.position)
+        if insertion is None:
+            skipped.append((site, "no spatial convolution on the branch"))
+            continue
+        r = stage_ratio(config, site.stage, stage_count, selected)
+        if r > insertion.channels:
+            raise ConfigError(
+                f"r: r={r} is wider than the {insertion.channels} channels the unit sees in stage "
+                f"{site.stage}, block {site.block}; use r <= {insertion.channels}"
+            )
+        planned.append((site, insertion, r, _common_scope(insertion.anchors)))
+    if not planned:
+        raise NoSitesError(
+            f"position '{config.position}' applies to none of the {len(search.sites)} residual blocks "
+            f"of stages {list(selected)}: {skipped[0][1] if skipped else search.describe()}"
+        )
+    outermost = _outermost_owners({owner for *_, owner in planned})
+    units = tuple(
+        PlannedUnit(
+            site=site,
+            insertion=insertion,
+            r=r,
+            hidden=hidden_width(insertion.channels, r, config.rounding),
+            owner=outermost[owner],
+            name=f"se_{site.stage}_{site.block}",
+        )
+        for site, insertion, r, owner in planned
+    )
+    return Plan(units, stage_count, tuple(selected), tuple(skipped))

@@ -1,0 +1,187 @@
+"""The overhead report: what the SE units cost, predicted by Eq. 5 and measured.
+
+Eq. 5 of Hu et al. gives the weights added by the FC layers of all units,
+``(2 / r) * sum_s N_s * C_s**2``; with bias each unit adds ``C/r + C`` more. Here it is summed
+unit by unit (``2 * C**2 / r``), which is Eq. 5 when a stage's units share C and also covers the
+``pre`` position, whose first unit of a stage sees the previous stage's width. The weights
+actually added are counted on the injected model; the two agree exactly whenever r divides C.
+
+FLOPs are counted by torch.utils.flop_counter on abstract tensors at batch 1: one multiply-add
+is 2 FLOPs (the paper's "GFLOPs" are multiply-adds, half these numbers), and se_inject adds one
+FLOP per element for pooling and for the channel scaling, which the counter leaves out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+
+from torch import nn
+
+from se_inject.config import InjectConfig
+from se_inject.plan import Plan, PlannedUnit
+from se_inject.sites import Analysis
+
+
+def eq5_params(channels: int, r: int, bias: bool = False) -> Fraction:
+    """Weights Eq. 5 predicts for one unit on ``channels`` at reduction ``r`` (with bias: + C/r + C)."""
+    weights = Fraction(2 * channels * channels, r)
+    return weights + Fraction(channels, r) + channels if bias else weights
+
+
+def _number(value: Fraction) -> int | float:
+    return int(value) if value.denominator == 1 else float(value)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    name: str  # qualified name of the unit in the injected model
+    owner: str  # the module that holds it
+    stage: int
+    block: int
+    channels: int
+    hidden: int
+    r: int
+    size: tuple[int, int]
+    params: int
+    flops: int
+
+
+@dataclass(frozen=True)
+class StageReport:
+    stage: int
+    size: tuple[int, int]
+    blocks: int  # N_s: blocks of the stage that carry a unit
+    sites: int  # residual blocks in the stage
+    channels: int | list[int]  # C_s (a list where the units of a stage differ, as with "pre")
+    r: int | None
+    eq5_params: int | float
+    added_params: int
+    flops_before: int
+    flops_after: int
+
+
+@dataclass(frozen=True)
+class Totals:
+    params_before: int
+    params_after: int
+    params_added: int
+    eq5_params: int | float
+    flops_before: int
+    flops_after: int
+
+    @property
+    def params_increase(self) -> float:
+        return self.params_added / self.params_before if self.params_before else 0.0
+
+    @property
+    def flops_increase(self) -> float:
+        return (self.flops_after - self.flops_before) / self.flops_before if self.flops_before else 0.0
+
+
+@dataclass(frozen=True)
+class OverheadReport:
+    """Cost of the inserted units, per stage and in total. ``to_dict()`` is the JSON form."""
+
+    model: str
+    position: str
+    r: int | list[int]
+    input_size: tuple[int, int]
+    sites: tuple[UnitReport, ...]
+    stages: tuple[StageReport, ...]
+    totals: Totals
+    notes: tuple[str, ...] = ()
+
+    @property
+    def eq5_agrees(self) -> bool:
+        """Whether the weights actually added equal Eq. 5's prediction, stage by stage."""
+        return all(s.eq5_params == s.added_params for s in self.stages)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["totals"]["params_increase"] = self.totals.params_increase
+        data["totals"]["flops_increase"] = self.totals.flops_increase
+        data["eq5_agrees"] = self.eq5_agrees
+        return data
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+def build_report(
+    model_name: str,
+    config: InjectConfig,
+    analysis: Analysis,
+    plan: Plan,
+    original: nn.Module,
+    injected: nn.Module,
+    flops_after: int,
+    unit_flops: dict[str, int],
+    notes: Sequence[str] = (),
+) -> OverheadReport:
+    """Assemble the report from the plan and what was measured on both models."""
+    units = [
+        UnitReport(
+            name=u.qualified_name,
+            owner=u.owner,
+            stage=u.stage,
+            block=u.block,
+            channels=u.channels,
+            hidden=u.hidden,
+            r=u.r,
+            size=u.insertion.size,
+            params=count_params(injected.get_submodule(u.qualified_name)),
+            flops=unit_flops[u.qualified_name],
+        )
+        for u in plan.units
+    ]
+    stages = tuple(_stage_report(stage, analysis, plan, units, config) for stage in range(1, plan.stage_count + 1))
+    params_before, params_after = count_params(original), count_params(injected)
+    totals = Totals(
+        params_before=params_before,
+        params_after=params_after,
+        params_added=params_after - params_before,
+        eq5_params=_number(sum((eq5_params(u.channels, u.r, config.bias) for u in plan.units), Fraction(0))),
+        flops_before=analysis.flops,
+        flops_after=flops_after,
+    )
+    return OverheadReport(
+        model=model_name,
+        position=config.position,
+        r=list(config.r) if isinstance(config.r, tuple) else config.r,
+        input_size=tuple(analysis.input_shape[2:4]),
+        sites=tuple(units),
+        stages=stages,
+        totals=totals,
+        notes=tuple(notes),
+    )
+
+
+def _stage_report(
+    stage: int, analysis: Analysis, plan: Plan, units: list[UnitReport], config: InjectConfig
+) -> StageReport:
+    sites = [s for s in analysis.search.sites if s.stage == stage]
+    planned: list[PlannedUnit] = [u for u in plan.units if u.stage == stage]
+    measured = [u for u in units if u.stage == stage]
+    insertions = [s.insertion(config.position) for s in sites]
+    widths = [u.channels for u in planned] or [i.channels for i in insertions if i is not None]
+    region = frozenset().union(*(s.region for s in sites))
+    flops_before = sum(n.meta.get("flops", 0) for n in region)
+    return StageReport(
+        stage=stage,
+        size=sites[0].size,
+        blocks=len(planned),
+        sites=len(sites),
+        channels=widths[0] if len(set(widths)) == 1 else widths,
+        r=planned[0].r if planned else None,
+        eq5_params=_number(sum((eq5_params(u.channels, u.r, config.bias) for u in planned), Fraction(0))),
+        added_params=sum(u.params for u in measured),
+        flops_before=flops_before,
+        flops_after=flops_before + sum(u.flops for u in measured),
+    )

@@ -1,0 +1,274 @@
+"""Tracing with torch.fx, and shapes and FLOPs of every node without real compute.
+
+The tracer honours timm's own lists of modules and functions that must not be traced
+(``timm.layers.get_notrace_modules/functions``), the SE unit itself, and the user's
+``leaf_modules``. When tracing fails, the error names the innermost module being traced, which
+is the one to mark as a leaf.
+
+Shapes and FLOPs come from one run of the graph on meta tensors (when the model lives on the
+meta device) or fake tensors (FakeTensorMode: real parameters, no real arithmetic), counted by
+``torch.utils.flop_counter.FlopCounterMode``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from se_inject.errors import ShapePropagationError, UntraceableModelError
+from se_inject.unit import SqueezeExcite
+
+try:  # timm is a dependency, but a user's own model must not need it to be traced
+    from timm.layers import get_notrace_functions, get_notrace_modules
+except ImportError:  # pragma: no cover
+    def get_notrace_functions() -> list:  # type: ignore[misc]
+        return []
+
+    def get_notrace_modules() -> list:  # type: ignore[misc]
+        return []
+
+
+# Modules se_inject never traces into, each with the reason (the habit of timm/layers/_fx.py).
+_LEAF_MODULES: dict[type[nn.Module], str] = {
+    SqueezeExcite: "the unit se_inject inserts: a node of its own, so later passes can find it",
+}
+
+
+def register_leaf_module(cls: type[nn.Module], reason: str) -> type[nn.Module]:
+    """Never trace into ``cls`` (``reason`` says why); refuses a class registered twice."""
+    if cls in _LEAF_MODULES:
+        raise ValueError(f"{cls.__name__} is already a leaf module: {_LEAF_MODULES[cls]}")
+    _LEAF_MODULES[cls] = reason
+    return cls
+
+
+def is_leaf_module_class(cls: type) -> bool:
+    return cls in _LEAF_MODULES
+
+
+class SETracer(fx.Tracer):
+    """fx.Tracer with timm's leaves, se_inject's leaves and the user's ``leaf_modules``.
+
+    ``leaf_modules`` entries are class names (``"MyAttention"``) or qualified module names
+    (``"layer3.1"``).
+    """
+
+    def __init__(self, leaf_modules: Sequence[str] = ()) -> None:
+        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+        self._timm_leaves = tuple(get_notrace_modules())
+        self._user_leaves = frozenset(leaf_modules)
+        self._path: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        cls = type(m)
+        if cls in _LEAF_MODULES or isinstance(m, self._timm_leaves):
+            return True
+        if cls.__name__ in self._user_leaves or cls.__qualname__ in self._user_leaves:
+            return True
+        if module_qualified_name in self._user_leaves:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        self._path.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except UntraceableModelError:
+            raise
+        except Exception as err:
+            raise _untraceable(self._path[-1], m, err) from err
+        finally:
+            self._path.pop()
+
+
+def _untraceable(path: str, module: nn.Module, err: Exception) -> UntraceableModelError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    cls = type(module).__name__
+    if not path:
+        return UntraceableModelError(
+            f"torch.fx cannot trace the forward of {cls} itself ({reason}); move the untraceable "
+            "code into a submodule and pass its class name in leaf_modules (CLI: --leaf NAME)"
+        )
+    return UntraceableModelError(
+        f"torch.fx cannot trace module '{path}' ({cls}): {reason}; mark it as a leaf with "
+        f"leaf_modules=['{cls}'] (CLI: --leaf {cls}); SE sites inside it are then skipped"
+    )
+
+
+def trace(module: nn.Module, leaf_modules: Sequence[str] = ()) -> fx.GraphModule:
+    """Trace ``module`` into a GraphModule whose nodes carry ``meta['nn_module_stack']``.
+
+    If the plain trace fails and ``forward`` has defaulted parameters, they are fixed to their
+    defaults and the trace is tried again (a block called as ``block(x)``).
+    """
+    tracer = SETracer(leaf_modules)
+    try:
+        graph = tracer.trace(module)
+    except UntraceableModelError as first:
+        concrete = _default_args(module)
+        if not concrete:
+            raise
+        try:
+            graph = SETracer(leaf_modules).trace(module, concrete_args=concrete)
+        except UntraceableModelError:
+            raise first from None
+    except Exception as err:  # raised by the root forward itself, outside any submodule
+        raise _untraceable("", module, err) from err
+    return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def _default_args(module: nn.Module) -> dict[str, Any]:
+    params = list(inspect.signature(module.forward).parameters.values())[1:]
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def module_scope(node: fx.Node) -> tuple[str, ...]:
+    """Qualified names of the modules whose forward created ``node``, outermost first.
+
+    A ``call_module`` node's own (leaf) module is not part of its scope.
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = tuple(stack.keys())
+    if node.op == "call_module" and paths and paths[-1] == node.target:
+        paths = paths[:-1]
+    return paths
+
+
+# --- FLOPs ---------------------------------------------------------------------------------
+# FlopCounterMode counts 2 per multiply-add for conv/matmul and nothing for pooling and
+# elementwise products; the SE unit is mostly those, so they are registered here: one FLOP per
+# element read by a reduction, one per element written by a product.
+
+def _reduction_flops(x_shape: Sequence[int], *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return math.prod(x_shape)
+
+
+def _elementwise_flops(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return math.prod(out_shape) if out_shape is not None else 0
+
+
+aten = torch.ops.aten
+FLOP_FORMULAS: dict[Any, Any] = {
+    aten.mean: _reduction_flops,
+    aten.amax: _reduction_flops,
+    aten._adaptive_avg_pool2d: _reduction_flops,
+    aten.adaptive_max_pool2d: _reduction_flops,
+    aten.mul: _elementwise_flops,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent FlopCounterMode with se_inject's extra formulas (see FLOP_FORMULAS)."""
+    return FlopCounterMode(display=False, depth=None, custom_mapping=FLOP_FORMULAS)
+
+
+# --- running without real compute -------------------------------------------------------------
+
+def _first_tensor(module: nn.Module) -> torch.Tensor | None:
+    for tensor in module.parameters():
+        return tensor
+    for tensor in module.buffers():
+        return tensor
+    return None
+
+
+def on_meta(module: nn.Module) -> bool:
+    tensor = _first_tensor(module)
+    return tensor is not None and tensor.is_meta
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Evaluation mode for the duration, every submodule's own flag restored afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+@contextlib.contextmanager
+def abstract_tensors(module: nn.Module) -> Iterator[Any]:
+    """Yield a factory ``make(shape)`` of inputs that run ``module`` without real arithmetic.
+
+    Meta tensors for a model on the meta device, fake tensors otherwise. The model runs in eval
+    mode, so BatchNorm statistics and RNG state are untouched.
+    """
+    tensor = _first_tensor(module)
+    device = tensor.device if tensor is not None else torch.device("cpu")
+    dtype = tensor.dtype if tensor is not None and tensor.is_floating_point() else torch.float32
+    with eval_mode(module), torch.no_grad():
+        if device.type == "meta":
+            yield lambda shape: torch.empty(shape, device="meta", dtype=dtype)
+        else:
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                yield lambda shape: torch.empty(shape, device=device, dtype=dtype)
+
+
+class ShapeFlopProp(fx.Interpreter):
+    """Run a GraphModule node by node, recording ``meta['shape']`` and ``meta['flops']``.
+
+    Like torch.fx.passes.shape_prop.ShapeProp, a failure is re-raised with the node printed.
+    """
+
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
+        super().__init__(gm)
+        self.counter = counter
+
+    def run_node(self, n: fx.Node) -> Any:
+        before = self.counter.get_total_flops()
+        try:
+            result = super().run_node(n)
+        except Exception as err:
+            raise ShapePropagationError(
+                f"running node {n.format_node()} on abstract tensors failed: {err}"
+            ) from err
+        n.meta["shape"] = tuple(result.shape) if isinstance(result, torch.Tensor) else None
+        n.meta["flops"] = self.counter.get_total_flops() - before
+        return result
+
+
+def propagate(gm: fx.GraphModule, input_shape: Sequence[int]) -> int:
+    """Annotate every node of ``gm`` with its output shape and FLOPs; return the total FLOPs."""
+    with abstract_tensors(gm) as make, flop_counter() as counter:
+        ShapeFlopProp(gm, counter).run(make(tuple(input_shape)))
+    return counter.get_total_flops()
+
+
+def count_flops(module: nn.Module, input_shape: Sequence[int]) -> int:
+    """FLOPs of one forward of ``module`` on an input of ``input_shape`` (no real arithmetic)."""
+    with abstract_tensors(module) as make, flop_counter() as counter:
+        module(make(tuple(input_shape)))
+    return counter.get_total_flops()
+
+
+def infer_in_channels(gm: fx.GraphModule) -> int:
+    """Channels the model expects: the in_channels of the first convolution in the graph."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                return mod.in_channels
+        if node.op == "call_function" and node.target in (torch.conv2d, nn.functional.conv2d):
+            weight = node.args[1]
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                return _fetch_attr(gm, weight.target).shape[1]
+    return 3
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

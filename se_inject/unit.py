@@ -1,0 +1,172 @@
+"""Squeeze-and-Excitation unit.
+
+Paper: `Squeeze-and-Excitation Networks`, Hu, Shen, Albanie, Sun, Wu (CVPR 2018, TPAMI 2019),
+https://arxiv.org/abs/1709.01507. Squeeze (Eq. 2) pools each channel to one number, excitation
+(Eq. 3) is ``gate(W2 · act(W1 · z))`` with ``W1: (C/r, C)`` and ``W2: (C, C/r)``, and scale
+(Eq. 4) multiplies each channel of the input by its gate.
+
+Beyond the paper, for retrofitting trained models, ``init="preserve"`` zeroes ``W2`` (and the
+biases) and rescales the gate so that ``gate(0) == 1``: at insertion every channel is multiplied
+by exactly 1.0 and the host network computes bit for bit what it computed before.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from se_inject.config import EXCITATIONS, INITS, ROUNDINGS, SQUEEZES
+from se_inject.errors import ConfigError
+
+
+def hidden_width(channels: int, r: int, rounding: str = "floor") -> int:
+    """Width of the excitation bottleneck for ``channels`` at reduction ``r``.
+
+    ``floor`` (default) gives exactly ``C/r`` whenever ``r`` divides ``C``, which is what Eq. 5
+    assumes; ``round`` and ``ceil`` are the other ways to round ``C/r``; ``multiple8`` is timm's
+    ``make_divisible(C/r, 8)``. The result is never below 1.
+
+    >>> hidden_width(64, 16), hidden_width(64, 16, "multiple8"), hidden_width(10, 16)
+    (4, 8, 1)
+    """
+    if rounding not in ROUNDINGS:
+        raise ConfigError(f"rounding: {rounding!r} is not one of {', '.join(ROUNDINGS)}")
+    exact = channels / r
+    if rounding == "floor":
+        width = channels // r
+    elif rounding == "ceil":
+        width = -(-channels // r)
+    elif rounding == "round":
+        width = math.floor(exact + 0.5)
+    else:  # multiple8, as timm's make_divisible: never more than 10% below the exact width
+        width = max(8, int(exact + 4) // 8 * 8)
+        if width < 0.9 * exact:
+            width += 8
+    return max(1, width)
+
+
+class ScaledSigmoid(nn.Module):
+    """``2 * sigmoid(x)``: a sigmoid gate that equals 1 at 0 (range 0..2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * torch.sigmoid(x)
+
+
+class ShiftedTanh(nn.Module):
+    """``1 + tanh(x)``: a tanh gate that equals 1 at 0 (range 0..2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 1.0 + torch.tanh(x)
+
+
+class ShiftedReLU(nn.Module):
+    """``relu(1 + x)``: a ReLU gate that equals 1 at 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(1.0 + x)
+
+
+# name -> (gate as published, gate with gate(0) == 1 for the preserve initialisation)
+_GATES: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module]]] = {
+    "sigmoid": (nn.Sigmoid, ScaledSigmoid),
+    "tanh": (nn.Tanh, ShiftedTanh),
+    "relu": (nn.ReLU, ShiftedReLU),
+}
+assert set(_GATES) == set(EXCITATIONS)
+
+
+def create_gate(gate: str | type[nn.Module], preserve: bool) -> nn.Module:
+    """Build the excitation gate from a name (``sigmoid``, ``tanh``, ``relu``) or a module class.
+
+    With ``preserve`` a named gate is its variant that equals 1 at 0; a class must already do so.
+    """
+    if isinstance(gate, str):
+        if gate not in _GATES:
+            raise ConfigError(f"excitation: {gate!r} is not one of {', '.join(EXCITATIONS)}")
+        return _GATES[gate][1 if preserve else 0]()
+    if isinstance(gate, type) and issubclass(gate, nn.Module):
+        module = gate()
+        if preserve and float(module(torch.zeros(1))) != 1.0:
+            raise ConfigError(f"excitation: {gate.__name__}(0) must equal 1 for init='preserve'")
+        return module
+    raise ConfigError(f"excitation: expected a name or an nn.Module class, got {gate!r}")
+
+
+class SqueezeExcite(nn.Module):
+    """The SE unit of Hu et al.: ``x * gate(fc2(act(fc1(squeeze(x)))))``.
+
+    Args:
+        channels: C, channels of the feature map the unit recalibrates.
+        r: reduction ratio; the hidden width is ``hidden_width(C, r, rounding)``.
+        act_layer: non-linearity between the two FC layers (ReLU in the paper).
+        gate_layer: excitation gate, ``sigmoid`` (paper), ``tanh``, ``relu`` or a module class.
+        squeeze: ``avg`` (paper), ``max``, or ``none``: the NoSqueeze control, where the FC layers
+            become 1x1 convolutions of the same widths and the gate is computed per position.
+        bias: bias on both FC layers (the paper's ResNets use none).
+        rounding: how ``C/r`` is rounded when it is not whole.
+        init: ``paper`` (PyTorch's default init, gate as published) or ``preserve`` (zero last
+            layer and a gate equal to 1 at 0: the unit starts as the identity).
+
+    Example::
+
+        >>> se = SqueezeExcite(64, r=16)
+        >>> se(torch.randn(2, 64, 8, 8)).shape
+        torch.Size([2, 64, 8, 8])
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        r: int = 16,
+        act_layer: type[nn.Module] = nn.ReLU,
+        gate_layer: str | type[nn.Module] = "sigmoid",
+        *,
+        squeeze: str = "avg",
+        bias: bool = False,
+        rounding: str = "floor",
+        init: str = "preserve",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if squeeze not in SQUEEZES:
+            raise ConfigError(f"squeeze: {squeeze!r} is not one of {', '.join(SQUEEZES)}")
+        if init not in INITS:
+            raise ConfigError(f"init: {init!r} is not one of {', '.join(INITS)}")
+        if channels < 1 or r < 1:
+            raise ConfigError(f"r: need channels >= 1 and r >= 1, got channels={channels}, r={r}")
+        self.channels = channels
+        self.r = r
+        self.squeeze = squeeze
+        self.hidden = hidden_width(channels, r, rounding)
+        factory = {"device": device, "dtype": dtype}
+        if squeeze == "none":
+            self.fc1 = nn.Conv2d(channels, self.hidden, 1, bias=bias, **factory)
+            self.fc2 = nn.Conv2d(self.hidden, channels, 1, bias=bias, **factory)
+        else:
+            self.fc1 = nn.Linear(channels, self.hidden, bias=bias, **factory)
+            self.fc2 = nn.Linear(self.hidden, channels, bias=bias, **factory)
+        self.act = act_layer()
+        self.gate = create_gate(gate_layer, preserve=init == "preserve")
+        if init == "preserve":
+            with torch.no_grad():
+                nn.init.zeros_(self.fc2.weight)
+                if bias:
+                    nn.init.zeros_(self.fc2.bias)
+
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-channel (per-position for NoSqueeze) gate, shaped to broadcast against ``x``."""
+        if self.squeeze == "none":
+            return self.gate(self.fc2(self.act(self.fc1(x))))
+        z = x.mean((2, 3)) if self.squeeze == "avg" else x.amax((2, 3))
+        s = self.gate(self.fc2(self.act(self.fc1(z))))
+        return s.view(s.shape[0], s.shape[1], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.excitation(x)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, r={self.r}, hidden={self.hidden}, squeeze={self.squeeze}"
