@@ -110,17 +110,24 @@ def trace(module: nn.Module, leaf_modules: Sequence[str] = ()) -> fx.GraphModule
     If the plain trace fails and ``forward`` has defaulted parameters, they are fixed to their
     defaults and the trace is tried again (a block called as ``block(x)``).
     """
-    tracer = SETracer(leaf_modules)
     try:
-        graph = tracer.trace(module)
+        return _trace(module, leaf_modules)
     except UntraceableModelError as first:
         concrete = _default_args(module)
         if not concrete:
             raise
         try:
-            graph = SETracer(leaf_modules).trace(module, concrete_args=concrete)
+            return _trace(module, leaf_modules, concrete)
         except UntraceableModelError:
             raise first from None
+
+
+def _trace(module: nn.Module, leaf_modules: Sequence[str], concrete_args: dict | None = None) -> fx.GraphModule:
+    tracer = SETracer(leaf_modules)
+    try:
+        graph = tracer.trace(module, concrete_args=concrete_args)
+    except UntraceableModelError:
+        raise
     except Exception as err:  # raised by the root forward itself, outside any submodule
         raise _untraceable("", module, err) from err
     return fx.GraphModule(tracer.root, graph, type(module).__name__)

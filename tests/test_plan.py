@@ -1,0 +1,86 @@
+import pytest
+from tiny_models import FunctionalResNet, MethodAddNet, PlainNet
+
+from se_inject.config import InjectConfig
+from se_inject.errors import ConfigError, NoSitesError
+from se_inject.plan import plan_units
+from se_inject.sites import analyse
+
+
+@pytest.fixture(scope="module")
+def analysis():
+    return analyse(FunctionalResNet(), input_size=32)  # stages of 16, 32, 64 channels: 2, 2, 1 blocks
+
+
+def test_one_unit_per_block_named_by_stage_and_block(analysis):
+    plan = plan_units(analysis, InjectConfig(r=4))
+    assert [u.qualified_name for u in plan.units] == [
+        "stages.0.0.se_1_1", "stages.0.1.se_1_2", "stages.1.0.se_2_1", "stages.1.1.se_2_2", "stages.2.0.se_3_1",
+    ]
+    assert [u.hidden for u in plan.units] == [4, 4, 8, 8, 16]
+    assert plan.stage_count == 3 and plan.selected_stages == (1, 2, 3)
+
+
+def test_stage_selection(analysis):
+    plan = plan_units(analysis, InjectConfig(r=4, stages=(2, 3)))
+    assert [(u.stage, u.block) for u in plan.units] == [(2, 1), (2, 2), (3, 1)]
+
+
+@pytest.mark.parametrize(
+    "r, stages, expected",
+    [
+        ((2, 4, 8), None, [2, 2, 4, 4, 8]),  # one r per stage
+        ((4, 8), (2, 3), [4, 4, 8]),  # one r per selected stage
+        ((2, 4, 8), (1, 3), [2, 2, 8]),  # one per stage, some selected
+    ],
+)
+def test_per_stage_r(analysis, r, stages, expected):
+    plan = plan_units(analysis, InjectConfig(r=r, stages=stages))
+    assert [u.r for u in plan.units] == expected
+
+
+def test_wrong_number_of_ratios(analysis):
+    with pytest.raises(ConfigError, match=r"^r: got 2 ratios; give one or one per stage \(3\)$"):
+        plan_units(analysis, InjectConfig(r=(4, 8)))
+
+
+def test_stages_out_of_range(analysis):
+    with pytest.raises(ConfigError, match="stages: stage 4 does not exist; this model has stages 1-3"):
+        plan_units(analysis, InjectConfig(stages=(2, 4)))
+
+
+def test_r_wider_than_the_channels(analysis):
+    with pytest.raises(ConfigError, match=r"r: r=32 is wider than the 16 channels .* stage 1, block 1; use r <= 16"):
+        plan_units(analysis, InjectConfig(r=32))
+    plan_units(analysis, InjectConfig(r=(16, 32, 64)))  # r == C is allowed: hidden width 1
+
+
+def test_no_residual_addition_says_what_was_found():
+    with pytest.raises(NoSitesError, match="no residual additions for position 'post': found 4 convolutions, 1 additions"):
+        plan_units(analyse(PlainNet(), input_size=16), InjectConfig(position="post"))
+
+
+def test_inner_needs_a_spatial_convolution_on_the_branch():
+    from torch import nn
+
+    class PointwiseBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3)
+            self.a, self.b = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            x = self.stem(x)
+            return x + self.b(self.a(x))
+
+    analysis = analyse(PointwiseBlocks(), input_size=16)
+    with pytest.raises(NoSitesError, match="position 'inner' applies to none .* no spatial convolution"):
+        plan_units(analysis, InjectConfig(position="inner", r=2))
+    assert len(plan_units(analysis, InjectConfig(position="standard", r=2)).units) == 1
+
+
+def test_owner_is_the_block_even_for_post_and_pre():
+    analysis = analyse(MethodAddNet(), input_size=16)
+    for position in ("standard", "pre", "post", "identity", "inner"):
+        plan = plan_units(analysis, InjectConfig(position=position, r=4))
+        assert [u.owner for u in plan.units] == ["blocks.0", "blocks.1", "blocks.2"], position

@@ -1,0 +1,135 @@
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from conftest import assert_unchanged, snapshot
+from tiny_models import FunctionalResNet, RootResidualNet
+
+import se_inject
+from se_inject.config import InjectConfig
+from se_inject.errors import RewriteError
+from se_inject.plan import plan_units
+from se_inject.rewrite import dry_run
+from se_inject.sites import analyse
+from se_inject.unit import SqueezeExcite
+
+
+def _unit_node(block: fx.GraphModule, name: str) -> fx.Node:
+    (node,) = [n for n in block.graph.nodes if n.op == "call_module" and n.target == name]
+    return node
+
+
+def _describe(node: fx.Node) -> str:
+    return node.target if node.op in ("call_module", "placeholder", "output") else node.target.__name__
+
+
+# Where the unit sits in the downsampling block stages.1.0 of FunctionalResNet:
+# out = relu(bn1(conv1(x))); out = bn2(conv2(out)); return relu(out + proj(x))
+PLACEMENT = {
+    "standard": ("bn2", ["add"]),
+    "pre": ("x", ["conv1"]),  # the projection still sees the unscaled input
+    "identity": ("proj.1", ["add"]),  # on the projected shortcut
+    "post": ("relu", ["output"]),  # after the activation that follows the addition
+    "inner": ("relu", ["conv2"]),  # after the 3x3 conv, its BN and its activation
+}
+
+
+@pytest.mark.parametrize("position", list(PLACEMENT))
+def test_each_position_puts_the_unit_where_the_paper_does(position):
+    model = se_inject.inject(FunctionalResNet(), position=position, r=4, input_size=32)
+    block = model.stages[1][0]
+    assert isinstance(block, fx.GraphModule)
+    node = _unit_node(block, "se_2_1")
+    source, users = PLACEMENT[position]
+    assert _describe(node.args[0]) == source
+    assert [_describe(u) for u in node.users] == users
+    if position == "post":
+        assert _describe(node.args[0].args[0]) == "add"
+    if position == "inner":
+        assert _describe(node.args[0].args[0]) == "bn1"
+
+
+def test_the_model_keeps_its_class_methods_and_parameter_names():
+    original = FunctionalResNet()
+    injected = se_inject.inject(original, r=4, input_size=32)
+    assert type(injected) is FunctionalResNet and injected is not original
+    assert isinstance(injected.stages[1][0].proj, torch.nn.Sequential)  # containers survive
+    result = injected.load_state_dict(original.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert sorted(result.missing_keys) == sorted(
+        f"{block}.se_{s}_{b}.{fc}.weight"
+        for block, s, b in [("stages.0.0", 1, 1), ("stages.0.1", 1, 2), ("stages.1.0", 2, 1), ("stages.1.1", 2, 2), ("stages.2.0", 3, 1)]
+        for fc in ("fc1", "fc2")
+    )
+    assert isinstance(injected.get_submodule("stages.1.0.se_2_1"), SqueezeExcite)
+
+
+def test_the_users_model_is_never_touched_and_shares_no_tensor():
+    original = FunctionalResNet()
+    original.stages[0].eval()  # a mixed training state must survive too
+    before = snapshot(original)
+    injected = se_inject.inject(original, position="pre", r=4, input_size=32)
+    assert_unchanged(original, before)
+    original_ptrs = {t.data_ptr() for t in original.state_dict().values()}
+    assert not original_ptrs & {t.data_ptr() for t in injected.state_dict().values()}
+    assert injected.stages[0].training is False and injected.stages[1].training is True
+    with torch.no_grad():
+        injected.stages[0][0].conv1.weight.add_(1.0)
+    assert_unchanged(original, before)
+
+
+def test_a_failed_injection_leaves_the_model_as_it_was():
+    injected = se_inject.inject(FunctionalResNet(), r=4, input_size=32)
+    before = snapshot(injected)
+    with pytest.raises(RewriteError, match="already has an attribute 'se_1_1': was this model injected before"):
+        se_inject.inject(injected, r=4, input_size=32)
+    assert_unchanged(injected, before)
+
+
+def test_residuals_in_the_root_forward_make_a_graph_module_root():
+    torch.manual_seed(0)
+    original = RootResidualNet().eval()
+    result = se_inject.retrofit(original, r=4, input_size=16)
+    assert isinstance(result.model, fx.GraphModule)
+    assert set(dict(result.model.named_children())) >= {"stem", "a1", "b2", "se_1_1", "se_1_2"}
+    assert any("GraphModule" in note for note in result.report.notes)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(result.model(x), original(x))
+
+
+def test_dry_run_catches_units_that_never_run():
+    model = FunctionalResNet()
+    analysis = analyse(model, input_size=32)
+    plan = plan_units(analysis, InjectConfig(r=4))
+    declared_only = copy.deepcopy(model)
+    for unit in plan.units:
+        declared_only.get_submodule(unit.owner).add_module(unit.name, SqueezeExcite(unit.channels, unit.r))
+    with pytest.raises(RewriteError, match="never ran in a forward pass: stages.0.0.se_1_1"):
+        dry_run(declared_only, plan, analysis.input_shape)
+
+
+def test_units_follow_the_models_device_and_dtype():
+    model = FunctionalResNet().to(torch.float64)
+    injected = se_inject.inject(model, r=4, input_size=32)
+    assert {p.dtype for p in injected.parameters()} == {torch.float64}
+    with torch.device("meta"):
+        meta_model = FunctionalResNet()
+    assert all(p.is_meta for p in se_inject.inject(meta_model, r=4, input_size=32).parameters())
+
+
+def test_injected_model_trains():
+    torch.manual_seed(0)
+    model = se_inject.inject(FunctionalResNet(), r=4, init="paper", input_size=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    losses = []
+    for _ in range(5):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".se_" in n)

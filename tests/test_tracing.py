@@ -1,0 +1,168 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers import Conv2dSame
+from torch import nn
+
+from se_inject.errors import ShapePropagationError, UntraceableModelError
+from se_inject.tracing import (
+    SETracer,
+    count_flops,
+    eval_mode,
+    infer_in_channels,
+    module_scope,
+    on_meta,
+    propagate,
+    register_leaf_module,
+    trace,
+)
+from se_inject.unit import SqueezeExcite
+
+
+class DataDependentGate(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a tensor value: torch.fx cannot trace this
+            return x
+        return -x
+
+
+class NetWithUntraceableChild(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), DataDependentGate())
+
+    def forward(self, x):
+        x = self.conv(x)
+        return x + self.body(x)
+
+
+class UntraceableRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        return self.conv(x) if x.mean() > 0 else x
+
+
+def test_untraceable_module_is_named_with_the_leaf_fix():
+    with pytest.raises(UntraceableModelError) as info:
+        trace(NetWithUntraceableChild())
+    message = str(info.value)
+    assert "'body.1' (DataDependentGate)" in message
+    assert "leaf_modules=['DataDependentGate']" in message and "--leaf DataDependentGate" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("leaf", ["DataDependentGate", "body.1"])
+def test_leaf_modules_by_class_or_qualified_name_make_it_traceable(leaf):
+    gm = trace(NetWithUntraceableChild(), leaf_modules=[leaf])
+    assert "body.1" in [n.target for n in gm.graph.nodes if n.op == "call_module"]
+
+
+def test_untraceable_root_forward_says_so():
+    with pytest.raises(UntraceableModelError, match="forward of UntraceableRoot itself"):
+        trace(UntraceableRoot())
+
+
+def test_timm_and_se_inject_leaves_are_not_traced_into():
+    model = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), SqueezeExcite(8, r=2))
+    gm = trace(model)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1"]
+    assert SETracer().is_leaf_module(model[1], "1")
+
+
+def test_register_leaf_module_refuses_a_class_twice():
+    with pytest.raises(ValueError, match="already a leaf module"):
+        register_leaf_module(SqueezeExcite, "again")
+
+    class Custom(nn.Module):
+        pass
+
+    assert register_leaf_module(Custom, "test") is Custom
+    assert SETracer().is_leaf_module(Custom(), "x")
+
+
+class Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x, double: bool = False):
+        y = self.conv(x)
+        if double:  # a Python flag with a default: traced with the default fixed
+            y = y * 2
+        return y
+
+
+def test_defaulted_flags_are_fixed_to_their_defaults():
+    model = Flagged()
+    gm = trace(model)
+    x = torch.randn(1, 4, 5, 5)
+    torch.testing.assert_close(gm(x), model(x))
+    assert not any(n.target is torch.mul or n.target == "mul" for n in gm.graph.nodes)
+
+
+def test_module_scope_records_the_modules_around_each_node():
+    gm = trace(NetWithUntraceableChild(), leaf_modules=["DataDependentGate"])
+    scopes = {n.name: module_scope(n) for n in gm.graph.nodes}
+    assert scopes["body_0"] == ("body",)
+    assert scopes["conv"] == ()
+
+
+def test_propagate_records_shapes_and_flops_on_fake_tensors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1))
+    before = [p.detach().clone() for p in model.parameters()]
+    gm = trace(model)
+    total = propagate(gm, (2, 3, 10, 10))
+    shapes = {n.target: n.meta["shape"] for n in gm.graph.nodes if n.op == "call_module"}
+    assert shapes == {"0": (2, 8, 10, 10), "1": (2, 8, 10, 10), "2": (2, 16, 10, 10)}
+    conv_macs = 2 * 100 * 8 * 3 * 9 + 2 * 100 * 16 * 8
+    assert total == 2 * conv_macs  # flop_counter's convention: 2 FLOPs per multiply-add
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_meta_models_are_analysed_without_allocating_weights():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64))
+    assert on_meta(model)
+    gm = trace(model)
+    assert propagate(gm, (1, 3, 32, 32)) > 0
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_se_unit_flops_include_pooling_and_scaling():
+    se = SqueezeExcite(32, r=4, init="paper")
+    flops = count_flops(se, (1, 32, 7, 7))
+    pool, fcs, scale = 32 * 49, 2 * (2 * 32 * 8), 32 * 49
+    assert flops == pool + fcs + scale
+
+
+def test_shape_errors_name_the_node():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(5, 2))
+    with pytest.raises(ShapePropagationError, match=r"node .*2.*failed"):
+        propagate(trace(model), (1, 3, 8, 8))
+
+
+def test_eval_mode_restores_each_flag():
+    model = nn.Sequential(nn.BatchNorm2d(2), nn.Dropout())
+    model[1].eval()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert model.training and model[0].training and not model[1].training
+
+
+def test_in_channels_come_from_the_first_convolution():
+    assert infer_in_channels(trace(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)))) == 1
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 5, 3, 3))
+
+        def forward(self, x):
+            return F.conv2d(x, self.weight)
+
+    assert infer_in_channels(trace(Functional())) == 5

@@ -1,0 +1,127 @@
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from se_inject.errors import ConfigError
+from se_inject.unit import ScaledSigmoid, ShiftedReLU, ShiftedTanh, SqueezeExcite, create_gate, hidden_width
+
+
+@pytest.mark.parametrize(
+    "channels, r, rounding, expected",
+    [
+        (64, 16, "floor", 4),
+        (64, 16, "multiple8", 8),  # timm's rounding: breaks Eq. 5, so it is opt-in
+        (100, 16, "floor", 6),
+        (100, 16, "round", 6),
+        (100, 16, "ceil", 7),
+        (104, 16, "round", 7),  # 6.5 rounds half up
+        (10, 16, "floor", 1),  # never below 1
+        (10, 16, "round", 1),
+        (3, 4, "ceil", 1),
+        (2048, 16, "floor", 128),
+        (2048, 16, "multiple8", 128),
+    ],
+)
+def test_hidden_width_rules(channels, r, rounding, expected):
+    assert hidden_width(channels, r, rounding) == expected
+
+
+def test_hidden_width_refuses_unknown_rounding():
+    with pytest.raises(ConfigError, match="rounding"):
+        hidden_width(64, 16, "nearest")
+
+
+def _paper_excitation(se: SqueezeExcite, x: torch.Tensor, pool, gate) -> torch.Tensor:
+    """Eq. 2-4 written out with the unit's own weights."""
+    z = pool(x)
+    s = gate(torch.relu(z @ se.fc1.weight.T) @ se.fc2.weight.T)
+    return x * s[:, :, None, None]
+
+
+@pytest.mark.parametrize(
+    "squeeze, pool", [("avg", lambda x: x.mean((2, 3))), ("max", lambda x: x.amax((2, 3)))]
+)
+@pytest.mark.parametrize("excitation, gate", [("sigmoid", torch.sigmoid), ("tanh", torch.tanh), ("relu", torch.relu)])
+def test_paper_init_computes_eq2_to_eq4(squeeze, pool, excitation, gate):
+    torch.manual_seed(0)
+    se = SqueezeExcite(32, r=4, gate_layer=excitation, squeeze=squeeze, init="paper")
+    x = torch.randn(2, 32, 5, 7)
+    torch.testing.assert_close(se(x), _paper_excitation(se, x, pool, gate))
+    assert se.fc2.weight.abs().sum() > 0
+
+
+def test_paper_sigmoid_gate_is_strictly_between_0_and_1():
+    se = SqueezeExcite(16, r=4, init="paper")
+    gate = se.excitation(torch.randn(3, 16, 4, 4))
+    assert gate.shape == (3, 16, 1, 1)
+    assert bool(((gate > 0) & (gate < 1)).all())
+
+
+@pytest.mark.parametrize(
+    "squeeze, excitation, bias", list(itertools.product(["avg", "max", "none"], ["sigmoid", "tanh", "relu"], [False, True]))
+)
+def test_preserve_init_is_the_exact_identity(squeeze, excitation, bias):
+    torch.manual_seed(0)
+    se = SqueezeExcite(24, r=4, gate_layer=excitation, squeeze=squeeze, bias=bias, init="preserve")
+    x = torch.randn(2, 24, 6, 6) * 100
+    assert torch.equal(se(x), x)
+    # it is not a dead unit: the first layer is initialised and the gradient reaches the last one
+    assert se.fc1.weight.abs().sum() > 0
+    se(x).square().sum().backward()
+    assert se.fc2.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("squeeze", ["avg", "max", "none"])
+def test_weights_are_those_of_eq5(bias, squeeze):
+    se = SqueezeExcite(64, r=16, squeeze=squeeze, bias=bias)
+    expected = 2 * 64 * 64 // 16 + (64 // 16 + 64 if bias else 0)
+    assert sum(p.numel() for p in se.parameters()) == expected
+
+
+def test_no_squeeze_gates_every_position_with_1x1_convolutions():
+    torch.manual_seed(0)
+    se = SqueezeExcite(16, r=4, squeeze="none", init="paper")
+    assert isinstance(se.fc1, nn.Conv2d) and se.fc1.kernel_size == (1, 1)
+    assert se.fc1.out_channels == 4 and se.fc2.out_channels == 16
+    x = torch.randn(2, 16, 5, 5)
+    gate = se.excitation(x)
+    assert gate.shape == x.shape  # per position, no global information
+    shifted = x.clone()
+    shifted[:, :, 0, 0] += 10.0  # changing one position changes the gate only there
+    changed = (se.excitation(shifted) != gate).any(1)
+    assert changed[:, 0, 0].all() and not changed[:, 1:, :].any() and not changed[:, 0, 1:].any()
+
+
+def test_gates_equal_one_at_zero():
+    for gate in (ScaledSigmoid(), ShiftedTanh(), ShiftedReLU()):
+        assert float(gate(torch.zeros(1))) == 1.0
+
+
+def test_create_gate_from_name_and_class():
+    assert isinstance(create_gate("tanh", preserve=False), nn.Tanh)
+    assert isinstance(create_gate("tanh", preserve=True), ShiftedTanh)
+    assert isinstance(create_gate(nn.Hardsigmoid, preserve=False), nn.Hardsigmoid)
+    with pytest.raises(ConfigError, match="must equal 1"):
+        create_gate(nn.Sigmoid, preserve=True)  # sigmoid(0) = 0.5 would halve every channel
+    with pytest.raises(ConfigError, match="excitation"):
+        create_gate("softmax", preserve=False)
+    with pytest.raises(ConfigError, match="excitation"):
+        create_gate(42, preserve=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"squeeze": "sum"}, "squeeze"), ({"init": "zeros"}, "init"), ({"r": 0}, "r"), ({"rounding": "up"}, "rounding")],
+)
+def test_bad_arguments_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        SqueezeExcite(16, **kwargs)
+
+
+def test_device_and_dtype_are_honoured():
+    se = SqueezeExcite(32, r=8, device="meta", dtype=torch.float16)
+    assert all(p.is_meta and p.dtype == torch.float16 for p in se.parameters())
+    assert "hidden=4" in repr(se)

@@ -1,0 +1,169 @@
+"""Small hand-written networks in different coding styles, shared by the tests.
+
+Each entry of TINY_MODELS says how many residual blocks a correct pass must find, so one
+parametrized test can drive them all (the habit of peft's test_custom_models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout))
+
+
+class FunctionalBlock(nn.Module):
+    """``F.relu(branch + shortcut)`` with a projection shortcut (1x1 conv + BN) when shapes change."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.proj = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.proj is None else self.proj(x)
+        return F.relu(out + shortcut)
+
+
+class FunctionalResNet(nn.Module):
+    """Functional adds, stages as nested nn.Sequential, projection shortcuts on downsampling."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.stages = nn.Sequential(
+            nn.Sequential(FunctionalBlock(16, 16), FunctionalBlock(16, 16)),
+            nn.Sequential(FunctionalBlock(16, 32, 2), FunctionalBlock(32, 32)),
+            nn.Sequential(FunctionalBlock(32, 64, 2)),
+        )
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class InplaceBottleneck(nn.Module):
+    """torchvision style: ``out += identity`` and ``nn.ReLU(inplace=True)`` shared by three calls."""
+
+    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        cout = width * 4
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+class InplaceResNet(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(InplaceBottleneck(32, 8), InplaceBottleneck(32, 8))
+        self.layer2 = nn.Sequential(InplaceBottleneck(32, 16, 2), InplaceBottleneck(64, 16))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class MethodAddBlock(nn.Module):
+    """``out.add_(x)`` whose result is never used by name, and ``torch.add`` for the next block."""
+
+    def __init__(self, channels: int, use_torch_add: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(channels, channels), nn.ReLU(), conv_bn(channels, channels))
+        self.use_torch_add = use_torch_add
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        if self.use_torch_add:
+            return torch.relu(torch.add(out, x))
+        out.add_(x)
+        return torch.relu(out)
+
+
+class MethodAddNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.blocks = nn.ModuleList([MethodAddBlock(16, use_torch_add=i % 2 == 1) for i in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class RootResidualNet(nn.Module):
+    """Residual additions written in the root forward itself; the shortcut comes first in the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a1, self.a2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = F.relu(x + self.a2(F.relu(self.a1(x))))
+        x = F.relu(x + self.b2(F.relu(self.b1(x))))
+        return x
+
+
+class PlainNet(nn.Module):
+    """No residual addition at all: a VGG-like stack with one non-residual add of parallel convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.left, self.right = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.c2(F.relu(self.c1(x))))
+        return self.left(x) + self.right(x)
+
+
+@dataclass(frozen=True)
+class TinyCase:
+    name: str
+    build: Callable[[], nn.Module]
+    blocks: int  # residual blocks a correct pass finds
+    stages: int
+    spatial_convs: int  # blocks whose branch has a convolution wider than 1x1 (all of them here)
+
+
+TINY_MODELS = [
+    TinyCase("functional_add_nested_sequential_projection", FunctionalResNet, blocks=5, stages=3, spatial_convs=5),
+    TinyCase("inplace_iadd_bottleneck", InplaceResNet, blocks=4, stages=2, spatial_convs=4),
+    TinyCase("method_add_and_torch_add", MethodAddNet, blocks=3, stages=1, spatial_convs=3),
+    TinyCase("root_level_functional", RootResidualNet, blocks=2, stages=1, spatial_convs=2),
+]
