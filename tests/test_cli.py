@@ -1,0 +1,97 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from se_inject.cli import app, parse_int_list
+from se_inject.errors import ConfigError
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_plan_and_overhead_table():
+    result = invoke("resnet50", "--position", "standard", "--r", "16")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "resnet50: 16 SE units at position standard, r=16, input 224x224" in out
+    for row in ("56x56", "28x28", "14x14", "7x7"):
+        assert row in out
+    assert "2,514,944" in out  # Eq. 5 for resnet50 at r=16: (2/16)(3*256² + 4*512² + 6*1024² + 3*2048²)
+    assert "Eq. 5 agrees exactly" in out and "meta device" in out
+
+
+def test_sites_lists_every_unit():
+    out = invoke("resnet18", "--sites", "--stages", "3-4", "--r", "8,32").stdout
+    assert "layer3.0.se_3_1" in out and "layer4.1.se_4_2" in out and "layer1.0" not in out
+    assert "resnet18: 4 SE units" in out and "r=8,32" in out
+
+
+def test_json_report():
+    result = invoke("resnet18", "--json", "--position", "inner", "--bias", "--input-size", "128")
+    data = json.loads(result.stdout)
+    assert data["model"] == "resnet18" and data["position"] == "inner" and data["input_size"] == [128, 128]
+    assert len(data["sites"]) == 8 and data["eq5_agrees"] is True
+    assert data["totals"]["params_added"] == data["totals"]["eq5_params"]
+
+
+def test_user_model_from_a_file(tmp_path):
+    source = tmp_path / "net.py"
+    source.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})\n"
+        "from tiny_models import FunctionalResNet as build\n"
+    )
+    result = invoke(f"{source}:build", "--r", "4", "--input-size", "32", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["sites"]) == 5
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["resnet5o"], "unknown timm model 'resnet5o'; did you mean resnet50"),
+        (["resnet50", "--r", "0"], "r: the reduction ratio must be a positive integer, got 0"),
+        (["resnet50", "--r", "4096"], "r: r=4096 is wider than the 256 channels"),
+        (["resnet50", "--position", "middle"], "position: 'middle' is not one of standard, pre, post, identity, inner"),
+        (["resnet50", "--stages", "5"], "stages: stage 5 does not exist; this model has stages 1-4"),
+        (["resnet50", "--r", "x"], "r: expected integers"),
+        (["vgg11"], "no residual additions for position 'standard': found 8 convolutions, 0 additions"),
+        (["resnet50", "--input-size", "0"], "--input-size"),
+        (["resnet50", "--bogus"], "No such option: --bogus"),
+        ([], "Missing argument"),
+    ],
+)
+def test_user_mistakes_get_one_line_and_exit_code_2(args, message):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("se-inject: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_parse_int_list():
+    assert parse_int_list("16", "r") == 16
+    assert parse_int_list("8,16, 32", "r") == (8, 16, 32)
+    assert parse_int_list("2-4", "stages") == (2, 3, 4)
+    assert parse_int_list("1,3-4", "stages") == (1, 3, 4)
+    assert parse_int_list("-3", "r") == -3  # refused by InjectConfig, with the field named
+    with pytest.raises(ConfigError, match="stages: expected integers"):
+        parse_int_list("2..4", "stages")
+
+
+def test_the_installed_command_in_a_real_process():
+    command = [shutil.which("se-inject")] if shutil.which("se-inject") else [sys.executable, "-m", "se_inject"]
+    done = subprocess.run([*command, "resnet18", "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["totals"]["params_added"] == 2 * (2 * 64**2 + 2 * 128**2 + 2 * 256**2 + 2 * 512**2) // 16
+    failed = subprocess.run([*command, "resnet18", "--r", "0"], capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
