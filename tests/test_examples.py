@@ -1,0 +1,41 @@
+"""The examples are documentation: each must run as written."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_runs(path, capsys):
+    runpy.run_path(str(path), run_name="__main__")
+    out = capsys.readouterr().out
+    assert out.strip()
+    if path.name == "retrofit_own_model.py":
+        assert "max |injected - original| at insertion: 0.0" in out
+        assert "all SE: True" in out
+
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def _blocks(language: str) -> list[str]:
+    parts = README.read_text().split("```")
+    return [p[len(language) + 1 :] for p in parts[1::2] if p.startswith(language + "\n")]
+
+
+def test_readme_python_runs(capsys):
+    (api_example,) = _blocks("python")
+    exec(compile(api_example, str(README), "exec"), {})
+    assert capsys.readouterr().out.splitlines()[0] == "1024 1024"
+
+
+def test_ci_runs_the_readme_quick_start():
+    quick_start = _blocks("bash")[0].strip().splitlines()
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert len(quick_start) == 2
+    set_up, tests = quick_start
+    for command in (*set_up.split(" && "), tests):
+        assert command.replace("pip install", "python -m pip install -q") in ci or command in ci, command
