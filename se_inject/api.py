@@ -21,6 +21,7 @@ from se_inject.errors import ConfigError
 from se_inject.plan import Plan, plan_units
 from se_inject.report import OverheadReport, build_report
 from se_inject.rewrite import build_injected, dry_run
+from se_inject.rules import load_rules
 from se_inject.sites import Analysis, analyse
 from se_inject.tracing import on_meta
 
@@ -52,15 +53,15 @@ def retrofit(
     model: nn.Module,
     config: InjectConfig | None = None,
     *,
-    input_size: int | Sequence[int] = 224,
+    input_size: int | Sequence[int] | None = None,
     model_name: str | None = None,
     **options: Any,
 ) -> Retrofit:
     """Insert SE units into a copy of ``model`` and measure what they cost, from one trace.
 
     ``options`` are :class:`InjectConfig` fields (``position``, ``r``, ``stages``, ``squeeze``,
-    ``excitation``, ``bias``, ``rounding``, ``init``, ``leaf_modules``). ``input_size`` is the
-    spatial size FLOPs are counted at. ``model`` is never modified; on any error it is exactly
+    ``excitation``, ``bias``, ``rounding``, ``init``, ``leaf_modules``, ``existing``, ``rules``). ``input_size`` is the
+    spatial size FLOPs are counted at (default: the model's own, from timm's pretrained_cfg, else 224). ``model`` is never modified; on any error it is exactly
     as it was. A model on the meta device is analysed without allocating weights.
 
     Example::
@@ -72,8 +73,8 @@ def retrofit(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     config = make_config(config, **options)
-    _check_input_size(input_size)
-    analysis: Analysis = analyse(model, input_size, config.leaf_modules)
+    input_size = _resolve_input_size(model, input_size)
+    analysis: Analysis = analyse(model, input_size, config.leaf_modules, load_rules(config.rules))
     plan = plan_units(analysis, config)
     injected = build_injected(model, analysis.gm, plan, config)
     flops_after, unit_flops = dry_run(injected, plan, analysis.input_shape)
@@ -84,7 +85,7 @@ def retrofit(
             "so methods of that class other than forward are not carried over"
         )
     if plan.skipped:
-        notes.append(f"{len(plan.skipped)} block(s) skipped: {plan.skipped[0][1]}")
+        notes.append(f"{len(plan.skipped)} site(s) skipped, e.g. {plan.skipped[0][0].scope or 'root'}: {plan.skipped[0][1]}")
     if on_meta(model):
         notes.append("built on the meta device: shapes and counts only, no weights")
     report = build_report(
@@ -114,7 +115,7 @@ def report(
     model: nn.Module,
     config: InjectConfig | None = None,
     *,
-    input_size: int | Sequence[int] = 224,
+    input_size: int | Sequence[int] | None = None,
     model_name: str | None = None,
     **options: Any,
 ) -> OverheadReport:
@@ -126,7 +127,13 @@ def report(
     return retrofit(model, config, input_size=input_size, model_name=model_name, **options).report
 
 
-def _check_input_size(input_size: int | Sequence[int]) -> None:
+def _resolve_input_size(model: nn.Module, input_size: int | Sequence[int] | None) -> int | tuple[int, int]:
+    """``input_size``, checked; if None, the size the model was made for (timm records it), else 224."""
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = cfg.get("input_size") if isinstance(cfg, dict) else None
+        return tuple(size[-2:]) if size and len(size) == 3 else 224
     sizes = [input_size] if isinstance(input_size, int) else list(input_size)
     if len(sizes) not in (1, 2) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
         raise ConfigError(f"input_size: expected a positive size or (height, width), got {input_size!r}")
+    return input_size if isinstance(input_size, int) else tuple(sizes)

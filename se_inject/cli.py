@@ -86,7 +86,9 @@ def inject_command(
     bias: bool = typer.Option(False, "--bias/--no-bias", help=HELP["bias"]),
     init: str = typer.Option("preserve", "--init", help=HELP["init"]),
     rounding: str = typer.Option("floor", "--rounding", help=HELP["rounding"]),
-    input_size: int = typer.Option(224, "--input-size", min=1, help="spatial size FLOPs are counted at"),
+    input_size: Optional[int] = typer.Option(
+        None, "--input-size", min=1, help="spatial size FLOPs are counted at (default: the model's own, else 224)"
+    ),
     leaf: list[str] = typer.Option([], "--leaf", help="module class or qualified name fx must not trace into (repeatable)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     show_sites: bool = typer.Option(False, "--sites", help="list every unit with its stage, block and channels"),

@@ -7,6 +7,7 @@ Each field carries its help text in ``metadata["help"]`` (the CLI reuses it), ch
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from os import PathLike, fspath
 from typing import Literal, get_args
 
 from se_inject.errors import ConfigError
@@ -16,12 +17,14 @@ Squeeze = Literal["avg", "max", "none"]
 Excitation = Literal["sigmoid", "tanh", "relu"]
 Rounding = Literal["floor", "round", "ceil", "multiple8"]
 Init = Literal["preserve", "paper"]
+Existing = Literal["skip", "stack"]
 
 POSITIONS: tuple[str, ...] = get_args(Position)
 SQUEEZES: tuple[str, ...] = get_args(Squeeze)
 EXCITATIONS: tuple[str, ...] = get_args(Excitation)
 ROUNDINGS: tuple[str, ...] = get_args(Rounding)
 INITS: tuple[str, ...] = get_args(Init)
+EXISTINGS: tuple[str, ...] = get_args(Existing)
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,14 @@ class InjectConfig:
         default=(),
         metadata={"help": "module class names or qualified names torch.fx must not trace into"},
     )
+    existing: Existing = field(
+        default="skip",
+        metadata={"help": "blocks that already hold an SE-like gate: skip them, or stack a second unit"},
+    )
+    rules: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "extra placement rule files (TOML); a rule named like a built-in one replaces it"},
+    )
 
     def __post_init__(self) -> None:
         for name, choices in (
@@ -73,6 +84,7 @@ class InjectConfig:
             ("excitation", EXCITATIONS),
             ("rounding", ROUNDINGS),
             ("init", INITS),
+            ("existing", EXISTINGS),
         ):
             value = getattr(self, name)
             if value not in choices:
@@ -82,12 +94,8 @@ class InjectConfig:
             object.__setattr__(self, "stages", _validate_stages(self.stages))
         if not isinstance(self.bias, bool):
             raise ConfigError(f"bias: expected True or False, got {self.bias!r}")
-        if isinstance(self.leaf_modules, str):
-            object.__setattr__(self, "leaf_modules", (self.leaf_modules,))
-        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
-        for leaf in self.leaf_modules:
-            if not isinstance(leaf, str) or not leaf:
-                raise ConfigError(f"leaf_modules: expected class or module names, got {leaf!r}")
+        object.__setattr__(self, "leaf_modules", _string_tuple(self.leaf_modules, "leaf_modules", "class or module names"))
+        object.__setattr__(self, "rules", _string_tuple(self.rules, "rules", "paths of rule files"))
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
@@ -97,6 +105,17 @@ class InjectConfig:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _string_tuple(value: object, name: str, what: str) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, (str, PathLike)) else value
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{name}: expected {what}, got {value!r}")
+    items = tuple(fspath(v) if isinstance(v, PathLike) else v for v in items)
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise ConfigError(f"{name}: expected {what}, got {item!r}")
+    return items
 
 
 def _validate_r(r: object) -> int | tuple[int, ...]:

@@ -20,6 +20,10 @@ class ModelSpecError(SEInjectError, ValueError):
     """A model specification (timm name, ``torchvision:NAME``, ``module:callable``) cannot be resolved."""
 
 
+class RuleError(SEInjectError, ValueError):
+    """A placement rule file is malformed; the message names the file, the rule and the field."""
+
+
 class NoSitesError(SEInjectError, ValueError):
     """The model holds no place where the requested SE position applies."""
 

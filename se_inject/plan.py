@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from se_inject.config import InjectConfig
 from se_inject.errors import ConfigError, NoSitesError
-from se_inject.sites import Analysis, Insertion, ResidualSite
+from se_inject.patterns import Insertion
+from se_inject.sites import Analysis, Site, SiteSearch
 from se_inject.tracing import module_scope
 from se_inject.unit import hidden_width
 
@@ -20,7 +21,7 @@ from se_inject.unit import hidden_width
 class PlannedUnit:
     """One SE unit to insert: where, how wide, and which module will hold it."""
 
-    site: ResidualSite
+    site: Site
     insertion: Insertion
     r: int
     hidden: int
@@ -51,7 +52,8 @@ class Plan:
     units: tuple[PlannedUnit, ...]
     stage_count: int
     selected_stages: tuple[int, ...]
-    skipped: tuple[tuple[ResidualSite, str], ...]  # sites of selected stages without a unit, and why
+    skipped: tuple[tuple[Site, str], ...]  # sites of selected stages without a unit, and why
+    search: SiteSearch
 
     @property
     def owners(self) -> tuple[str, ...]:
@@ -90,29 +92,46 @@ def _outermost_owners(owners: set[str]) -> dict[str, str]:
     return {o: min((p for p in owners if contains(p, o)), key=len) for o in owners}
 
 
+def _no_sites(search: SiteSearch, config: InjectConfig) -> NoSitesError:
+    if not search.supporting_rules:
+        return NoSitesError(f"no placement rule supports position '{config.position}'")
+    if search.sites and len(search.skipped) == len(search.sites) and search.gates:
+        return NoSitesError(
+            f"every block for position '{config.position}' already has an SE-like gate: {search.describe()}; "
+            "pass existing='stack' (CLI: --existing stack) to add units anyway"
+        )
+    if search.sites:
+        return NoSitesError(
+            f"position '{config.position}' applies to none of the {len(search.sites)} sites found: "
+            f"{search.skipped[0][1]}"
+        )
+    return NoSitesError(
+        f"no place for an SE unit at position '{config.position}' (rules: {', '.join(search.supporting_rules)}): "
+        f"{search.describe()}"
+    )
+
+
 def plan_units(analysis: Analysis, config: InjectConfig) -> Plan:
     """Check ``config`` against the sites of ``analysis`` and decide every unit; mutates nothing."""
-    search = analysis.search
-    if not search.sites:
-        raise NoSitesError(
-            f"no residual additions for position '{config.position}': {search.describe()}; "
-            "se_inject currently places units in residual blocks"
-        )
+    search = analysis.select(config.position, config.existing)
+    if not search.placeable:
+        raise _no_sites(search, config)
     stage_count = search.stage_count
     selected = config.stages or tuple(range(1, stage_count + 1))
     out_of_range = [s for s in selected if s > stage_count]
     if out_of_range:
         raise ConfigError(f"stages: stage {out_of_range[0]} does not exist; this model has stages 1-{stage_count}")
 
-    planned: list[tuple[ResidualSite, Insertion, int, str]] = []
-    skipped: list[tuple[ResidualSite, str]] = []
+    reasons = {id(site): reason for site, reason in search.skipped}
+    planned: list[tuple[Site, Insertion, int, str]] = []
+    skipped: list[tuple[Site, str]] = []
     for site in search.sites:
         if site.stage not in selected:
             continue
-        insertion = site.insertion(config.position)
-        if insertion is None:
-            skipped.append((site, "no spatial convolution on the branch"))
+        if id(site) in reasons:
+            skipped.append((site, reasons[id(site)]))
             continue
+        insertion = site.insertion
         r = stage_ratio(config, site.stage, stage_count, selected)
         if r > insertion.channels:
             raise ConfigError(
@@ -122,8 +141,8 @@ def plan_units(analysis: Analysis, config: InjectConfig) -> Plan:
         planned.append((site, insertion, r, _common_scope(insertion.anchors)))
     if not planned:
         raise NoSitesError(
-            f"position '{config.position}' applies to none of the {len(search.sites)} residual blocks "
-            f"of stages {list(selected)}: {skipped[0][1] if skipped else search.describe()}"
+            f"none of the {sum(s.stage in selected for s in search.sites)} sites of stages {list(selected)} "
+            f"takes a unit at position '{config.position}': {skipped[0][1] if skipped else search.describe()}"
         )
     outermost = _outermost_owners({owner for *_, owner in planned})
     units = tuple(
@@ -137,4 +156,4 @@ def plan_units(analysis: Analysis, config: InjectConfig) -> Plan:
         )
         for site, insertion, r, owner in planned
     )
-    return Plan(units, stage_count, tuple(selected), tuple(skipped))
+    return Plan(units, stage_count, tuple(selected), tuple(skipped), search)

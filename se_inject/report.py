@@ -43,6 +43,7 @@ def count_params(model: nn.Module) -> int:
 class UnitReport:
     name: str  # qualified name of the unit in the injected model
     owner: str  # the module that holds it
+    rule: str  # the placement rule that put it there
     stage: int
     block: int
     channels: int
@@ -96,6 +97,7 @@ class OverheadReport:
     sites: tuple[UnitReport, ...]
     stages: tuple[StageReport, ...]
     totals: Totals
+    existing_gates: tuple[str, ...] = ()  # SE-like gates the model already had
     notes: tuple[str, ...] = ()
 
     @property
@@ -130,6 +132,7 @@ def build_report(
         UnitReport(
             name=u.qualified_name,
             owner=u.owner,
+            rule=u.site.rule.name,
             stage=u.stage,
             block=u.block,
             channels=u.channels,
@@ -159,6 +162,7 @@ def build_report(
         sites=tuple(units),
         stages=stages,
         totals=totals,
+        existing_gates=tuple(g.name for g in plan.search.gates),
         notes=tuple(notes),
     )
 
@@ -166,11 +170,10 @@ def build_report(
 def _stage_report(
     stage: int, analysis: Analysis, plan: Plan, units: list[UnitReport], config: InjectConfig
 ) -> StageReport:
-    sites = [s for s in analysis.search.sites if s.stage == stage]
+    sites = [s for s in plan.search.sites if s.stage == stage]
     planned: list[PlannedUnit] = [u for u in plan.units if u.stage == stage]
     measured = [u for u in units if u.stage == stage]
-    insertions = [s.insertion(config.position) for s in sites]
-    widths = [u.channels for u in planned] or [i.channels for i in insertions if i is not None]
+    widths = [u.channels for u in planned] or [s.insertion.channels for s in sites if s.insertion is not None] or [0]
     region = frozenset().union(*(s.region for s in sites))
     flops_before = sum(n.meta.get("flops", 0) for n in region)
     return StageReport(

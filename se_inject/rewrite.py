@@ -24,7 +24,8 @@ from torch import nn
 from se_inject.config import InjectConfig
 from se_inject.errors import RewriteError
 from se_inject.plan import Plan, PlannedUnit
-from se_inject.sites import node_in_scope, normalize_inplace_adds
+from se_inject.patterns import normalize_inplace_adds
+from se_inject.sites import node_in_scope
 from se_inject.tracing import count_flops, trace
 from se_inject.unit import SqueezeExcite
 

@@ -229,17 +229,20 @@ class ShapeFlopProp(fx.Interpreter):
     Like torch.fx.passes.shape_prop.ShapeProp, a failure is re-raised with the node printed.
     """
 
-    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode, input_shape: Sequence[int]) -> None:
         super().__init__(gm)
         self.counter = counter
+        self.input_shape = input_shape
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
         try:
             result = super().run_node(n)
         except Exception as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ShapePropagationError(
-                f"running node {n.format_node()} on abstract tensors failed: {err}"
+                f"running node {n.format_node()} at input {tuple(self.input_shape)} failed: {reason}; "
+                "is the input size right for this model (CLI: --input-size)?"
             ) from err
         n.meta["shape"] = tuple(result.shape) if isinstance(result, torch.Tensor) else None
         n.meta["flops"] = self.counter.get_total_flops() - before
@@ -249,7 +252,7 @@ class ShapeFlopProp(fx.Interpreter):
 def propagate(gm: fx.GraphModule, input_shape: Sequence[int]) -> int:
     """Annotate every node of ``gm`` with its output shape and FLOPs; return the total FLOPs."""
     with abstract_tensors(gm) as make, flop_counter() as counter:
-        ShapeFlopProp(gm, counter).run(make(tuple(input_shape)))
+        ShapeFlopProp(gm, counter, input_shape).run(make(tuple(input_shape)))
     return counter.get_total_flops()
 
 

@@ -136,7 +136,7 @@ def test_bad_options_raise_specific_errors_and_leave_the_model_alone(kwargs, err
 
 def test_no_sites_and_untraceable_models_raise_specific_errors():
     with pytest.raises(se_inject.NoSitesError, match="found 4 convolutions"):
-        se_inject.inject(PlainNet(), input_size=16)
+        se_inject.inject(PlainNet(), position="identity", input_size=16)
 
     class Untraceable(nn.Module):
         def __init__(self):

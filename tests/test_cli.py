@@ -62,7 +62,7 @@ def test_user_model_from_a_file(tmp_path):
         (["resnet50", "--position", "middle"], "position: 'middle' is not one of standard, pre, post, identity, inner"),
         (["resnet50", "--stages", "5"], "stages: stage 5 does not exist; this model has stages 1-4"),
         (["resnet50", "--r", "x"], "r: expected integers"),
-        (["vgg11"], "no residual additions for position 'standard': found 8 convolutions, 0 additions"),
+        (["vgg11", "--position", "identity"], "no place for an SE unit at position 'identity' (rules: residual): found 8 convolutions"),
         (["resnet50", "--input-size", "0"], "--input-size"),
         (["resnet50", "--bogus"], "No such option: --bogus"),
         ([], "Missing argument"),

@@ -55,9 +55,11 @@ def test_r_wider_than_the_channels(analysis):
     plan_units(analysis, InjectConfig(r=(16, 32, 64)))  # r == C is allowed: hidden width 1
 
 
-def test_no_residual_addition_says_what_was_found():
-    with pytest.raises(NoSitesError, match="no residual additions for position 'post': found 4 convolutions, 1 additions"):
-        plan_units(analyse(PlainNet(), input_size=16), InjectConfig(position="post"))
+def test_no_site_for_the_position_says_what_was_found():
+    with pytest.raises(
+        NoSitesError, match=r"no place for an SE unit at position 'pre' \(rules: residual\): found 4 convolutions"
+    ):
+        plan_units(analyse(PlainNet(), input_size=16), InjectConfig(position="pre"))
 
 
 def test_inner_needs_a_spatial_convolution_on_the_branch():
@@ -74,7 +76,7 @@ def test_inner_needs_a_spatial_convolution_on_the_branch():
             return x + self.b(self.a(x))
 
     analysis = analyse(PointwiseBlocks(), input_size=16)
-    with pytest.raises(NoSitesError, match="position 'inner' applies to none .* no spatial convolution"):
+    with pytest.raises(NoSitesError, match="position 'inner' applies to none of the 1 sites found: no 'after_spatial_conv'"):
         plan_units(analysis, InjectConfig(position="inner", r=2))
     assert len(plan_units(analysis, InjectConfig(position="standard", r=2)).units) == 1
 

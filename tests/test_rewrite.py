@@ -83,8 +83,11 @@ def test_the_users_model_is_never_touched_and_shares_no_tensor():
 def test_a_failed_injection_leaves_the_model_as_it_was():
     injected = se_inject.inject(FunctionalResNet(), r=4, input_size=32)
     before = snapshot(injected)
-    with pytest.raises(RewriteError, match="already has an attribute 'se_1_1': was this model injected before"):
+    with pytest.raises(se_inject.NoSitesError, match="already has an SE-like gate"):
         se_inject.inject(injected, r=4, input_size=32)
+    assert_unchanged(injected, before)
+    with pytest.raises(RewriteError, match="already has an attribute 'se_1_1': was this model injected before"):
+        se_inject.inject(injected, r=4, input_size=32, existing="stack")
     assert_unchanged(injected, before)
 
 

@@ -5,8 +5,20 @@ import torch
 import torch.fx as fx
 from tiny_models import TINY_MODELS, FunctionalResNet, InplaceResNet, MethodAddNet, PlainNet, RootResidualNet
 
-from se_inject.sites import add_operands, analyse, is_conv, normalize_inplace_adds
+from se_inject.patterns import add_operands, is_conv, normalize_inplace_adds
+from se_inject.sites import analyse
 from se_inject.tracing import trace
+
+
+def residual_sites(model, size):
+    """The residual candidates of ``model``, as the standard position selects them."""
+    analysis = analyse(model, input_size=size)
+    return analysis, [s for s in analysis.select("standard").sites if s.rule.name == "residual"]
+
+
+def parts(site):
+    """branch/shortcut node sets of a residual site, from its fork and the two operands."""
+    return site.candidate.parts
 
 
 def _targets(analysis, nodes):
@@ -17,44 +29,44 @@ def _targets(analysis, nodes):
 @pytest.mark.parametrize("case", TINY_MODELS, ids=lambda c: c.name)
 def test_every_residual_block_is_found_whatever_the_coding_style(case):
     analysis = analyse(case.build(), input_size=32)
-    sites = analysis.search.sites
-    assert len(sites) == case.blocks
-    assert analysis.search.stage_count == case.stages
-    assert sum(s.inner is not None for s in sites) == case.spatial_convs
-    for site in sites:
-        assert any(is_conv(analysis.gm, n) for n in site.branch)
-        assert site.branch.isdisjoint(site.shortcut)
+    search = analysis.select("standard")
+    assert len(search.sites) == case.blocks and {s.rule.name for s in search.sites} == {"residual"}
+    assert search.stage_count == case.stages
+    inner = analysis.select("inner").sites
+    assert sum(s.insertion is not None for s in inner) == case.spatial_convs
+    for site in search.sites:
+        assert site.candidate.facts["branch_convs"] >= 1
+        assert any(is_conv(analysis.gm, n) for n in site.region)
 
 
 def test_branch_and_shortcut_are_told_apart_by_structure():
-    analysis = analyse(FunctionalResNet(), input_size=32)
-    first, _, downsampling, *_ = analysis.search.sites
-    assert _targets(analysis, first.branch) == ["stages.0.0.conv1", "stages.0.0.conv2"]
-    assert first.shortcut == frozenset() and first.shortcut_out is first.fork  # identity shortcut
-    assert _targets(analysis, downsampling.shortcut) == ["stages.1.0.proj.0"]  # projection: 1x1 conv + BN
-    assert downsampling.shortcut_out.target == "stages.1.0.proj.1"
-    assert downsampling.branch_out.target == "stages.1.0.bn2"
+    analysis, (first, _, downsampling, *_) = residual_sites(FunctionalResNet(), 32)
+    assert _targets(analysis, first.region) == ["stages.0.0.conv1", "stages.0.0.conv2"]
+    assert parts(first)["shortcut_output"] is parts(first)["fork"]  # identity shortcut
+    assert first.candidate.facts == {"branch_convs": 2, "shortcut_convs": 0, "branch_nodes": 5}
+    assert downsampling.candidate.facts["shortcut_convs"] == 1  # projection: 1x1 conv + BN
+    assert parts(downsampling)["shortcut_output"].target == "stages.1.0.proj.1"
+    assert parts(downsampling)["branch_output"].target == "stages.1.0.bn2"
 
 
 def test_shortcut_written_first_in_the_sum_is_still_the_shortcut():
-    analysis = analyse(RootResidualNet(), input_size=16)
-    site = analysis.search.sites[0]
-    assert add_operands(site.add)[0] is site.shortcut_out  # x + branch(x)
-    assert site.branch_out.target == "a2"
+    _, (site, _) = residual_sites(RootResidualNet(), 16)
+    assert add_operands(parts(site)["add"])[0] is parts(site)["shortcut_output"]  # x + branch(x)
+    assert parts(site)["branch_output"].target == "a2"
 
 
 def test_post_is_the_activation_after_the_addition_and_inner_follows_the_spatial_conv():
     analysis = analyse(InplaceResNet(), input_size=32)
-    site = analysis.search.sites[0]
-    assert site.post.target == "layer1.0.relu"
-    assert site.post.all_input_nodes == [site.add]
+    post = analysis.select("post").sites[0].insertion.value
+    assert post.target == "layer1.0.relu" and add_operands(post.all_input_nodes[0])
     # conv2 (the 3x3) -> bn2 -> relu: the unit goes after the activation, before conv3
-    assert site.inner.op == "call_module" and site.inner.target == "layer1.0.relu"
-    assert [u.target for u in site.inner.users] == ["layer1.0.conv3"]
+    inner = analysis.select("inner").sites[0].insertion.value
+    assert inner.op == "call_module" and inner.target == "layer1.0.relu"
+    assert [u.target for u in inner.users] == ["layer1.0.conv3"]
 
 
 def test_stages_follow_spatial_size_and_blocks_count_within_a_stage():
-    sites = analyse(FunctionalResNet(), input_size=32).search.sites
+    _, sites = residual_sites(FunctionalResNet(), 32)
     assert [(s.stage, s.block, s.size) for s in sites] == [
         (1, 1, (32, 32)), (1, 2, (32, 32)), (2, 1, (16, 16)), (2, 2, (16, 16)), (3, 1, (8, 8)),
     ]
@@ -75,14 +87,17 @@ def test_inplace_adds_become_ordinary_adds_and_later_uses_see_the_sum():
     torch.testing.assert_close(gm.eval()(x), model(x), rtol=0, atol=0)
 
 
-def test_parallel_branches_are_not_residuals_and_the_census_says_what_was_found():
-    search = analyse(PlainNet(), input_size=16).search
-    assert search.sites == []
+def test_parallel_branches_are_not_residuals_and_plain_stacks_fall_back_to_conv_act():
+    analysis = analyse(PlainNet(), input_size=16)
+    assert not [c for r, c in analysis.matches if r.name == "residual"]
+    search = analysis.select("standard")
+    assert [s.rule.name for s in search.sites] == ["plain", "plain"]  # c1 and c2 are followed by a relu
     assert search.census["convolutions"] == 4 and search.census["additions"] == 1
-    assert "parallel branches" in search.describe()
+    assert analysis.select("pre").sites == []
+    assert "found 4 convolutions, 0 depthwise convolutions, 1 additions" in search.describe()
 
 
-def test_adds_of_other_shapes_are_rejected_with_a_reason():
+def test_adds_of_other_shapes_are_not_residuals():
     class BiasAdd(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -92,9 +107,8 @@ def test_adds_of_other_shapes_are_rejected_with_a_reason():
         def forward(self, x):
             return self.conv(x) + self.bias
 
-    search = analyse(BiasAdd(), input_size=8).search
-    assert not search.sites
-    assert "4-D feature maps" in search.rejected[0][1]
+    analysis = analyse(BiasAdd(), input_size=8)
+    assert analysis.census["additions"] == 1 and not analysis.matches
 
 
 def test_analysis_leaves_the_model_alone():

@@ -1,0 +1,166 @@
+"""Placement rules: which pattern kinds get SE units, under which conditions, and where.
+
+Rules are data: TOML files read with tomllib, nothing in them is executed. The built-in rules
+live in the repository's ``rules/`` folder (installed as ``se_inject/rules``); a user adds or
+overrides rules with files of their own (``--rules FILE``, ``rules=[...]`` in the API). A rule
+with the name of a built-in one replaces it. Every file is checked completely before use; a
+malformed one raises :class:`RuleError` naming the file, the rule and the field.
+
+A rule::
+
+    [[rule]]
+    name = "residual"                    # unique
+    pattern = "residual_add"             # a pattern kind of se_inject.patterns
+    priority = 20                        # where sites overlap, the higher priority keeps its unit
+    fallback = false                     # true: used only when no other rule found a site
+    description = "..."
+    positions = { standard = "branch_output", post = "after_activation" }   # position -> anchor
+    when = { min_branch_convs = 1 }      # conditions on the pattern's facts: NAME, min_NAME, max_NAME
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from se_inject.config import POSITIONS
+from se_inject.errors import RuleError
+from se_inject.patterns import PATTERNS, Candidate
+
+_RULE_FIELDS = {"name", "pattern", "priority", "fallback", "description", "positions", "when"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One placement rule, validated."""
+
+    name: str
+    pattern: str
+    positions: dict[str, str]
+    when: dict[str, int | bool] = field(default_factory=dict)
+    priority: int = 0
+    fallback: bool = False
+    description: str = ""
+    source: str = ""  # the file it was read from
+
+    def matches(self, candidate: Candidate) -> bool:
+        """Whether ``candidate`` (of this rule's pattern kind) meets every condition."""
+        for key, expected in self.when.items():
+            if key.startswith("min_"):
+                ok = candidate.facts[key[4:]] >= expected
+            elif key.startswith("max_"):
+                ok = candidate.facts[key[4:]] <= expected
+            else:
+                ok = candidate.facts[key] == expected
+            if not ok:
+                return False
+        return True
+
+
+def builtin_rules_dir() -> Path:
+    """The shipped rules: inside the installed package, or the checkout's ``rules/`` folder."""
+    packaged = Path(str(resources.files("se_inject"))) / "rules"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "rules"
+
+
+def _fail(source: str, rule: str | None, field_name: str | None, problem: str) -> RuleError:
+    where = source + (f": rule '{rule}'" if rule else "") + (f": field '{field_name}'" if field_name else "")
+    return RuleError(f"{where}: {problem}")
+
+
+def _check_type(value: object, kind: type, source: str, rule: str, name: str) -> None:
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise _fail(source, rule, name, f"expected an integer, got {value!r}")
+    if kind is not int and not isinstance(value, kind):
+        raise _fail(source, rule, name, f"expected {kind.__name__}, got {value!r}")
+
+
+def _parse_rule(entry: object, index: int, source: str) -> Rule:
+    if not isinstance(entry, dict):
+        raise _fail(source, f"#{index + 1}", None, "a rule must be a table ([[rule]])")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise _fail(source, f"#{index + 1}", "name", "every rule needs a non-empty string name")
+    unknown = sorted(set(entry) - _RULE_FIELDS)
+    if unknown:
+        raise _fail(source, name, unknown[0], f"unknown field; fields are {', '.join(sorted(_RULE_FIELDS))}")
+    pattern = entry.get("pattern")
+    if pattern not in PATTERNS:
+        raise _fail(source, name, "pattern", f"{pattern!r} is not a pattern kind; kinds are {', '.join(PATTERNS)}")
+    kind = PATTERNS[pattern]
+    positions = entry.get("positions")
+    if not isinstance(positions, dict) or not positions:
+        raise _fail(source, name, "positions", "expected a table of position = anchor, e.g. { standard = \"...\" }")
+    for position, anchor in positions.items():
+        if position not in POSITIONS:
+            raise _fail(source, name, f"positions.{position}", f"not a position; positions are {', '.join(POSITIONS)}")
+        if anchor not in kind.anchors:
+            raise _fail(
+                source, name, f"positions.{position}",
+                f"{anchor!r} is not an anchor of '{pattern}'; anchors are {', '.join(kind.anchors)}",
+            )
+    when = entry.get("when", {})
+    if not isinstance(when, dict):
+        raise _fail(source, name, "when", "expected a table of conditions")
+    for key, value in when.items():
+        fact = key[4:] if key.startswith(("min_", "max_")) else key
+        if fact not in kind.facts:
+            raise _fail(
+                source, name, f"when.{key}",
+                f"'{pattern}' has no fact '{fact}'; facts are {', '.join(kind.facts)} (as NAME, min_NAME or max_NAME)",
+            )
+        _check_type(value, int if key != fact else kind.facts[fact], source, name, f"when.{key}")
+    priority = entry.get("priority", 0)
+    _check_type(priority, int, source, name, "priority")
+    fallback = entry.get("fallback", False)
+    _check_type(fallback, bool, source, name, "fallback")
+    description = entry.get("description", "")
+    _check_type(description, str, source, name, "description")
+    return Rule(name, pattern, dict(positions), dict(when), priority, fallback, description, source)
+
+
+def parse_rules(text: str, source: str) -> list[Rule]:
+    """The rules of one TOML document (``source`` names it in errors)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise _fail(source, None, None, f"not valid TOML: {err}") from None
+    unknown = sorted(set(data) - {"rule"})
+    if unknown:
+        raise _fail(source, None, unknown[0], "unknown top-level key; a rule file holds [[rule]] tables only")
+    entries = data.get("rule", [])
+    if not isinstance(entries, list) or not entries:
+        raise _fail(source, None, "rule", "no rules: expected one or more [[rule]] tables")
+    rules = [_parse_rule(entry, i, source) for i, entry in enumerate(entries)]
+    seen: set[str] = set()
+    for rule in rules:
+        if rule.name in seen:
+            raise _fail(source, rule.name, "name", "a rule of this name is already defined in this file")
+        seen.add(rule.name)
+    return rules
+
+
+def read_rule_file(path: str | Path) -> list[Rule]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise RuleError(f"{path}: cannot read the rule file: {err.strerror or err}") from None
+    return parse_rules(text, str(path))
+
+
+def load_rules(extra: Sequence[str | Path] = ()) -> tuple[Rule, ...]:
+    """The built-in rules, then those of ``extra`` files (a rule named like an earlier one replaces it)."""
+    builtin = sorted(builtin_rules_dir().glob("*.toml"))
+    if not builtin:
+        raise RuleError(f"{builtin_rules_dir()}: no built-in rule files found; is se_inject installed completely?")
+    by_name: dict[str, Rule] = {}
+    for path in [*builtin, *map(Path, extra)]:
+        for rule in read_rule_file(path):
+            by_name[rule.name] = rule
+    return tuple(by_name.values())
