@@ -90,6 +90,8 @@ def inject_command(
         None, "--input-size", min=1, help="spatial size FLOPs are counted at (default: the model's own, else 224)"
     ),
     leaf: list[str] = typer.Option([], "--leaf", help="module class or qualified name fx must not trace into (repeatable)"),
+    rules: list[str] = typer.Option([], "--rules", help="extra placement rule file, TOML (repeatable)"),
+    existing: str = typer.Option("skip", "--existing", help=HELP["existing"] + " (skip|stack)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     show_sites: bool = typer.Option(False, "--sites", help="list every unit with its stage, block and channels"),
 ) -> None:
@@ -104,6 +106,8 @@ def inject_command(
         init=init,
         rounding=rounding,
         leaf_modules=tuple(leaf),
+        existing=existing,
+        rules=tuple(rules),
     )
     network = load_model(model, device="meta")
     result = retrofit(network, config, input_size=input_size, model_name=model)
@@ -135,11 +139,11 @@ def render_report(report: OverheadReport, show_sites: bool, console: Console) ->
     )
     if show_sites:
         sites = Table(title="Units", box=box.SIMPLE_HEAD, pad_edge=False)
-        for column in ("unit", "stage", "block", "C", "hidden", "r", "size", "params", "MFLOPs"):
+        for column in ("unit", "rule", "stage", "block", "C", "hidden", "r", "size", "params", "MFLOPs"):
             sites.add_column(column, justify="left" if column == "unit" else "right", no_wrap=True)
         for u in report.sites:
             sites.add_row(
-                u.name, str(u.stage), str(u.block), str(u.channels), str(u.hidden), str(u.r),
+                u.name, u.rule, str(u.stage), str(u.block), str(u.channels), str(u.hidden), str(u.r),
                 f"{u.size[0]}x{u.size[1]}", _count(u.params), f"{u.flops / 1e6:.3f}",
             )
         console.print(sites)
@@ -150,6 +154,7 @@ def render_report(report: OverheadReport, show_sites: bool, console: Console) ->
         table.add_column(column, justify="right", no_wrap=True)
     for s in report.stages:
         channels = str(s.channels) if isinstance(s.channels, int) else ",".join(map(str, sorted(set(s.channels))))
+        channels = channels if s.blocks else "-"
         table.add_row(
             str(s.stage), f"{s.size[0]}x{s.size[1]}", f"{s.blocks}/{s.sites}", channels,
             "-" if s.r is None else str(s.r), _count(s.eq5_params), _count(s.added_params),
@@ -167,6 +172,9 @@ def render_report(report: OverheadReport, show_sites: bool, console: Console) ->
     )
     agreement = "[green]agrees exactly[/]" if report.eq5_agrees else "[yellow]differs (hidden widths were rounded)[/]"
     console.print(f"Eq. 5 {agreement} with the weights added")
+    if report.existing_gates:
+        console.print(f"the model already has {len(report.existing_gates)} SE-like gates: {', '.join(report.existing_gates[:4])}"
+                      + (", ..." if len(report.existing_gates) > 4 else ""))
     for note in report.notes:
         console.print(f"note: {note}")
 

@@ -422,7 +422,7 @@ def _pointwise_after(gm: fx.GraphModule, end: fx.Node) -> fx.Node | None:
 @register_pattern(
     "depthwise",
     anchors=("after_depthwise", "after_pointwise"),
-    facts={"activation_after": bool, "kernel": int, "pointwise_reduces": bool},
+    facts={"activation_after": bool, "kernel": int, "pointwise_after": bool, "pointwise_reduces": bool},
 )
 def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candidate]:
     """Depthwise convolutions with their norm and activation, and the pointwise conv after them."""
@@ -448,6 +448,7 @@ def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candid
                 facts={
                     "activation_after": _activation_between(gm, node, end),
                     "kernel": max(_kernel(gm, node)),
+                    "pointwise_after": pointwise is not None,
                     "pointwise_reduces": reduces,
                 },
                 parts={"conv": node},

@@ -121,10 +121,10 @@ class Analysis:
         _number_stages(sites)
         skipped = []
         for site in sites:
-            if site.insertion is None:
-                skipped.append((site, f"no '{site.rule.positions[position]}' in this {site.rule.name} block"))
-            elif existing == "skip" and (gate := _gate_of(site, self.gates)) is not None:
+            if existing == "skip" and (gate := _gate_of(site, self.gates)) is not None:
                 skipped.append((site, f"already recalibrated by the SE-like gate '{gate.name}'"))
+            elif site.insertion is None:
+                skipped.append((site, f"no '{site.rule.positions[position]}' in this {site.rule.name} block"))
         supporting = tuple(r.name for r in self.rules if position in r.positions)
         return SiteSearch(position, sites, skipped, self.gates, self.census, supporting)
 

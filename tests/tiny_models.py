@@ -167,3 +167,206 @@ TINY_MODELS = [
     TinyCase("method_add_and_torch_add", MethodAddNet, blocks=3, stages=1, spatial_convs=3),
     TinyCase("root_level_functional", RootResidualNet, blocks=2, stages=1, spatial_convs=2),
 ]
+
+
+# --- one small module per pattern kind ------------------------------------------------------------
+
+def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
+
+
+class InceptionModule(nn.Module):
+    """Four parallel branches from one input, concatenated: 8 + 16 + 8 + 8 = 40 channels."""
+
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.b1 = conv_bn_relu(cin, 8, 1)
+        self.b3 = nn.Sequential(conv_bn_relu(cin, 8, 1), conv_bn_relu(8, 16, 3))
+        self.b5 = nn.Sequential(conv_bn_relu(cin, 4, 1), conv_bn_relu(4, 8, 5))
+        self.pool = nn.Sequential(nn.MaxPool2d(3, 1, 1), conv_bn_relu(cin, 8, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.b1(x), self.b3(x), self.b5(x), self.pool(x)], 1)
+
+
+class NestedInception(nn.Module):
+    """A branch that itself splits and concatenates (Inception-v3's Mixed_7b): one unit, outside."""
+
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.b1 = conv_bn_relu(cin, 8, 1)
+        self.stem = conv_bn_relu(cin, 8, 1)
+        self.left, self.right = conv_bn_relu(8, 8, (1, 3)[1]), conv_bn_relu(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        return torch.cat([self.b1(x), torch.cat([self.left(y), self.right(y)], 1)], 1)
+
+
+class InceptionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn_relu(3, 16)
+        self.mixed_a = InceptionModule(16)
+        self.reduce = nn.MaxPool2d(2)
+        self.mixed_b = InceptionModule(40)
+        self.mixed_c = NestedInception(40)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mixed_c(self.mixed_b(self.reduce(self.mixed_a(self.stem(x)))))
+
+
+class InceptionResidual(nn.Module):
+    """Inception-ResNet: concatenated branches, a 1x1 conv, scaled, added to the input."""
+
+    def __init__(self, channels: int, scale: float = 0.2) -> None:
+        super().__init__()
+        self.b1 = conv_bn_relu(channels, 8, 1)
+        self.b3 = nn.Sequential(conv_bn_relu(channels, 8, 1), conv_bn_relu(8, 8, 3))
+        self.project = nn.Conv2d(16, channels, 1)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(torch.cat([self.b1(x), self.b3(x)], 1))
+        return F.relu(out * self.scale + x)
+
+
+class InceptionResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn_relu(3, 32)
+        self.blocks = nn.Sequential(InceptionResidual(32), InceptionResidual(32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+class SeparableStack(nn.Module):
+    """MobileNet v1: depthwise 3x3 + BN + ReLU, then pointwise 1x1 + BN + ReLU (widening or keeping)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn_relu(3, 16, stride=2)
+        widths = [(16, 32, 1), (32, 64, 2), (64, 64, 1)]
+        self.blocks = nn.Sequential(
+            *[nn.Sequential(conv_bn_relu(a, a, 3, s, groups=a), conv_bn_relu(a, b, 1)) for a, b, s in widths]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2: expand 1x1, depthwise 3x3, linear projection 1x1; a skip when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.expand = conv_bn_relu(cin, hidden, 1)
+        self.dw = conv_bn_relu(hidden, hidden, 3, stride, groups=hidden)
+        self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.dw(self.expand(x)))
+        return x + out if self.skip else out
+
+
+class MobileNetV2ish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn_relu(3, 16, stride=2)
+        self.blocks = nn.Sequential(InvertedResidual(16, 16, 1), InvertedResidual(16, 24, 2), InvertedResidual(24, 24, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+class VGGStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn_relu(3, 16), conv_bn_relu(16, 16), nn.MaxPool2d(2), conv_bn_relu(16, 32), conv_bn_relu(32, 32)
+        )
+        self.classifier = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleBlock(nn.Module):
+    """ShuffleNetV2: split the channels, transform one half, concatenate, shuffle."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        half = channels // 2
+        self.branch = nn.Sequential(
+            conv_bn_relu(half, half, 1),
+            nn.Conv2d(half, half, 3, 1, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+            conv_bn_relu(half, half, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat((left, self.branch(right)), 1), 2)
+
+
+class ShuffleNetish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn_relu(3, 32)
+        self.blocks = nn.Sequential(ShuffleBlock(32), ShuffleBlock(32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+class GatedBlock(nn.Module):
+    """A residual block that already recalibrates its channels (an SE module written by hand)."""
+
+    def __init__(self, channels: int, gated: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv_bn_relu(channels, channels), nn.Conv2d(channels, channels, 3, padding=1))
+        self.fc = nn.Conv2d(channels, channels, 1) if gated else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        if self.fc is not None:
+            out = out * torch.sigmoid(self.fc(out.mean((2, 3), keepdim=True)))
+        return F.relu(out + x)
+
+
+class PartlyGatedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn_relu(3, 16)
+        self.blocks = nn.Sequential(GatedBlock(16, True), GatedBlock(16, False), GatedBlock(16, True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+@dataclass(frozen=True)
+class FamilyCase:
+    name: str
+    build: Callable[[], nn.Module]
+    rules: dict[str, int]  # units per rule at the standard position
+    channels: list[int]  # channels each unit sees, in graph order
+
+
+FAMILY_MODELS = [
+    FamilyCase("inception_concat", InceptionNet, {"inception": 3}, [40, 40, 24]),
+    FamilyCase("inception_inside_residual", InceptionResNet, {"residual": 2}, [32, 32]),
+    FamilyCase("depthwise_separable_stack", SeparableStack, {"depthwise_separable": 3}, [32, 64, 64]),
+    FamilyCase("inverted_residual", MobileNetV2ish, {"inverted_residual": 3}, [64, 64, 96]),
+    FamilyCase("vgg_stack", VGGStack, {"plain": 4}, [16, 16, 32, 32]),
+    FamilyCase("shufflenet_split_concat", ShuffleNetish, {"split_concat": 2}, [16, 16]),
+    FamilyCase("partly_gated_residual", PartlyGatedNet, {"residual": 1}, [16]),
+]
