@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from se_inject.errors import ShapePropagationError, UntraceableModelError
@@ -206,21 +206,43 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def abstract_tensors(module: nn.Module) -> Iterator[Any]:
+def abstract_tensors(module: nn.Module, real: bool = False) -> Iterator[Any]:
     """Yield a factory ``make(shape)`` of inputs that run ``module`` without real arithmetic.
 
-    Meta tensors for a model on the meta device, fake tensors otherwise. The model runs in eval
-    mode, so BatchNorm statistics and RNG state are untouched.
+    Meta tensors for a model on the meta device, fake tensors otherwise; with ``real``, zeros
+    (for forwards that branch on tensor values, which abstract tensors do not have). The model
+    runs in eval mode, so BatchNorm statistics and RNG state are untouched.
     """
     tensor = _first_tensor(module)
     device = tensor.device if tensor is not None else torch.device("cpu")
     dtype = tensor.dtype if tensor is not None and tensor.is_floating_point() else torch.float32
     with eval_mode(module), torch.no_grad():
-        if device.type == "meta":
-            yield lambda shape: torch.empty(shape, device="meta", dtype=dtype)
+        if device.type == "meta" or real:
+            yield lambda shape: torch.zeros(shape, device=device, dtype=dtype)
         else:
             with FakeTensorMode(allow_non_fake_inputs=True):
                 yield lambda shape: torch.empty(shape, device=device, dtype=dtype)
+
+
+_DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException)
+
+
+def _with_real_fallback(module: nn.Module, run: Any) -> int:
+    """``run(real=False)``; if the forward branches on tensor values, ``run(real=True)`` on real weights."""
+    try:
+        return run(real=False)
+    except Exception as err:
+        cause = err.__cause__ if isinstance(err, ShapePropagationError) else err
+        value_dependent = isinstance(cause, _DATA_DEPENDENT) or "cannot be called on meta tensors" in str(cause)
+        if not value_dependent:
+            raise
+        if on_meta(module):
+            raise ShapePropagationError(
+                f"{str(err).split(';')[0] if isinstance(err, ShapePropagationError) else type(err).__name__}: the "
+                "forward depends on tensor values, which the meta device does not have; build the model with "
+                "real weights (API: pass the model itself) to analyse it"
+            ) from err
+        return run(real=True)
 
 
 class ShapeFlopProp(fx.Interpreter):
@@ -251,16 +273,24 @@ class ShapeFlopProp(fx.Interpreter):
 
 def propagate(gm: fx.GraphModule, input_shape: Sequence[int]) -> int:
     """Annotate every node of ``gm`` with its output shape and FLOPs; return the total FLOPs."""
-    with abstract_tensors(gm) as make, flop_counter() as counter:
-        ShapeFlopProp(gm, counter, input_shape).run(make(tuple(input_shape)))
-    return counter.get_total_flops()
+
+    def run(real: bool) -> int:
+        with abstract_tensors(gm, real) as make, flop_counter() as counter:
+            ShapeFlopProp(gm, counter, input_shape).run(make(tuple(input_shape)))
+        return counter.get_total_flops()
+
+    return _with_real_fallback(gm, run)
 
 
 def count_flops(module: nn.Module, input_shape: Sequence[int]) -> int:
-    """FLOPs of one forward of ``module`` on an input of ``input_shape`` (no real arithmetic)."""
-    with abstract_tensors(module) as make, flop_counter() as counter:
-        module(make(tuple(input_shape)))
-    return counter.get_total_flops()
+    """FLOPs of one forward of ``module`` on an input of ``input_shape`` (no real arithmetic if it can)."""
+
+    def run(real: bool) -> int:
+        with abstract_tensors(module, real) as make, flop_counter() as counter:
+            module(make(tuple(input_shape)))
+        return counter.get_total_flops()
+
+    return _with_real_fallback(module, run)
 
 
 def infer_in_channels(gm: fx.GraphModule) -> int:

@@ -1,5 +1,7 @@
 """The public API end to end: hand-written nets and the ResNet zoo, at every position."""
 
+from collections import Counter
+
 import pytest
 import torch
 from conftest import assert_unchanged, snapshot
@@ -150,3 +152,97 @@ def test_no_sites_and_untraceable_models_raise_specific_errors():
         se_inject.inject(Untraceable())
     with pytest.raises(TypeError, match="expected an nn.Module"):
         se_inject.inject("resnet50")
+
+
+# --- every family, on real timm / torchvision models ---------------------------------------------
+
+# spec -> units per rule at the default position (models that already gate their channels: with
+# existing="stack"), number of SE-like gates already in the model, and whether it is small enough
+# for a real forward/backward in the default suite.
+FAMILIES = {
+    "inception_v3": ({"inception": 11}, 0, False),
+    "inception_v4": ({"inception": 19}, 0, False),
+    "inception_resnet_v2": ({"inception": 3, "residual": 40}, 0, False),
+    "torchvision:googlenet": ({"inception": 9}, 0, False),
+    "torchvision:inception_v3": ({"inception": 11}, 0, False),
+    "mobilenetv1_100": ({"depthwise_separable": 13}, 0, True),
+    "mobilenetv2_100": ({"inverted_residual": 17}, 0, True),
+    "mobilenetv3_large_100": ({"depthwise_separable": 1, "inverted_residual": 6, "residual": 0}, 8, True),
+    "torchvision:mnasnet1_0": ({"inverted_residual": 17}, 0, True),
+    "torchvision:shufflenet_v2_x1_0": ({"inception": 3, "split_concat": 13}, 0, True),
+    "convnext_atto": ({"residual": 12}, 0, True),
+    "regnetx_002": ({"residual": 13}, 0, True),
+    "legacy_xception": ({"residual": 12}, 0, False),
+    "vgg16_bn": ({"plain": 13}, 0, False),
+    "torchvision:vgg16_bn": ({"plain": 13}, 0, False),
+    "seresnet50": ({"residual": 16}, 16, False),
+    "efficientnet_b0": ({"residual": 9}, 16, True),
+    "regnety_002": ({"residual": 13}, 13, True),
+    "ecaresnet26t": ({"residual": 8}, 8, False),
+}
+
+
+@pytest.mark.parametrize("spec", list(FAMILIES))
+def test_families_on_meta(zoo, spec):
+    rules, gates, _ = FAMILIES[spec]
+    model = zoo(spec, "meta")
+    try:
+        report = se_inject.report(model, model_name=spec)
+    except se_inject.NoSitesError as err:
+        assert gates and "already has an SE-like gate" in str(err) and "existing='stack'" in str(err)
+        report = se_inject.report(model, model_name=spec, existing="stack")
+    counts = Counter(u.rule for u in report.sites)
+    assert {k: counts.get(k, 0) for k in rules} == rules and sum(counts.values()) == sum(rules.values())
+    assert len(report.existing_gates) == gates
+    # every unit holds exactly the weights of its (rounded) width: Eq. 5 with C/r replaced by the hidden width
+    assert report.totals.params_added == sum(2 * u.channels * u.hidden for u in report.sites)
+
+
+@pytest.mark.parametrize("spec", [s for s, (_, _, small) in FAMILIES.items() if small])
+def test_small_family_models_run_and_preserve_outputs(zoo, spec):
+    model = zoo(spec, "cpu")
+    before = snapshot(model)
+    injected = se_inject.inject(model, input_size=64, existing="stack")
+    _fwd_bwd_and_preserve(model, injected, 64)
+    assert_unchanged(model, before)
+
+
+# The paper's parameter counts (millions, rounded to 0.1M in the paper; its base is 25.6M).
+PAPER_RESNET50_R = {2: 45.7, 4: 35.7, 8: 30.7, 16: 28.1, 32: 26.9}  # Table 10
+PAPER_RESNET50_STAGE = {1: 25.6, 2: 25.7, 3: 26.4}  # Table 13, the paper's stages 2-4 are conv2_x-conv4_x
+
+
+@pytest.mark.parametrize("r", list(PAPER_RESNET50_R))
+def test_se_resnet50_parameters_match_the_paper(zoo, r):
+    report = se_inject.report(zoo("resnet50", "meta"), r=r)
+    assert abs(report.totals.params_after / 1e6 - PAPER_RESNET50_R[r]) <= 0.15
+
+
+def test_se_by_stage_and_se_3x3_match_the_paper(zoo):
+    model = zoo("resnet50", "meta")
+    for stage, millions in PAPER_RESNET50_STAGE.items():
+        assert abs(se_inject.report(model, stages=[stage]).totals.params_after / 1e6 - millions) <= 0.15
+    assert abs(se_inject.report(model, position="inner").totals.params_after / 1e6 - 25.8) <= 0.15  # Table 15
+
+
+def test_se_mobilenet_matches_the_paper(zoo):
+    totals = se_inject.report(zoo("mobilenetv1_100", "meta")).totals  # Table 3: 4.2M -> 4.7M
+    assert round(totals.params_before / 1e6, 1) == 4.2 and round(totals.params_after / 1e6, 1) == 4.7
+
+
+def test_se_vgg16_puts_a_unit_after_every_conv(zoo):
+    report = se_inject.report(zoo("vgg16_bn", "meta"))
+    assert [u.channels for u in report.sites] == [64, 64, 128, 128, 256, 256, 256] + [512] * 6
+    assert report.eq5_agrees
+
+
+def test_untraceable_module_named_and_the_leaf_option_fixes_it():
+    from test_tracing import NetWithUntraceableChild
+
+    model = NetWithUntraceableChild()
+    with pytest.raises(se_inject.UntraceableModelError, match=r"'body.1' \(DataDependentGate\).*leaf_modules=\['DataDependentGate'\]"):
+        se_inject.inject(model, r=4, input_size=16)
+    result = se_inject.retrofit(model, r=4, input_size=16, leaf_modules=["DataDependentGate"])
+    assert [u.name for u in result.report.sites] == ["se_1_1"]
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(result.model(x), model(x))

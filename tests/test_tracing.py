@@ -166,3 +166,14 @@ def test_in_channels_come_from_the_first_convolution():
             return F.conv2d(x, self.weight)
 
     assert infer_in_channels(trace(Functional())) == 5
+
+
+def test_value_dependent_leaves_fall_back_to_real_tensors_but_not_on_meta():
+    model = NetWithUntraceableChild()
+    gm = trace(model, leaf_modules=["DataDependentGate"])
+    assert propagate(gm, (1, 3, 8, 8)) > 0
+    assert {n.target: n.meta["shape"] for n in gm.graph.nodes if n.op == "call_module"}["body.1"] == (1, 8, 8, 8)
+    with torch.device("meta"):
+        meta_model = NetWithUntraceableChild()
+    with pytest.raises(ShapePropagationError, match="depends on tensor values, which the meta device does not have"):
+        propagate(trace(meta_model, leaf_modules=["DataDependentGate"]), (1, 3, 8, 8))
