@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import math
+import re
 import multiprocessing as mp
 import platform
 import time
@@ -40,14 +42,19 @@ def model_list(only: str | None) -> list[tuple[str, str]]:
     import torchvision
 
     names = [(module, name) for module in CONV_FAMILIES for name in timm.list_models(module=module)]
-    names += [("torchvision", f"torchvision:{n}") for n in torchvision.models.list_models(module=torchvision.models)]
+    names += [  # torchvision's classification CNNs (its ViT and Swin transformers are not)
+        ("torchvision", f"torchvision:{n}")
+        for n in torchvision.models.list_models(module=torchvision.models)
+        if not n.startswith(("vit_", "swin_"))
+    ]
     return [(f, n) for f, n in names if only is None or fnmatch.fnmatch(n, only)]
 
 
-def _small_input(model) -> int:
+def _small_inputs(model) -> list[int]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = (cfg.get("min_input_size") or (3, 64, 64))[-1]
-    return max(64, size)
+    own = (cfg.get("input_size") or (3, 224, 224))[-1]
+    minimum = (cfg.get("min_input_size") or (3, 64, 64))[-1]
+    return sorted({max(64, minimum), 128, own})
 
 
 def check(family: str, name: str, small_params: float) -> dict:
@@ -63,16 +70,26 @@ def check(family: str, name: str, small_params: float) -> dict:
         row.update(status="not built", reason=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
         return row
     row["params"] = sum(p.numel() for p in meta.parameters())
-    existing = "skip"
+    options = {"existing": "skip", "r": 16}
     try:
-        try:
-            result = se_inject.retrofit(meta, model_name=name)
-        except se_inject.NoSitesError as err:
-            if "already has an SE-like gate" not in str(err):
-                raise
-            row["already_gated"] = True
-            existing = "stack"
-            result = se_inject.retrofit(meta, model_name=name, existing=existing)
+        for _ in range(3):
+            try:
+                result = se_inject.retrofit(meta, model_name=name, **options)
+                break
+            except se_inject.NoSitesError as err:
+                if "already has an SE-like gate" not in str(err):
+                    raise
+                row["already_gated"] = True
+                options["existing"] = "stack"
+            except se_inject.ConfigError as err:
+                # r=16 is wider than a thin unit (8 or 12 channels): the user would pick a smaller r
+                narrowest = re.search(r"use r <= (\d+)", str(err))
+                if not narrowest:
+                    raise
+                options["r"] = 2 ** int(math.log2(int(narrowest.group(1))))
+        else:
+            raise se_inject.ConfigError("no working options found")
+        row["r"] = options["r"]
     except se_inject.UntraceableModelError as err:
         row.update(status="untraceable", reason=str(err)[:300])
         return row
@@ -102,8 +119,12 @@ def check(family: str, name: str, small_params: float) -> dict:
     try:
         torch.manual_seed(0)
         model = se_inject.load_model(name).eval()
-        size = _small_input(model)
-        injected = se_inject.inject(model, input_size=size, existing=existing)
+        for size in _small_inputs(model):  # the smallest input the model takes
+            try:
+                injected = se_inject.inject(model, input_size=size, **options)
+                break
+            except se_inject.ShapePropagationError:
+                continue
         x = torch.randn(2, 3, size, size)
         with torch.no_grad():
             diff = (injected.eval()(x) - model(x)).abs().max().item()
@@ -153,9 +174,13 @@ def summarize(rows: list[dict]) -> None:
         table.add_row(*_cells(family, c))
     table.add_row(*_cells("total", total), style="bold")
     Console(width=140).print(table)
-    traced = total["models"] - total["untraceable"] - total["not built"]
-    print(f"traced {traced}; injected {total['injected']} ({total['injected'] / max(traced, 1):.1%} of traced); "
-          f"forward+backward {total['fwd_bwd']}/{total['small']} small models")
+    timm_total = total.copy()
+    timm_total.subtract(families.get("torchvision", Counter()))
+    for label, c in (("timm", timm_total), ("all", total)):
+        traced = c["models"] - c["untraceable"] - c["not built"]
+        print(f"{label}: {c['models']} models, traced {traced}; injected {c['injected']} "
+              f"({c['injected'] / max(traced, 1):.1%} of traced); forward+backward {c['fwd_bwd']}/{c['small']} "
+              f"small models ({c['fwd_bwd'] / max(c['small'], 1):.1%})")
     misses = [r for r in rows if r["status"] != "injected" or r.get("fwd_bwd") is False]
     for row in misses:
         print(f"  miss {row['model']}: {row['status']}: {row.get('reason') or row.get('fwd_bwd_error')}")

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from se_inject.config import InjectConfig
-from se_inject.errors import ConfigError
+from se_inject.errors import ConfigError, RewriteError
 from se_inject.plan import Plan, plan_units
 from se_inject.report import OverheadReport, build_report
 from se_inject.rewrite import build_injected, dry_run
@@ -75,8 +75,7 @@ def retrofit(
     config = make_config(config, **options)
     input_size = _resolve_input_size(model, input_size)
     analysis: Analysis = analyse(model, input_size, config.leaf_modules, load_rules(config.rules))
-    plan = plan_units(analysis, config)
-    injected = build_injected(model, analysis.gm, plan, config)
+    plan, injected = _build(model, analysis, config)
     flops_after, unit_flops = dry_run(injected, plan, analysis.input_shape)
     notes = []
     if "" in plan.owners:
@@ -93,6 +92,19 @@ def retrofit(
     )
     injected.se_inject_config = config  # lets later tools see what was injected, and how
     return Retrofit(injected, report, plan, config)
+
+
+def _build(model: nn.Module, analysis: Analysis, config: InjectConfig) -> tuple[Plan, nn.Module]:
+    """Plan and build; a block that cannot be rewritten on its own hands its units to its parent."""
+    widened: set[str] = set()
+    while True:
+        plan = plan_units(analysis, config, frozenset(widened))
+        try:
+            return plan, build_injected(model, analysis.gm, plan, config)
+        except RewriteError as err:
+            if not err.owner or err.owner in widened:
+                raise
+            widened.add(err.owner)
 
 
 def inject(model: nn.Module, config: InjectConfig | None = None, **options: Any) -> nn.Module:

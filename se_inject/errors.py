@@ -37,4 +37,12 @@ class ShapePropagationError(SEInjectError, RuntimeError):
 
 
 class RewriteError(SEInjectError, RuntimeError):
-    """The graph rewrite could not be carried out; the user's model is left untouched."""
+    """The graph rewrite could not be carried out; the user's model is left untouched.
+
+    ``owner`` names the module whose local rewrite failed (None: not specific to one module);
+    the API then retries with the units held by its parent.
+    """
+
+    def __init__(self, message: str, owner: str | None = None) -> None:
+        super().__init__(message)
+        self.owner = owner

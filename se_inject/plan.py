@@ -111,8 +111,16 @@ def _no_sites(search: SiteSearch, config: InjectConfig) -> NoSitesError:
     )
 
 
-def plan_units(analysis: Analysis, config: InjectConfig) -> Plan:
-    """Check ``config`` against the sites of ``analysis`` and decide every unit; mutates nothing."""
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def plan_units(analysis: Analysis, config: InjectConfig, widened: frozenset[str] = frozenset()) -> Plan:
+    """Check ``config`` against the sites of ``analysis`` and decide every unit; mutates nothing.
+
+    Units are held by the smallest module containing their site, except that a module listed in
+    ``widened`` (one that cannot be rewritten on its own) hands its units to its parent.
+    """
     search = analysis.select(config.position, config.existing)
     if not search.placeable:
         raise _no_sites(search, config)
@@ -138,7 +146,10 @@ def plan_units(analysis: Analysis, config: InjectConfig) -> Plan:
                 f"r: r={r} is wider than the {insertion.channels} channels the unit sees in stage "
                 f"{site.stage}, block {site.block}; use r <= {insertion.channels}"
             )
-        planned.append((site, insertion, r, _common_scope(insertion.anchors)))
+        owner = _common_scope(insertion.anchors)
+        while owner and owner in widened:
+            owner = _parent(owner)
+        planned.append((site, insertion, r, owner))
     if not planned:
         raise NoSitesError(
             f"none of the {sum(s.stage in selected for s in search.sites)} sites of stages {list(selected)} "

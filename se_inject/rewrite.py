@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from se_inject.config import InjectConfig
-from se_inject.errors import RewriteError
+from se_inject.errors import RewriteError, SEInjectError, UntraceableModelError
 from se_inject.plan import Plan, PlannedUnit
 from se_inject.patterns import normalize_inplace_adds
 from se_inject.sites import node_in_scope
@@ -56,17 +56,24 @@ def map_nodes(whole: fx.Graph, local: fx.Graph, owner: str) -> dict[fx.Node, fx.
     if len(outer) != len(inner):
         raise RewriteError(
             f"module '{owner or '<root>'}' traces to {len(inner)} nodes alone but {len(outer)} inside the "
-            "model; its forward depends on how it is called: pass it in leaf_modules to skip it"
+            "model (its forward depends on how it is called, or on train/eval mode): pass it in "
+            "leaf_modules to skip it",
+            owner,
         )
     prefix = f"{owner}." if owner else ""
     mapping: dict[fx.Node, fx.Node] = {}
     for w, l in zip(outer, inner):
         local_target = prefix + l.target if l.op in ("call_module", "get_attr") else l.target
         if w.op != l.op or w.target != local_target:
-            raise RewriteError(f"module '{owner or '<root>'}': node {w.format_node()} has no twin in its own trace")
+            raise RewriteError(f"module '{owner or '<root>'}': node {w.format_node()} has no twin in its own trace", owner)
         mapping[w] = l
         for wi, li in zip(w.all_input_nodes, l.all_input_nodes):
-            mapping.setdefault(wi, li)
+            if mapping.setdefault(wi, li) is not li:  # one value, two local inputs: a defaulted argument
+                raise RewriteError(
+                    f"module '{owner or '<root>'}' reads {wi.name} through two of its inputs; its forward "
+                    "depends on how it is called",
+                    owner,
+                )
     return mapping
 
 
@@ -108,7 +115,10 @@ def build_injected(model: nn.Module, whole: fx.GraphModule, plan: Plan, config: 
         by_owner[unit.owner].append(unit)
     for owner, units in by_owner.items():
         module = injected.get_submodule(owner)
-        local = trace(module, config.leaf_modules)
+        try:  # a block is called with all its arguments: fixing defaulted ones would change it
+            local = trace(module, config.leaf_modules, fix_defaults=not owner)
+        except UntraceableModelError as err:
+            raise RewriteError(f"module '{owner}' cannot be traced on its own: {err}", owner) from err
         normalize_inplace_adds(local.graph)
         mapping = map_nodes(whole.graph, local.graph, owner)
         for unit in units:
@@ -149,6 +159,11 @@ def dry_run(injected: nn.Module, plan: Plan, input_shape: Sequence[int]) -> tupl
         handles.append(module.register_forward_pre_hook(_record_input_shape(seen, unit.qualified_name)))
     try:
         total = count_flops(injected, input_shape)
+    except SEInjectError:
+        raise
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise RewriteError(f"the injected model failed its dry run: {type(err).__name__}: {first}") from err
     finally:
         for handle in handles:
             handle.remove()

@@ -85,6 +85,10 @@ class SiteSearch:
         matched = Counter(s.rule.name for s in self.sites)
         if matched:
             text += "; rules matched: " + ", ".join(f"{n} {name}" for name, n in matched.items())
+        leaves = {k[5:]: n for k, n in self.census.items() if k.startswith("leaf:")}
+        if leaves:
+            listed = ", ".join(f"{name} x{n}" for name, n in leaves.items())
+            text += f"; modules kept whole as fx leaves, not searched inside: {listed}"
         if self.gates:
             names = ", ".join(g.name for g in self.gates[:3]) + (", ..." if len(self.gates) > 3 else "")
             text += f"; {len(self.gates)} SE-like gates already in the model ({names})"
@@ -149,6 +153,9 @@ def _number_stages(sites: list[Site]) -> None:
 def _census(gm: fx.GraphModule) -> Counter:
     census: Counter = Counter()
     for node in gm.graph.nodes:
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if mod is not None and not type(mod).__module__.startswith("torch.") and any(True for _ in mod.children()):
+            census[f"leaf:{type(mod).__name__}"] += 1  # kept whole by a leaf list: not searched inside
         if is_conv(gm, node):
             census["convolutions"] += 1
             mod = gm.get_submodule(node.target) if node.op == "call_module" else None

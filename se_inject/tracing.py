@@ -72,6 +72,8 @@ class SETracer(fx.Tracer):
         cls = type(m)
         if cls in _LEAF_MODULES or isinstance(m, self._timm_leaves):
             return True
+        if isinstance(m, nn.modules.conv._ConvNd):  # conv subclasses (StdConv2d, ...) stay convolutions
+            return True
         if cls.__name__ in self._user_leaves or cls.__qualname__ in self._user_leaves:
             return True
         if module_qualified_name in self._user_leaves:
@@ -104,16 +106,16 @@ def _untraceable(path: str, module: nn.Module, err: Exception) -> UntraceableMod
     )
 
 
-def trace(module: nn.Module, leaf_modules: Sequence[str] = ()) -> fx.GraphModule:
+def trace(module: nn.Module, leaf_modules: Sequence[str] = (), fix_defaults: bool = True) -> fx.GraphModule:
     """Trace ``module`` into a GraphModule whose nodes carry ``meta['nn_module_stack']``.
 
-    If the plain trace fails and ``forward`` has defaulted parameters, they are fixed to their
-    defaults and the trace is tried again (a block called as ``block(x)``).
+    If the plain trace fails, ``fix_defaults`` is set and ``forward`` has defaulted parameters,
+    they are fixed to their defaults and the trace is tried again (a model called as ``model(x)``).
     """
     try:
         return _trace(module, leaf_modules)
     except UntraceableModelError as first:
-        concrete = _default_args(module)
+        concrete = _default_args(module) if fix_defaults else None
         if not concrete:
             raise
         try:
