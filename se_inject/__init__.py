@@ -6,32 +6,45 @@
 8
 """
 
-from se_inject.api import Retrofit, inject, make_config, report, retrofit
+from se_inject.api import Retrofit, check_outputs, inject, make_config, report, retrofit
 from se_inject.config import POSITIONS, InjectConfig
 from se_inject.errors import (
+    AlreadyInjectedError,
+    ArtifactError,
+    CheckpointError,
     ConfigError,
     ModelSpecError,
     NoSitesError,
+    RecipeMismatchError,
     RewriteError,
+    RuleError,
     SEInjectError,
     ShapePropagationError,
     UntraceableModelError,
 )
-from se_inject.models import load_model
+from se_inject.models import load_checkpoint, load_model
+from se_inject.recipe import Recipe
 from se_inject.report import OverheadReport, StageReport, Totals, UnitReport, eq5_params
+from se_inject.saving import apply, load, save
 from se_inject.unit import SqueezeExcite, hidden_width
 
 __version__ = "0.1.0"
 
 __all__ = [
     "POSITIONS",
+    "AlreadyInjectedError",
+    "ArtifactError",
+    "CheckpointError",
     "ConfigError",
     "InjectConfig",
     "ModelSpecError",
     "NoSitesError",
     "OverheadReport",
+    "Recipe",
+    "RecipeMismatchError",
     "Retrofit",
     "RewriteError",
+    "RuleError",
     "SEInjectError",
     "ShapePropagationError",
     "SqueezeExcite",
@@ -39,11 +52,16 @@ __all__ = [
     "Totals",
     "UnitReport",
     "UntraceableModelError",
+    "apply",
+    "check_outputs",
     "eq5_params",
     "hidden_width",
     "inject",
+    "load",
+    "load_checkpoint",
     "load_model",
     "make_config",
     "report",
     "retrofit",
+    "save",
 ]

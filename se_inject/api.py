@@ -11,19 +11,23 @@ True
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+import json
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from se_inject.config import InjectConfig
-from se_inject.errors import ConfigError, RewriteError
+from se_inject.errors import AlreadyInjectedError, ConfigError, RewriteError
 from se_inject.plan import Plan, plan_units
 from se_inject.report import OverheadReport, build_report
 from se_inject.rewrite import build_injected, dry_run
 from se_inject.rules import load_rules
+from se_inject.recipe import SITE_KEYS, Recipe, versions
 from se_inject.sites import Analysis, analyse
-from se_inject.tracing import on_meta
+from se_inject.tracing import eval_mode, on_meta
+from se_inject.unit import SqueezeExcite
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ def retrofit(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     config = make_config(config, **options)
+    _refuse_reinjection(model, config)
     input_size = _resolve_input_size(model, input_size)
     analysis: Analysis = analyse(model, input_size, config.leaf_modules, load_rules(config.rules))
     plan, injected = _build(model, analysis, config)
@@ -91,7 +96,30 @@ def retrofit(
         model_name or type(model).__name__, config, analysis, plan, model, injected, flops_after, unit_flops, notes
     )
     injected.se_inject_config = config  # lets later tools see what was injected, and how
+    injected.se_inject_recipe = Recipe(
+        source=model_name if model_name and _loadable(model_name) else None,
+        options=json.loads(json.dumps(asdict(config))),
+        input_size=report.input_size,
+        sites=tuple({k: getattr(u, k) for k in SITE_KEYS} for u in report.sites),
+        versions=versions(),
+    )
     return Retrofit(injected, report, plan, config)
+
+
+def _loadable(spec: str) -> bool:
+    """Whether ``spec`` names a model load_model can build again (a user's module object cannot be)."""
+    import timm
+
+    return ":" in spec or timm.is_model(spec.split(".")[0])
+
+
+def _refuse_reinjection(model: nn.Module, config: InjectConfig) -> None:
+    units = [name for name, m in model.named_modules() if isinstance(m, SqueezeExcite)]
+    if units and config.existing != "stack":
+        raise AlreadyInjectedError(
+            f"the model already holds {len(units)} SE units inserted by se_inject ({units[0]}, ...); "
+            "inject the original model, or pass existing='stack' (CLI: --existing stack) to add more"
+        )
 
 
 def _build(model: nn.Module, analysis: Analysis, config: InjectConfig) -> tuple[Plan, nn.Module]:
@@ -137,6 +165,34 @@ def report(
     and nothing but shapes is computed.
     """
     return retrofit(model, config, input_size=input_size, model_name=model_name, **options).report
+
+
+def check_outputs(
+    original: nn.Module, injected: nn.Module, *, input_size: int | Sequence[int] | None = None, batch: int = 2, seed: int = 0
+) -> float:
+    """The largest |injected - original| over one random batch, both in eval mode (flags restored).
+
+    With ``init="preserve"`` this is 0.0: the function-preservation check on real weights.
+
+    Example::
+
+        se_model = se_inject.inject(model)
+        assert se_inject.check_outputs(model, se_model) == 0.0
+    """
+    size = _resolve_input_size(original, input_size)
+    height, width = (size, size) if isinstance(size, int) else size
+    reference = next(original.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    channels = infer_in_channels_of(original)
+    x = torch.randn(batch, channels, height, width, generator=generator).to(reference.device, reference.dtype)
+    with eval_mode(original), eval_mode(injected), torch.no_grad():
+        expected, got = original(x), injected(x)
+    return (got.float() - expected.float()).abs().max().item()
+
+
+def infer_in_channels_of(model: nn.Module) -> int:
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    return first_conv.in_channels if first_conv is not None else 3
 
 
 def _resolve_input_size(model: nn.Module, input_size: int | Sequence[int] | None) -> int | tuple[int, int]:

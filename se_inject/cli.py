@@ -5,7 +5,9 @@ A user mistake prints one line on stderr and exits with code 2; there is no trac
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -14,11 +16,12 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand
 
-from se_inject.api import retrofit
+from se_inject.api import check_outputs, retrofit
 from se_inject.config import InjectConfig
-from se_inject.errors import ConfigError, SEInjectError
+from se_inject.errors import ArtifactError, ConfigError, SEInjectError
 from se_inject.models import load_model
 from se_inject.report import OverheadReport
+from se_inject.saving import save
 
 HELP = InjectConfig.field_help()
 
@@ -92,10 +95,19 @@ def inject_command(
     leaf: list[str] = typer.Option([], "--leaf", help="module class or qualified name fx must not trace into (repeatable)"),
     rules: list[str] = typer.Option([], "--rules", help="extra placement rule file, TOML (repeatable)"),
     existing: str = typer.Option("skip", "--existing", help=HELP["existing"] + " (skip|stack)"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="trained weights (.safetensors, .pth) loaded before injection"),
+    pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights (needs a network)"),
+    check: bool = typer.Option(False, "--check", help="run original and injected on one batch; print the largest output difference"),
+    save_dir: Optional[str] = typer.Option(None, "--save", help="write the injected model (safetensors + recipe.json) to DIR"),
+    force: bool = typer.Option(False, "--force", help="with --save: replace an existing DIR"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     show_sites: bool = typer.Option(False, "--sites", help="list every unit with its stage, block and channels"),
 ) -> None:
-    """Plan SE units for MODEL and print the overhead report (built on the meta device: no weights)."""
+    """Plan SE units for MODEL and print the overhead report.
+
+    The model is built on the meta device (no weights) unless --checkpoint, --pretrained, --check
+    or --save need real ones.
+    """
     config = InjectConfig(
         position=position,
         r=parse_int_list(r, "r"),
@@ -109,12 +121,27 @@ def inject_command(
         existing=existing,
         rules=tuple(rules),
     )
-    network = load_model(model, device="meta")
+    if save_dir and Path(save_dir).exists() and not force:  # before any work is done
+        raise ArtifactError(f"{save_dir} already exists; choose another directory or pass --force")
+    needs_weights = bool(checkpoint or pretrained or check or save_dir)
+    network = load_model(
+        model, device="cpu" if needs_weights else "meta", pretrained=pretrained, checkpoint=checkpoint
+    )
     result = retrofit(network, config, input_size=input_size, model_name=model)
+    difference = check_outputs(network, result.model, input_size=input_size) if check else None
+    saved = save(result.model, save_dir, force=force) if save_dir else None
     if as_json:
-        typer.echo(result.report.to_json())
+        data = result.report.to_dict()
+        data.update({"check_max_abs_diff": difference} if check else {})
+        data.update({"saved": str(saved)} if saved else {})
+        typer.echo(json.dumps(data, indent=2))
         return
-    render_report(result.report, show_sites, console())
+    out = console()
+    render_report(result.report, show_sites, out)
+    if difference is not None:
+        out.print(f"check: max |injected - original| = {difference:.3g} on one batch in eval mode ({config.init} init)")
+    if saved is not None:
+        out.print(f"saved to {saved}/ (model.safetensors, recipe.json); load with se_inject.load('{saved}')")
 
 
 def console() -> Console:

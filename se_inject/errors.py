@@ -24,6 +24,22 @@ class RuleError(SEInjectError, ValueError):
     """A placement rule file is malformed; the message names the file, the rule and the field."""
 
 
+class ArtifactError(SEInjectError, ValueError):
+    """A saved model directory, recipe or weights file is missing, damaged or would be overwritten."""
+
+
+class RecipeMismatchError(SEInjectError, ValueError):
+    """A recipe was applied to a model whose sites are not the recipe's (another architecture)."""
+
+
+class CheckpointError(SEInjectError, ValueError):
+    """A checkpoint file cannot be read safely or does not fit the model (each key is named)."""
+
+
+class AlreadyInjectedError(SEInjectError, ValueError):
+    """The model already holds units se_inject inserted."""
+
+
 class NoSitesError(SEInjectError, ValueError):
     """The model holds no place where the requested SE position applies."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from se_inject.errors import ModelSpecError
+from se_inject.errors import CheckpointError, ModelSpecError
 
 
 def _suggest(name: str, candidates: list[str]) -> str:
@@ -80,12 +80,33 @@ def _callable_model(spec: str) -> nn.Module:
     return model
 
 
-def load_model(spec: str, device: str | torch.device | None = None) -> nn.Module:
+def load_model(
+    spec: str,
+    device: str | torch.device | None = None,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | Path | None = None,
+) -> nn.Module:
     """Build the model ``spec`` names, on ``device`` (``"meta"``: shapes only, no weight memory).
+
+    ``pretrained`` uses timm's own pretrained weights (needs a network); ``checkpoint`` loads a
+    local .safetensors or .pth file into the model (see :func:`load_checkpoint`).
 
     >>> load_model("resnet18", device="meta").fc.weight.is_meta
     True
     """
+    if pretrained or checkpoint is not None:
+        if pretrained and checkpoint is not None:
+            raise ModelSpecError("pretrained and checkpoint both give weights: choose one")
+        if str(device) == "meta":
+            raise ModelSpecError("weights cannot be loaded on the meta device")
+        if pretrained:
+            if ":" in spec:
+                raise ModelSpecError("pretrained applies to timm model names; pass the weights with checkpoint instead")
+            model = _pretrained_model(spec)
+        else:
+            model = load_checkpoint(load_model(spec), checkpoint)
+        return model.to(device) if device is not None else model
     if not spec or not isinstance(spec, str):
         raise ModelSpecError("empty model name: give a timm name, torchvision:NAME, or module:callable")
     with torch.device(device) if device is not None else contextlib.nullcontext():
@@ -95,3 +116,94 @@ def load_model(spec: str, device: str | torch.device | None = None) -> nn.Module
             return _callable_model(spec)
         return _timm_model(spec)
 
+
+
+def _pretrained_model(name: str) -> nn.Module:
+    """timm's own pretrained loading; without a network, one line pointing to --checkpoint."""
+    import timm
+
+    if not timm.is_model(name.split(".")[0]):
+        raise ModelSpecError(f"unknown timm model '{name}'{_suggest(name, timm.list_models())}")
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ModelSpecError(
+            f"cannot fetch pretrained weights for '{name}' ({type(err).__name__}: {first}); without a network, "
+            "download them elsewhere and pass the file with --checkpoint FILE"
+        ) from None
+
+
+def describe_mismatch(missing: list[str], unexpected: list[str], wrong: list[str], expected: dict, given: dict) -> str:
+    """One line naming the keys that differ, a few of each kind."""
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing: {few(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {few(unexpected)}")
+    if wrong:
+        shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong]
+        parts.append(f"{len(wrong)} of another shape: {few(shapes)}")
+    return "; ".join(parts)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors or .pth/.pt file, read without running any code.
+
+    ``.pth`` files go through ``torch.load(weights_only=True)``: a pickle that needs code to load
+    is refused. A checkpoint wrapping its weights (``{"state_dict": ...}``, ``{"model": ...}``) is
+    unwrapped, and DistributedDataParallel's ``module.`` prefix is dropped.
+    """
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err}); is it damaged or truncated?") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            first = str(err).strip().splitlines()[0][:200]
+            raise CheckpointError(
+                f"{path}: refused: loading it would run code, not just read tensors ({first}); "
+                "only plain weights are loaded (torch.load weights_only=True): save a state_dict or use safetensors"
+            ) from None
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot be read by torch.load ({type(err).__name__}: {err}); is it damaged?") from None
+    for key in ("state_dict", "model_state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a mapping of parameter names to tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load the weights of ``path`` into ``model`` (in place; every key must fit) and return it."""
+    state = read_checkpoint(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path}: does not fit {type(model).__name__}: {describe_mismatch(missing, unexpected, wrong, expected, state)}"
+        )
+    on_meta = any(t.is_meta for t in expected.values())
+    model.load_state_dict(state, strict=True, assign=on_meta)
+    return model

@@ -95,3 +95,30 @@ def test_the_installed_command_in_a_real_process():
     assert json.loads(done.stdout)["totals"]["params_added"] == 2 * (2 * 64**2 + 2 * 128**2 + 2 * 256**2 + 2 * 512**2) // 16
     failed = subprocess.run([*command, "resnet18", "--r", "0"], capture_output=True, text=True, timeout=120)
     assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+
+
+def test_checkpoint_check_and_save(tmp_path):
+    import torch
+
+    import se_inject
+
+    torch.manual_seed(0)
+    trained = se_inject.load_model("resnet18")
+    torch.save(trained.state_dict(), tmp_path / "resnet18.pth")
+    out = tmp_path / "se_resnet18"
+    result = invoke("resnet18", "--checkpoint", str(tmp_path / "resnet18.pth"), "--check", "--save", str(out), "--r", "8")
+    assert result.exit_code == 0, result.output
+    assert "check: max |injected - original| = 0 on one batch in eval mode (preserve init)" in result.stdout
+    assert f"saved to {out}/" in result.stdout
+    loaded = se_inject.load(out)
+    assert torch.equal(loaded.conv1.weight, trained.conv1.weight)  # the checkpoint's weights, not a fresh init
+    again = invoke("resnet18", "--save", str(out))
+    assert again.exit_code == 2 and "already exists; choose another directory or pass --force" in again.stderr
+    forced = invoke("resnet18", "--save", str(out), "--force", "--json")
+    assert forced.exit_code == 0 and json.loads(forced.stdout)["saved"] == str(out)
+
+
+def test_pretrained_offline_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("resnet18", "--pretrained")
+    assert result.exit_code == 2 and "--checkpoint FILE" in result.stderr and len(result.stderr.splitlines()) == 1

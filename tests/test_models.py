@@ -58,3 +58,76 @@ def test_failures_inside_user_code_are_reported(tmp_path):
     raising.write_text("def build():\n    raise ValueError('bad width')\n")
     with pytest.raises(ModelSpecError, match=r"raising.py:build\(\) failed: ValueError: bad width"):
         load_model(f"{raising}:build")
+
+
+# --- trained weights ---------------------------------------------------------------------------
+
+import os  # noqa: E402
+
+import torch  # noqa: E402
+
+from se_inject.errors import CheckpointError  # noqa: E402
+from se_inject.models import load_checkpoint, read_checkpoint  # noqa: E402
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.manual_seed(3)
+    model = load_model("resnet18")
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.save(model.state_dict(), folder / "plain.pth")
+    torch.save({"epoch": 3, "state_dict": model.state_dict()}, folder / "wrapped.pt")
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, folder / "ddp.pth")
+    from safetensors.torch import save_model
+
+    save_model(model, str(folder / "weights.safetensors"))
+    return model, folder
+
+
+@pytest.mark.parametrize("name", ["plain.pth", "wrapped.pt", "ddp.pth", "weights.safetensors"])
+def test_checkpoints_load_into_the_original_before_injection(trained, name):
+    model, folder = trained
+    loaded = load_model("resnet18", checkpoint=folder / name)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    torch.save({"weight": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="refused: loading it would run code"):
+        read_checkpoint(tmp_path / "evil.pth")
+
+
+def test_damaged_and_mismatched_checkpoints_are_reported_per_key(trained, tmp_path):
+    model, folder = trained
+    blob = (folder / "weights.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(blob[:1000])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        read_checkpoint(tmp_path / "cut.safetensors")
+    (tmp_path / "cut.pth").write_bytes((folder / "plain.pth").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="cannot be read by torch.load"):
+        read_checkpoint(tmp_path / "cut.pth")
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        read_checkpoint(tmp_path / "none.pth")
+    with pytest.raises(CheckpointError, match=r"does not fit ResNet: 96 missing: .*layer1.2"):
+        load_checkpoint(load_model("resnet34"), folder / "plain.pth")
+    with pytest.raises(CheckpointError, match=r"2 of another shape: fc.bias \(1000,\) vs \(10,\), fc.weight \(1000, 512\) vs \(10, 512\)"):
+        load_checkpoint(_resnet18_10_classes(), folder / "plain.pth")
+
+
+def _resnet18_10_classes():
+    import timm
+
+    return timm.create_model("resnet18", num_classes=10)
+
+
+def test_pretrained_without_a_network_points_to_checkpoint(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSpecError, match="cannot fetch pretrained weights for 'resnet18'.*--checkpoint FILE"):
+        load_model("resnet18", pretrained=True)
+    with pytest.raises(ModelSpecError, match="choose one"):
+        load_model("resnet18", pretrained=True, checkpoint="x.pth")

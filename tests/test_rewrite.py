@@ -83,7 +83,7 @@ def test_the_users_model_is_never_touched_and_shares_no_tensor():
 def test_a_failed_injection_leaves_the_model_as_it_was():
     injected = se_inject.inject(FunctionalResNet(), r=4, input_size=32)
     before = snapshot(injected)
-    with pytest.raises(se_inject.NoSitesError, match="already has an SE-like gate"):
+    with pytest.raises(se_inject.AlreadyInjectedError, match="already holds 5 SE units"):
         se_inject.inject(injected, r=4, input_size=32)
     assert_unchanged(injected, before)
     with pytest.raises(RewriteError, match="already has an attribute 'se_1_1': was this model injected before"):
@@ -136,3 +136,38 @@ def test_injected_model_trains():
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert all(p.grad is not None for n, p in model.named_parameters() if ".se_" in n)
+
+
+class ShortcutBlock(torch.nn.Module):
+    """DLA style: ``forward(x, shortcut=None)``, called as ``block(x)`` by its parent."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, shortcut=None):
+        if shortcut is None:
+            shortcut = x
+        return F.relu(self.conv2(F.relu(self.conv1(x))) + shortcut)
+
+
+class Tree(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.tree = torch.nn.Sequential(ShortcutBlock(8), ShortcutBlock(8))
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.tree(self.stem(x)).mean((2, 3)))
+
+
+def test_a_block_that_depends_on_how_it_is_called_hands_its_units_to_its_parent():
+    torch.manual_seed(0)
+    model = Tree().eval()
+    result = se_inject.retrofit(model, r=4, input_size=16)
+    assert [u.name for u in result.report.sites] == ["tree.se_1_1", "tree.se_1_2"]
+    assert type(result.model) is Tree and isinstance(result.model.tree, fx.GraphModule)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(result.model(x), model(x))
