@@ -54,7 +54,7 @@ def _small_inputs(model) -> list[int]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     own = (cfg.get("input_size") or (3, 224, 224))[-1]
     minimum = (cfg.get("min_input_size") or (3, 64, 64))[-1]
-    return sorted({max(64, minimum), 128, own})
+    return sorted({max(64, minimum), 128, own, 299})
 
 
 def check(family: str, name: str, small_params: float) -> dict:
@@ -116,25 +116,26 @@ def check(family: str, name: str, small_params: float) -> dict:
     )
     if row["params"] > small_params:
         return row
-    try:
-        torch.manual_seed(0)
-        model = se_inject.load_model(name).eval()
-        for size in _small_inputs(model):  # the smallest input the model takes
-            try:
-                injected = se_inject.inject(model, input_size=size, **options)
-                break
-            except se_inject.ShapePropagationError:
-                continue
-        x = torch.randn(2, 3, size, size)
-        with torch.no_grad():
-            diff = (injected.eval()(x) - model(x)).abs().max().item()
-        injected.train()
-        out = injected(x)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        out.float().sum().backward()
+    torch.manual_seed(0)
+    model = se_inject.load_model(name).eval()
+    failure = ""
+    for size in _small_inputs(model):  # the smallest input the model (and its training-only heads) take
+        try:
+            injected = se_inject.inject(model, input_size=size, **options)
+            x = torch.randn(2, 3, size, size)
+            with torch.no_grad():
+                diff = (injected.eval()(x) - model(x)).abs().max().item()
+            injected.train()
+            out = injected(x)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            out.float().sum().backward()
+        except Exception as err:
+            failure = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            continue
         row.update(fwd_bwd=True, preserve_max_diff=diff, input=size)
-    except Exception as err:
-        row.update(fwd_bwd=False, fwd_bwd_error=f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+        break
+    else:
+        row.update(fwd_bwd=False, fwd_bwd_error=failure)
     return row
 
 

@@ -109,6 +109,16 @@ def load_model(
         return model.to(device) if device is not None else model
     if not spec or not isinstance(spec, str):
         raise ModelSpecError("empty model name: give a timm name, torchvision:NAME, or module:callable")
+    try:
+        return _build(spec, device)
+    except (NotImplementedError, RuntimeError) as err:
+        if str(device) != "meta" or "meta" not in str(err):
+            raise
+        # some constructors read their own initial weights (.item(), copies): build for real, then drop them
+        return _build(spec, "cpu").to("meta")
+
+
+def _build(spec: str, device: str | torch.device | None) -> nn.Module:
     with torch.device(device) if device is not None else contextlib.nullcontext():
         if spec.startswith("torchvision:"):
             return _torchvision_model(spec.split(":", 1)[1])

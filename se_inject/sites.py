@@ -168,12 +168,16 @@ def _census(gm: fx.GraphModule) -> Counter:
     return census
 
 
-def input_shape_for(gm: fx.GraphModule, input_size: int | Sequence[int]) -> tuple[int, int, int, int]:
+def input_shape_for(model: nn.Module, gm: fx.GraphModule, input_size: int | Sequence[int]) -> tuple[int, int, int, int]:
+    """Batch 1 at ``input_size``; channels from timm's pretrained_cfg, else from the first conv."""
     if isinstance(input_size, int):
         height = width = input_size
     else:
         height, width = input_size
-    return (1, infer_in_channels(gm), height, width)
+    cfg = getattr(model, "pretrained_cfg", None)
+    cfg_size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    channels = cfg_size[0] if cfg_size and len(cfg_size) == 3 else infer_in_channels(gm)  # space-to-depth stems
+    return (1, channels, height, width)
 
 
 def analyse(
@@ -191,7 +195,7 @@ def analyse(
         gm = trace(model, leaf_modules)
     normalize_inplace_adds(gm.graph)
     gm.recompile()
-    shape = input_shape_for(gm, input_size)
+    shape = input_shape_for(model, gm, input_size)
     flops = propagate(gm, shape)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     candidates = {kind: PATTERNS[kind].find(gm, order) for kind in {r.pattern for r in rules}}

@@ -278,7 +278,10 @@ def propagate(gm: fx.GraphModule, input_shape: Sequence[int]) -> int:
 
     def run(real: bool) -> int:
         with abstract_tensors(gm, real) as make, flop_counter() as counter:
-            ShapeFlopProp(gm, counter, input_shape).run(make(tuple(input_shape)))
+            try:
+                ShapeFlopProp(gm, counter, input_shape).run(make(tuple(input_shape)))
+            except ShapePropagationError as err:  # drop the "While executing ..." fx appends on the way out
+                raise ShapePropagationError(str(err).split("\n")[0]) from err.__cause__
         return counter.get_total_flops()
 
     return _with_real_fallback(gm, run)
