@@ -203,17 +203,20 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load the weights of ``path`` into ``model`` (in place; every key must fit) and return it."""
-    state = read_checkpoint(path)
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, error: type[Exception] = CheckpointError) -> None:
+    """Load ``state`` into ``model`` in place; unless every key and shape fits, raise ``error`` naming them."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{path}: does not fit {type(model).__name__}: {describe_mismatch(missing, unexpected, wrong, expected, state)}"
+        raise error(
+            f"{source}: does not fit {type(model).__name__}: {describe_mismatch(missing, unexpected, wrong, expected, state)}"
         )
-    on_meta = any(t.is_meta for t in expected.values())
-    model.load_state_dict(state, strict=True, assign=on_meta)
+    model.load_state_dict(state, strict=True, assign=any(t.is_meta for t in expected.values()))
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load the weights of ``path`` into ``model`` (in place; every key must fit) and return it."""
+    load_state(model, read_checkpoint(path), str(path))
     return model

@@ -24,7 +24,7 @@ from torch import nn
 
 from se_inject.api import retrofit
 from se_inject.errors import ArtifactError, RecipeMismatchError
-from se_inject.models import describe_mismatch, load_model
+from se_inject.models import load_model, load_state
 from se_inject.recipe import RECIPE_FILE, SITE_KEYS, Recipe
 
 WEIGHTS_FILE = "model.safetensors"
@@ -136,15 +136,5 @@ def load(directory: str | Path, model: nn.Module | None = None, *, device: str |
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as err:
         raise ArtifactError(f"{weights}: cannot be read as safetensors ({err}); the file is damaged or truncated") from None
-    _load_exactly(injected, state, str(weights))
+    load_state(injected, state, str(weights), ArtifactError)
     return injected.eval()
-
-
-def _load_exactly(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise ArtifactError(f"{source}: does not fit the rebuilt model: {describe_mismatch(missing, unexpected, wrong, expected, state)}")
-    model.load_state_dict(state, strict=True)

@@ -131,3 +131,8 @@ def test_pretrained_without_a_network_points_to_checkpoint(monkeypatch):
         load_model("resnet18", pretrained=True)
     with pytest.raises(ModelSpecError, match="choose one"):
         load_model("resnet18", pretrained=True, checkpoint="x.pth")
+
+
+def test_models_whose_constructor_reads_weights_still_build_on_meta():
+    model = load_model("torchvision:regnet_x_400mf", device="meta")  # its init copies tensors
+    assert all(p.is_meta for p in model.parameters())
