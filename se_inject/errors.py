@@ -40,6 +40,10 @@ class AlreadyInjectedError(SEInjectError, ValueError):
     """The model already holds units se_inject inserted."""
 
 
+class DataError(SEInjectError, ValueError):
+    """A dataset is missing, empty, malformed or holds an unreadable image (the path is named)."""
+
+
 class NoSitesError(SEInjectError, ValueError):
     """The model holds no place where the requested SE position applies."""
 

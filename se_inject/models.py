@@ -26,21 +26,21 @@ def _suggest(name: str, candidates: list[str]) -> str:
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
-def _timm_model(name: str) -> nn.Module:
+def _timm_model(name: str, **kwargs) -> nn.Module:
     import timm
 
     if not timm.is_model(name.split(".")[0]):
         raise ModelSpecError(f"unknown timm model '{name}'{_suggest(name, timm.list_models())}")
-    return timm.create_model(name, pretrained=False)
+    return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def _torchvision_model(name: str) -> nn.Module:
+def _torchvision_model(name: str, **kwargs) -> nn.Module:
     import torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
     if name not in names:
         raise ModelSpecError(f"unknown torchvision classification model '{name}'{_suggest(name, names)}")
-    return torchvision.models.get_model(name, weights=None)
+    return torchvision.models.get_model(name, weights=None, **kwargs)
 
 
 def _load_python_module(source: str):
@@ -64,7 +64,7 @@ def _load_python_module(source: str):
         raise ModelSpecError(f"cannot import module '{source}': {err}") from err
 
 
-def _callable_model(spec: str) -> nn.Module:
+def _callable_model(spec: str, **kwargs) -> nn.Module:
     source, _, attr = spec.rpartition(":")
     module = _load_python_module(source)
     factory = getattr(module, attr, None)
@@ -72,7 +72,7 @@ def _callable_model(spec: str) -> nn.Module:
         public = [n for n in dir(module) if not n.startswith("_")]
         raise ModelSpecError(f"'{source}' has no callable '{attr}'{_suggest(attr, public)}")
     try:
-        model = factory()
+        model = factory(**kwargs)
     except Exception as err:
         raise ModelSpecError(f"calling {spec}() failed: {type(err).__name__}: {err}") from err
     if not isinstance(model, nn.Module):
@@ -86,11 +86,13 @@ def load_model(
     *,
     pretrained: bool = False,
     checkpoint: str | Path | None = None,
+    **model_kwargs: object,
 ) -> nn.Module:
     """Build the model ``spec`` names, on ``device`` (``"meta"``: shapes only, no weight memory).
 
     ``pretrained`` uses timm's own pretrained weights (needs a network); ``checkpoint`` loads a
-    local .safetensors or .pth file into the model (see :func:`load_checkpoint`).
+    local .safetensors or .pth file into the model (see :func:`load_checkpoint`). ``model_kwargs``
+    (``num_classes=10``) go to the model's constructor.
 
     >>> load_model("resnet18", device="meta").fc.weight.is_meta
     True
@@ -103,39 +105,39 @@ def load_model(
         if pretrained:
             if ":" in spec:
                 raise ModelSpecError("pretrained applies to timm model names; pass the weights with checkpoint instead")
-            model = _pretrained_model(spec)
+            model = _pretrained_model(spec, **model_kwargs)
         else:
-            model = load_checkpoint(load_model(spec), checkpoint)
+            model = load_checkpoint(load_model(spec, **model_kwargs), checkpoint)
         return model.to(device) if device is not None else model
     if not spec or not isinstance(spec, str):
         raise ModelSpecError("empty model name: give a timm name, torchvision:NAME, or module:callable")
     try:
-        return _build(spec, device)
+        return _build(spec, device, model_kwargs)
     except (NotImplementedError, RuntimeError) as err:
         if str(device) != "meta" or "meta" not in str(err):
             raise
         # some constructors read their own initial weights (.item(), copies): build for real, then drop them
-        return _build(spec, "cpu").to("meta")
+        return _build(spec, "cpu", model_kwargs).to("meta")
 
 
-def _build(spec: str, device: str | torch.device | None) -> nn.Module:
+def _build(spec: str, device: str | torch.device | None, kwargs: dict) -> nn.Module:
     with torch.device(device) if device is not None else contextlib.nullcontext():
         if spec.startswith("torchvision:"):
-            return _torchvision_model(spec.split(":", 1)[1])
+            return _torchvision_model(spec.split(":", 1)[1], **kwargs)
         if ":" in spec:
-            return _callable_model(spec)
-        return _timm_model(spec)
+            return _callable_model(spec, **kwargs)
+        return _timm_model(spec, **kwargs)
 
 
 
-def _pretrained_model(name: str) -> nn.Module:
+def _pretrained_model(name: str, **kwargs) -> nn.Module:
     """timm's own pretrained loading; without a network, one line pointing to --checkpoint."""
     import timm
 
     if not timm.is_model(name.split(".")[0]):
         raise ModelSpecError(f"unknown timm model '{name}'{_suggest(name, timm.list_models())}")
     try:
-        return timm.create_model(name, pretrained=True)
+        return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise ModelSpecError(

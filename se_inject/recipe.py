@@ -28,6 +28,7 @@ class Recipe:
     input_size: tuple[int, int]
     sites: tuple[dict[str, Any], ...]  # name, rule, stage, block, channels, hidden, r of every unit
     versions: dict[str, str] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # constructor arguments, e.g. num_classes
     format_version: int = FORMAT_VERSION
 
     def config(self) -> InjectConfig:

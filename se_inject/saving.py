@@ -52,19 +52,14 @@ def save(model: nn.Module, directory: str | Path, *, force: bool = False) -> Pat
         se_inject.save(se_model, "se_resnet50")
         again = se_inject.load("se_resnet50")
     """
-    from safetensors.torch import save_model
-
-    recipe = recipe_of(model)
     target = Path(directory)
     if target.exists() and not force:
         raise ArtifactError(f"{target} already exists; choose another directory or pass force=True (CLI: --force)")
-    if any(p.is_meta for p in model.parameters()):
-        raise ArtifactError("the model is on the meta device: it has no weights to save; build it with real weights")
+    _check_savable(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "se_inject": recipe.versions.get("se_inject", "")})
-        (staging / RECIPE_FILE).write_text(recipe.to_json())
+        write_model_files(model, staging)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -72,6 +67,30 @@ def save(model: nn.Module, directory: str | Path, *, force: bool = False) -> Pat
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _check_savable(model: nn.Module) -> Recipe:
+    recipe = recipe_of(model)
+    if any(p.is_meta for p in model.parameters()):
+        raise ArtifactError("the model is on the meta device: it has no weights to save; build it with real weights")
+    return recipe
+
+
+def write_model_files(model: nn.Module, directory: str | Path) -> None:
+    """Write the weights and the recipe into an existing ``directory``, each file replaced atomically."""
+    from safetensors.torch import save_model
+
+    recipe = _check_savable(model)
+    directory = Path(directory)
+    weights_tmp, recipe_tmp = directory / f".{WEIGHTS_FILE}.tmp", directory / f".{RECIPE_FILE}.tmp"
+    try:
+        save_model(model, str(weights_tmp), metadata={"format": "pt", "se_inject": recipe.versions.get("se_inject", "")})
+        recipe_tmp.write_text(recipe.to_json())
+        os.replace(weights_tmp, directory / WEIGHTS_FILE)
+        os.replace(recipe_tmp, directory / RECIPE_FILE)
+    finally:
+        weights_tmp.unlink(missing_ok=True)
+        recipe_tmp.unlink(missing_ok=True)
 
 
 def read_recipe(directory: str | Path) -> Recipe:
@@ -130,7 +149,7 @@ def load(directory: str | Path, model: nn.Module | None = None, *, device: str |
                 f"{directory}: the recipe names no source model (it was injected from a module object); "
                 "pass a fresh copy of the original: se_inject.load(directory, model=...)"
             )
-        model = load_model(recipe.source, device=device)
+        model = load_model(recipe.source, device=device, **recipe.model_kwargs)
     injected = apply(recipe, model)
     try:
         state = load_file(str(weights), device=str(device))
