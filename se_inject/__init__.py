@@ -13,6 +13,7 @@ from se_inject.errors import (
     ArtifactError,
     CheckpointError,
     ConfigError,
+    DataError,
     ModelSpecError,
     NoSitesError,
     RecipeMismatchError,
@@ -22,6 +23,8 @@ from se_inject.errors import (
     ShapePropagationError,
     UntraceableModelError,
 )
+from se_inject.data import load_data
+from se_inject.finetune import FinetuneConfig, FinetuneResult, finetune
 from se_inject.models import load_checkpoint, load_model
 from se_inject.recipe import Recipe
 from se_inject.report import OverheadReport, StageReport, Totals, UnitReport, eq5_params
@@ -36,6 +39,9 @@ __all__ = [
     "ArtifactError",
     "CheckpointError",
     "ConfigError",
+    "DataError",
+    "FinetuneConfig",
+    "FinetuneResult",
     "InjectConfig",
     "ModelSpecError",
     "NoSitesError",
@@ -55,10 +61,12 @@ __all__ = [
     "apply",
     "check_outputs",
     "eq5_params",
+    "finetune",
     "hidden_width",
     "inject",
     "load",
     "load_checkpoint",
+    "load_data",
     "load_model",
     "make_config",
     "report",

@@ -6,7 +6,10 @@ A user mistake prints one line on stderr and exits with code 2; there is no trac
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,14 +17,18 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
-from typer.core import TyperCommand
+from typer.core import TyperGroup
+
+import torch
 
 from se_inject.api import check_outputs, retrofit
+from se_inject.data import load_data
+from se_inject.finetune import FinetuneConfig, finetune
 from se_inject.config import InjectConfig
 from se_inject.errors import ArtifactError, ConfigError, SEInjectError
 from se_inject.models import load_model
 from se_inject.report import OverheadReport
-from se_inject.saving import save
+from se_inject.saving import load, save
 
 HELP = InjectConfig.field_help()
 
@@ -31,12 +38,19 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-class OneLineErrors(TyperCommand):
-    """A command that reports usage errors and se_inject errors as one line with exit code 2.
+class SEInjectGroup(TyperGroup):
+    """``se-inject MODEL ...`` runs ``inject``; usage errors and se_inject errors become one line, exit 2.
 
     typer vendors its own click, so its usage errors are caught by typer's public base class
     (``typer.TyperException``) rather than by click's.
     """
+
+    default_command = "inject"
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         try:
@@ -47,6 +61,9 @@ class OneLineErrors(TyperCommand):
             typer.echo("se-inject: aborted", err=True)
             sys.exit(1)
         except typer.TyperException as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # bare "se-inject": the help, as click prints it
+                typer.echo(err.format_message())
+                sys.exit(2)
             _fail(f"{err.format_message()} (see 'se-inject --help')")
         if standalone_mode:
             sys.exit(result if isinstance(result, int) else 0)
@@ -54,12 +71,18 @@ class OneLineErrors(TyperCommand):
 
 
 app = typer.Typer(
-    help="Retrofit Squeeze-and-Excitation units into existing models.",
+    cls=SEInjectGroup,
+    help="Retrofit Squeeze-and-Excitation units into existing models. 'se-inject MODEL ...' is 'se-inject inject MODEL ...'.",
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     no_args_is_help=True,
 )
+
+
+@app.callback()
+def _group() -> None:
+    """Retrofit Squeeze-and-Excitation units into existing models."""
 
 
 def parse_int_list(text: str, option: str) -> int | tuple[int, ...]:
@@ -78,7 +101,7 @@ def parse_int_list(text: str, option: str) -> int | tuple[int, ...]:
     return values[0] if is_single else tuple(values)
 
 
-@app.command("inject", cls=OneLineErrors)
+@app.command("inject")
 def inject_command(
     model: str = typer.Argument(..., help="timm name, torchvision:NAME, module.path:callable or file.py:callable"),
     position: str = typer.Option("standard", "--position", "-p", help=HELP["position"]),
@@ -204,6 +227,110 @@ def render_report(report: OverheadReport, show_sites: bool, console: Console) ->
                       + (", ..." if len(report.existing_gates) > 4 else ""))
     for note in report.notes:
         console.print(f"note: {note}")
+
+
+
+@app.command("finetune")
+def finetune_command(
+    source: str = typer.Argument(..., help="a directory written by --save, or a model spec to inject first"),
+    data: str = typer.Option(..., "--data", help="'digits' or an image folder with train/ and val/ class folders"),
+    out: str = typer.Option(..., "--out", help="run directory: checkpoint.pt, metrics.jsonl and the final model"),
+    epochs: int = typer.Option(3, "--epochs", help="epochs in all"),
+    se_epochs: int = typer.Option(1, "--se-epochs", help="first epochs that train the SE units only"),
+    batch_size: int = typer.Option(64, "--batch-size", help="images per step (per process)"),
+    lr: float = typer.Option(0.05, "--lr", help="learning rate of the SE phase"),
+    full_lr_scale: float = typer.Option(0.1, "--full-lr-scale", help="learning rate of the full phase, times --lr"),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9) or adamw"),
+    schedule: str = typer.Option("cosine", "--schedule", help="step or cosine, within each phase"),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="label smoothing of the loss"),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="weight decay (not on biases and norms)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="mixed precision on CUDA (bf16 where supported)"),
+    seed: int = typer.Option(0, "--seed", help="seed of initialisation, shuffling and dropout"),
+    workers: int = typer.Option(0, "--workers", help="data-loading worker processes"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="training image size (digits: 32, folders: 224)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+    nproc: int = typer.Option(1, "--nproc", help="launch N processes with torchrun (DistributedDataParallel)"),
+    position: str = typer.Option("standard", "--position", "-p", help=HELP["position"]),
+    r: str = typer.Option("16", "--r", "-r", help=HELP["r"]),
+    stages: Optional[str] = typer.Option(None, "--stages", help="stages that get units (default: all)"),
+    init: str = typer.Option("preserve", "--init", help=HELP["init"]),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="trained weights for a model spec SOURCE"),
+    pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights for SOURCE"),
+) -> None:
+    """Fine-tune a retrofitted model: SE units first (--se-epochs), then everything."""
+    if nproc > 1:
+        raise typer.Exit(_launch_torchrun(nproc, device))
+    config = FinetuneConfig(
+        epochs=epochs, se_epochs=se_epochs, batch_size=batch_size, lr=lr, full_lr_scale=full_lr_scale,
+        optimizer=optimizer, schedule=schedule, label_smoothing=label_smoothing, weight_decay=weight_decay,
+        device=device, amp=amp, seed=seed, workers=workers,
+    )
+    splits = load_data(data, image_size)  # checked completely before any model is built
+    torch.manual_seed(seed)
+    original = None
+    if Path(source).is_dir():
+        model = load(source)
+    else:
+        kwargs = {} if checkpoint or pretrained else {"num_classes": splits.num_classes}
+        original = load_model(source, device="cpu", pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+        inject_config = InjectConfig(
+            position=position, r=parse_int_list(r, "r"), stages=parse_int_list(stages, "stages") if stages else None,
+            init=init,
+        )
+        model = retrofit(original, inject_config, input_size=splits.image_size, model_name=source).model
+        if kwargs:
+            model.se_inject_recipe = replace(model.se_inject_recipe, model_kwargs=kwargs)
+    out_console = console()
+    result = finetune(model, splits, out, config, original=original, resume=resume, show_progress=True, console=out_console)
+    if int(os.environ.get("RANK", "0")) == 0:
+        render_finetune(result, out_console)
+
+
+def _launch_torchrun(nproc: int, device: str) -> int:
+    """Run this same command in ``nproc`` processes through torch's elastic launcher (torchrun's engine).
+
+    The arguments go to the workers untouched: torchrun's own command line would mistake options such
+    as ``--r`` for abbreviations of its own.
+    """
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    args = []
+    skip = False
+    for arg in sys.argv[1:]:
+        if skip or arg == "--nproc":
+            skip = not skip
+            continue
+        if not arg.startswith("--nproc="):
+            args.append(arg)
+    if device != "cuda":
+        os.environ["SE_INJECT_BACKEND"] = "gloo"
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "se_inject", *args)
+    except Exception as err:  # a worker failed: it printed its own one-line error
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        typer.echo(f"se-inject: error: a worker process failed ({first[:200]})", err=True)
+        return 2
+    return 0
+
+
+def render_finetune(result, console: Console) -> None:
+    table = Table(title="Validation accuracy", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("before retrofit", "after injection", "after fine-tuning"):
+        table.add_column(column, justify="right")
+    table.add_row(*("-" if v is None else f"{v:.2%}" for v in result.accuracy.values()))
+    console.print(table)
+    last = result.history[-1] if result.history else {}
+    console.print(
+        f"{len(result.history)} epochs, {last.get('world_size', 1)} process(es) on {last.get('device', '?')}; "
+        f"metrics in {result.out}/metrics.jsonl; model in {result.out}/ (se_inject.load('{result.out}'))"
+    )
 
 
 def main() -> None:

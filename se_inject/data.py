@@ -58,8 +58,6 @@ def digits(image_size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Da
 
 def _check_split(root: Path, split: str) -> list[str]:
     folder = root / split
-    if not folder.is_dir():
-        raise DataError(f"{folder}: missing; an image-folder dataset needs {root}/train and {root}/val")
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{folder}: no class folders; put the images of each class in {folder}/CLASS_NAME/")
@@ -85,6 +83,9 @@ def image_folder(root: str | Path, image_size: int = 224) -> DataSplits:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such data directory (give an image folder with train/ and val/, or 'digits')")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"{root / split}: missing; an image-folder dataset needs {root}/train and {root}/val")
     train_classes, val_classes = _check_split(root, "train"), _check_split(root, "val")
     if train_classes != val_classes:
         raise DataError(f"{root}: train/ and val/ hold different class folders ({train_classes} vs {val_classes})")

@@ -107,6 +107,8 @@ def _distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("SE_INJECT_BACKEND") != "gloo" else "gloo"
         dist.init_process_group(backend)
+        if backend == "gloo":  # processes share the CPU cores: no oversubscription
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -354,10 +356,11 @@ def finetune(
         )
         with _progress(show_progress and rank == 0, console, f"epoch {epoch + 1}/{config.epochs} ({phase})", len(loader.dataset) // world) as progress:
             metrics = _train_epoch(ddp, loader, optimizer, device, config, phase, progress)
+        lr_used = optimizer.param_groups[0]["lr"]
         scheduler.step()
         val_loss, val_acc = evaluate(model, val_loader, device, **cuda_opts)
         record = {"epoch": epoch + 1, "phase": phase, **metrics, "val_loss": val_loss, "val_acc": val_acc,
-                  "lr": optimizer.param_groups[0]["lr"], "world_size": world, "device": str(device)}
+                  "lr": lr_used, "world_size": world, "device": str(device)}
         history.append(record)
         accuracy["after fine-tuning"] = val_acc
         if rank == 0:  # checkpoint first: the metrics log is rewritten from its history

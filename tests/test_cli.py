@@ -65,7 +65,7 @@ def test_user_model_from_a_file(tmp_path):
         (["vgg11", "--position", "identity"], "no place for an SE unit at position 'identity' (rules: residual): found 8 convolutions"),
         (["resnet50", "--input-size", "0"], "--input-size"),
         (["resnet50", "--bogus"], "No such option: --bogus"),
-        ([], "Missing argument"),
+        (["inject"], "Missing argument 'model'"),
     ],
 )
 def test_user_mistakes_get_one_line_and_exit_code_2(args, message):
@@ -76,6 +76,11 @@ def test_user_mistakes_get_one_line_and_exit_code_2(args, message):
     assert len(lines) == 1 and lines[0].startswith("se-inject: error: ")
     assert message in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_no_arguments_print_the_help():
+    result = invoke()
+    assert result.exit_code == 2 and "Commands:" in result.stdout and "finetune" in result.stdout
 
 
 def test_parse_int_list():

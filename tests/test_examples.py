@@ -16,6 +16,11 @@ def test_example_runs(path, capsys):
     if path.name == "retrofit_own_model.py":
         assert "max |injected - original| at insertion: 0.0" in out
         assert "all SE: True" in out
+    if path.name == "finetune_digits.py":
+        assert "(max |output change| 0)" in out
+        before, after = (float(line.split("val acc ")[1].split("%")[0]) for line in out.splitlines()
+                         if line.startswith(("1. trained", "3. epoch 2")))
+        assert after > 50 and before > 50  # chance is 10%
 
 
 README = Path(__file__).parent.parent / "README.md"

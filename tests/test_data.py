@@ -1,0 +1,59 @@
+import pytest
+import torch
+from PIL import Image
+
+from se_inject.data import digits, load_data
+from se_inject.errors import DataError
+
+
+def test_digits_is_real_data_without_a_download():
+    splits = digits(image_size=32)
+    assert splits.classes == [str(i) for i in range(10)] and splits.num_classes == 10
+    assert len(splits.train) + len(splits.val) == 1797 and len(splits.val) == 359
+    image, label = splits.train[0]
+    assert image.shape == (3, 32, 32) and -1.0 <= image.min() and image.max() <= 1.0 and 0 <= label < 10
+    again = digits(image_size=32)
+    assert torch.equal(splits.val.tensors[1], again.val.tensors[1])  # the split is fixed by the seed
+
+
+def _folder(root, classes=("cat", "dog"), per_class=2, size=40):
+    for split in ("train", "val"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB" if i % 2 == 0 else "L", (size, size), color=40 * i).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_image_folder(tmp_path):
+    splits = load_data(_folder(tmp_path / "data"), image_size=32)
+    assert splits.classes == ["cat", "dog"]
+    image, label = splits.val[1]
+    assert image.shape == (3, 32, 32) and label == 0  # grayscale files become RGB
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda root: None, "no such data directory"),
+        (lambda root: (root / "train").mkdir(parents=True), "val: missing"),
+        (lambda root: [(root / s).mkdir(parents=True) for s in ("train", "val")], "train: no class folders"),
+        (lambda root: [(root / s / "cat").mkdir(parents=True) for s in ("train", "val")], "train/cat: no images"),
+    ],
+)
+def test_bad_data_directories(tmp_path, breakage, message):
+    root = tmp_path / "data"
+    breakage(root)
+    with pytest.raises(DataError, match=message):
+        load_data(root)
+
+
+def test_unreadable_images_and_mismatched_classes(tmp_path):
+    root = _folder(tmp_path / "a")
+    (root / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"train/cat/broken.png: unreadable image"):
+        load_data(root)
+    other = _folder(tmp_path / "b")
+    (other / "val" / "dog").rename(other / "val" / "bird")
+    with pytest.raises(DataError, match="train/ and val/ hold different class folders"):
+        load_data(other)

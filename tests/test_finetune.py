@@ -1,0 +1,125 @@
+"""Fine-tuning on the digits set: it learns, it checkpoints, it resumes exactly, it runs on 2 processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import FunctionalResNet
+
+import se_inject
+from se_inject.data import digits
+from se_inject.errors import ConfigError, DataError
+from se_inject.finetune import CHECKPOINT_FILE, METRICS_FILE, FinetuneConfig, _param_groups, finetune, fit_head
+
+ROOT = Path(__file__).parent.parent
+SPEC = f"{ROOT / 'tests' / 'tiny_models.py'}:FunctionalResNet"
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits(image_size=16)
+
+
+def test_a_short_run_learns_and_writes_everything(data, tmp_path):
+    torch.manual_seed(0)
+    model = se_inject.inject(FunctionalResNet(num_classes=10), r=4, input_size=16, model_name=SPEC)
+    config = FinetuneConfig(epochs=3, se_epochs=1, lr=0.1, full_lr_scale=1.0, batch_size=64)
+    result = finetune(model, data, tmp_path / "run", config)
+    assert result.accuracy["after fine-tuning"] > 0.3  # chance is 0.1
+    lines = [json.loads(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
+    assert [(r["epoch"], r["phase"], r["world_size"]) for r in lines] == [(1, "se", 1), (2, "full", 1), (3, "full", 1)]
+    assert {"train_loss", "val_acc", "images_per_s", "lr"} <= set(lines[0])
+    assert (tmp_path / "run" / CHECKPOINT_FILE).is_file()
+    loaded = se_inject.load(tmp_path / "run")
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(loaded(x), result.model.eval()(x))
+
+
+def test_the_se_phase_trains_only_the_units_and_keeps_batchnorm_statistics(data, tmp_path):
+    torch.manual_seed(0)
+    model = se_inject.inject(FunctionalResNet(num_classes=10), r=4, init="paper", input_size=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    finetune(model, data, tmp_path / "run", FinetuneConfig(epochs=1, se_epochs=1))
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".se_" in k for k in changed)  # running_mean/var of BN unchanged too
+
+
+def test_the_head_is_fitted_to_the_classes_and_decay_spares_biases_and_norms():
+    model = FunctionalResNet(num_classes=1000)
+    new = fit_head(model, 10)
+    assert model.head.out_features == 10 and len(new) == 2
+    assert fit_head(model, 10) == []
+    decay, no_decay = _param_groups(list(model.parameters()), 1e-4)
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, field", [({"epochs": 0}, "epochs"), ({"se_epochs": 4}, "se_epochs"), ({"optimizer": "lamb"}, "optimizer"),
+                      ({"lr": 0}, "lr"), ({"schedule": "poly"}, "schedule"), ({"label_smoothing": 1.0}, "label_smoothing")],
+)
+def test_bad_settings_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=f"^{field}:"):
+        FinetuneConfig(**kwargs)
+
+
+def test_runs_are_not_overwritten_and_resume_needs_a_checkpoint(data, tmp_path):
+    model = se_inject.inject(FunctionalResNet(num_classes=10), r=4, input_size=16)
+    with pytest.raises(DataError, match="no checkpoint to resume from"):
+        finetune(model, data, tmp_path / "run", FinetuneConfig(epochs=1), resume=True)
+    finetune(model, data, tmp_path / "run", FinetuneConfig(epochs=1, se_epochs=0))
+    with pytest.raises(DataError, match="already holds a run; pass resume=True"):
+        finetune(model, data, tmp_path / "run", FinetuneConfig(epochs=1))
+    with pytest.raises(ConfigError, match="no SE units"):
+        finetune(FunctionalResNet(), data, tmp_path / "plain", FinetuneConfig(epochs=1, se_epochs=1))
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "se_inject", "finetune", SPEC, "--data", "digits", "--image-size", "16",
+            "--r", "4", "--lr", "0.1", "--full-lr-scale", "1", "--batch-size", "32", *args]
+
+
+def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: the same arithmetic in every run
+    subprocess.run(_cli("--out", str(tmp_path / "whole"), "--epochs", "3"), check=True, env=env, capture_output=True)
+    killed = subprocess.Popen(_cli("--out", str(tmp_path / "cut"), "--epochs", "3"), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "cut" / CHECKPOINT_FILE
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)  # in epoch 2, or wherever it is: at most that epoch is lost
+    killed.wait()
+    assert checkpoint.exists()
+    subprocess.run(_cli("--out", str(tmp_path / "cut"), "--epochs", "3", "--resume"), check=True, env=env, capture_output=True)
+    whole, cut = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "cut" / METRICS_FILE).read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_two_processes_with_gloo(tmp_path):
+    done = subprocess.run(_cli("--out", str(tmp_path / "ddp"), "--epochs", "2", "--nproc", "2", "--device", "cpu"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in (tmp_path / "ddp" / METRICS_FILE).read_text().splitlines()]
+    assert [r["world_size"] for r in lines] == [2, 2]
+    assert "2 process(es) on cpu" in done.stdout
+    se_inject.load(tmp_path / "ddp")
+
+
+def test_bad_data_stops_the_cli_before_training(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "se_inject", "finetune", SPEC, "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 2 and "no such data directory" in done.stderr and done.stderr.count("\n") == 1
+    assert not (tmp_path / "run").exists()
