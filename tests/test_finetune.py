@@ -123,3 +123,13 @@ def test_bad_data_stops_the_cli_before_training(tmp_path):
     )
     assert done.returncode == 2 and "no such data directory" in done.stderr and done.stderr.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_cuda_asked_for_without_cuda_is_a_clear_error():
+    from se_inject.finetune import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="device: cuda was asked for but torch sees no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
