@@ -14,6 +14,7 @@ run: an in-place op would look dead.
 from __future__ import annotations
 
 import copy
+import operator
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 
@@ -24,7 +25,7 @@ from torch import nn
 from se_inject.config import InjectConfig
 from se_inject.errors import RewriteError, SEInjectError, UntraceableModelError
 from se_inject.plan import Plan, PlannedUnit
-from se_inject.patterns import normalize_inplace_adds
+from se_inject.patterns import add_operands, normalize_inplace_adds
 from se_inject.sites import node_in_scope
 from se_inject.tracing import count_flops, trace
 from se_inject.unit import SqueezeExcite
@@ -91,6 +92,25 @@ def _insert(graph: fx.Graph, mapping: dict[fx.Node, fx.Node], unit: PlannedUnit)
             mapping[consumer].replace_input_with(value, se_node)
 
 
+def _fuse_with_addition(graph: fx.Graph, name: str) -> None:
+    """``se(x) + y`` becomes ``se(x, y)`` (an addcmul in the unit): the same sum, one pass less over memory."""
+    (se_node,) = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    if len(se_node.users) != 1:
+        return
+    add = next(iter(se_node.users))
+    operands = add_operands(add)
+    plain_add = add.op == "call_function" and add.target in (operator.add, torch.add) or add.op == "call_method"
+    if operands is None or not plain_add or add.kwargs or len(add.args) != 2 or operands[0] is operands[1]:
+        return
+    other = operands[1] if operands[0] is se_node else operands[0]
+    with graph.inserting_before(add):
+        fused = graph.call_module(name, (se_node.args[0], other))
+    fused.meta = dict(se_node.meta)
+    add.replace_all_uses_with(fused)
+    graph.erase_node(add)
+    graph.erase_node(se_node)
+
+
 def _graph_module_like(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """A GraphModule running ``graph`` that owns exactly ``module``'s children, parameters and buffers.
 
@@ -130,6 +150,8 @@ def build_injected(model: nn.Module, whole: fx.GraphModule, plan: Plan, config: 
             module.add_module(unit.name, se)
             local.add_module(unit.name, se)  # the graph checks call_module targets on its owner
             _insert(local.graph, mapping, unit)
+        for unit in units:
+            _fuse_with_addition(local.graph, unit.name)
         local.graph.lint()
         rewritten = _graph_module_like(module, local.graph)
         if owner:

@@ -165,8 +165,15 @@ class SqueezeExcite(nn.Module):
         s = self.gate(self.fc2(self.act(self.fc1(z))))
         return s.view(s.shape[0], s.shape[1], 1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.excitation(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x * s``; with ``residual``, ``residual + x * s`` in one pass over memory (addcmul).
+
+        The rewrite passes the residual when the unit feeds an addition (standard and identity
+        positions), which saves writing and re-reading a full feature map per block.
+        """
+        if residual is None:
+            return x * self.excitation(x)
+        return torch.addcmul(residual, x, self.excitation(x))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, r={self.r}, hidden={self.hidden}, squeeze={self.squeeze}"

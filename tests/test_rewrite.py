@@ -27,12 +27,14 @@ def _describe(node: fx.Node) -> str:
 
 # Where the unit sits in the downsampling block stages.1.0 of FunctionalResNet:
 # out = relu(bn1(conv1(x))); out = bn2(conv2(out)); return relu(out + proj(x))
+# standard and identity feed the addition: the unit takes the other operand and computes
+# residual + x * s itself (one pass over memory), so its users are those of the sum.
 PLACEMENT = {
-    "standard": ("bn2", ["add"]),
-    "pre": ("x", ["conv1"]),  # the projection still sees the unscaled input
-    "identity": ("proj.1", ["add"]),  # on the projected shortcut
-    "post": ("relu", ["output"]),  # after the activation that follows the addition
-    "inner": ("relu", ["conv2"]),  # after the 3x3 conv, its BN and its activation
+    "standard": ("bn2", ["relu"], "proj.1"),
+    "pre": ("x", ["conv1"], None),  # the projection still sees the unscaled input
+    "identity": ("proj.1", ["relu"], "bn2"),  # on the projected shortcut
+    "post": ("relu", ["output"], None),  # after the activation that follows the addition
+    "inner": ("relu", ["conv2"], None),  # after the 3x3 conv, its BN and its activation
 }
 
 
@@ -42,9 +44,10 @@ def test_each_position_puts_the_unit_where_the_paper_does(position):
     block = model.stages[1][0]
     assert isinstance(block, fx.GraphModule)
     node = _unit_node(block, "se_2_1")
-    source, users = PLACEMENT[position]
+    source, users, residual = PLACEMENT[position]
     assert _describe(node.args[0]) == source
     assert [_describe(u) for u in node.users] == users
+    assert (_describe(node.args[1]) if len(node.args) > 1 else None) == residual
     if position == "post":
         assert _describe(node.args[0].args[0]) == "add"
     if position == "inner":
@@ -86,7 +89,7 @@ def test_a_failed_injection_leaves_the_model_as_it_was():
     with pytest.raises(se_inject.AlreadyInjectedError, match="already holds 5 SE units"):
         se_inject.inject(injected, r=4, input_size=32)
     assert_unchanged(injected, before)
-    with pytest.raises(RewriteError, match="already has an attribute 'se_1_1': was this model injected before"):
+    with pytest.raises(RewriteError, match="already has an attribute 'se_.*': was this model injected before"):
         se_inject.inject(injected, r=4, input_size=32, existing="stack")
     assert_unchanged(injected, before)
 

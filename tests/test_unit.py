@@ -125,3 +125,17 @@ def test_device_and_dtype_are_honoured():
     se = SqueezeExcite(32, r=8, device="meta", dtype=torch.float16)
     assert all(p.is_meta and p.dtype == torch.float16 for p in se.parameters())
     assert "hidden=4" in repr(se)
+
+
+@pytest.mark.parametrize("init", ["paper", "preserve"])
+def test_the_fused_residual_form_computes_the_same_sum(init):
+    torch.manual_seed(0)
+    se = SqueezeExcite(32, r=4, init=init)
+    x, residual = torch.randn(2, 32, 7, 7), torch.randn(2, 32, 7, 7)
+    fused, plain = se(x, residual), se(x) + residual
+    if init == "preserve":
+        assert torch.equal(fused, plain) and torch.equal(fused, x + residual)
+    else:
+        torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)  # one rounding (fma) instead of two
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert se(cl, residual.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
