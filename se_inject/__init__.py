@@ -23,6 +23,7 @@ from se_inject.errors import (
     ShapePropagationError,
     UntraceableModelError,
 )
+from se_inject.bench import BenchReport, bench, twin_of
 from se_inject.data import load_data
 from se_inject.finetune import FinetuneConfig, FinetuneResult, finetune
 from se_inject.models import load_checkpoint, load_model
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "POSITIONS",
     "AlreadyInjectedError",
+    "BenchReport",
     "ArtifactError",
     "CheckpointError",
     "ConfigError",
@@ -59,6 +61,7 @@ __all__ = [
     "UnitReport",
     "UntraceableModelError",
     "apply",
+    "bench",
     "check_outputs",
     "eq5_params",
     "finetune",
@@ -72,4 +75,5 @@ __all__ = [
     "report",
     "retrofit",
     "save",
+    "twin_of",
 ]

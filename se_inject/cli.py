@@ -23,7 +23,8 @@ import torch
 
 from se_inject.api import check_outputs, retrofit
 from se_inject.data import load_data
-from se_inject.finetune import FinetuneConfig, finetune
+from se_inject.bench import bench, twin_of
+from se_inject.finetune import FinetuneConfig, finetune, resolve_device
 from se_inject.config import InjectConfig
 from se_inject.errors import ArtifactError, ConfigError, SEInjectError
 from se_inject.models import load_model
@@ -331,6 +332,58 @@ def render_finetune(result, console: Console) -> None:
         f"{len(result.history)} epochs, {last.get('world_size', 1)} process(es) on {last.get('device', '?')}; "
         f"metrics in {result.out}/metrics.jsonl; model in {result.out}/ (se_inject.load('{result.out}'))"
     )
+
+
+
+@app.command("bench")
+def bench_command(
+    model: str = typer.Argument(..., help="timm name, torchvision:NAME, module.path:callable or file.py:callable"),
+    position: str = typer.Option("standard", "--position", "-p", help=HELP["position"]),
+    r: str = typer.Option("16", "--r", "-r", help=HELP["r"]),
+    stages: Optional[str] = typer.Option(None, "--stages", help="stages that get units (default: all)"),
+    batch: str = typer.Option("1,16", "--batch", help="batch sizes, e.g. 1,16 (CUDA default: 256)"),
+    size: int = typer.Option(224, "--size", min=8, help="input size"),
+    repeats: int = typer.Option(20, "--repeats", min=1, help="timed rounds (each model once per round)"),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="untimed calls per model first"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    compile: bool = typer.Option(False, "--compile", help="run the injected model under torch.compile"),
+    train: Optional[bool] = typer.Option(None, "--train/--no-train", help="also time a training step (CUDA default)"),
+    as_json: bool = typer.Option(False, "--json", help="print the timings as JSON"),
+) -> None:
+    """Time MODEL, its retrofit and timm's hand-built SE twin, interleaved; report medians and ratios."""
+    if threads:
+        torch.set_num_threads(threads)
+    target = resolve_device(device)
+    config = InjectConfig(position=position, r=parse_int_list(r, "r"), stages=parse_int_list(stages, "stages") if stages else None)
+    batches = parse_int_list(batch, "batch")
+    batches = (256,) if target.type == "cuda" and batch == "1,16" else (batches if isinstance(batches, tuple) else (batches,))
+    twin_name = twin_of(model)
+    report = bench(
+        load_model(model), config, twin=load_model(twin_name) if twin_name else None, batches=batches, size=size,
+        repeats=repeats, warmup=warmup, train=train, device=target, compile=compile,
+    )
+    if as_json:
+        typer.echo(json.dumps({"model": model, "twin": twin_name, **report.to_dict()}, indent=2))
+        return
+    render_bench(model, twin_name, report, console())
+
+
+def render_bench(model: str, twin_name: str | None, report, console: Console) -> None:
+    console.print(
+        f"[bold]{model}[/] vs its retrofit{' and ' + twin_name if twin_name else ''}: {report.device}, "
+        f"{report.threads} threads, {report.size}x{report.size}, medians of interleaved runs"
+        + (", injected model compiled" if report.compiled else "")
+    )
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("mode", "batch", "model", "median ms", "images/s"):
+        table.add_column(column, justify="left" if column in ("mode", "model") else "right")
+    for t in report.timings:
+        table.add_row(t.mode, str(t.batch), t.model, f"{t.median_ms:.2f}", f"{t.images_per_s:,.1f}")
+    console.print(table)
+    for row in report.ratios():
+        parts = [f"{k} {v:.3f}" for k, v in row.items() if k.startswith("injected") and v is not None]
+        console.print(f"{row['mode']}, batch {row['batch']}: " + "; ".join(parts))
 
 
 def main() -> None:
