@@ -93,7 +93,7 @@ def time_interleaved(steps: dict[str, Callable[[], object]], repeats: int, warmu
 
 def _inference(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     def run() -> object:
-        with torch.inference_mode():
+        with torch.no_grad():  # no_grad, not inference_mode: compiled graphs are shared with training
             return model(x)
 
     return run
@@ -153,6 +153,22 @@ def bench(
             model.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
     if compile:
         models["injected"] = torch.compile(models["injected"])
+        _inductor_freezing(True)  # inference graphs take the weights as constants: prepacked convolutions
+    try:
+        return _run(models, batches, size, repeats, warmup, train, device, compile)
+    finally:
+        if compile:
+            _inductor_freezing(False)
+
+
+def _inductor_freezing(enabled: bool) -> None:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = enabled
+
+
+def _run(models, batches, size, repeats, warmup, train, device, compile) -> BenchReport:
+    cuda = device.type == "cuda"
     report = BenchReport(str(device), torch.get_num_threads(), size, compile)
     dtype = torch.bfloat16 if cuda else torch.float32
     for batch in batches:
