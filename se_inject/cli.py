@@ -24,7 +24,8 @@ import torch
 from se_inject.api import check_outputs, retrofit
 from se_inject.data import load_data
 from se_inject.bench import bench, twin_of
-from se_inject.finetune import FinetuneConfig, finetune, resolve_device
+from se_inject.excitation import collect, max_output_change, plot, prune_units, write_json
+from se_inject.finetune import FinetuneConfig, evaluate, finetune, resolve_device
 from se_inject.config import InjectConfig
 from se_inject.errors import ArtifactError, ConfigError, SEInjectError
 from se_inject.models import load_model
@@ -384,6 +385,74 @@ def render_bench(model: str, twin_name: str | None, report, console: Console) ->
     for row in report.ratios():
         parts = [f"{k} {v:.3f}" for k, v in row.items() if k.startswith("injected") and v is not None]
         console.print(f"{row['mode']}, batch {row['batch']}: " + "; ".join(parts))
+
+
+
+def _val_loader(data: str, image_size: Optional[int], batch_size: int = 128):
+    from torch.utils.data import DataLoader
+
+    splits = load_data(data, image_size)
+    return splits, DataLoader(splits.val, batch_size=batch_size)
+
+
+@app.command("inspect")
+def inspect_command(
+    saved: str = typer.Argument(..., help="a directory written by --save or finetune"),
+    data: str = typer.Option(..., "--data", help="'digits' or an image folder (its val/ split is used)"),
+    out: str = typer.Option(..., "--out", help="where excitation.json and the PNG plots go"),
+    units: Optional[str] = typer.Option(None, "--units", help="units to plot, as stage_block (e.g. 1_1,3_2); default: first, middle, last"),
+    classes: int = typer.Option(4, "--classes", min=1, help="classes drawn in the per-unit plots"),
+    threshold: float = typer.Option(0.95, "--threshold", help="saturation from which a unit is suggested for pruning"),
+    max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="stop after this many images"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="image size (digits: 32, folders: 224)"),
+) -> None:
+    """Record what every SE unit's gate does over a dataset; write statistics, plots and pruning suggestions."""
+    model = load(saved)
+    splits, loader = _val_loader(data, image_size)
+    report = collect(model, loader, splits.classes, max_images=max_images)
+    files = [write_json(report, out, threshold), *plot(report, out, units.split(",") if units else None, classes)]
+    table = Table(title=f"Excitation over {report.images} images", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("unit", "stage", "block", "C", "mean gate", "std over images", "saturation", "prune?"):
+        table.add_column(column, justify="left" if column in ("unit", "prune?") else "right")
+    suggested = set(report.suggestions(threshold))
+    for u in report.units:
+        table.add_row(u.name, str(u.stage), str(u.block), str(u.channels), f"{sum(u.mean) / len(u.mean):.3f}",
+                      f"{u.image_std:.4f}", f"{u.saturation:.3f}", "yes" if u.name in suggested else "")
+    out_console = console()
+    out_console.print(table)
+    out_console.print(f"wrote {', '.join(str(f) for f in files)}")
+    if suggested:
+        out_console.print(f"suggested: se-inject prune-se {saved} --data {data} --out PRUNED_DIR --threshold {threshold}")
+
+
+@app.command("prune-se")
+def prune_command(
+    saved: str = typer.Argument(..., help="a directory written by --save or finetune"),
+    data: str = typer.Option(..., "--data", help="'digits' or an image folder (its val/ split is used)"),
+    out: str = typer.Option(..., "--out", help="where the pruned model is saved"),
+    units: Optional[str] = typer.Option(None, "--units", help="unit names to prune (default: those at --threshold)"),
+    threshold: float = typer.Option(0.95, "--threshold", help="saturation from which a unit is pruned"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="image size (digits: 32, folders: 224)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+) -> None:
+    """Replace SE units whose gate is nearly constant by their mean per-channel scale; report the cost."""
+    if Path(out).exists() and not force:
+        raise ArtifactError(f"{out} already exists; choose another directory or pass --force")
+    before = load(saved)
+    splits, loader = _val_loader(data, image_size)
+    report = collect(before, loader, splits.classes)
+    pruned = load(saved)
+    result = prune_units(pruned, report, units.split(",") if units else None, threshold)
+    change = max_output_change(before, pruned, loader)
+    device = torch.device("cpu")
+    acc_before, acc_after = evaluate(before, loader, device)[1], evaluate(pruned, loader, device)[1]
+    save(pruned, out, force=force)
+    out_console = console()
+    out_console.print(
+        f"removed {len(result.removed)} unit(s): {', '.join(result.removed) or '-'}; params saved {result.params_saved:,} "
+        f"(Eq. 5: {result.eq5_saved:,.0f}); max |output change| {change:.3g}; val acc {acc_before:.2%} -> {acc_after:.2%}; "
+        f"saved to {out}"
+    )
 
 
 def main() -> None:

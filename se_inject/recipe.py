@@ -29,6 +29,7 @@ class Recipe:
     sites: tuple[dict[str, Any], ...]  # name, rule, stage, block, channels, hidden, r of every unit
     versions: dict[str, str] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # constructor arguments, e.g. num_classes
+    pruned: list[str] = field(default_factory=list)  # units replaced by a fixed per-channel scale
     format_version: int = FORMAT_VERSION
 
     def config(self) -> InjectConfig:

@@ -151,6 +151,13 @@ def load(directory: str | Path, model: nn.Module | None = None, *, device: str |
             )
         model = load_model(recipe.source, device=device, **recipe.model_kwargs)
     injected = apply(recipe, model)
+    if recipe.pruned:
+        from se_inject.excitation import ChannelScale
+
+        for name in recipe.pruned:  # the scales themselves come with the weights
+            owner, _, child = name.rpartition(".")
+            unit = injected.get_submodule(name)
+            setattr(injected.get_submodule(owner) if owner else injected, child, ChannelScale(torch.ones(unit.channels)))
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as err:

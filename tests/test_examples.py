@@ -9,13 +9,16 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_example_runs(path, capsys):
+def test_example_runs(path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", [str(path)])  # examples take optional arguments: none here
     runpy.run_path(str(path), run_name="__main__")
     out = capsys.readouterr().out
     assert out.strip()
     if path.name == "retrofit_own_model.py":
         assert "max |injected - original| at insertion: 0.0" in out
         assert "all SE: True" in out
+    if path.name == "inspect_digits.py":
+        assert "pruned ['layers.0.se_1_1']" in out and "saturation" in out
     if path.name == "finetune_digits.py":
         assert "(max |output change| 0)" in out
         before, after = (float(line.split("val acc ")[1].split("%")[0]) for line in out.splitlines()

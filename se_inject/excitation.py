@@ -1,0 +1,225 @@
+"""What the SE units learned: excitation statistics, the paper's plots, and units to prune.
+
+Following the paper's section on the role of excitation: the gate of every unit is recorded over a
+dataset, per channel, for all images and per class. A unit whose gate hardly varies from image to
+image (the paper's last-stage units, saturated near 1) adds weights but no input-dependent
+recalibration: it can be replaced by its mean per-channel scale, a fixed buffer with no weights,
+at a small cost in the outputs, which :func:`prune_units` measures.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from se_inject.errors import ConfigError
+from se_inject.unit import SqueezeExcite
+
+
+@dataclass
+class UnitStats:
+    """Gate statistics of one unit over a dataset (channels C, classes K)."""
+
+    name: str
+    stage: int
+    block: int
+    channels: int
+    gate_range: float  # 1 for a sigmoid gate, 2 for the preserve init's 2*sigmoid
+    mean: list[float]  # per channel, over all images
+    class_mean: list[list[float]]  # K x C
+    class_std: list[list[float]]  # K x C: spread within each class
+    image_std: float  # mean over channels of the std over all images
+    saturation: float  # 1 - image_std / (gate_range / 2): 1 means the gate is a constant
+
+
+@dataclass
+class ExcitationReport:
+    classes: list[str]
+    images: int
+    units: list[UnitStats] = field(default_factory=list)
+
+    def suggestions(self, threshold: float = 0.95) -> list[str]:
+        """Units whose gate is nearly constant (saturation at or above ``threshold``)."""
+        return [u.name for u in self.units if u.saturation >= threshold]
+
+    def to_dict(self, threshold: float = 0.95) -> dict:
+        return {
+            "classes": self.classes,
+            "images": self.images,
+            "threshold": threshold,
+            "suggested_for_pruning": self.suggestions(threshold),
+            "units": [u.__dict__ for u in self.units],
+        }
+
+
+def se_units(model: nn.Module) -> list[tuple[str, SqueezeExcite]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SqueezeExcite)]
+
+
+def _stage_block(name: str) -> tuple[int, int]:
+    tail = name.rpartition(".")[2]
+    parts = tail.split("_")
+    return (int(parts[1]), int(parts[2])) if len(parts) == 3 and parts[0] == "se" else (0, 0)
+
+
+def collect(model: nn.Module, loader: DataLoader, classes: list[str], device: str | torch.device = "cpu",
+            max_images: int | None = None) -> ExcitationReport:
+    """Run ``model`` (eval mode) over ``loader`` and record every unit's gate, per channel and class."""
+    units = se_units(model)
+    if not units:
+        raise ConfigError("the model holds no SE units to inspect; inject or load an injected model")
+    k = len(classes)
+    sums = {n: torch.zeros(k, u.channels, dtype=torch.float64) for n, u in units}
+    squares = {n: torch.zeros(k, u.channels, dtype=torch.float64) for n, u in units}
+    counts = torch.zeros(k, dtype=torch.float64)
+    labels_now: list[torch.Tensor] = []
+
+    def hook(name: str):
+        def record(module: SqueezeExcite, args: tuple) -> None:
+            gate = module.excitation(args[0]).detach().double()
+            gate = gate.mean((2, 3)) if gate.dim() == 4 else gate  # NoSqueeze: per-position gates, averaged
+            one_hot = torch.nn.functional.one_hot(labels_now[0], k).double().cpu()
+            sums[name] += one_hot.T @ gate.cpu()
+            squares[name] += one_hot.T @ gate.cpu().square()
+
+        return record
+
+    handles = [u.register_forward_pre_hook(hook(n)) for n, u in units]
+    model.eval().to(device)
+    seen = 0
+    try:
+        with torch.no_grad():
+            for images, labels in loader:
+                if max_images is not None and seen >= max_images:
+                    break
+                labels_now[:] = [labels.to(device)]
+                model(images.to(device))
+                counts += torch.bincount(labels, minlength=k).double()
+                seen += labels.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    report = ExcitationReport(classes, seen)
+    present = counts > 0
+    for name, unit in units:
+        total = counts.sum()
+        mean = sums[name].sum(0) / total
+        var_all = (squares[name].sum(0) / total - mean.square()).clamp_min(0)
+        class_mean = sums[name] / counts.clamp_min(1)[:, None]
+        class_var = (squares[name] / counts.clamp_min(1)[:, None] - class_mean.square()).clamp_min(0)
+        class_mean[~present] = float("nan")
+        gate_range = 2.0 if type(unit.gate).__name__ in ("ScaledSigmoid", "ShiftedTanh") else 1.0
+        image_std = float(var_all.sqrt().mean())
+        stage, block = _stage_block(name)
+        report.units.append(UnitStats(
+            name, stage, block, unit.channels, gate_range, mean.tolist(), class_mean.tolist(), class_var.sqrt().tolist(),
+            image_std, max(0.0, 1.0 - image_std / (gate_range / 2)),
+        ))
+    return report
+
+
+class ChannelScale(nn.Module):
+    """A pruned unit: its mean gate per channel as a fixed buffer, called like the unit it replaces."""
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone().view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is None:
+            return x * self.scale
+        return torch.addcmul(residual, x, self.scale)
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    removed: list[str]
+    params_saved: int
+    eq5_saved: float  # Eq. 5 for the removed units: 2 C^2 / r each
+    max_output_change: float | None = None
+
+
+def prune_units(model: nn.Module, report: ExcitationReport, names: list[str] | None = None,
+                threshold: float = 0.95) -> PruneResult:
+    """Replace units (``names``, default: the suggestions) by their mean per-channel scale, in place."""
+    names = report.suggestions(threshold) if names is None else names
+    stats = {u.name: u for u in report.units}
+    unknown = [n for n in names if n not in stats]
+    if unknown:
+        raise ConfigError(f"units: {unknown[0]!r} is not an SE unit of the model; units are {', '.join(stats)}")
+    saved, eq5 = 0, 0.0
+    for name in names:
+        unit = model.get_submodule(name)
+        saved += sum(p.numel() for p in unit.parameters())
+        eq5 += 2 * unit.channels ** 2 / unit.r
+        owner, _, child = name.rpartition(".")
+        mean = torch.tensor(stats[name].mean, dtype=next(unit.parameters()).dtype)
+        setattr(model.get_submodule(owner) if owner else model, child, ChannelScale(mean))
+    recipe = getattr(model, "se_inject_recipe", None)
+    if recipe is not None:  # so that se_inject.load rebuilds the pruned model
+        model.se_inject_recipe = replace(recipe, pruned=sorted({*recipe.pruned, *names}))
+    return PruneResult(model, list(names), saved, eq5)
+
+
+def max_output_change(before: nn.Module, after: nn.Module, loader: DataLoader, device: str | torch.device = "cpu") -> float:
+    """The largest |after - before| over the outputs on ``loader``."""
+    worst = 0.0
+    before.eval().to(device)
+    after.eval().to(device)
+    with torch.no_grad():
+        for images, _ in loader:
+            images = images.to(device)
+            worst = max(worst, (after(images) - before(images)).abs().max().item())
+    return worst
+
+
+def plot(report: ExcitationReport, out: str | Path, units: list[str] | None = None, classes: int = 4) -> list[Path]:
+    """The paper's pictures as PNGs in ``out``: per chosen unit, the mean gate per channel for a
+    few classes against all classes; and saturation per unit over depth. Returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = [u for u in report.units if units is None or u.name in units or f"{u.stage}_{u.block}" in units]
+    if units is None:  # first, middle and last unit, as the paper shows several depths
+        picks = sorted({0, len(chosen) // 2, len(chosen) - 1})
+        chosen = [chosen[i] for i in picks]
+    files = []
+    for unit in chosen:
+        fig, ax = plt.subplots(figsize=(7, 3))
+        for k in range(min(classes, len(report.classes))):
+            ax.plot(unit.class_mean[k], lw=0.8, label=f"class {report.classes[k]}")
+        ax.plot(unit.mean, color="black", lw=1.5, label="all classes")
+        ax.set(title=f"{unit.name} (stage {unit.stage}, block {unit.block})", xlabel="channel", ylabel="mean excitation")
+        ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        path = out / f"excitation_{unit.stage}_{unit.block}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(range(1, len(report.units) + 1), [u.saturation for u in report.units], marker="o")
+    ax.set_xticks(range(1, len(report.units) + 1), [f"{u.stage}_{u.block}" for u in report.units], rotation=90, fontsize=7)
+    ax.set(title="saturation per unit (1: the gate is a constant)", xlabel="unit (stage_block)", ylabel="saturation", ylim=(0, 1.05))
+    fig.tight_layout()
+    path = out / "saturation.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    files.append(path)
+    return files
+
+
+def write_json(report: ExcitationReport, out: str | Path, threshold: float = 0.95) -> Path:
+    path = Path(out) / "excitation.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.to_dict(threshold), indent=1))
+    return path

@@ -1,0 +1,93 @@
+"""Inspecting a small fine-tuned model on digits: statistics, plots, pruning."""
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from tiny_models import FunctionalResNet
+from typer.testing import CliRunner
+
+import se_inject
+from se_inject.cli import app
+from se_inject.data import digits
+from se_inject.excitation import ChannelScale, collect, max_output_change, plot, prune_units, write_json
+from se_inject.finetune import FinetuneConfig, finetune
+
+SPEC = f"{Path(__file__).parent / 'tiny_models.py'}:FunctionalResNet"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.manual_seed(0)
+    data = digits(image_size=16)
+    model = se_inject.inject(FunctionalResNet(num_classes=10), r=4, init="paper", input_size=16, model_name=SPEC)
+    out = tmp_path_factory.mktemp("run") / "se"
+    finetune(model, data, out, FinetuneConfig(epochs=2, se_epochs=1, lr=0.1, full_lr_scale=1.0))
+    with torch.no_grad():  # one unit made constant on purpose: sigmoid(0) = 0.5 whatever the input
+        model.stages[2][0].se_3_1.fc1.weight.zero_()
+    return model.eval(), data, DataLoader(data.val, batch_size=128)
+
+
+def test_statistics_have_the_right_shapes_and_ranges(trained):
+    model, data, loader = trained
+    report = collect(model, loader, data.classes)
+    assert report.images == len(data.val) and [u.name for u in report.units] == [
+        "stages.0.0.se_1_1", "stages.0.1.se_1_2", "stages.1.0.se_2_1", "stages.1.1.se_2_2", "stages.2.0.se_3_1"]
+    for unit in report.units:
+        assert len(unit.mean) == unit.channels and len(unit.class_mean) == 10
+        assert all(len(row) == unit.channels for row in unit.class_mean + unit.class_std)
+        assert all(0 < v < 1 for v in unit.mean) and all(s >= 0 for row in unit.class_std for s in row)
+        assert 0 <= unit.saturation <= 1 and unit.gate_range == 1.0
+    constant = report.units[-1]
+    assert constant.saturation == pytest.approx(1.0) and all(v == pytest.approx(0.5) for v in constant.mean)
+    assert report.suggestions(0.999) == ["stages.2.0.se_3_1"]
+    # the class means average back to the overall mean, weighted by class size
+    counts = torch.bincount(data.val.tensors[1], minlength=10).double()
+    unit = report.units[0]
+    weighted = (torch.tensor(unit.class_mean) * counts[:, None]).sum(0) / counts.sum()
+    torch.testing.assert_close(weighted, torch.tensor(unit.mean, dtype=torch.float64))
+
+
+def test_plots_and_json_are_written(trained, tmp_path):
+    model, data, loader = trained
+    report = collect(model, loader, data.classes, max_images=128)
+    files = [write_json(report, tmp_path), *plot(report, tmp_path)]
+    assert [f.name for f in files] == ["excitation.json", "excitation_1_1.png", "excitation_2_1.png", "excitation_3_1.png", "saturation.png"]
+    assert all(f.stat().st_size > 1000 for f in files[1:])
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files[1:])
+    data_json = json.loads(files[0].read_text())
+    assert data_json["images"] == 128 and len(data_json["units"]) == 5
+
+
+def test_pruning_a_constant_gate_keeps_outputs_and_saves_eq5(trained, tmp_path):
+    model, data, loader = trained
+    report = collect(model, loader, data.classes)
+    pruned = prune_units(copy.deepcopy(model), report, ["stages.2.0.se_3_1"])
+    assert isinstance(pruned.model.stages[2][0].se_3_1, ChannelScale)
+    assert pruned.params_saved == 2 * 64 * 16 and pruned.params_saved == pruned.eq5_saved  # Eq. 5: 2 C^2 / r
+    assert max_output_change(model, pruned.model, loader) <= 1e-5  # the stated tolerance
+    se_inject.save(pruned.model, tmp_path / "pruned")
+    again = se_inject.load(tmp_path / "pruned")
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(again(x), pruned.model.eval()(x))
+    with pytest.raises(se_inject.ConfigError, match="'nope' is not an SE unit"):
+        prune_units(copy.deepcopy(model), report, ["nope"])
+
+
+def test_inspect_and_prune_from_the_cli(trained, tmp_path):
+    model, _, _ = trained
+    se_inject.save(model, tmp_path / "saved")
+    runner = CliRunner()
+    result = runner.invoke(app, ["inspect", str(tmp_path / "saved"), "--data", "digits", "--image-size", "16",
+                                 "--out", str(tmp_path / "insp"), "--threshold", "0.999"])
+    assert result.exit_code == 0, result.output
+    assert "stages.2.0.se_3_1" in result.stdout and (tmp_path / "insp" / "saturation.png").is_file()
+    result = runner.invoke(app, ["prune-se", str(tmp_path / "saved"), "--data", "digits", "--image-size", "16",
+                                 "--out", str(tmp_path / "pruned"), "--threshold", "0.999"])
+    assert result.exit_code == 0, result.output
+    assert "removed 1 unit(s): stages.2.0.se_3_1; params saved 2,048 (Eq. 5: 2,048)" in result.stdout
+    assert math.isclose(float(result.stdout.split("max |output change| ")[1].split(";")[0]), 0.0, abs_tol=1e-5)
