@@ -81,8 +81,11 @@ def time_interleaved(steps: dict[str, Callable[[], object]], repeats: int, warmu
             step()
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    names = list(steps)
+    for round_ in range(repeats):
+        # rotate the order each round (A B C, B C A, ...): no model always runs after the same one
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            step = steps[name]
             _sync(device)
             start = time.perf_counter()
             step()

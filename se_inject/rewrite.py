@@ -111,6 +111,13 @@ def _fuse_with_addition(graph: fx.Graph, name: str) -> None:
     graph.erase_node(se_node)
 
 
+def _mark_overwritable(graph: fx.Graph, name: str, unit: SqueezeExcite) -> None:
+    """Let the unit write over its input when that input is an intermediate read by the unit alone."""
+    (se_node,) = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    value = se_node.args[0]
+    unit.overwrite_input = value.op != "placeholder" and len(value.users) == 1
+
+
 def _graph_module_like(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """A GraphModule running ``graph`` that owns exactly ``module``'s children, parameters and buffers.
 
@@ -152,6 +159,7 @@ def build_injected(model: nn.Module, whole: fx.GraphModule, plan: Plan, config: 
             _insert(local.graph, mapping, unit)
         for unit in units:
             _fuse_with_addition(local.graph, unit.name)
+            _mark_overwritable(local.graph, unit.name, module.get_submodule(unit.name))
         local.graph.lint()
         rewritten = _graph_module_like(module, local.graph)
         if owner:

@@ -150,6 +150,8 @@ class SqueezeExcite(nn.Module):
         else:
             self.fc1 = nn.Linear(channels, self.hidden, bias=bias, **factory)
             self.fc2 = nn.Linear(self.hidden, channels, bias=bias, **factory)
+        # set by the rewrite when the unit's input feeds nothing else: inference may then reuse its memory
+        self.overwrite_input = False
         self.act = act_layer()
         self.gate = create_gate(gate_layer, preserve=init == "preserve")
         if init == "preserve":
@@ -191,9 +193,11 @@ class SqueezeExcite(nn.Module):
         positions), which saves writing and re-reading a full feature map per block.
         """
         s, scale = self._gate(x)
-        if residual is None:
-            return x * (s * scale if scale != 1.0 else s)
-        return torch.addcmul(residual, x, s, value=scale)
+        gate = s * scale if residual is None and scale != 1.0 else s
+        if self.overwrite_input and not (torch.is_grad_enabled() and x.requires_grad):
+            # inference on an intermediate nobody else reads: write the result over it, no allocation
+            return x.mul_(gate) if residual is None else torch.addcmul(residual, x, s, value=scale, out=x)
+        return x * gate if residual is None else torch.addcmul(residual, x, s, value=scale)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, r={self.r}, hidden={self.hidden}, squeeze={self.squeeze}"
