@@ -103,6 +103,13 @@ def parse_int_list(text: str, option: str) -> int | tuple[int, ...]:
     return values[0] if is_single else tuple(values)
 
 
+def _inject_config(position: str, r: str, stages: Optional[str], **options: Any) -> InjectConfig:
+    """An InjectConfig from the options every command shares, as typed on the command line."""
+    return InjectConfig(
+        position=position, r=parse_int_list(r, "r"), stages=parse_int_list(stages, "stages") if stages else None, **options
+    )
+
+
 @app.command("inject")
 def inject_command(
     model: str = typer.Argument(..., help="timm name, torchvision:NAME, module.path:callable or file.py:callable"),
@@ -133,10 +140,10 @@ def inject_command(
     The model is built on the meta device (no weights) unless --checkpoint, --pretrained, --check
     or --save need real ones.
     """
-    config = InjectConfig(
-        position=position,
-        r=parse_int_list(r, "r"),
-        stages=parse_int_list(stages, "stages") if stages else None,
+    config = _inject_config(
+        position,
+        r,
+        stages,
         squeeze=squeeze,
         excitation=excitation,
         bias=bias,
@@ -276,10 +283,7 @@ def finetune_command(
     else:
         kwargs = {} if checkpoint or pretrained else {"num_classes": splits.num_classes}
         original = load_model(source, device="cpu", pretrained=pretrained, checkpoint=checkpoint, **kwargs)
-        inject_config = InjectConfig(
-            position=position, r=parse_int_list(r, "r"), stages=parse_int_list(stages, "stages") if stages else None,
-            init=init,
-        )
+        inject_config = _inject_config(position, r, stages, init=init)
         model = retrofit(original, inject_config, input_size=splits.image_size, model_name=source).model
         if kwargs:
             model.se_inject_recipe = replace(model.se_inject_recipe, model_kwargs=kwargs)
@@ -356,7 +360,7 @@ def bench_command(
     if threads:
         torch.set_num_threads(threads)
     target = resolve_device(device)
-    config = InjectConfig(position=position, r=parse_int_list(r, "r"), stages=parse_int_list(stages, "stages") if stages else None)
+    config = _inject_config(position, r, stages)
     batches = parse_int_list(batch, "batch")
     batches = (256,) if target.type == "cuda" and batch == "1,16" else (batches if isinstance(batches, tuple) else (batches,))
     twin_name = twin_of(model)
