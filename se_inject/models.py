@@ -12,8 +12,13 @@ import contextlib
 import difflib
 import importlib
 import importlib.util
+import logging
+import os
+import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -136,14 +141,69 @@ def _pretrained_model(name: str, **kwargs) -> nn.Module:
 
     if not timm.is_model(name.split(".")[0]):
         raise ModelSpecError(f"unknown timm model '{name}'{_suggest(name, timm.list_models())}")
+    unreachable = _hub_unreachable()
+    with _hub_session(offline=unreachable is not None):
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as err:
+            if unreachable or _hub_offline():
+                why = f"{unreachable or 'HF_HUB_OFFLINE is set'} and they are not in the local Hugging Face cache"
+            else:
+                why = f"{type(err).__name__}: {_first_sentence(err)}"
+    raise ModelSpecError(
+        f"cannot fetch pretrained weights for '{name}': {why}; download them on a machine with a network "
+        "and pass the file with --checkpoint FILE"
+    )
+
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached, found at once; None when it may be.
+
+    A failed name lookup is certain and immediate, where a download would retry for about a
+    minute; behind a proxy the proxy resolves names, so nothing is concluded.
+    """
+    if any(os.environ.get(variable) for variable in _PROXY_VARIABLES):
+        return None
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise ModelSpecError(
-            f"cannot fetch pretrained weights for '{name}' ({type(err).__name__}: {first}); without a network, "
-            "download them elsewhere and pass the file with --checkpoint FILE"
-        ) from None
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"no network ({host} cannot be resolved)"
+    return None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+@contextlib.contextmanager
+def _hub_session(offline: bool) -> Iterator[None]:
+    """The hub in offline mode if asked (the local cache still serves), its warnings silenced:
+    the user gets se_inject's one line, not the hub's retries."""
+    from huggingface_hub import constants
+
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "timm")]
+    levels, was_offline = [lg.level for lg in loggers], constants.HF_HUB_OFFLINE
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    constants.HF_HUB_OFFLINE = was_offline or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was_offline
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _first_sentence(err: Exception, limit: int = 160) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    text = text.split(". ")[0]
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def describe_mismatch(missing: list[str], unexpected: list[str], wrong: list[str], expected: dict, given: dict) -> str:

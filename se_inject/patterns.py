@@ -155,6 +155,55 @@ def _is_shape_keeping_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
     )
 
 
+# Whether a node's output is new memory or may be its input's (see owns_its_memory).
+_FRESH_MODULE_TYPES = (nn.modules.conv._ConvNd, nn.Linear) + _NORM_TYPES
+_FRESH_FUNCTIONS = {operator.add, torch.add, operator.mul, torch.mul, *_CAT_FUNCTIONS, *_CONV_FUNCTIONS}
+_FRESH_METHODS = {"add", "mul"}
+_ALIAS_FUNCTIONS = {torch.relu_, F.relu_}
+_ALIAS_METHODS = {"relu_", "add_", "mul_", "sigmoid_", "tanh_", "clamp_", "contiguous"}
+
+
+def _memory_of(gm: fx.GraphModule, node: fx.Node) -> str:
+    """``fresh`` (the output is newly allocated), ``alias`` (it may be the first input's memory), or ``unknown``."""
+    if node.op == "call_module":
+        mod = _module(gm, node)
+        if isinstance(mod, _FRESH_MODULE_TYPES):
+            return "fresh"
+        if getattr(mod, "inplace", False) is True or isinstance(mod, _PASSTHROUGH_TYPES) or (
+            type(mod).__name__.lower() in _PASSTHROUGH_NAMES
+        ):
+            return "alias"  # in-place activations; Identity, dropout, drop-path return their input in eval
+        return "fresh" if type(mod).__name__.lower() in _ACTIVATION_NAMES else "unknown"
+    if node.op == "call_function":
+        inplace = node.kwargs.get("inplace") is True or any(a is True for a in node.args[1:])
+        if node.target in _ALIAS_FUNCTIONS or (node.target in _ACTIVATION_FUNCTIONS and inplace):
+            return "alias"
+        return "fresh" if node.target in _FRESH_FUNCTIONS | _ACTIVATION_FUNCTIONS else "unknown"
+    if node.op == "call_method":
+        if node.target in _ALIAS_METHODS:
+            return "alias"
+        return "fresh" if node.target in _FRESH_METHODS | _ACTIVATION_METHODS else "unknown"
+    return "unknown"  # placeholders and attributes belong to the caller or the module
+
+
+def owns_its_memory(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether the tensor ``node`` computes is memory that nothing but ``node``'s one user reads.
+
+    Follows aliasing ops (in-place activations, Identity, dropout) back to the op that allocated
+    the tensor; every tensor on the way must have that one user. Unknown ops count as aliasing:
+    a wrong "no" costs an allocation, a wrong "yes" would corrupt another tensor.
+    """
+    while len(node.users) == 1:
+        memory = _memory_of(gm, node)
+        if memory != "alias":
+            return memory == "fresh"
+        source = node.args[0] if node.args else None
+        if not isinstance(source, fx.Node):
+            return False
+        node = source
+    return False
+
+
 def _is_select(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _SELECT_FUNCTIONS) or (
         node.op == "call_method" and node.target in _SELECT_METHODS

@@ -25,7 +25,7 @@ from torch import nn
 from se_inject.config import InjectConfig
 from se_inject.errors import RewriteError, SEInjectError, UntraceableModelError
 from se_inject.plan import Plan, PlannedUnit
-from se_inject.patterns import add_operands, normalize_inplace_adds
+from se_inject.patterns import add_operands, normalize_inplace_adds, owns_its_memory
 from se_inject.sites import node_in_scope
 from se_inject.tracing import count_flops, trace
 from se_inject.unit import SqueezeExcite
@@ -111,11 +111,10 @@ def _fuse_with_addition(graph: fx.Graph, name: str) -> None:
     graph.erase_node(se_node)
 
 
-def _mark_overwritable(graph: fx.Graph, name: str, unit: SqueezeExcite) -> None:
-    """Let the unit write over its input when that input is an intermediate read by the unit alone."""
-    (se_node,) = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
-    value = se_node.args[0]
-    unit.overwrite_input = value.op != "placeholder" and len(value.users) == 1
+def _mark_overwritable(gm: fx.GraphModule, name: str, unit: SqueezeExcite) -> None:
+    """Let the unit write over its input when that input is memory the unit alone reads."""
+    (se_node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+    unit.overwrite_input = owns_its_memory(gm, se_node.args[0])
 
 
 def _graph_module_like(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
@@ -159,7 +158,7 @@ def build_injected(model: nn.Module, whole: fx.GraphModule, plan: Plan, config: 
             _insert(local.graph, mapping, unit)
         for unit in units:
             _fuse_with_addition(local.graph, unit.name)
-            _mark_overwritable(local.graph, unit.name, module.get_submodule(unit.name))
+            _mark_overwritable(local, unit.name, module.get_submodule(unit.name))
         local.graph.lint()
         rewritten = _graph_module_like(module, local.graph)
         if owner:

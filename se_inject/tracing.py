@@ -172,6 +172,7 @@ FLOP_FORMULAS: dict[Any, Any] = {
     aten._adaptive_avg_pool2d: _reduction_flops,
     aten.adaptive_max_pool2d: _reduction_flops,
     aten.mul: _elementwise_flops,
+    aten.mul_: _elementwise_flops,  # the unit's scale written over its input (inference)
     aten.addcmul: _elementwise_flops,  # the unit's scale fused with a residual add: the add is not counted, as elsewhere
 }
 

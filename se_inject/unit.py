@@ -96,6 +96,16 @@ def create_gate(gate: str | type[nn.Module], preserve: bool) -> nn.Module:
     raise ConfigError(f"excitation: expected a name or an nn.Module class, got {gate!r}")
 
 
+def _can_write_over(x: torch.Tensor, s: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether the result may go into ``x``'s memory: autograd records nothing (no operand needs a
+    gradient: in an SE-only training phase ``x`` has none but the gate has) and the result has
+    ``x``'s dtype (under autocast the residual or the gate can be wider)."""
+    operands = (s,) if residual is None else (s, residual)
+    return not any(t.requires_grad for t in operands) and all(
+        torch.promote_types(x.dtype, t.dtype) == x.dtype for t in operands
+    )
+
+
 class SqueezeExcite(nn.Module):
     """The SE unit of Hu et al.: ``x * gate(fc2(act(fc1(squeeze(x)))))``.
 
@@ -150,7 +160,8 @@ class SqueezeExcite(nn.Module):
         else:
             self.fc1 = nn.Linear(channels, self.hidden, bias=bias, **factory)
             self.fc2 = nn.Linear(self.hidden, channels, bias=bias, **factory)
-        # set by the rewrite when the unit's input feeds nothing else: inference may then reuse its memory
+        # set by the rewrite when the unit's input is memory nothing else reads (see owns_its_memory):
+        # inference may then write the result over it; False always allocates a new feature map
         self.overwrite_input = False
         self.act = act_layer()
         self.gate = create_gate(gate_layer, preserve=init == "preserve")
@@ -194,7 +205,7 @@ class SqueezeExcite(nn.Module):
         """
         s, scale = self._gate(x)
         gate = s * scale if residual is None and scale != 1.0 else s
-        if self.overwrite_input and not (torch.is_grad_enabled() and x.requires_grad):
+        if self.overwrite_input and _can_write_over(x, s, residual):
             # inference on an intermediate nobody else reads: write the result over it, no allocation
             return x.mul_(gate) if residual is None else torch.addcmul(residual, x, s, value=scale, out=x)
         return x * gate if residual is None else torch.addcmul(residual, x, s, value=scale)

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -93,13 +94,17 @@ def test_parse_int_list():
         parse_int_list("2..4", "stages")
 
 
-def test_the_installed_command_in_a_real_process():
+def test_the_installed_command_in_a_real_process(tmp_path):
     command = [shutil.which("se-inject")] if shutil.which("se-inject") else [sys.executable, "-m", "se_inject"]
     done = subprocess.run([*command, "resnet18", "--json"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["totals"]["params_added"] == 2 * (2 * 64**2 + 2 * 128**2 + 2 * 256**2 + 2 * 512**2) // 16
     failed = subprocess.run([*command, "resnet18", "--r", "0"], capture_output=True, text=True, timeout=120)
     assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+    # the hub's own warnings (logging, outside CliRunner's capture) must not reach the user either
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    failed = subprocess.run([*command, "resnet18", "--pretrained"], capture_output=True, text=True, timeout=120, env=offline)
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and "--checkpoint FILE" in failed.stderr
 
 
 def test_checkpoint_check_and_save(tmp_path):
@@ -123,7 +128,10 @@ def test_checkpoint_check_and_save(tmp_path):
     assert forced.exit_code == 0 and json.loads(forced.stdout)["saved"] == str(out)
 
 
-def test_pretrained_offline_is_one_line(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_pretrained_offline_is_one_line(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     result = invoke("resnet18", "--pretrained")
     assert result.exit_code == 2 and "--checkpoint FILE" in result.stderr and len(result.stderr.splitlines()) == 1

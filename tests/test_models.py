@@ -125,9 +125,18 @@ def _resnet18_10_classes():
     return timm.create_model("resnet18", num_classes=10)
 
 
-def test_pretrained_without_a_network_points_to_checkpoint(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelSpecError, match="cannot fetch pretrained weights for 'resnet18'.*--checkpoint FILE"):
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """The Hugging Face hub offline, with an empty local cache of its own (whatever the machine's network)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_pretrained_without_a_network_points_to_checkpoint(offline_hub):
+    with pytest.raises(ModelSpecError, match="cannot fetch pretrained weights for 'resnet18': .*--checkpoint FILE"):
         load_model("resnet18", pretrained=True)
     with pytest.raises(ModelSpecError, match="choose one"):
         load_model("resnet18", pretrained=True, checkpoint="x.pth")
@@ -136,3 +145,31 @@ def test_pretrained_without_a_network_points_to_checkpoint(monkeypatch):
 def test_models_whose_constructor_reads_weights_still_build_on_meta():
     model = load_model("torchvision:regnet_x_400mf", device="meta")  # its init copies tensors
     assert all(p.is_meta for p in model.parameters())
+
+
+def test_pretrained_weights_in_the_local_cache_load_offline(offline_hub):
+    """--pretrained reads timm's own hub cache when there is no network (here: a cache the test writes)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    reference = timm.create_model("resnet18")
+    repo = offline_hub / ("models--" + reference.pretrained_cfg["hf_hub_id"].replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    save_file(reference.state_dict(), snapshot / "model.safetensors")
+    model = load_model("resnet18", pretrained=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_an_unresolvable_hub_is_known_at_once_unless_a_proxy_resolves_names(monkeypatch):
+    from se_inject.models import _PROXY_VARIABLES, _hub_unreachable
+
+    for variable in _PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # .invalid never resolves (RFC 6761)
+    assert _hub_unreachable() == "no network (hub.invalid cannot be resolved)"
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert _hub_unreachable() is None

@@ -174,3 +174,35 @@ def test_a_block_that_depends_on_how_it_is_called_hands_its_units_to_its_parent(
     assert type(result.model) is Tree and isinstance(result.model.tree, fx.GraphModule)
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(result.model(x), model(x))
+
+
+class IdentityShortcutBlock(torch.nn.Module):
+    """``relu(branch(x) + shortcut(x))`` with ``shortcut = nn.Identity()``: its output *is* x."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(channels)
+        self.shortcut = torch.nn.Identity()
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)) + self.shortcut(x))
+
+
+@pytest.mark.parametrize("position, writes_over", [("identity", False), ("standard", True), ("post", True)])
+def test_inference_writes_over_no_tensor_anything_else_reads(position, writes_over):
+    """The unit reuses its input's memory only when that memory is its alone: never the caller's input."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(IdentityShortcutBlock(8), IdentityShortcutBlock(8)).eval()
+    injected = se_inject.inject(model, position=position, r=2, init="paper", input_size=8)
+    units = [m for m in injected.modules() if isinstance(m, SqueezeExcite)]
+    assert [u.overwrite_input for u in units] == [writes_over] * 2
+    x = torch.randn(2, 8, 8, 8)
+    kept = x.clone()
+    with torch.no_grad():
+        out = injected(x)
+    assert torch.equal(x, kept)
+    for unit in units:
+        unit.overwrite_input = False
+    with torch.no_grad():
+        assert torch.equal(out, injected(kept))

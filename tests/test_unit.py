@@ -139,3 +139,35 @@ def test_the_fused_residual_form_computes_the_same_sum(init):
         torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)  # one rounding (fma) instead of two
     cl = x.contiguous(memory_format=torch.channels_last)
     assert se(cl, residual.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_writing_over_the_input_only_when_autograd_records_nothing(with_residual):
+    """An SE-only training phase: the backbone's features need no gradient, the unit's weights do."""
+    torch.manual_seed(0)
+    se = SqueezeExcite(16, r=4, init="paper")
+    se.overwrite_input = True
+    x, residual = torch.randn(2, 16, 5, 5), (torch.randn(2, 16, 5, 5) if with_residual else None)
+    expected = se(x.clone()) if residual is None else se(x.clone()) + residual
+    kept = x.clone()
+    out = se(x, residual)  # grad enabled, the weights require grad: x must be left alone
+    assert torch.equal(x, kept)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    out.sum().backward()
+    assert se.fc1.weight.grad is not None
+    with torch.no_grad():
+        out = se(x, residual)
+    assert out.data_ptr() == x.data_ptr()  # inference reuses the input's memory
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_writing_over_the_input_never_narrows_the_result():
+    """Under autocast the residual can be wider than the unit's input: the sum keeps its width."""
+    torch.manual_seed(0)
+    se = SqueezeExcite(16, r=4, init="paper").to(torch.bfloat16)
+    se.overwrite_input = True
+    x, residual = torch.randn(2, 16, 5, 5, dtype=torch.bfloat16), torch.randn(2, 16, 5, 5)
+    with torch.no_grad():
+        out = se(x.clone(), residual)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, torch.addcmul(residual, x, se.excitation(x)))
