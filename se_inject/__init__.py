@@ -6,6 +6,7 @@
 8
 """
 
+from se_inject._version import __version__
 from se_inject.api import Retrofit, check_outputs, inject, make_config, report, retrofit
 from se_inject.config import POSITIONS, InjectConfig
 from se_inject.errors import (
@@ -32,7 +33,6 @@ from se_inject.report import OverheadReport, StageReport, Totals, UnitReport, eq
 from se_inject.saving import apply, load, save
 from se_inject.unit import SqueezeExcite, hidden_width
 
-__version__ = "0.1.0"
 
 __all__ = [
     "POSITIONS",

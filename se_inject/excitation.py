@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from se_inject.errors import ConfigError
-from se_inject.unit import SqueezeExcite
+from se_inject.unit import ChannelScale, SqueezeExcite
 
 
 @dataclass
@@ -121,19 +121,6 @@ def collect(model: nn.Module, loader: DataLoader, classes: list[str], device: st
             image_std, max(0.0, 1.0 - image_std / (gate_range / 2)),
         ))
     return report
-
-
-class ChannelScale(nn.Module):
-    """A pruned unit: its mean gate per channel as a fixed buffer, called like the unit it replaces."""
-
-    def __init__(self, scale: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("scale", scale.detach().clone().view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if residual is None:
-            return x * self.scale
-        return torch.addcmul(residual, x, self.scale)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from se_inject._version import __version__
 from se_inject.config import InjectConfig
 from se_inject.errors import ArtifactError
 
@@ -63,8 +64,6 @@ class Recipe:
 
 def versions() -> dict[str, str]:
     import timm
-
-    from se_inject import __version__
 
     return {"torch": torch.__version__, "timm": timm.__version__, "se_inject": __version__}
 

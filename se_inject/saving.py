@@ -26,6 +26,7 @@ from se_inject.api import retrofit
 from se_inject.errors import ArtifactError, RecipeMismatchError
 from se_inject.models import load_model, load_state
 from se_inject.recipe import RECIPE_FILE, SITE_KEYS, Recipe
+from se_inject.unit import ChannelScale
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -152,8 +153,6 @@ def load(directory: str | Path, model: nn.Module | None = None, *, device: str |
         model = load_model(recipe.source, device=device, **recipe.model_kwargs)
     injected = apply(recipe, model)
     if recipe.pruned:
-        from se_inject.excitation import ChannelScale
-
         for name in recipe.pruned:  # the scales themselves come with the weights
             owner, _, child = name.rpartition(".")
             unit = injected.get_submodule(name)

@@ -8,6 +8,9 @@ https://arxiv.org/abs/1709.01507. Squeeze (Eq. 2) pools each channel to one numb
 Beyond the paper, for retrofitting trained models, ``init="preserve"`` zeroes ``W2`` (and the
 biases) and rescales the gate so that ``gate(0) == 1``: at insertion every channel is multiplied
 by exactly 1.0 and the host network computes bit for bit what it computed before.
+
+A unit whose gate has turned out nearly constant can be pruned to :class:`ChannelScale`, its mean
+gate as a fixed per-channel scale (see ``se_inject.excitation``).
 """
 
 from __future__ import annotations
@@ -212,3 +215,16 @@ class SqueezeExcite(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, r={self.r}, hidden={self.hidden}, squeeze={self.squeeze}"
+
+
+class ChannelScale(nn.Module):
+    """A pruned unit: its mean gate per channel as a fixed buffer, called like the unit it replaces."""
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone().view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is None:
+            return x * self.scale
+        return torch.addcmul(residual, x, self.scale)

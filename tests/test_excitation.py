@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 import se_inject
 from se_inject.cli import app
 from se_inject.data import digits
-from se_inject.excitation import ChannelScale, collect, max_output_change, plot, prune_units, write_json
+from se_inject.excitation import collect, max_output_change, plot, prune_units, write_json
+from se_inject.unit import ChannelScale
 from se_inject.finetune import FinetuneConfig, finetune
 
 SPEC = f"{Path(__file__).parent / 'tiny_models.py'}:FunctionalResNet"

@@ -114,5 +114,6 @@ def test_a_wheel_ships_the_rules(tmp_path):
         check=True,
     )
     (wheel,) = tmp_path.glob("*.whl")
+    assert wheel.name.startswith(f"se_inject-{se_inject.__version__}-")  # the version comes from se_inject/_version.py
     names = zipfile.ZipFile(wheel).namelist()
     assert {f"se_inject/rules/{p.name}" for p in (ROOT / "rules").glob("*.toml")} <= set(names)
