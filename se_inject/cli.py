@@ -352,7 +352,7 @@ def bench_command(
     warmup: int = typer.Option(3, "--warmup", min=0, help="untimed calls per model first"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
-    compile: bool = typer.Option(False, "--compile", help="run the injected model under torch.compile"),
+    compile: bool = typer.Option(False, "--compile", help="run every model under torch.compile (inductor)"),
     train: Optional[bool] = typer.Option(None, "--train/--no-train", help="also time a training step (CUDA default)"),
     as_json: bool = typer.Option(False, "--json", help="print the timings as JSON"),
 ) -> None:
@@ -378,7 +378,7 @@ def render_bench(model: str, twin_name: str | None, report, console: Console) ->
     console.print(
         f"[bold]{model}[/] vs its retrofit{' and ' + twin_name if twin_name else ''}: {report.device}, "
         f"{report.threads} threads, {report.size}x{report.size}, medians of interleaved runs"
-        + (", injected model compiled" if report.compiled else "")
+        + (", all compiled (inductor)" if report.compiled else "")
     )
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("mode", "batch", "model", "median ms", "images/s"):

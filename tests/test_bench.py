@@ -46,3 +46,16 @@ def test_the_cli_benches_a_users_model():
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["twin"] is None and [r["batch"] for r in data["ratios"]] == [2]
+
+
+def test_compile_compiles_every_model_it_times(monkeypatch):
+    """Compiled against compiled: a compiled retrofit beside an eager original would flatter the retrofit."""
+    import torch._inductor.config as inductor_config
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    report = bench(FunctionalResNet(), twin=FunctionalResNet(), batches=(1,), size=32, repeats=1, warmup=0,
+                   compile=True, r=4)
+    assert len(compiled) == 3 and len({id(m) for m in compiled}) == 3 and report.compiled
+    assert any(isinstance(m, se_inject.SqueezeExcite) for m in compiled[1].modules())
+    assert inductor_config.freezing is False  # weight freezing is switched off again afterwards
