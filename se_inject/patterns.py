@@ -17,6 +17,7 @@ Existing channel gates (``x * f(pool(x))``: SE, ECA, ...) are found by :func:`fi
 
 from __future__ import annotations
 
+import heapq
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -163,7 +164,7 @@ _ALIAS_FUNCTIONS = {torch.relu_, F.relu_}
 _ALIAS_METHODS = {"relu_", "add_", "mul_", "sigmoid_", "tanh_", "clamp_", "contiguous"}
 
 
-def _memory_of(gm: fx.GraphModule, node: fx.Node) -> str:
+def _memory_of(gm: nn.Module, node: fx.Node) -> str:
     """``fresh`` (the output is newly allocated), ``alias`` (it may be the first input's memory), or ``unknown``."""
     if node.op == "call_module":
         mod = _module(gm, node)
@@ -186,7 +187,7 @@ def _memory_of(gm: fx.GraphModule, node: fx.Node) -> str:
     return "unknown"  # placeholders and attributes belong to the caller or the module
 
 
-def owns_its_memory(gm: fx.GraphModule, node: fx.Node) -> bool:
+def owns_its_memory(gm: nn.Module, node: fx.Node) -> bool:
     """Whether the tensor ``node`` computes is memory that nothing but ``node``'s one user reads.
 
     Follows aliasing ops (in-place activations, Identity, dropout) back to the op that allocated
@@ -217,11 +218,12 @@ def _is_feature_map(node: fx.Node) -> bool:
 
 # --- graph walks --------------------------------------------------------------------------------
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
+def _ancestors(node: fx.Node, order: dict[fx.Node, int] | None = None, floor: int = 0) -> set[fx.Node]:
+    """``node`` and every node it is computed from; with ``order``, only those at position ``floor`` or later."""
     seen, todo = {node}, [node]
     while todo:
         for parent in todo.pop().all_input_nodes:
-            if parent not in seen:
+            if parent not in seen and (order is None or order[parent] >= floor):
                 seen.add(parent)
                 todo.append(parent)
     return seen
@@ -237,14 +239,33 @@ def _descendants(node: fx.Node, order: dict[fx.Node, int], limit: int) -> set[fx
     return seen
 
 
-def _path(start: fx.Node, fork: fx.Node, inside: set[fx.Node]) -> frozenset[fx.Node]:
-    return frozenset((_ancestors(start) & inside) - {fork})
+def _path(start: fx.Node, fork: fx.Node, inside: set[fx.Node], order: dict[fx.Node, int]) -> frozenset[fx.Node]:
+    """The nodes between ``fork`` and ``start`` (``inside``: the fork's descendants up to the join)."""
+    return frozenset((_ancestors(start, order, order[fork]) & inside) - {fork})
 
 
 def _fork(nodes: list[fx.Node], order: dict[fx.Node, int]) -> fx.Node | None:
-    """The latest node every one of ``nodes`` descends from (or is)."""
-    common = set.intersection(*(_ancestors(n) for n in nodes))
-    return max(common, key=order.__getitem__) if common else None
+    """The latest node every one of ``nodes`` descends from (or is).
+
+    Walks back in graph order from ``nodes``, marking which of them reach each node: a node is
+    final when it is popped, as its users come later in the graph, and the first one reached
+    from all of them is the fork. Nothing before the fork is visited.
+    """
+    everyone = (1 << len(nodes)) - 1
+    reached: dict[fx.Node, int] = {}
+    for i, node in enumerate(nodes):
+        reached[node] = reached.get(node, 0) | (1 << i)
+    heap = [(-order[node], node.name, node) for node in reached]
+    heapq.heapify(heap)
+    while heap:
+        _, _, node = heapq.heappop(heap)
+        if reached[node] == everyone:
+            return node
+        for parent in node.all_input_nodes:
+            if parent not in reached:
+                heapq.heappush(heap, (-order[parent], parent.name, parent))
+            reached[parent] = reached.get(parent, 0) | reached[node]
+    return None
 
 
 def follow_shape_keeping(gm: fx.GraphModule, node: fx.Node, within: frozenset[fx.Node] | None = None) -> fx.Node:
@@ -355,7 +376,7 @@ def find_residual_adds(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Ca
             continue
         inside = _descendants(fork, order, order[node])
         sides = sorted(
-            [(a, _path(a, fork, inside)), (b, _path(b, fork, inside))],
+            [(a, _path(a, fork, inside, order)), (b, _path(b, fork, inside, order))],
             key=lambda side: (_conv_count(gm, side[1]), len(side[1])),
             reverse=True,
         )
@@ -421,7 +442,7 @@ def find_branch_concats(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[C
         if fork is None:
             continue
         inside = _descendants(fork, order, order[node])
-        paths = [_path(i, fork, inside) for i in inputs]
+        paths = [_path(i, fork, inside, order) for i in inputs]
         conv_inputs = [i for i, p in zip(inputs, paths) if _conv_count(gm, p)]
         passthrough = [p for p in paths if all(_is_select(n) for n in p)]
         single = conv_inputs[0] if len(conv_inputs) == 1 else None

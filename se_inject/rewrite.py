@@ -27,7 +27,7 @@ from se_inject.errors import RewriteError, SEInjectError, UntraceableModelError
 from se_inject.plan import Plan, PlannedUnit
 from se_inject.patterns import add_operands, normalize_inplace_adds, owns_its_memory
 from se_inject.sites import node_in_scope
-from se_inject.tracing import count_flops, trace
+from se_inject.tracing import count_flops_by_module, trace_graph
 from se_inject.unit import SqueezeExcite
 
 
@@ -47,10 +47,12 @@ def make_unit(unit: PlannedUnit, config: InjectConfig, like: nn.Module) -> Squee
     )
 
 
-def map_nodes(whole: fx.Graph, local: fx.Graph, owner: str) -> dict[fx.Node, fx.Node]:
+def map_nodes(whole: fx.Graph, local: fx.Graph, owner: str, exact: bool = False) -> dict[fx.Node, fx.Node]:
     """Map the nodes of the whole-model graph created inside ``owner`` onto its local trace.
 
-    Inputs coming from outside ``owner`` map onto the local placeholders.
+    Inputs coming from outside ``owner`` map onto the local placeholders. ``exact`` also requires
+    the same constant arguments and the same values leaving the module, so that ``local`` is known
+    to compute what ``owner`` computes in the model even if it was traced from another instance.
     """
     outer = [n for n in whole.nodes if n.op not in ("placeholder", "output") and node_in_scope(n, owner)]
     inner = [n for n in local.nodes if n.op not in ("placeholder", "output")]
@@ -75,7 +77,57 @@ def map_nodes(whole: fx.Graph, local: fx.Graph, owner: str) -> dict[fx.Node, fx.
                     "depends on how it is called",
                     owner,
                 )
+    if exact and not _same_computation(outer, mapping, local):
+        raise RewriteError(f"module '{owner or '<root>'}' computes otherwise than the graph given for it", owner)
     return mapping
+
+
+def _same_computation(outer: list[fx.Node], mapping: dict[fx.Node, fx.Node], local: fx.Graph) -> bool:
+    """Whether every mapped node has its twin's arguments, constants included, and the values that
+    leave ``outer`` for the rest of the model are exactly those ``local`` returns."""
+    for w in outer:
+        twin = mapping[w]
+        if fx.node.map_arg(w.args, mapping.__getitem__) != twin.args:
+            return False
+        if fx.node.map_arg(w.kwargs, mapping.__getitem__) != twin.kwargs:
+            return False
+    inside = set(outer)
+    leaving = {mapping[n] for n in outer if any(user not in inside for user in n.users)}
+    (output,) = [n for n in local.nodes if n.op == "output"]
+    return leaving == set(output.all_input_nodes)
+
+
+def _copy_graph(graph: fx.Graph, owner: nn.Module) -> fx.Graph:
+    copied = fx.Graph(owning_module=owner)
+    copied.output(copied.graph_copy(graph, {}))
+    return copied
+
+
+def local_graph(
+    module: nn.Module, owner: str, whole: fx.Graph, config: InjectConfig, traced: dict[type, list[fx.Graph]]
+) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
+    """The graph of ``module`` (at ``owner``) on its own, and the map of its nodes in ``whole``.
+
+    Tracing a block costs more than its size suggests (fx patches every non-traceable function
+    in and out again), and the blocks of one class trace to a few graphs (with and without a
+    projection shortcut, say): ``traced`` keeps the graphs of each class, and one is reused for
+    another instance when it is exactly that instance's computation in ``whole`` (see
+    ``map_nodes(exact=True)``); otherwise the instance is traced itself.
+    """
+    for candidate in traced.get(type(module), []):
+        graph = _copy_graph(candidate, module)
+        try:
+            return graph, map_nodes(whole, graph, owner, exact=True)
+        except RewriteError:
+            continue
+    try:  # a block is called with all its arguments: fixing defaulted ones would change it
+        graph = trace_graph(module, config.leaf_modules, fix_defaults=not owner)
+    except UntraceableModelError as err:
+        raise RewriteError(f"module '{owner}' cannot be traced on its own: {err}", owner) from err
+    normalize_inplace_adds(graph)
+    mapping = map_nodes(whole, graph, owner)
+    traced.setdefault(type(module), []).append(_copy_graph(graph, module))
+    return graph, mapping
 
 
 def _insert(graph: fx.Graph, mapping: dict[fx.Node, fx.Node], unit: PlannedUnit) -> None:
@@ -111,10 +163,10 @@ def _fuse_with_addition(graph: fx.Graph, name: str) -> None:
     graph.erase_node(se_node)
 
 
-def _mark_overwritable(gm: fx.GraphModule, name: str, unit: SqueezeExcite) -> None:
+def _mark_overwritable(module: nn.Module, graph: fx.Graph, name: str) -> None:
     """Let the unit write over its input when that input is memory the unit alone reads."""
-    (se_node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
-    unit.overwrite_input = owns_its_memory(gm, se_node.args[0])
+    (se_node,) = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    module.get_submodule(name).overwrite_input = owns_its_memory(module, se_node.args[0])
 
 
 def _graph_module_like(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
@@ -139,28 +191,22 @@ def build_injected(model: nn.Module, whole: fx.GraphModule, plan: Plan, config: 
     by_owner: dict[str, list[PlannedUnit]] = defaultdict(list)
     for unit in plan.units:
         by_owner[unit.owner].append(unit)
+    traced: dict[type, list[fx.Graph]] = {}
     for owner, units in by_owner.items():
         module = injected.get_submodule(owner)
-        try:  # a block is called with all its arguments: fixing defaulted ones would change it
-            local = trace(module, config.leaf_modules, fix_defaults=not owner)
-        except UntraceableModelError as err:
-            raise RewriteError(f"module '{owner}' cannot be traced on its own: {err}", owner) from err
-        normalize_inplace_adds(local.graph)
-        mapping = map_nodes(whole.graph, local.graph, owner)
+        local, mapping = local_graph(module, owner, whole.graph, config, traced)
         for unit in units:
             if hasattr(module, unit.name):
                 raise RewriteError(
                     f"module '{owner or '<root>'}' already has an attribute '{unit.name}': was this model injected before?"
                 )
-            se = make_unit(unit, config, module)
-            module.add_module(unit.name, se)
-            local.add_module(unit.name, se)  # the graph checks call_module targets on its owner
-            _insert(local.graph, mapping, unit)
+            module.add_module(unit.name, make_unit(unit, config, module))
+            _insert(local, mapping, unit)
         for unit in units:
-            _fuse_with_addition(local.graph, unit.name)
-            _mark_overwritable(local, unit.name, module.get_submodule(unit.name))
-        local.graph.lint()
-        rewritten = _graph_module_like(module, local.graph)
+            _fuse_with_addition(local, unit.name)
+            _mark_overwritable(module, local, unit.name)
+        local.lint()
+        rewritten = _graph_module_like(module, local)
         if owner:
             parent, _, child = owner.rpartition(".")
             setattr(injected.get_submodule(parent), child, rewritten)
@@ -169,25 +215,26 @@ def build_injected(model: nn.Module, whole: fx.GraphModule, plan: Plan, config: 
     return injected
 
 
-def _record_input_shape(seen: dict[str, torch.Size], name: str):
+def _record_call(seen: set[str], name: str):
     def hook(module: nn.Module, args: tuple) -> None:  # returning a value would replace the args
-        seen.setdefault(name, args[0].shape)
+        seen.add(name)
 
     return hook
 
 
 def dry_run(injected: nn.Module, plan: Plan, input_shape: Sequence[int]) -> tuple[int, dict[str, int]]:
-    """Run ``injected`` once on abstract tensors: total FLOPs and each unit's own FLOPs.
+    """Run ``injected`` once on abstract tensors: total FLOPs and each unit's own FLOPs (what it
+    computes inside the model: a unit fused with an addition counts the fused product).
 
     Raises RewriteError if a unit never ran (a unit declared but not on the forward path).
     """
-    seen: dict[str, torch.Size] = {}
+    seen: set[str] = set()
     handles = []
     for unit in plan.units:
         module = injected.get_submodule(unit.qualified_name)
-        handles.append(module.register_forward_pre_hook(_record_input_shape(seen, unit.qualified_name)))
+        handles.append(module.register_forward_pre_hook(_record_call(seen, unit.qualified_name)))
     try:
-        total = count_flops(injected, input_shape)
+        total, per_module = count_flops_by_module(injected, input_shape)
     except SEInjectError:
         raise
     except Exception as err:
@@ -199,8 +246,4 @@ def dry_run(injected: nn.Module, plan: Plan, input_shape: Sequence[int]) -> tupl
     missing = [u.qualified_name for u in plan.units if u.qualified_name not in seen]
     if missing:
         raise RewriteError(f"inserted units never ran in a forward pass: {', '.join(missing)}")
-    unit_flops = {
-        u.qualified_name: count_flops(injected.get_submodule(u.qualified_name), seen[u.qualified_name])
-        for u in plan.units
-    }
-    return total, unit_flops
+    return total, {u.qualified_name: per_module.get(u.qualified_name, 0) for u in plan.units}

@@ -105,7 +105,7 @@ def _can_write_over(x: torch.Tensor, s: torch.Tensor, residual: torch.Tensor | N
     ``x``'s dtype (under autocast the residual or the gate can be wider)."""
     operands = (s,) if residual is None else (s, residual)
     return not any(t.requires_grad for t in operands) and all(
-        torch.promote_types(x.dtype, t.dtype) == x.dtype for t in operands
+        t.dtype == x.dtype or torch.promote_types(x.dtype, t.dtype) == x.dtype for t in operands
     )
 
 
@@ -190,7 +190,9 @@ class SqueezeExcite(nn.Module):
         else:
             z = x.mean((2, 3), keepdim=True) if self.squeeze == "avg" else x.amax((2, 3), keepdim=True)
             h = F.linear(z.flatten(1), self.fc1.weight, self.fc1.bias)
-        h = torch.relu(h) if type(self.act) is nn.ReLU else self.act(h)
+        # in place on fc1's output, which nothing else holds and whose backward needs only fc1's input
+        # (sigmoid_ is not used below: on meta tensors it is a Python kernel, ten times sigmoid's cost)
+        h = h.relu_() if type(self.act) is nn.ReLU else self.act(h)
         s = F.conv2d(h, self.fc2.weight, self.fc2.bias) if self.squeeze == "none" else F.linear(h, self.fc2.weight, self.fc2.bias)
         if type(self.gate) is ScaledSigmoid:
             s, scale = torch.sigmoid(s), 2.0

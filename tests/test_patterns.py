@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.fx as fx
 from conftest import assert_unchanged, snapshot
-from tiny_models import FAMILY_MODELS, InceptionNet, PartlyGatedNet, SeparableStack, ShuffleNetish
+from tiny_models import FAMILY_MODELS, TINY_MODELS, InceptionNet, PartlyGatedNet, SeparableStack, ShuffleNetish
 
 import se_inject
-from se_inject.patterns import PATTERNS, find_channel_gates, register_pattern
+from se_inject.patterns import PATTERNS, _ancestors, _fork, find_channel_gates, normalize_inplace_adds, register_pattern
 from se_inject.sites import analyse
+from se_inject.tracing import trace
 
 
 def test_the_registry_refuses_a_name_twice():
@@ -97,3 +98,23 @@ def test_silu_is_not_mistaken_for_a_gate():
             return y * torch.sigmoid(y)
 
     assert find_channel_gates(analyse(SiLUNet(), input_size=16).gm) == []
+
+
+def _fork_by_definition(nodes, order):
+    """The latest common ancestor, from whole ancestor sets (what _fork computes without them)."""
+    common = set.intersection(*(_ancestors(n) for n in nodes))
+    return max(common, key=order.__getitem__) if common else None
+
+
+JOINED = {c.name: c.build for c in FAMILY_MODELS + TINY_MODELS if c.name not in ("depthwise_separable_stack", "vgg_stack")}
+
+
+@pytest.mark.parametrize("name", [*JOINED, "resnet50", "dla34", "torchvision:densenet121"])
+def test_the_fork_of_every_join_is_the_latest_common_ancestor(name, zoo):
+    gm = trace(JOINED[name]() if name in JOINED else zoo(name))
+    normalize_inplace_adds(gm.graph)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    joins = [n for n in gm.graph.nodes if len(n.all_input_nodes) > 1]
+    assert joins
+    for join in joins:
+        assert _fork(join.all_input_nodes, order) is _fork_by_definition(join.all_input_nodes, order), join

@@ -206,3 +206,41 @@ def test_inference_writes_over_no_tensor_anything_else_reads(position, writes_ov
         unit.overwrite_input = False
     with torch.no_grad():
         assert torch.equal(out, injected(kept))
+
+
+class ScaledBlock(torch.nn.Module):
+    """One class, instances that compute differently: a constant and a flag set per instance."""
+
+    def __init__(self, channels, alpha, pool):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(channels)
+        self.alpha, self.pool = alpha, pool
+
+    def forward(self, x):
+        out = self.bn(self.conv(x)) * self.alpha  # alpha is a Python float: a constant in the graph
+        if self.pool:
+            out = F.avg_pool2d(out, 3, 1, 1)
+        return F.relu(out + x)
+
+
+def test_blocks_of_one_class_share_a_trace_only_when_they_compute_the_same(monkeypatch):
+    """Six blocks of one class, three different computations: three traces, and each block keeps its own."""
+    import se_inject.rewrite as rewrite
+
+    traced = []
+    real_trace_graph = rewrite.trace_graph
+    monkeypatch.setattr(rewrite, "trace_graph", lambda module, *a, **k: traced.append(module) or real_trace_graph(module, *a, **k))
+    torch.manual_seed(0)
+    settings = [(1.0, False), (1.0, False), (0.5, False), (1.0, False), (0.5, True), (0.5, False)]
+    model = torch.nn.Sequential(*(ScaledBlock(8, alpha, pool) for alpha, pool in settings)).eval()
+    for module in model.modules():  # non-trivial statistics, so a wrong constant shows in the output
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+    injected = se_inject.inject(model, r=2, input_size=8)
+    assert [(m.alpha, m.pool) for m in traced] == [(1.0, False), (0.5, False), (0.5, True)]
+    assert all(isinstance(block, fx.GraphModule) for block in injected)
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(injected(x), model(x))
+    assert all(torch.equal(injected[i](x), model[i](x)) for i in range(len(settings)))

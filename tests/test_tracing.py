@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,9 @@ from torch import nn
 from se_inject.errors import ShapePropagationError, UntraceableModelError
 from se_inject.tracing import (
     SETracer,
+    ShapeOnlyBatchNorm,
     count_flops,
+    count_flops_by_module,
     eval_mode,
     infer_in_channels,
     module_scope,
@@ -177,3 +181,39 @@ def test_value_dependent_leaves_fall_back_to_real_tensors_but_not_on_meta():
         meta_model = NetWithUntraceableChild()
     with pytest.raises(ShapePropagationError, match="depends on tensor values, which the meta device does not have"):
         propagate(trace(meta_model, leaf_modules=["DataDependentGate"]), (1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_batch_norm_answered_by_shape_gives_what_its_kernel_gives(dtype, memory_format):
+    """ShapeOnlyBatchNorm skips batch norm's meta kernel; the tensors it returns must look the same."""
+    bn = nn.BatchNorm2d(16, device="meta", dtype=dtype).eval()
+    x = torch.empty(2, 16, 5, 7, device="meta", dtype=dtype).to(memory_format=memory_format)
+    expected = torch.ops.aten.native_batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.1, 1e-5)
+    with ShapeOnlyBatchNorm():
+        got = torch.ops.aten.native_batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.1, 1e-5)
+    for mine, kernels in zip(got, expected):
+        assert (mine.shape, mine.dtype, mine.stride(), mine.device) == (kernels.shape, kernels.dtype, kernels.stride(), kernels.device)
+
+
+def test_batch_norm_that_does_not_fit_still_fails_under_shape_only():
+    bn = nn.BatchNorm2d(16, device="meta").eval()
+    with ShapeOnlyBatchNorm(), pytest.raises(RuntimeError):
+        bn(torch.empty(2, 8, 5, 5, device="meta"))
+
+
+def test_training_batch_norm_runs_its_real_kernel_under_shape_only():
+    torch.manual_seed(0)
+    bn, x = nn.BatchNorm2d(4), torch.randn(3, 4, 5, 5)
+    expected = copy.deepcopy(bn)(x)
+    with ShapeOnlyBatchNorm():
+        assert torch.equal(bn(x), expected)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_flops_by_module_add_up_to_the_total():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1))
+    total, per_module = count_flops_by_module(model, (1, 3, 10, 10))
+    assert total == count_flops(model, (1, 3, 10, 10)) == per_module[""]
+    assert per_module["0"] == 2 * 100 * 8 * 3 * 9 and per_module["2"] == 2 * 100 * 16 * 8
+    assert per_module["0"] + per_module["2"] == total and "1" not in per_module
