@@ -15,14 +15,18 @@ from se_inject.errors import (
     CheckpointError,
     ConfigError,
     DataError,
+    InvalidModelError,
     ModelSpecError,
     NoSitesError,
     RecipeMismatchError,
+    ResumeMismatchError,
     RewriteError,
     RuleError,
     SEInjectError,
     ShapePropagationError,
+    TrainingDivergedError,
     UntraceableModelError,
+    UntrustedCodeError,
 )
 from se_inject.bench import BenchReport, bench, twin_of
 from se_inject.data import load_data
@@ -30,7 +34,7 @@ from se_inject.finetune import FinetuneConfig, FinetuneResult, finetune
 from se_inject.models import load_checkpoint, load_model
 from se_inject.recipe import Recipe
 from se_inject.report import OverheadReport, StageReport, Totals, UnitReport, eq5_params
-from se_inject.saving import apply, load, save
+from se_inject.saving import SourceChangedWarning, apply, load, save
 from se_inject.unit import SqueezeExcite, hidden_width
 
 
@@ -42,6 +46,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "InvalidModelError",
     "FinetuneConfig",
     "FinetuneResult",
     "InjectConfig",
@@ -50,16 +55,20 @@ __all__ = [
     "OverheadReport",
     "Recipe",
     "RecipeMismatchError",
+    "ResumeMismatchError",
     "Retrofit",
     "RewriteError",
     "RuleError",
     "SEInjectError",
     "ShapePropagationError",
+    "SourceChangedWarning",
+    "TrainingDivergedError",
     "SqueezeExcite",
     "StageReport",
     "Totals",
     "UnitReport",
     "UntraceableModelError",
+    "UntrustedCodeError",
     "apply",
     "bench",
     "check_outputs",

@@ -19,15 +19,19 @@ import torch
 from torch import nn
 
 from se_inject.config import InjectConfig
-from se_inject.errors import AlreadyInjectedError, ConfigError, RewriteError
+from se_inject.errors import AlreadyInjectedError, ConfigError, InvalidModelError, RewriteError
+from se_inject.models import recorded_source
 from se_inject.plan import Plan, plan_units
 from se_inject.report import OverheadReport, build_report
 from se_inject.rewrite import build_injected, dry_run
 from se_inject.rules import load_rules
 from se_inject.recipe import SITE_KEYS, Recipe, versions
 from se_inject.sites import Analysis, analyse
-from se_inject.tracing import eval_mode, on_meta
+from se_inject.tracing import eval_mode, on_meta, shadow
 from se_inject.unit import SqueezeExcite
+
+
+MAX_INPUT_SIZE = 16384  # pixels per side: far above any model's input, far below what would exhaust memory
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,11 @@ def retrofit(
         print(result.report.to_json())  # Eq. 5 vs. added weights, FLOPs per stage
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        raise InvalidModelError(f"model: expected an nn.Module, got {type(model).__name__}")
     config = make_config(config, **options)
     _refuse_reinjection(model, config)
     input_size = _resolve_input_size(model, input_size)
-    analysis: Analysis = analyse(model, input_size, config.leaf_modules, load_rules(config.rules))
+    analysis: Analysis = analyse(shadow(model), input_size, config.leaf_modules, load_rules(config.rules))
     plan, injected = _build(model, analysis, config)
     flops_after, unit_flops = dry_run(injected, plan, analysis.input_shape)
     notes = []
@@ -96,21 +100,16 @@ def retrofit(
         model_name or type(model).__name__, config, analysis, plan, model, injected, flops_after, unit_flops, notes
     )
     injected.se_inject_config = config  # lets later tools see what was injected, and how
+    source, source_file = recorded_source(model_name)
     injected.se_inject_recipe = Recipe(
-        source=model_name if model_name and _loadable(model_name) else None,
+        source=source,
+        source_file=source_file,
         options=json.loads(json.dumps(asdict(config))),
         input_size=report.input_size,
         sites=tuple({k: getattr(u, k) for k in SITE_KEYS} for u in report.sites),
         versions=versions(),
     )
     return Retrofit(injected, report, plan, config)
-
-
-def _loadable(spec: str) -> bool:
-    """Whether ``spec`` names a model load_model can build again (a user's module object cannot be)."""
-    import timm
-
-    return ":" in spec or timm.is_model(spec.split(".")[0])
 
 
 def _refuse_reinjection(model: nn.Module, config: InjectConfig) -> None:
@@ -201,7 +200,11 @@ def _resolve_input_size(model: nn.Module, input_size: int | Sequence[int] | None
         cfg = getattr(model, "pretrained_cfg", None) or {}
         size = cfg.get("input_size") if isinstance(cfg, dict) else None
         return tuple(size[-2:]) if size and len(size) == 3 else 224
+    if isinstance(input_size, (str, bytes)) or not isinstance(input_size, (int, Sequence)):
+        raise ConfigError(f"input_size: expected a positive size or (height, width), got {input_size!r}")
     sizes = [input_size] if isinstance(input_size, int) else list(input_size)
     if len(sizes) not in (1, 2) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
         raise ConfigError(f"input_size: expected a positive size or (height, width), got {input_size!r}")
+    if max(sizes) > MAX_INPUT_SIZE:
+        raise ConfigError(f"input_size: {max(sizes)} is over the {MAX_INPUT_SIZE} pixels se_inject analyses at; give the size the model runs at")
     return input_size if isinstance(input_size, int) else tuple(sizes)

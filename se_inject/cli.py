@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,16 +20,19 @@ from typer.core import TyperGroup
 
 import torch
 
+from se_inject._version import __version__
 from se_inject.api import check_outputs, retrofit
-from se_inject.data import load_data
 from se_inject.bench import bench, twin_of
-from se_inject.excitation import collect, max_output_change, plot, prune_units, write_json
-from se_inject.finetune import FinetuneConfig, evaluate, finetune, resolve_device
 from se_inject.config import InjectConfig
-from se_inject.errors import ArtifactError, ConfigError, SEInjectError
-from se_inject.models import load_model
+from se_inject.data import DIGITS_SIZE, check_image_size, data_classes, load_data, model_data_config
+from se_inject.errors import ConfigError, SEInjectError
+from se_inject.excitation import collect, max_output_change, plot, prune_units, write_json
+from se_inject.files import as_path, check_target
+from se_inject.finetune import FinetuneConfig, evaluate, finetune, resolve_device
+from se_inject.models import accepts_kwarg, load_model, spec_kind
+from se_inject.recipe import RECIPE_FILE
 from se_inject.report import OverheadReport
-from se_inject.saving import load, save
+from se_inject.saving import OWNED_FILES, load, save
 
 HELP = InjectConfig.field_help()
 
@@ -50,7 +52,7 @@ class SEInjectGroup(TyperGroup):
     default_command = "inject"
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
 
@@ -59,6 +61,9 @@ class SEInjectGroup(TyperGroup):
             result = super().main(*args, standalone_mode=False, **kwargs)
         except SEInjectError as err:
             _fail(str(err))
+        except OSError as err:  # the file system said no (permissions, a full disk): not a bug to trace
+            where = f"{err.filename}: " if err.filename else ""
+            _fail(f"{where}{err.strerror or err}")
         except typer.Abort:
             typer.echo("se-inject: aborted", err=True)
             sys.exit(1)
@@ -82,25 +87,80 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"se-inject {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _group() -> None:
+def _group(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True, help="print the version and exit"),
+) -> None:
     """Retrofit Squeeze-and-Excitation units into existing models."""
 
 
+MAX_LIST_VALUE = 1_000_000  # far above any stage count, ratio or batch; far below what a range can exhaust
+MAX_LIST_LENGTH = 1000
+
+
 def parse_int_list(text: str, option: str) -> int | tuple[int, ...]:
-    """``"16"`` -> 16, ``"8,16,16,32"`` -> (8, 16, 16, 32), ``"2-4"`` -> (2, 3, 4)."""
+    """``"16"`` -> 16, ``"8,16,16,32"`` -> (8, 16, 16, 32), ``"2-4"`` -> (2, 3, 4).
+
+    Values and lengths are bounded (a range like ``1-999999999999`` is refused, not expanded).
+    """
     values: list[int] = []
+    usage = f"{option}: expected integers like 16, 8,16,32 or 2-4, got {text[:40]!r}"
     for part in text.split(","):
         low, dash, high = part.strip().partition("-")
+        is_range = bool(dash and low)  # a leading "-" is a (refused later) negative number
         try:
-            if dash and low:  # a range; a leading "-" is a (refused later) negative number
-                values.extend(range(int(low), int(high) + 1))
-            else:
-                values.append(int(part))
+            first, last = (int(low), int(high)) if is_range else (int(part), int(part))
         except ValueError:
-            raise ConfigError(f"{option}: expected integers like 16, 8,16,32 or 2-4, got {text!r}") from None
+            raise ConfigError(usage) from None
+        if max(abs(first), abs(last)) > MAX_LIST_VALUE:
+            raise ConfigError(f"{option}: {part.strip()} is out of range (values up to {MAX_LIST_VALUE:,})")
+        if last < first:
+            raise ConfigError(f"{option}: the range {part.strip()} is empty; write it low-high")
+        values.extend(range(first, last + 1))
+        if len(values) > MAX_LIST_LENGTH:
+            raise ConfigError(f"{option}: more than {MAX_LIST_LENGTH} values")
     is_single = len(values) == 1 and "," not in text and "-" not in text.strip().lstrip("-")
     return values[0] if is_single else tuple(values)
+
+
+def parse_positive_list(text: str, option: str) -> tuple[int, ...]:
+    """A list of positive integers (batch sizes and the like)."""
+    values = parse_int_list(text, option)
+    values = values if isinstance(values, tuple) else (values,)
+    bad = [v for v in values if v < 1]
+    if bad or not values:
+        raise ConfigError(f"{option}: expected positive integers, got {text[:40]!r}")
+    return values
+
+
+def parse_names(text: str | None, option: str) -> list[str] | None:
+    """``"a,b"`` -> ["a", "b"]; an empty name is refused."""
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise ConfigError(f"{option}: expected comma-separated names, got {text[:60]!r}")
+    return names
+
+
+def _check_save_target(directory: str | None, force: bool) -> None:
+    """Refuse a --save/--out target before any work is done (it is checked again when written)."""
+    if directory is not None:
+        check_target(as_path(directory, "--save"), force=force, owned=OWNED_FILES, marker=RECIPE_FILE)
+
+
+def _source_kwargs(spec: str, num_classes: int | None) -> dict[str, Any]:
+    if num_classes is None:
+        return {}
+    if num_classes < 0:
+        raise ConfigError(f"--num-classes: expected 0 (no head) or more classes, got {num_classes}")
+    return {"num_classes": num_classes}
 
 
 def _inject_config(position: str, r: str, stages: Optional[str], **options: Any) -> InjectConfig:
@@ -129,6 +189,7 @@ def inject_command(
     existing: str = typer.Option("skip", "--existing", help=HELP["existing"] + " (skip|stack)"),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="trained weights (.safetensors, .pth) loaded before injection"),
     pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights (needs a network)"),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="classes of the model's head (e.g. of a fine-tuned checkpoint)"),
     check: bool = typer.Option(False, "--check", help="run original and injected on one batch; print the largest output difference"),
     save_dir: Optional[str] = typer.Option(None, "--save", help="write the injected model (safetensors + recipe.json) to DIR"),
     force: bool = typer.Option(False, "--force", help="with --save: replace an existing DIR"),
@@ -153,11 +214,11 @@ def inject_command(
         existing=existing,
         rules=tuple(rules),
     )
-    if save_dir and Path(save_dir).exists() and not force:  # before any work is done
-        raise ArtifactError(f"{save_dir} already exists; choose another directory or pass --force")
+    _check_save_target(save_dir, force)  # before any work is done
     needs_weights = bool(checkpoint or pretrained or check or save_dir)
     network = load_model(
-        model, device="cpu" if needs_weights else "meta", pretrained=pretrained, checkpoint=checkpoint
+        model, device="cpu" if needs_weights else "meta", pretrained=pretrained, checkpoint=checkpoint,
+        **_source_kwargs(model, num_classes),
     )
     result = retrofit(network, config, input_size=input_size, model_name=model)
     difference = check_outputs(network, result.model, input_size=input_size) if check else None
@@ -257,7 +318,7 @@ def finetune_command(
     amp: bool = typer.Option(True, "--amp/--no-amp", help="mixed precision on CUDA (bf16 where supported)"),
     seed: int = typer.Option(0, "--seed", help="seed of initialisation, shuffling and dropout"),
     workers: int = typer.Option(0, "--workers", help="data-loading worker processes"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="training image size (digits: 32, folders: 224)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="training image size (digits: 32, folders: the model's)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     nproc: int = typer.Option(1, "--nproc", help="launch N processes with torchrun (DistributedDataParallel)"),
     position: str = typer.Option("standard", "--position", "-p", help=HELP["position"]),
@@ -266,30 +327,44 @@ def finetune_command(
     init: str = typer.Option("preserve", "--init", help=HELP["init"]),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="trained weights for a model spec SOURCE"),
     pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights for SOURCE"),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="classes of SOURCE's head as --checkpoint has it (default: the dataset's)"),
+    trust_code: bool = typer.Option(False, "--trust-code", help="a saved SOURCE whose recipe names Python code may import and run it"),
+    force: bool = typer.Option(False, "--force", help="start over in an --out that holds a saved model or run"),
 ) -> None:
     """Fine-tune a retrofitted model: SE units first (--se-epochs), then everything."""
-    if nproc > 1:
-        raise typer.Exit(_launch_torchrun(nproc, device))
+    if nproc < 1:
+        raise ConfigError(f"--nproc: expected 1 or more processes, got {nproc}")
     config = FinetuneConfig(
         epochs=epochs, se_epochs=se_epochs, batch_size=batch_size, lr=lr, full_lr_scale=full_lr_scale,
         optimizer=optimizer, schedule=schedule, label_smoothing=label_smoothing, weight_decay=weight_decay,
         device=device, amp=amp, seed=seed, workers=workers,
     )
-    splits = load_data(data, image_size)  # checked completely before any model is built
+    if image_size is not None:
+        check_image_size(image_size)
+    if not Path(source).is_dir():
+        spec_kind(source)
+    classes = data_classes(data)  # the data is checked completely before any model is built
+    if nproc > 1:  # everything that can be checked once is checked before the workers start
+        raise typer.Exit(_launch_torchrun(nproc, device))
     torch.manual_seed(seed)
     original = None
     if Path(source).is_dir():
-        model = load(source)
+        model = load(source, trust_code=trust_code)
     else:
-        kwargs = {} if checkpoint or pretrained else {"num_classes": splits.num_classes}
-        original = load_model(source, device="cpu", pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+        given = _source_kwargs(source, num_classes)
+        # the dataset's classes when no trained head is given and the constructor takes them (else the head is refitted)
+        fitted = {"num_classes": len(classes)} if not (checkpoint or pretrained) and accepts_kwarg(source, "num_classes") else {}
+        original = load_model(source, device="cpu", pretrained=pretrained, checkpoint=checkpoint, **(given or fitted))
+        size = image_size or (DIGITS_SIZE if data == "digits" else model_data_config(original).input_size)
         inject_config = _inject_config(position, r, stages, init=init)
-        model = retrofit(original, inject_config, input_size=splits.image_size, model_name=source).model
-        if kwargs:
-            model.se_inject_recipe = replace(model.se_inject_recipe, model_kwargs=kwargs)
+        model = retrofit(original, inject_config, input_size=size, model_name=source).model
+    splits = load_data(data, image_size, model_data_config(model), check=False)
     out_console = console()
-    result = finetune(model, splits, out, config, original=original, resume=resume, show_progress=True, console=out_console)
+    result = finetune(model, splits, out, config, original=original, resume=resume, force=force, show_progress=True,
+                      console=out_console)
     if int(os.environ.get("RANK", "0")) == 0:
+        for warning in result.warnings:
+            typer.echo(f"se-inject: warning: {warning}", err=True)
         render_finetune(result, out_console)
 
 
@@ -297,10 +372,15 @@ def _launch_torchrun(nproc: int, device: str) -> int:
     """Run this same command in ``nproc`` processes through torch's elastic launcher (torchrun's engine).
 
     The arguments go to the workers untouched: torchrun's own command line would mistake options such
-    as ``--r`` for abbreviations of its own.
+    as ``--r`` for abbreviations of its own. The workers' stderr goes to files: a failing worker's
+    one-line error is printed once (not once per worker, not with the launcher's report), and on
+    success the first worker's warnings are shown.
     """
+    import logging
+    import tempfile
     import uuid
 
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     args = []
@@ -313,17 +393,36 @@ def _launch_torchrun(nproc: int, device: str) -> int:
             args.append(arg)
     if device != "cuda":
         os.environ["SE_INJECT_BACKEND"] = "gloo"
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2,
-    )
-    try:
-        elastic_launch(config, sys.executable)("-m", "se_inject", *args)
-    except Exception as err:  # a worker failed: it printed its own one-line error
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    launcher_log = logging.getLogger("torch.distributed.elastic")
+    level = launcher_log.level
+    launcher_log.setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="se_inject_workers_") as logs:
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+            rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2,
+            logs_specs=DefaultLogsSpecs(log_dir=logs, redirects=Std.ERR),
+        )
+        failure: Exception | None = None
+        try:
+            elastic_launch(config, sys.executable)("-m", "se_inject", *args)
+        except Exception as err:
+            failure = err
+        finally:
+            launcher_log.setLevel(level)
+        by_rank = {int(f.parent.name): f.read_text(errors="replace").splitlines()
+                   for f in Path(logs).rglob("stderr.log") if f.parent.name.isdigit()}
+    if failure is None:
+        for line in by_rank.get(0, []):
+            if line.startswith("se-inject: warning: "):
+                typer.echo(line, err=True)
+        return 0
+    errors = [line for rank in sorted(by_rank) for line in by_rank[rank] if line.startswith("se-inject: error: ")]
+    if errors:
+        typer.echo(errors[0], err=True)
+    else:
+        first = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
         typer.echo(f"se-inject: error: a worker process failed ({first[:200]})", err=True)
-        return 2
-    return 0
+    return 2
 
 
 def render_finetune(result, console: Console) -> None:
@@ -361,8 +460,8 @@ def bench_command(
         torch.set_num_threads(threads)
     target = resolve_device(device)
     config = _inject_config(position, r, stages)
-    batches = parse_int_list(batch, "batch")
-    batches = (256,) if target.type == "cuda" and batch == "1,16" else (batches if isinstance(batches, tuple) else (batches,))
+    batches = parse_positive_list(batch, "--batch")
+    batches = (256,) if target.type == "cuda" and batch == "1,16" else batches
     twin_name = twin_of(model)
     report = bench(
         load_model(model), config, twin=load_model(twin_name) if twin_name else None, batches=batches, size=size,
@@ -392,10 +491,10 @@ def render_bench(model: str, twin_name: str | None, report, console: Console) ->
 
 
 
-def _val_loader(data: str, image_size: Optional[int], batch_size: int = 128):
+def _val_loader(data: str, image_size: Optional[int], model: torch.nn.Module, batch_size: int = 128):
     from torch.utils.data import DataLoader
 
-    splits = load_data(data, image_size)
+    splits = load_data(data, image_size, model_data_config(model))
     return splits, DataLoader(splits.val, batch_size=batch_size)
 
 
@@ -408,13 +507,15 @@ def inspect_command(
     classes: int = typer.Option(4, "--classes", min=1, help="classes drawn in the per-unit plots"),
     threshold: float = typer.Option(0.95, "--threshold", help="saturation from which a unit is suggested for pruning"),
     max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="stop after this many images"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="image size (digits: 32, folders: 224)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="image size (digits: 32, folders: the model's)"),
+    trust_code: bool = typer.Option(False, "--trust-code", help="a recipe that names Python code may import and run it"),
 ) -> None:
     """Record what every SE unit's gate does over a dataset; write statistics, plots and pruning suggestions."""
-    model = load(saved)
-    splits, loader = _val_loader(data, image_size)
+    chosen = parse_names(units, "--units")
+    model = load(saved, trust_code=trust_code)
+    splits, loader = _val_loader(data, image_size, model)
     report = collect(model, loader, splits.classes, max_images=max_images)
-    files = [write_json(report, out, threshold), *plot(report, out, units.split(",") if units else None, classes)]
+    files = [write_json(report, out, threshold), *plot(report, out, chosen, classes)]
     table = Table(title=f"Excitation over {report.images} images", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("unit", "stage", "block", "C", "mean gate", "std over images", "saturation", "prune?"):
         table.add_column(column, justify="left" if column in ("unit", "prune?") else "right")
@@ -436,17 +537,18 @@ def prune_command(
     out: str = typer.Option(..., "--out", help="where the pruned model is saved"),
     units: Optional[str] = typer.Option(None, "--units", help="unit names to prune (default: those at --threshold)"),
     threshold: float = typer.Option(0.95, "--threshold", help="saturation from which a unit is pruned"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="image size (digits: 32, folders: 224)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="image size (digits: 32, folders: the model's)"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+    trust_code: bool = typer.Option(False, "--trust-code", help="a recipe that names Python code may import and run it"),
 ) -> None:
     """Replace SE units whose gate is nearly constant by their mean per-channel scale; report the cost."""
-    if Path(out).exists() and not force:
-        raise ArtifactError(f"{out} already exists; choose another directory or pass --force")
-    before = load(saved)
-    splits, loader = _val_loader(data, image_size)
+    chosen = parse_names(units, "--units")
+    _check_save_target(out, force)
+    before = load(saved, trust_code=trust_code)
+    splits, loader = _val_loader(data, image_size, before)
     report = collect(before, loader, splits.classes)
-    pruned = load(saved)
-    result = prune_units(pruned, report, units.split(",") if units else None, threshold)
+    pruned = load(saved, trust_code=trust_code)
+    result = prune_units(pruned, report, chosen, threshold)
     change = max_output_change(before, pruned, loader)
     device = torch.device("cpu")
     acc_before, acc_after = evaluate(before, loader, device)[1], evaluate(pruned, loader, device)[1]

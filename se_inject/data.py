@@ -2,22 +2,55 @@
 
 ``digits`` is scikit-learn's bundled handwritten-digits set (1,797 8x8 images, 10 classes), upscaled
 and repeated to 3 channels: real data that needs no download. An image folder is ``DATA/train`` and
-``DATA/val``, each holding one folder per class; it is checked completely (every image opened)
+``DATA/val``, each holding one folder per class; it is checked completely (every image decoded)
 before training starts, so a bad file stops the run at once, with its path.
+
+Images are normalised as the model expects: mean, standard deviation, input size, interpolation
+and crop come from the model's own data config (timm's ``resolve_data_config``, which falls back
+to ImageNet's values for a model that records none), see :func:`model_data_config`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from se_inject.errors import DataError
+from se_inject.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DIGITS_SIZE = 32  # digits are 8x8: upscaled to a size small CNNs take, not to the model's 224
+MAX_IMAGE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How images are prepared for a model (timm's data config fields that matter here)."""
+
+    input_size: int = 224
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+
+
+def model_data_config(model: nn.Module | None) -> DataConfig:
+    """The model's own data config, through timm's ``resolve_data_config`` (ImageNet's for a plain model)."""
+    if model is None:
+        return DataConfig()
+    from timm.data import resolve_data_config
+
+    cfg: dict[str, Any] = resolve_data_config(model=model)
+    size = cfg.get("input_size", (3, 224, 224))
+    return DataConfig(
+        input_size=int(size[-1]), mean=tuple(float(v) for v in cfg.get("mean", DataConfig.mean)),
+        std=tuple(float(v) for v in cfg.get("std", DataConfig.std)), interpolation=str(cfg.get("interpolation", "bilinear")),
+        crop_pct=float(cfg.get("crop_pct", 0.875) or 0.875),
+    )
 
 
 @dataclass
@@ -28,22 +61,34 @@ class DataSplits:
     val: Dataset
     classes: list[str]
     image_size: int
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] = field(default=((0.5,), (0.5,)))  # (mean, std)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
 
-def digits(image_size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> DataSplits:
-    """scikit-learn's handwritten digits, upscaled to ``image_size``, split with a fixed seed."""
+def check_image_size(image_size: object) -> int:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"image_size: expected a whole number of pixels from 1 to {MAX_IMAGE_SIZE}, got {image_size!r}")
+    return image_size
+
+
+def digits(image_size: int = DIGITS_SIZE, val_fraction: float = 0.2, seed: int = 0, config: DataConfig | None = None) -> DataSplits:
+    """scikit-learn's handwritten digits, upscaled to ``image_size``, split with a fixed seed and
+    normalised with ``config``'s mean and std (a model's data config; default ImageNet's)."""
+    check_image_size(image_size)
     try:
         from sklearn.datasets import load_digits
-    except ImportError:  # pragma: no cover - scikit-learn is a dependency
+    except ImportError:
         raise DataError("the digits dataset needs scikit-learn: pip install scikit-learn") from None
+    config = config or DataConfig()
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    images = (images.repeat(1, 3, 1, 1) - 0.5) / 0.5
+    images = images.repeat(1, len(config.mean), 1, 1)
+    mean, std = torch.tensor(config.mean).view(1, -1, 1, 1), torch.tensor(config.std).view(1, -1, 1, 1)
+    images = (images - mean) / std
     labels = torch.tensor(bunch.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     n_val = int(len(labels) * val_fraction)
@@ -53,6 +98,7 @@ def digits(image_size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Da
         TensorDataset(images[val], labels[val]),
         [str(c) for c in range(10)],
         image_size,
+        (config.mean, config.std),
     )
 
 
@@ -70,16 +116,14 @@ def _check_split(root: Path, split: str) -> list[str]:
         for path in files:
             try:
                 with Image.open(path) as image:
-                    image.verify()
+                    image.load()  # decodes every pixel: a truncated file fails here, not mid-training
             except Exception as err:
                 raise DataError(f"{path}: unreadable image ({type(err).__name__}: {err})") from None
     return classes
 
 
-def image_folder(root: str | Path, image_size: int = 224) -> DataSplits:
-    """``root/train`` and ``root/val`` as torchvision ImageFolders, checked before use."""
-    from torchvision import datasets, transforms
-
+def check_image_folder(root: str | Path) -> list[str]:
+    """Check ``root/train`` and ``root/val`` completely (every image decoded); their class names."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such data directory (give an image folder with train/ and val/, or 'digits')")
@@ -89,20 +133,39 @@ def image_folder(root: str | Path, image_size: int = 224) -> DataSplits:
     train_classes, val_classes = _check_split(root, "train"), _check_split(root, "val")
     if train_classes != val_classes:
         raise DataError(f"{root}: train/ and val/ hold different class folders ({train_classes} vs {val_classes})")
-    normalize = transforms.Normalize(MEAN, STD)
+    return train_classes
+
+
+def image_folder(root: str | Path, image_size: int | None = None, config: DataConfig | None = None, *, check: bool = True) -> DataSplits:
+    """``root/train`` and ``root/val`` as torchvision ImageFolders, checked before use (``check``),
+    prepared as ``config`` says (size, interpolation, crop, mean, std)."""
+    from torchvision import datasets, transforms
+    from torchvision.transforms import InterpolationMode
+
+    config = config or DataConfig()
+    size = check_image_size(image_size or config.input_size)
+    root = Path(root)
+    classes = check_image_folder(root) if check else sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    try:
+        interpolation = InterpolationMode(config.interpolation)
+    except ValueError:
+        interpolation = InterpolationMode.BILINEAR
+    normalize = transforms.Normalize(config.mean, config.std)
     train_tf = transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(0.5, 1.0)), transforms.RandomHorizontalFlip(),
+        transforms.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interpolation), transforms.RandomHorizontalFlip(),
         transforms.ToTensor(), normalize,
     ])
     val_tf = transforms.Compose([
-        transforms.Resize(int(image_size * 1.14)), transforms.CenterCrop(image_size), transforms.ToTensor(), normalize,
+        transforms.Resize(int(size / config.crop_pct), interpolation=interpolation), transforms.CenterCrop(size),
+        transforms.ToTensor(), normalize,
     ])
     rgb = lambda path: _open_rgb(path)  # noqa: E731 - grayscale and RGBA files become RGB
     return DataSplits(
         datasets.ImageFolder(root / "train", train_tf, loader=rgb),
         datasets.ImageFolder(root / "val", val_tf, loader=rgb),
-        train_classes,
-        image_size,
+        classes,
+        size,
+        (config.mean, config.std),
     )
 
 
@@ -113,8 +176,18 @@ def _open_rgb(path: str):
         return image.convert("RGB")
 
 
-def load_data(spec: str | Path, image_size: int | None = None) -> DataSplits:
-    """``"digits"`` (default size 32) or an image-folder path (default size 224)."""
+def data_classes(spec: str | Path) -> list[str]:
+    """The class names of a dataset, after checking it completely (nothing is loaded for training)."""
+    return [str(c) for c in range(10)] if str(spec) == "digits" else check_image_folder(spec)
+
+
+def load_data(spec: str | Path, image_size: int | None = None, config: DataConfig | None = None, *, check: bool = True) -> DataSplits:
+    """``"digits"`` (default size 32) or an image-folder path (default size: ``config``'s, else 224).
+
+    ``config`` is the model's data config (:func:`model_data_config`); without one, ImageNet's.
+    """
+    if image_size is not None:
+        check_image_size(image_size)
     if str(spec) == "digits":
-        return digits(image_size or 32)
-    return image_folder(spec, image_size or 224)
+        return digits(image_size or DIGITS_SIZE, config=config)
+    return image_folder(spec, image_size, config, check=check)

@@ -28,6 +28,23 @@ class ArtifactError(SEInjectError, ValueError):
     """A saved model directory, recipe or weights file is missing, damaged or would be overwritten."""
 
 
+class UntrustedCodeError(SEInjectError, ValueError):
+    """Loading would import and run Python code named by a saved directory, and the caller did not
+    opt in (``trust_code=True``, CLI ``--trust-code``)."""
+
+
+class InvalidModelError(SEInjectError, TypeError):
+    """What was given as a model is not an nn.Module se_inject can work on (or copy)."""
+
+
+class ResumeMismatchError(SEInjectError, ValueError):
+    """A run cannot be resumed with these settings; the message lists every difference."""
+
+
+class TrainingDivergedError(SEInjectError, RuntimeError):
+    """The training loss became NaN or infinite; nothing of that epoch was saved."""
+
+
 class RecipeMismatchError(SEInjectError, ValueError):
     """A recipe was applied to a model whose sites are not the recipe's (another architecture)."""
 

@@ -9,7 +9,9 @@ at a small cost in the outputs, which :func:`prune_units` measures.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from se_inject.errors import ConfigError
+from se_inject.tracing import eval_mode
 from se_inject.unit import ChannelScale, SqueezeExcite
 
 
@@ -57,6 +60,20 @@ class ExcitationReport:
         }
 
 
+@contextlib.contextmanager
+def evaluated_on(model: nn.Module, device: str | torch.device) -> Iterator[None]:
+    """``model`` in eval mode on ``device`` for the duration; its flags and device restored afterwards."""
+    first = next(iter(model.parameters()), None)
+    home = first.device if first is not None else None
+    with eval_mode(model):
+        model.to(device)
+        try:
+            yield
+        finally:
+            if home is not None:
+                model.to(home)
+
+
 def se_units(model: nn.Module) -> list[tuple[str, SqueezeExcite]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, SqueezeExcite)]
 
@@ -90,10 +107,9 @@ def collect(model: nn.Module, loader: DataLoader, classes: list[str], device: st
         return record
 
     handles = [u.register_forward_pre_hook(hook(n)) for n, u in units]
-    model.eval().to(device)
     seen = 0
     try:
-        with torch.no_grad():
+        with evaluated_on(model, device), torch.no_grad():
             for images, labels in loader:
                 if max_images is not None and seen >= max_images:
                     break
@@ -157,9 +173,7 @@ def prune_units(model: nn.Module, report: ExcitationReport, names: list[str] | N
 def max_output_change(before: nn.Module, after: nn.Module, loader: DataLoader, device: str | torch.device = "cpu") -> float:
     """The largest |after - before| over the outputs on ``loader``."""
     worst = 0.0
-    before.eval().to(device)
-    after.eval().to(device)
-    with torch.no_grad():
+    with evaluated_on(before, device), evaluated_on(after, device), torch.no_grad():
         for images, _ in loader:
             images = images.to(device)
             worst = max(worst, (after(images) - before(images)).abs().max().item())
@@ -169,10 +183,7 @@ def max_output_change(before: nn.Module, after: nn.Module, loader: DataLoader, d
 def plot(report: ExcitationReport, out: str | Path, units: list[str] | None = None, classes: int = 4) -> list[Path]:
     """The paper's pictures as PNGs in ``out``: per chosen unit, the mean gate per channel for a
     few classes against all classes; and saturation per unit over depth. Returns the files."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a bare Figure draws with Agg: pyplot's global backend is left alone
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +193,8 @@ def plot(report: ExcitationReport, out: str | Path, units: list[str] | None = No
         chosen = [chosen[i] for i in picks]
     files = []
     for unit in chosen:
-        fig, ax = plt.subplots(figsize=(7, 3))
+        fig = Figure(figsize=(7, 3))
+        ax = fig.subplots()
         for k in range(min(classes, len(report.classes))):
             ax.plot(unit.class_mean[k], lw=0.8, label=f"class {report.classes[k]}")
         ax.plot(unit.mean, color="black", lw=1.5, label="all classes")
@@ -191,16 +203,15 @@ def plot(report: ExcitationReport, out: str | Path, units: list[str] | None = No
         fig.tight_layout()
         path = out / f"excitation_{unit.stage}_{unit.block}.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         files.append(path)
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig = Figure(figsize=(7, 3))
+    ax = fig.subplots()
     ax.plot(range(1, len(report.units) + 1), [u.saturation for u in report.units], marker="o")
     ax.set_xticks(range(1, len(report.units) + 1), [f"{u.stage}_{u.block}" for u in report.units], rotation=90, fontsize=7)
     ax.set(title="saturation per unit (1: the gate is a constant)", xlabel="unit (stage_block)", ylabel="saturation", ylim=(0, 1.05))
     fig.tight_layout()
     path = out / "saturation.png"
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     files.append(path)
     return files
 

@@ -16,13 +16,17 @@ writes files.
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import json
 import math
 import os
 import random
 import time
+import uuid
+import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,12 +37,21 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from se_inject.data import DataSplits
-from se_inject.errors import ConfigError, DataError
-from se_inject.saving import recipe_of, write_model_files
+from se_inject.errors import ArtifactError, ConfigError, DataError, InvalidModelError, ResumeMismatchError, TrainingDivergedError
+from se_inject.files import as_path, check_target, write_atomic, write_text_atomic
+from se_inject.models import classifier, fit_head
+from se_inject.recipe import RECIPE_FILE
+from se_inject.saving import OWNED_FILES, WEIGHTS_FILE, write_model_files
+from se_inject.tracing import eval_mode
 from se_inject.unit import SqueezeExcite
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
+
+
+# Settings a resumed run may change: they do not alter what the run computes (epochs may only grow:
+# the phase in progress then follows its schedule over the new total).
+RESUMABLE_CHANGES = ("epochs", "workers", "device", "amp", "channels_last")
 
 
 @dataclass(frozen=True)
@@ -56,7 +69,7 @@ class FinetuneConfig:
     lr: float = field(default=0.05, metadata={"help": "learning rate of the SE phase"})
     full_lr_scale: float = field(default=0.1, metadata={"help": "learning rate of the full phase, times lr"})
     optimizer: Literal["sgd", "adamw"] = field(default="sgd", metadata={"help": "sgd (momentum 0.9) or adamw"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum, in [0, 1)"})
     weight_decay: float = field(default=1e-4, metadata={"help": "weight decay (not on biases and norms)"})
     schedule: Literal["step", "cosine"] = field(default="cosine", metadata={"help": "decay within each phase"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy"})
@@ -67,16 +80,25 @@ class FinetuneConfig:
     workers: int = field(default=0, metadata={"help": "data-loading worker processes"})
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs: need at least 1, got {self.epochs}")
-        if not 0 <= self.se_epochs <= self.epochs:
+        for name, low in (("epochs", 1), ("se_epochs", 0), ("batch_size", 1), ("seed", 0), ("workers", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name}: expected a whole number, got {value!r}")
+            if value < low:
+                raise ConfigError(f"{name}: must be at least {low}, got {value}")
+        if self.se_epochs > self.epochs:
             raise ConfigError(f"se_epochs: must be between 0 and epochs ({self.epochs}), got {self.se_epochs}")
-        for name in ("batch_size",):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("lr", "full_lr_scale", "momentum", "weight_decay", "label_smoothing"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name}: expected a finite number, got {value!r}")
         for name in ("lr", "full_lr_scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum: must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be zero or positive, got {self.weight_decay}")
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer: {self.optimizer!r} is not one of sgd, adamw")
         if self.schedule not in ("step", "cosine"):
@@ -85,6 +107,12 @@ class FinetuneConfig:
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        for name in ("amp", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+
+    def phase_epochs(self, phase: str) -> int:
+        return self.se_epochs if phase == "se" else self.epochs - self.se_epochs
 
     def phase(self, epoch: int) -> str:
         return "se" if epoch < self.se_epochs else "full"
@@ -96,6 +124,11 @@ class FinetuneResult:
     history: list[dict[str, Any]]  # one metrics object per epoch
     accuracy: dict[str, float | None]  # before retrofit, after injection, after fine-tuning
     out: Path
+    warnings: list[str] = field(default_factory=list)  # what the user should know (shown by the CLI)
+
+
+class UntrainedModelWarning(UserWarning):
+    """The model scores at chance before fine-tuning: an SE-only phase on it learns nothing."""
 
 
 # --- distributed ---------------------------------------------------------------------------------
@@ -113,6 +146,8 @@ def _distributed() -> tuple[int, int]:
 
 
 def resolve_device(name: str) -> torch.device:
+    if name not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device: {name!r} is not one of auto, cpu, cuda")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
     if name == "auto":
@@ -128,31 +163,6 @@ def se_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, SqueezeExcite) for p in m.parameters()]
 
 
-def classifier(model: nn.Module) -> tuple[str, nn.Linear] | None:
-    """The model's classifier: timm's get_classifier(), else its last Linear layer."""
-    get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else None
-    names = {id(m): name for name, m in model.named_modules()}
-    if isinstance(head, nn.Linear) and id(head) in names:
-        return names[id(head)], head
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
-
-
-def fit_head(model: nn.Module, num_classes: int) -> list[nn.Parameter]:
-    """Resize the classifier to ``num_classes`` if needed; the new head's parameters (to train)."""
-    found = classifier(model)
-    if found is None:
-        raise ConfigError("the model has no Linear classifier to fit to the dataset's classes")
-    name, head = found
-    if head.out_features == num_classes:
-        return []
-    new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
-    return list(new.parameters())
-
-
 def _param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]  # biases and norm scales
@@ -166,10 +176,22 @@ def _make_optimizer(config: FinetuneConfig, params: list[nn.Parameter], lr: floa
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def _make_scheduler(config: FinetuneConfig, optimizer: torch.optim.Optimizer, epochs: int):
+def _make_scheduler(config: FinetuneConfig, optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The decay of one phase of ``epochs`` epochs, in closed form of the epoch within the phase.
+
+    A closed form (a plain function, which LambdaLR does not store in its state) lets a resumed
+    run with more epochs follow the longer schedule from where it stands.
+    """
+    total = max(1, epochs)
     if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, math.ceil(epochs * 2 / 3)), gamma=0.1)
+        def factor(t: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+    else:
+        step = max(1, math.ceil(total * 2 / 3))
+
+        def factor(t: int) -> float:
+            return 0.1 ** (t // step)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @contextlib.contextmanager
@@ -179,6 +201,17 @@ def _frozen_norms(model: nn.Module, frozen: bool) -> Iterator[None]:
     for m in norms:
         m.eval()
     yield
+
+
+@contextlib.contextmanager
+def _restored_flags(model: nn.Module) -> Iterator[None]:
+    """Every parameter's ``requires_grad`` as it was, whatever happens in between."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 # --- one epoch -----------------------------------------------------------------------------------
@@ -191,11 +224,9 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False, channels_last: bool = False) -> tuple[float, float]:
-    """(loss, accuracy) of ``model`` over ``loader``, in eval mode (the flag is restored)."""
-    was_training = model.training
-    model.eval()
+    """(loss, accuracy) of ``model`` over ``loader``, in eval mode (the flags are restored)."""
     total, correct, loss_sum = 0, 0, 0.0
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
             if channels_last:
@@ -205,28 +236,33 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bo
             loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
             correct += (logits.argmax(1) == labels).sum().item()
             total += labels.numel()
-    model.train(was_training)
     return loss_sum / max(total, 1), correct / max(total, 1)
 
 
-def _train_epoch(model, loader, optimizer, device, config, phase, progress) -> dict[str, float]:
+def _train_epoch(model, loader, optimizer, device, config, phase, progress, epoch) -> dict[str, float]:
     model.train()
     with _frozen_norms(model, phase == "se"):
         seen, correct, loss_sum, start = 0, 0, 0.0, time.perf_counter()
         scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported())
-        for images, labels in loader:
+        for step, (images, labels) in enumerate(loader, 1):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if device.type == "cuda" and config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with _autocast(device, config.amp):
                 logits = model(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingDivergedError(
+                    f"the training loss became {value} at epoch {epoch + 1}, step {step}; nothing of this epoch was "
+                    f"saved; lower the learning rate (now {optimizer.param_groups[0]['lr']:.3g}) and start again"
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             seen += labels.numel()
-            loss_sum += loss.item() * labels.numel()
+            loss_sum += value * labels.numel()
             correct += (logits.argmax(1) == labels).sum().item()
             progress(labels.numel(), loss_sum / seen, correct / seen, seen / (time.perf_counter() - start))
     seconds = time.perf_counter() - start
@@ -234,7 +270,10 @@ def _train_epoch(model, loader, optimizer, device, config, phase, progress) -> d
             "images_per_s": seen / seconds if seconds else 0.0, "seconds": seconds}
 
 
-# --- checkpoints ------------------------------------------------------------------------------------
+# --- checkpoints and resuming ---------------------------------------------------------------------
+
+CHECKPOINT_KEYS = frozenset({"model", "optimizer", "scheduler", "rng", "epoch", "phase", "history", "accuracy", "config", "run"})
+
 
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_version": random.getstate()[0]}
@@ -250,10 +289,135 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def run_fingerprint(model: nn.Module, data: DataSplits, config: FinetuneConfig) -> dict[str, Any]:
+    """What a resumed run must share with the checkpoint: the model (every tensor's name and shape,
+    which also fixes r, units and head), the data and every setting outside RESUMABLE_CHANGES."""
+    shapes = ";".join(f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items())
+    recipe = getattr(model, "se_inject_recipe", None)
+    return {
+        "model": hashlib.sha256(shapes.encode()).hexdigest()[:16],
+        "source": getattr(recipe, "source", None),
+        "r": (getattr(recipe, "options", None) or {}).get("r"),
+        "data": {"classes": list(data.classes), "train": len(data.train), "val": len(data.val), "image_size": data.image_size,
+                 "normalization": list(data.normalization)},
+        **{k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES},
+    }
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_resume(state: dict[str, Any], model: nn.Module, data: DataSplits, config: FinetuneConfig, path: Path) -> None:
+    """Refuse, in one line listing every difference, to resume a run with another model, data or settings."""
+    saved, now = state["run"], run_fingerprint(model, data, config)
+    differences = [f"{k}: {_describe(saved.get(k))} -> {_describe(now[k])}" for k in now if saved.get(k) != now[k]]
+    completed = state["epoch"] + 1
+    if config.epochs < completed:
+        differences.append(f"epochs: {completed} already done, {config.epochs} asked for")
+    if differences:
+        raise ResumeMismatchError(
+            f"{path}: cannot resume this run with other settings ({'; '.join(differences)}); only "
+            f"{', '.join(RESUMABLE_CHANGES)} may change (epochs only upward)"
+        )
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A fine-tuning checkpoint, read without running code; a damaged or foreign file is one ArtifactError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = " ".join(str(err).split())[:120]
+        raise ArtifactError(
+            f"{path}: cannot be read as a fine-tuning checkpoint ({type(err).__name__}: {first}); it is truncated, "
+            "damaged or not se_inject's; start a new run in another --out"
+        ) from None
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+        missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else ["everything"]
+        raise ArtifactError(f"{path}: not an se_inject fine-tuning checkpoint (it lacks {', '.join(missing[:4])}); start a new run")
+    return state
+
+
+def _model_epoch(out: Path) -> str | None:
+    """The epoch tag of the model files in ``out`` (None: none there, or unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(out / WEIGHTS_FILE), framework="pt") as handle:
+            return (handle.metadata() or {}).get("se_inject_epoch")
+    except Exception:
+        return None
+
+
+def _commit_epoch(model: nn.Module, out: Path, state: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """Write one epoch: model files and metrics first, then the checkpoint, which commits them.
+
+    The model files carry the epoch and run they belong to; a run killed between the writes is
+    repaired when it resumes (:func:`_repair_model_files`), so its model files are never stale.
+    """
+    try:
+        if hasattr(model, "se_inject_recipe"):
+            write_model_files(model, out, extra_metadata={"se_inject_epoch": f"{state['run_id']}:{state['epoch']}"})
+        write_text_atomic(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
+        write_atomic(out / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+    except OSError as err:
+        raise ArtifactError(f"{out}: cannot write epoch {state['epoch'] + 1}: {err.strerror or err}") from None
+
+
+def _repair_model_files(model: nn.Module, out: Path, state: dict[str, Any]) -> None:
+    """After a kill between an epoch's writes: model files and metrics as the checkpoint says."""
+    if not hasattr(model, "se_inject_recipe"):
+        return
+    if _model_epoch(out) != f"{state['run_id']}:{state['epoch']}":
+        _commit_epoch(model, out, state, state["history"])
+
+
+def _check_out(out: Path, resume: bool, force: bool) -> None:
+    checkpoint = out / CHECKPOINT_FILE
+    if resume:
+        if not checkpoint.is_file():
+            raise DataError(f"{checkpoint}: no checkpoint to resume from")
+        return
+    if checkpoint.exists() and not force:
+        raise DataError(f"{out} already holds a run; pass resume=True (CLI: --resume), force=True (--force) to start over, or choose another --out")
+    if os.path.lexists(out) and not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
+        check_target(out, force=force, owned=OWNED_FILES, marker=RECIPE_FILE, what="--out")
+
+
+def _loader_for(dataset: Any, config: FinetuneConfig, sampler: Any, epoch: int, world: int) -> DataLoader:
+    """The training batches of ``epoch``: order a function of (seed, epoch); a last batch of a single
+    image is dropped, since BatchNorm cannot normalise one value per channel in training."""
+    per_process = len(dataset) // world if world > 1 else len(dataset)
+    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    return DataLoader(
+        dataset, batch_size=config.batch_size, sampler=sampler, shuffle=sampler is None,
+        generator=generator if sampler is None else None, num_workers=config.workers,
+        drop_last=per_process % config.batch_size == 1,
+    )
+
+
+def _check_data(data: DataSplits, world: int) -> None:
+    if len(data.train) < 2 * world:
+        raise DataError(f"the training set holds {len(data.train)} image(s): too few to train on ({2 * world} at least)")
+    if len(data.val) < 1:
+        raise DataError("the validation set is empty: accuracy cannot be measured")
+
+
+def _chance_warning(accuracy: float | None, data: DataSplits) -> str | None:
+    """A warning when ``accuracy`` is no better than guessing the most frequent class (2 sigma)."""
+    if accuracy is None:
+        return None
+    labels = [int(label) for _, label in data.val] if not hasattr(data.val, "targets") else list(data.val.targets)
+    counts = [labels.count(c) for c in set(labels)]
+    chance, n = max(counts) / len(labels), len(labels)
+    if accuracy > chance + 2 * math.sqrt(chance * (1 - chance) / n):
+        return None
+    return (
+        f"the model scores {accuracy:.1%} before fine-tuning, no better than chance ({chance:.1%}): its backbone is "
+        "untrained, so the SE-only phase has nothing to recalibrate (every gate stays at its start); "
+        "start from trained weights (--checkpoint FILE)"
+    )
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -266,13 +430,16 @@ def finetune(
     *,
     original: nn.Module | None = None,
     resume: bool = False,
+    force: bool = False,
     show_progress: bool = False,
     console: Any = None,
 ) -> FinetuneResult:
-    """Fine-tune an injected ``model`` on ``data``, writing checkpoints, metrics and the model to ``out``.
+    """Fine-tune an injected ``model`` (in place) on ``data``, writing checkpoints, metrics and the model to ``out``.
 
-    ``original`` (the model before injection, same head) adds "before retrofit" to the accuracy
-    table. Resuming needs ``out`` to hold a checkpoint of the same run.
+    ``original`` (the model before injection) adds "before retrofit" to the accuracy table; it is
+    evaluated on a copy and never changed. Resuming needs ``out`` to hold a checkpoint of the same
+    run: another model, data or setting is refused (:data:`RESUMABLE_CHANGES` may differ). An
+    existing ``out`` holding a saved model or run is started over only with ``force``.
 
     Example::
 
@@ -281,28 +448,30 @@ def finetune(
         result.accuracy   # {'before retrofit': None, 'after injection': ..., 'after fine-tuning': ...}
     """
     config = config or FinetuneConfig()
+    if not isinstance(config, FinetuneConfig):
+        raise ConfigError(f"config: expected a FinetuneConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module) or (original is not None and not isinstance(original, nn.Module)):
+        raise InvalidModelError("model and original: expected nn.Module objects")
     rank, world = _distributed()
     device = resolve_device(config.device)
-    out = Path(out)
-    checkpoint_path, metrics_path = out / CHECKPOINT_FILE, out / METRICS_FILE
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    if resume and not checkpoint_path.is_file():
-        raise DataError(f"{checkpoint_path}: no checkpoint to resume from")
-    if not resume and checkpoint_path.exists():
-        raise DataError(f"{out} already holds a run; pass resume=True (CLI: --resume) or choose another --out")
+    out = as_path(out, "out")
+    _check_out(out, resume, force)
+    _check_data(data, world)
     if config.se_epochs and not se_parameters(model):
         raise ConfigError("se_epochs: the model holds no SE units to train on their own; set se_epochs=0")
+    state = read_checkpoint(out / CHECKPOINT_FILE) if resume else None
+    with _restored_flags(model):
+        return _run(model, data, out, config, original, state, rank, world, device, show_progress, console)
 
+
+def _run(model, data, out, config, original, state, rank, world, device, show_progress, console) -> FinetuneResult:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     head_params = fit_head(model, data.num_classes)
-    if head_params and hasattr(model, "se_inject_recipe"):
-        recipe = recipe_of(model)
-        model.se_inject_recipe = replace(recipe, model_kwargs={**recipe.model_kwargs, "num_classes": data.num_classes})
-    if original is not None and fit_head(original, data.num_classes):
-        # the same new head on both, so "before retrofit" and "after injection" compare the bodies
-        classifier(original)[1].load_state_dict(classifier(model)[1].state_dict())
+    if state is not None:
+        check_resume(state, model, data, config, out / CHECKPOINT_FILE)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     model.to(device)
     if device.type == "cuda" and config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -313,15 +482,26 @@ def finetune(
 
     accuracy: dict[str, float | None] = {"before retrofit": None, "after injection": None, "after fine-tuning": None}
     history: list[dict[str, Any]] = []
-    start_epoch = 0
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True) if resume else None
+    notes: list[str] = []
+    start_epoch, run_id = 0, uuid.uuid4().hex[:12]
     if state is not None:
         model.load_state_dict(state["model"])
-        history, accuracy, start_epoch = state["history"], state["accuracy"], state["epoch"] + 1
+        history, accuracy, start_epoch, run_id = state["history"], state["accuracy"], state["epoch"] + 1, state["run_id"]
+        if rank == 0:
+            _repair_model_files(model, out, state)
     else:
         if original is not None:
-            accuracy["before retrofit"] = evaluate(original.to(device), val_loader, device, **cuda_opts)[1]
+            reference = copy.deepcopy(original)  # the user's original keeps its head, device and flags
+            if fit_head(reference, data.num_classes):  # the same new head on both: the bodies are compared
+                reference.set_submodule(classifier(model)[0], copy.deepcopy(classifier(model)[1]))
+            accuracy["before retrofit"] = evaluate(reference.to(device), val_loader, device, **cuda_opts)[1]
         accuracy["after injection"] = evaluate(model, val_loader, device, **cuda_opts)[1]
+        # only an SE-only phase is wasted on an untrained backbone; a new head scores at chance whatever the backbone
+        if config.se_epochs and not head_params:
+            warning = _chance_warning(accuracy["before retrofit"] or accuracy["after injection"], data)
+            if warning:
+                notes.append(warning)
+                warnings.warn(warning, UntrainedModelWarning, stacklevel=3)
 
     ddp: nn.Module = model
     optimizer = scheduler = None
@@ -334,13 +514,16 @@ def finetune(
                 p.requires_grad_(phase == "full")
             for p in trainable:
                 p.requires_grad_(True)
-            phase_epochs = config.se_epochs if phase == "se" else config.epochs - config.se_epochs
             lr = config.lr if phase == "se" else config.lr * config.full_lr_scale
             optimizer = _make_optimizer(config, trainable, lr)
-            scheduler = _make_scheduler(config, optimizer, phase_epochs)
+            scheduler = _make_scheduler(config, optimizer, config.phase_epochs(phase))
             if state is not None and state["phase"] == phase and state["epoch"] + 1 == epoch:
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
+                # the schedule, not the stored rate, sets this epoch's rate: with more epochs the phase's
+                # schedule is longer (the same formula and value when nothing changed)
+                for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                    group["lr"] = base * factor(scheduler.last_epoch)
             if state is not None:
                 _set_rng_state(state["rng"])
                 state = None
@@ -349,13 +532,9 @@ def finetune(
                 ddp = nn.parallel.DistributedDataParallel(model)
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)  # shuffle order = f(seed, epoch)
-        loader = DataLoader(
-            data.train, batch_size=config.batch_size, sampler=train_sampler, shuffle=train_sampler is None,
-            generator=generator if train_sampler is None else None, num_workers=config.workers, drop_last=False,
-        )
+        loader = _loader_for(data.train, config, train_sampler, epoch, world)
         with _progress(show_progress and rank == 0, console, f"epoch {epoch + 1}/{config.epochs} ({phase})", len(loader.dataset) // world) as progress:
-            metrics = _train_epoch(ddp, loader, optimizer, device, config, phase, progress)
+            metrics = _train_epoch(ddp, loader, optimizer, device, config, phase, progress, epoch)
         lr_used = optimizer.param_groups[0]["lr"]
         scheduler.step()
         val_loss, val_acc = evaluate(model, val_loader, device, **cuda_opts)
@@ -363,23 +542,14 @@ def finetune(
                   "lr": lr_used, "world_size": world, "device": str(device)}
         history.append(record)
         accuracy["after fine-tuning"] = val_acc
-        if rank == 0:  # checkpoint first: the metrics log is rewritten from its history
-            _write_atomic(
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": _rng_state(), "epoch": epoch, "phase": phase, "history": history, "accuracy": accuracy,
-                 "config": asdict(config)},
-                checkpoint_path,
-            )
-            tmp = metrics_path.with_name(f".{METRICS_FILE}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-            os.replace(tmp, metrics_path)
-            if hasattr(model, "se_inject_recipe"):
-                write_model_files(model, out)
+        if rank == 0:
+            checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "rng": _rng_state(), "epoch": epoch, "phase": phase, "history": history, "accuracy": accuracy,
+                          "config": asdict(config), "run": run_fingerprint(model, data, config), "run_id": run_id}
+            _commit_epoch(model, out, checkpoint, history)
         if world > 1:
             dist.barrier()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return FinetuneResult(model, history, accuracy, out)
+    return FinetuneResult(model, history, accuracy, out, notes)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import importlib
 import importlib.util
+import inspect
 import logging
 import os
 import socket
@@ -26,6 +27,72 @@ from torch import nn
 from se_inject.errors import CheckpointError, ModelSpecError
 
 
+MAX_SPEC_LENGTH = 1000
+# Constructor arguments a recipe may pass to the model it rebuilds: anything else (pretrained,
+# checkpoint, file paths, arbitrary keywords) would let a saved directory choose what runs or is read.
+RECIPE_MODEL_KWARGS = {"num_classes": (0, 1_000_000), "in_chans": (1, 64)}
+
+
+def spec_kind(spec: object) -> str:
+    """``"timm"``, ``"torchvision"``, ``"module"`` (package.module:callable) or ``"file"`` (file.py:callable).
+
+    The spec is checked for form only (nothing is imported): a malformed one raises ModelSpecError.
+
+    >>> spec_kind("resnet50"), spec_kind("torchvision:resnet50"), spec_kind("nets/mine.py:build")
+    ('timm', 'torchvision', 'file')
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError("empty model name: give a timm name, torchvision:NAME, or module:callable")
+    if "\0" in spec or len(spec) > MAX_SPEC_LENGTH or not spec.isprintable():
+        raise ModelSpecError(f"model spec {spec[:60]!r}: not a model name (control characters or over {MAX_SPEC_LENGTH} characters)")
+    if spec.startswith("torchvision:"):
+        name = spec.split(":", 1)[1]
+        if not name.isidentifier():
+            raise ModelSpecError(f"model spec {spec!r}: expected torchvision:NAME, e.g. torchvision:resnet50")
+        return "torchvision"
+    if ":" not in spec:
+        base = spec.split(".")[0]
+        if not base or not all(c.isalnum() or c in "_-." for c in spec):
+            raise ModelSpecError(f"model spec {spec!r}: not a timm model name, torchvision:NAME or module:callable")
+        return "timm"
+    source, _, attr = spec.rpartition(":")
+    if not attr.isidentifier() or not source:
+        raise ModelSpecError(
+            f"model spec {spec!r}: expected module.path:callable or path/to/file.py:callable, with a callable's name after the ':'"
+        )
+    if source.endswith(".py"):
+        return "file"
+    if not all(part.isidentifier() for part in source.split(".")):
+        raise ModelSpecError(
+            f"model spec {spec!r}: '{source}' is not an importable module name (dotted identifiers; relative names "
+            "are not allowed); for a file give its path ending in .py"
+        )
+    return "module"
+
+
+def recorded_source(spec: str | None) -> tuple[str | None, dict[str, str] | None]:
+    """How a recipe records ``spec``: None when it names nothing load_model can build again (a
+    display name); a file source with its absolute path, plus that file's path and SHA-256, so
+    the model loads from any directory and a changed file is noticed."""
+    if not spec:
+        return None, None
+    try:
+        kind = spec_kind(spec)
+    except ModelSpecError:
+        return None, None
+    if kind == "timm":
+        import timm
+
+        return (spec, None) if timm.is_model(spec.split(".")[0]) else (None, None)
+    if kind != "file":
+        return spec, None
+    path_text, _, attr = spec.rpartition(":")
+    path = Path(path_text).resolve()
+    if not path.is_file():
+        return None, None
+    return f"{path}:{attr}", {"path": str(path), "sha256": file_digest(path)}
+
+
 def _suggest(name: str, candidates: list[str]) -> str:
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
     return f"; did you mean {', '.join(close)}?" if close else ""
@@ -36,6 +103,12 @@ def _timm_model(name: str, **kwargs) -> nn.Module:
 
     if not timm.is_model(name.split(".")[0]):
         raise ModelSpecError(f"unknown timm model '{name}'{_suggest(name, timm.list_models())}")
+    if "." in name:
+        base, tag = name.split(".", 1)
+        tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{base}.*")]
+        if tag not in tags:
+            known = f"; its tags are {', '.join(tags[:6])}{', ...' if len(tags) > 6 else ''}" if tags else "; it has no tags"
+            raise ModelSpecError(f"timm model '{base}' has no pretrained tag '{tag}'{known}")
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
@@ -48,6 +121,32 @@ def _torchvision_model(name: str, **kwargs) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, **kwargs)
 
 
+def file_digest(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as recorded for a ``file.py:callable`` source."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def _importable_folder(folder: Path) -> Iterator[None]:
+    """``folder`` on sys.path while a model file loads and builds, so it may import its siblings."""
+    entry = str(folder)
+    added = entry not in sys.path
+    if added:
+        sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if added and entry in sys.path:
+            sys.path.remove(entry)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
 def _load_python_module(source: str):
     if source.endswith(".py"):
         path = Path(source)
@@ -55,18 +154,35 @@ def _load_python_module(source: str):
             raise ModelSpecError(f"no such file: '{source}'")
         module_name = f"se_inject_user_{path.stem}"
         spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise ModelSpecError(f"'{source}' cannot be loaded as a Python module")
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
         try:
-            spec.loader.exec_module(module)
-        except Exception as err:
+            with _importable_folder(path.resolve().parent):
+                spec.loader.exec_module(module)
+        except (Exception, SystemExit) as err:  # a user file may call sys.exit() at import
             del sys.modules[module_name]
-            raise ModelSpecError(f"importing '{source}' failed: {type(err).__name__}: {err}") from err
+            raise ModelSpecError(f"importing '{source}' failed: {_one_line(err)}") from err
         return module
     try:
         return importlib.import_module(source)
-    except ImportError as err:
+    except ModuleNotFoundError as err:
         raise ModelSpecError(f"cannot import module '{source}': {err}") from err
+    except (Exception, SystemExit) as err:
+        raise ModelSpecError(f"importing module '{source}' failed: {_one_line(err)}") from err
+
+
+def refused_kwargs(factory: object, kwargs: dict) -> list[str]:
+    """The names in ``kwargs`` that ``factory``'s signature does not accept (all accepted: [])."""
+    try:
+        params = inspect.signature(factory).parameters.values()  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return []
+    names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    return sorted(set(kwargs) - names)
 
 
 def _callable_model(spec: str, **kwargs) -> nn.Module:
@@ -76,13 +192,45 @@ def _callable_model(spec: str, **kwargs) -> nn.Module:
     if factory is None or not callable(factory):
         public = [n for n in dir(module) if not n.startswith("_")]
         raise ModelSpecError(f"'{source}' has no callable '{attr}'{_suggest(attr, public)}")
+    refused = refused_kwargs(factory, kwargs)
+    if refused:
+        raise ModelSpecError(
+            f"{spec}() does not take {', '.join(refused)}; add the parameter to {attr}() "
+            "or build the model yourself and pass it to the API"
+        )
+    folder = Path(source).resolve().parent if source.endswith(".py") else None
     try:
-        model = factory(**kwargs)
-    except Exception as err:
-        raise ModelSpecError(f"calling {spec}() failed: {type(err).__name__}: {err}") from err
+        with _importable_folder(folder) if folder else contextlib.nullcontext():
+            model = factory(**kwargs)
+    except (Exception, SystemExit) as err:
+        raise ModelSpecError(f"calling {spec}() failed: {_one_line(err)}") from err
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{spec}() returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def accepts_kwarg(spec: str, name: str) -> bool:
+    """Whether the constructor ``spec`` names takes keyword ``name`` (timm and torchvision models take
+    ``num_classes``; a user's callable only if its signature says so)."""
+    if spec_kind(spec) in ("timm", "torchvision"):
+        return True
+    source, _, attr = spec.rpartition(":")
+    factory = getattr(_load_python_module(source), attr, None)
+    return callable(factory) and not refused_kwargs(factory, {name: None})
+
+
+def check_device(device: object) -> torch.device | None:
+    """``device`` as a torch.device (None stays None); a malformed one is a ConfigError."""
+    from se_inject.errors import ConfigError
+
+    if device is None or isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise ConfigError(f"device: expected a device name such as 'cpu', 'cuda' or 'meta', got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"device: {device!r} is not a device ({_one_line(err)}); use cpu, cuda, cuda:N or meta") from None
 
 
 def load_model(
@@ -102,6 +250,8 @@ def load_model(
     >>> load_model("resnet18", device="meta").fc.weight.is_meta
     True
     """
+    spec_kind(spec)
+    device = check_device(device)
     if pretrained or checkpoint is not None:
         if pretrained and checkpoint is not None:
             raise ModelSpecError("pretrained and checkpoint both give weights: choose one")
@@ -114,15 +264,19 @@ def load_model(
         else:
             model = load_checkpoint(load_model(spec, **model_kwargs), checkpoint)
         return model.to(device) if device is not None else model
-    if not spec or not isinstance(spec, str):
-        raise ModelSpecError("empty model name: give a timm name, torchvision:NAME, or module:callable")
     try:
-        return _build(spec, device, model_kwargs)
-    except (NotImplementedError, RuntimeError) as err:
-        if str(device) != "meta" or "meta" not in str(err):
-            raise
-        # some constructors read their own initial weights (.item(), copies): build for real, then drop them
-        return _build(spec, "cpu", model_kwargs).to("meta")
+        try:
+            return _build(spec, device, model_kwargs)
+        except (NotImplementedError, RuntimeError) as err:
+            if str(device) != "meta" or "meta" not in str(err):
+                raise
+            # some constructors read their own initial weights (.item(), copies): build for real, then drop them
+            return _build(spec, "cpu", model_kwargs).to("meta")
+    except ModelSpecError:
+        raise
+    except Exception as err:  # a timm/torchvision constructor refusing its arguments (num_classes=-1, ...)
+        given = f" with {', '.join(f'{k}={v!r}' for k, v in model_kwargs.items())}" if model_kwargs else ""
+        raise ModelSpecError(f"building '{spec}'{given} failed: {_one_line(err)}") from err
 
 
 def _build(spec: str, device: str | torch.device | None, kwargs: dict) -> nn.Module:
@@ -206,6 +360,46 @@ def _first_sentence(err: Exception, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
+def classifier(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The model's classifier, as (qualified name, Linear): timm's get_classifier(), else its last Linear."""
+    get = getattr(model, "get_classifier", None)
+    try:
+        head = get() if callable(get) else None
+    except Exception:  # a user's get_classifier that does not fit timm's contract
+        head = None
+    names = {id(m): name for name, m in model.named_modules()}
+    if isinstance(head, nn.Linear) and id(head) in names:
+        return names[id(head)], head
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def head_of(model: nn.Module) -> dict[str, object] | None:
+    """The classifier as a recipe records it: name, in_features, out_features (None: no Linear head)."""
+    found = classifier(model)
+    if found is None:
+        return None
+    name, head = found
+    return {"name": name, "in_features": head.in_features, "out_features": head.out_features}
+
+
+def fit_head(model: nn.Module, num_classes: int) -> list[nn.Parameter]:
+    """Give ``model`` (in place) a new classifier for ``num_classes`` if its own has another size;
+    the new head's parameters (to train), [] when it already fits."""
+    from se_inject.errors import ConfigError
+
+    found = classifier(model)
+    if found is None:
+        raise ConfigError("the model has no Linear classifier to fit to the dataset's classes")
+    name, head = found
+    if head.out_features == num_classes:
+        return []
+    reference = head.weight
+    new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None, device=reference.device, dtype=reference.dtype)
+    model.set_submodule(name, new)
+    return list(new.parameters())
+
+
 def describe_mismatch(missing: list[str], unexpected: list[str], wrong: list[str], expected: dict, given: dict) -> str:
     """One line naming the keys that differ, a few of each kind."""
 
@@ -260,6 +454,14 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a mapping of parameter names to tensors")
+    odd_keys = [k for k in state if not isinstance(k, str)]
+    if odd_keys:
+        raise CheckpointError(f"{path}: key {odd_keys[0]!r} is not a parameter name (every key must be a string)")
+    for key, tensor in state.items():
+        if tensor.is_meta:
+            raise CheckpointError(f"{path}: '{key}' is a meta tensor: it holds no values (was it saved from a meta model?)")
+        if tensor.layout != torch.strided:
+            raise CheckpointError(f"{path}: '{key}' is a {tensor.layout} tensor; only dense tensors are loaded")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
@@ -275,7 +477,25 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, er
         raise error(
             f"{source}: does not fit {type(model).__name__}: {describe_mismatch(missing, unexpected, wrong, expected, state)}"
         )
+    lossy = sorted(k for k in expected if not _holds(state[k].dtype, expected[k].dtype))
+    if lossy:
+        k = lossy[0]
+        raise error(
+            f"{source}: '{k}' is {state[k].dtype} but the model holds {expected[k].dtype}: the values cannot be "
+            f"carried over without changing them ({len(lossy)} such tensor(s)); save the weights in a floating dtype"
+        )
     model.load_state_dict(state, strict=True, assign=any(t.is_meta for t in expected.values()))
+
+
+def _holds(given: torch.dtype, wanted: torch.dtype) -> bool:
+    """Whether values of dtype ``given`` go into a tensor of ``wanted`` as what they are meant to be:
+    floats into floats (half precision widens), integers into integers; never floats truncated
+    into integers, integers or booleans read as weights, or complex numbers into real tensors."""
+    if wanted.is_complex or given.is_complex:
+        return given.is_complex == wanted.is_complex
+    if wanted.is_floating_point:
+        return given.is_floating_point
+    return not given.is_floating_point
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:

@@ -111,6 +111,16 @@ def _no_sites(search: SiteSearch, config: InjectConfig) -> NoSitesError:
     )
 
 
+def _repeated_call(scope: str) -> str | None:
+    """The module of ``scope`` that torch.fx saw called a second time or more (it names such a
+    call ``name@1``, ``name@2``, ...), as its qualified name; None for a first call."""
+    parts = scope.split(".")
+    for i, part in enumerate(parts):
+        if "@" in part:
+            return ".".join([*parts[:i], part.split("@")[0]])
+    return None
+
+
 def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
@@ -147,6 +157,10 @@ def plan_units(analysis: Analysis, config: InjectConfig, widened: frozenset[str]
                 f"{site.stage}, block {site.block}; use r <= {insertion.channels}"
             )
         owner = _common_scope(insertion.anchors)
+        repeated = _repeated_call(owner)
+        if repeated:  # the same module object called again (shared weights): its first call's unit serves it
+            skipped.append((site, f"module '{repeated}' is called more than once; the unit of its first call serves every call"))
+            continue
         while owner and owner in widened:
             owner = _parent(owner)
         planned.append((site, insertion, r, owner))

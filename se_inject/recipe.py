@@ -1,6 +1,11 @@
 """The recipe of an injection: what :func:`se_inject.apply` needs to do it again.
 
-JSON only (no pickles): the source model, every option, the units and the library versions.
+JSON only (no pickles): the source model, every option, the units, the classifier head and the
+library versions. A recipe is data that may come from anyone, so :meth:`Recipe.from_json` checks
+every field against the schema below (known keys, types, ranges, ``format_version``) before any
+of it is used, and names the field it refuses. What a recipe can make se_inject do is limited on
+purpose: its source is rebuilt only from timm and torchvision names unless the caller trusts code
+(see :func:`se_inject.load`), and its ``model_kwargs`` pass an allow-list.
 """
 
 from __future__ import annotations
@@ -13,11 +18,16 @@ import torch
 
 from se_inject._version import __version__
 from se_inject.config import InjectConfig
-from se_inject.errors import ArtifactError
+from se_inject.errors import ArtifactError, ConfigError, ModelSpecError
+from se_inject.models import RECIPE_MODEL_KWARGS, spec_kind
 
 RECIPE_FILE = "recipe.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: head and source_file; version 1 recipes are read as well
 SITE_KEYS = ("name", "rule", "stage", "block", "channels", "hidden", "r")
+MAX_RECIPE_BYTES = 16 << 20
+MAX_SIZE = 16384  # the largest input side a recipe may ask for
+MAX_UNITS = 100_000
+_SHA256_HEX = set("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,8 @@ class Recipe:
     versions: dict[str, str] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # constructor arguments, e.g. num_classes
     pruned: list[str] = field(default_factory=list)  # units replaced by a fixed per-channel scale
+    head: dict[str, Any] | None = None  # the classifier when saved: name, in_features, out_features
+    source_file: dict[str, str] | None = None  # for a file.py:callable source: its absolute path and sha256
     format_version: int = FORMAT_VERSION
 
     def config(self) -> InjectConfig:
@@ -41,30 +53,172 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: str, source: str = RECIPE_FILE) -> Recipe:
+        """Parse and validate a recipe; anything outside the schema is an ArtifactError naming the field."""
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ArtifactError(f"{source}: not valid JSON ({err})") from None
+            data = json.loads(text, parse_constant=_refuse_constant)
+        except (json.JSONDecodeError, RecursionError, ValueError) as err:
+            raise ArtifactError(f"{source}: not valid JSON ({' '.join(str(err).split())[:160]})") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = RECIPE_FILE) -> Recipe:
         if not isinstance(data, dict):
             raise ArtifactError(f"{source}: expected a JSON object")
         known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ArtifactError(f"{source}: field '{unknown[0]}' is not a recipe field; fields are {', '.join(sorted(known))}")
         missing = sorted({"options", "sites", "input_size"} - set(data))
         if missing:
             raise ArtifactError(f"{source}: field '{missing[0]}' is missing; is this an se_inject recipe?")
-        if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        check = _Checker(source)
+        version = data.get("format_version", 1)
+        check.integer(version, "format_version", 1, None)
+        if version > FORMAT_VERSION:
             raise ArtifactError(
-                f"{source}: recipe format {data['format_version']} is newer than this se_inject reads "
-                f"({FORMAT_VERSION}); upgrade se_inject"
+                f"{source}: recipe format {version} is newer than this se_inject reads ({FORMAT_VERSION}); upgrade se_inject"
             )
-        values = {k: v for k, v in data.items() if k in known}
-        values["input_size"] = tuple(values["input_size"])
-        values["sites"] = tuple(values["sites"])
-        return cls(**values)
+        recipe = cls(
+            source=check.source(data.get("source")),
+            options=check.options(data["options"]),
+            input_size=check.input_size(data["input_size"]),
+            sites=check.sites(data["sites"]),
+            versions=check.versions(data.get("versions", {})),
+            model_kwargs=check.model_kwargs(data.get("model_kwargs", {})),
+            pruned=check.string_list(data.get("pruned", []), "pruned"),
+            head=check.head(data.get("head")),
+            source_file=check.source_file(data.get("source_file"), data.get("source")),
+            format_version=version,
+        )
+        names = {site["name"] for site in recipe.sites}
+        stray = [name for name in recipe.pruned if name not in names]
+        if stray:
+            raise ArtifactError(f"{source}: field 'pruned': {stray[0]!r} is not a unit of the recipe's sites")
+        return recipe
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+class _Checker:
+    """Field-by-field validation of a recipe; every error names the file and the field."""
+
+    def __init__(self, source: str) -> None:
+        self.source_name = source
+
+    def fail(self, name: str, problem: str) -> ArtifactError:
+        return ArtifactError(f"{self.source_name}: field '{name}': {problem}")
+
+    def integer(self, value: object, name: str, low: int, high: int | None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(name, f"expected an integer, got {value!r}"[:200])
+        if value < low or (high is not None and value > high):
+            raise self.fail(name, f"{value} is out of range ({low} to {high if high is not None else 'any'})")
+        return value
+
+    def string(self, value: object, name: str, limit: int = 4096) -> str:
+        if not isinstance(value, str) or not value or len(value) > limit or "\0" in value:
+            raise self.fail(name, f"expected a non-empty string of at most {limit} characters, got {value!r}"[:200])
+        return value
+
+    def string_list(self, value: object, name: str) -> list[str]:
+        if not isinstance(value, list) or len(value) > MAX_UNITS:
+            raise self.fail(name, "expected a list of strings")
+        return [self.string(item, f"{name}[{i}]") for i, item in enumerate(value)]
+
+    def source(self, value: object) -> str | None:
+        if value is None:
+            return None
+        text = self.string(value, "source")
+        try:
+            spec_kind(text)
+        except ModelSpecError as err:
+            raise self.fail("source", str(err)) from None
+        return text
+
+    def options(self, value: object) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail("options", "expected an object of injection options")
+        known = {f.name for f in fields(InjectConfig)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise self.fail(f"options.{unknown[0]}", f"not an injection option; options are {', '.join(sorted(known))}")
+        try:
+            InjectConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+        except ConfigError as err:
+            raise self.fail(f"options.{str(err).split(':')[0]}", str(err)) from None
+        except TypeError as err:
+            raise self.fail("options", str(err)) from None
+        return dict(value)
+
+    def input_size(self, value: object) -> tuple[int, int]:
+        if not isinstance(value, list) or len(value) != 2:
+            raise self.fail("input_size", f"expected [height, width], got {value!r}"[:200])
+        return (self.integer(value[0], "input_size[0]", 1, MAX_SIZE), self.integer(value[1], "input_size[1]", 1, MAX_SIZE))
+
+    def sites(self, value: object) -> tuple[dict[str, Any], ...]:
+        if not isinstance(value, list) or len(value) > MAX_UNITS:
+            raise self.fail("sites", f"expected a list of at most {MAX_UNITS:,} units")
+        sites = []
+        for i, site in enumerate(value):
+            where = f"sites[{i}]"
+            if not isinstance(site, dict) or set(site) != set(SITE_KEYS):
+                raise self.fail(where, f"expected an object with exactly the keys {', '.join(SITE_KEYS)}")
+            self.string(site["name"], f"{where}.name", 1000)
+            self.string(site["rule"], f"{where}.rule", 200)
+            self.integer(site["stage"], f"{where}.stage", 0, MAX_UNITS)
+            self.integer(site["block"], f"{where}.block", 0, MAX_UNITS)
+            self.integer(site["channels"], f"{where}.channels", 1, 1 << 20)
+            self.integer(site["hidden"], f"{where}.hidden", 1, 1 << 20)
+            self.integer(site["r"], f"{where}.r", 1, 1 << 20)
+            sites.append(dict(site))
+        return tuple(sites)
+
+    def versions(self, value: object) -> dict[str, str]:
+        if not isinstance(value, dict) or len(value) > 32:
+            raise self.fail("versions", "expected an object of library versions")
+        return {self.string(k, "versions", 100): self.string(v, f"versions.{k}", 100) for k, v in value.items()}
+
+    def model_kwargs(self, value: object) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail("model_kwargs", "expected an object of constructor arguments")
+        for key, item in value.items():
+            if key not in RECIPE_MODEL_KWARGS:
+                raise self.fail(
+                    f"model_kwargs.{key}",
+                    f"not an allowed constructor argument; a recipe may pass only {', '.join(sorted(RECIPE_MODEL_KWARGS))}",
+                )
+            low, high = RECIPE_MODEL_KWARGS[key]
+            self.integer(item, f"model_kwargs.{key}", low, high)
+        return dict(value)
+
+    def head(self, value: object) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict) or set(value) != {"name", "in_features", "out_features"}:
+            raise self.fail("head", "expected an object with name, in_features and out_features")
+        self.string(value["name"], "head.name", 1000)
+        self.integer(value["in_features"], "head.in_features", 1, 1 << 24)
+        self.integer(value["out_features"], "head.out_features", 1, 1 << 24)
+        return dict(value)
+
+    def source_file(self, value: object, source: object) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict) or set(value) != {"path", "sha256"}:
+            raise self.fail("source_file", "expected an object with path and sha256")
+        self.string(value["path"], "source_file.path")
+        digest = self.string(value["sha256"], "source_file.sha256", 64)
+        if len(digest) != 64 or not set(digest) <= _SHA256_HEX:
+            raise self.fail("source_file.sha256", "expected 64 lowercase hexadecimal digits")
+        if not isinstance(source, str) or not source.startswith(value["path"] + ":"):
+            raise self.fail("source_file.path", "does not match the file named by 'source'")
+        return dict(value)
 
 
 def versions() -> dict[str, str]:
     import timm
 
     return {"torch": torch.__version__, "timm": timm.__version__, "se_inject": __version__}
-
 

@@ -27,7 +27,7 @@ from se_inject.errors import RewriteError, SEInjectError, UntraceableModelError
 from se_inject.plan import Plan, PlannedUnit
 from se_inject.patterns import add_operands, normalize_inplace_adds, owns_its_memory
 from se_inject.sites import node_in_scope
-from se_inject.tracing import count_flops_by_module, trace_graph
+from se_inject.tracing import count_flops_by_module, shadow, trace_graph
 from se_inject.unit import SqueezeExcite
 
 
@@ -192,6 +192,9 @@ def build_injected(model: nn.Module, whole: fx.GraphModule, plan: Plan, config: 
     for unit in plan.units:
         by_owner[unit.owner].append(unit)
     traced: dict[type, list[fx.Graph]] = {}
+    aliases: dict[int, list[str]] = defaultdict(list)
+    for name, module in injected.named_modules(remove_duplicate=False):
+        aliases[id(module)].append(name)
     for owner, units in by_owner.items():
         module = injected.get_submodule(owner)
         local, mapping = local_graph(module, owner, whole.graph, config, traced)
@@ -208,8 +211,8 @@ def build_injected(model: nn.Module, whole: fx.GraphModule, plan: Plan, config: 
         local.lint()
         rewritten = _graph_module_like(module, local)
         if owner:
-            parent, _, child = owner.rpartition(".")
-            setattr(injected.get_submodule(parent), child, rewritten)
+            for alias in aliases.get(id(module), [owner]):  # a block registered under several names stays one block
+                injected.set_submodule(alias, rewritten)
         else:
             injected = rewritten
     return injected
@@ -230,6 +233,7 @@ def dry_run(injected: nn.Module, plan: Plan, input_shape: Sequence[int]) -> tupl
     """
     seen: set[str] = set()
     handles = []
+    injected = shadow(injected)  # the result is returned unrun: no user hook or counter of it fires here
     for unit in plan.units:
         module = injected.get_submodule(unit.qualified_name)
         handles.append(module.register_forward_pre_hook(_record_call(seen, unit.qualified_name)))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from se_inject.config import POSITIONS
 from se_inject.errors import RuleError
+from se_inject.files import read_text_file
 from se_inject.patterns import PATTERNS, Candidate
 
 _RULE_FIELDS = {"name", "pattern", "priority", "fallback", "description", "positions", "when"}
@@ -130,6 +131,8 @@ def parse_rules(text: str, source: str) -> list[Rule]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise _fail(source, None, None, f"not valid TOML: {err}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise _fail(source, None, None, "not a rules file: it nests arrays or tables too deeply") from None
     unknown = sorted(set(data) - {"rule"})
     if unknown:
         raise _fail(source, None, unknown[0], "unknown top-level key; a rule file holds [[rule]] tables only")
@@ -145,12 +148,12 @@ def parse_rules(text: str, source: str) -> list[Rule]:
     return rules
 
 
+MAX_RULE_FILE_BYTES = 1 << 20  # rule files are a few hundred bytes; a larger one is not a rule file
+
+
 def read_rule_file(path: str | Path) -> list[Rule]:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise RuleError(f"{path}: cannot read the rule file: {err.strerror or err}") from None
+    """The rules of one file: a regular UTF-8 file of at most 1 MiB (never a device or a pipe)."""
+    text = read_text_file(path, limit=MAX_RULE_FILE_BYTES, what="rule file", error=RuleError)
     return parse_rules(text, str(path))
 
 

@@ -1,34 +1,53 @@
 """Saving and loading retrofitted models: safetensors weights plus a JSON recipe.
 
 A saved directory holds ``model.safetensors`` (every tensor of the injected model) and
-``recipe.json``: the source model, every injection option, the sites the units went to, and the
-versions of torch, timm and se_inject. Loading rebuilds the architecture from the recipe (or
-from a fresh copy of the original the caller passes), injects the same units, checks that the
-sites match, and loads the weights: the result computes bit for bit what was saved. Like peft's
-adapters, the recipe also re-applies to any fresh copy of the same architecture
-(:func:`apply`), and refuses one whose sites differ.
+``recipe.json``: the source model, every injection option, the sites the units went to, the
+classifier head and the versions of torch, timm and se_inject. Loading rebuilds the architecture
+from the recipe (or from a fresh copy of the original the caller passes), injects the same
+units, checks that the sites match, and loads the weights: the result computes bit for bit what
+was saved. Like peft's adapters, the recipe also re-applies to any fresh copy of the same
+architecture (:func:`apply`), and refuses one whose sites differ.
 
-Nothing here unpickles: weights are safetensors, the recipe is JSON.
+A saved directory is data: nothing here unpickles (weights are safetensors, the recipe is JSON
+checked against a schema), and a recipe whose source is Python code (``module:callable``,
+``file.py:callable``) is rebuilt only when the caller says so (``trust_code=True``, CLI
+``--trust-code``), as ``trust_remote_code`` does in the Hugging Face libraries.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import warnings
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from se_inject.api import retrofit
-from se_inject.errors import ArtifactError, RecipeMismatchError
-from se_inject.models import load_model, load_state
-from se_inject.recipe import RECIPE_FILE, SITE_KEYS, Recipe
+from se_inject.errors import ArtifactError, ConfigError, RecipeMismatchError, UntrustedCodeError
+from se_inject.files import MiB, as_path, read_text_file, write_atomic, write_directory, write_text_atomic
+from se_inject.models import (
+    check_device,
+    classifier,
+    file_digest,
+    fit_head,
+    head_of,
+    load_model,
+    load_state,
+    refused_kwargs,
+    spec_kind,
+)
+from se_inject.recipe import MAX_RECIPE_BYTES, RECIPE_FILE, SITE_KEYS, Recipe
 from se_inject.unit import ChannelScale
 
 WEIGHTS_FILE = "model.safetensors"
+# Every file se_inject writes into a model directory (a fine-tuning run adds its checkpoint and
+# metrics): --force replaces a directory only when it holds nothing else.
+OWNED_FILES = frozenset({WEIGHTS_FILE, RECIPE_FILE, "checkpoint.pt", "metrics.jsonl"})
+
+
+class SourceChangedWarning(UserWarning):
+    """The model file a recipe was made from has changed since the model was saved."""
 
 
 def recipe_of(model: nn.Module) -> Recipe:
@@ -41,11 +60,24 @@ def recipe_of(model: nn.Module) -> Recipe:
     return recipe
 
 
+def current_recipe(model: nn.Module) -> Recipe:
+    """The model's recipe with the classifier head it has now (fine-tuning may have resized it)."""
+    recipe = recipe_of(model)
+    head = head_of(model)
+    kwargs = dict(recipe.model_kwargs)
+    if head is not None and recipe.source and spec_kind(recipe.source) in ("timm", "torchvision"):
+        kwargs["num_classes"] = head["out_features"]
+    return replace(recipe, head=head, model_kwargs=kwargs)
+
+
 def save(model: nn.Module, directory: str | Path, *, force: bool = False) -> Path:
     """Write ``model`` (made by :func:`se_inject.inject`) to ``directory``: weights and recipe.
 
     The directory is written whole or not at all: files go to a temporary directory beside it,
-    which is renamed into place. An existing ``directory`` is replaced only with ``force``.
+    which is renamed into place. An existing ``directory`` is replaced only with ``force``, and
+    only if it is a directory se_inject wrote holding nothing but se_inject's files; ``.``, its
+    parents, the home directory and ``/`` are never replaced. Concurrent saves to one directory:
+    one wins, the others raise ArtifactError.
 
     Example::
 
@@ -53,21 +85,11 @@ def save(model: nn.Module, directory: str | Path, *, force: bool = False) -> Pat
         se_inject.save(se_model, "se_resnet50")
         again = se_inject.load("se_resnet50")
     """
-    target = Path(directory)
-    if target.exists() and not force:
-        raise ArtifactError(f"{target} already exists; choose another directory or pass force=True (CLI: --force)")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: expected an nn.Module made by se_inject.inject, got {type(model).__name__}")
     _check_savable(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write_model_files(model, staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return write_directory(directory, lambda staging: write_model_files(model, staging), force=force,
+                           owned=OWNED_FILES, marker=RECIPE_FILE)
 
 
 def _check_savable(model: nn.Module) -> Recipe:
@@ -77,34 +99,30 @@ def _check_savable(model: nn.Module) -> Recipe:
     return recipe
 
 
-def write_model_files(model: nn.Module, directory: str | Path) -> None:
+def write_model_files(model: nn.Module, directory: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
     """Write the weights and the recipe into an existing ``directory``, each file replaced atomically."""
     from safetensors.torch import save_model
 
-    recipe = _check_savable(model)
+    _check_savable(model)
+    recipe = current_recipe(model)
     directory = Path(directory)
-    weights_tmp, recipe_tmp = directory / f".{WEIGHTS_FILE}.tmp", directory / f".{RECIPE_FILE}.tmp"
-    try:
-        save_model(model, str(weights_tmp), metadata={"format": "pt", "se_inject": recipe.versions.get("se_inject", "")})
-        recipe_tmp.write_text(recipe.to_json())
-        os.replace(weights_tmp, directory / WEIGHTS_FILE)
-        os.replace(recipe_tmp, directory / RECIPE_FILE)
-    finally:
-        weights_tmp.unlink(missing_ok=True)
-        recipe_tmp.unlink(missing_ok=True)
+    metadata = {"format": "pt", "se_inject": recipe.versions.get("se_inject", ""), **(extra_metadata or {})}
+    write_atomic(directory / WEIGHTS_FILE, lambda tmp: save_model(model, str(tmp), metadata=metadata))
+    write_text_atomic(directory / RECIPE_FILE, recipe.to_json())
 
 
 def read_recipe(directory: str | Path) -> Recipe:
-    path = Path(directory) / RECIPE_FILE
-    if not Path(directory).is_dir():
+    directory = as_path(directory, "directory")
+    path = directory / RECIPE_FILE
+    if not directory.is_dir():
         raise ArtifactError(f"{directory}: no such directory")
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; is {directory} a directory written by se_inject.save?")
-    return Recipe.from_json(path.read_text(), str(path))
+    return Recipe.from_json(read_text_file(path, limit=MAX_RECIPE_BYTES, what="recipe"), str(path))
 
 
-def _site_signature(sites: Any) -> list[tuple]:
-    return [tuple(site[k] for k in SITE_KEYS) for site in sites]
+def _site_signature(sites: object) -> list[tuple]:
+    return [tuple(site[k] for k in SITE_KEYS) for site in sites]  # type: ignore[attr-defined]
 
 
 def apply(recipe: Recipe | str | Path, model: nn.Module) -> nn.Module:
@@ -114,8 +132,12 @@ def apply(recipe: Recipe | str | Path, model: nn.Module) -> nn.Module:
     the recipe's: another architecture, or another version of it. ``model`` is not changed.
     """
     if not isinstance(recipe, Recipe):
-        path = Path(recipe)
-        recipe = read_recipe(path) if path.is_dir() else Recipe.from_json(path.read_text(), str(path))
+        path = as_path(recipe, "recipe")
+        recipe = read_recipe(path) if path.is_dir() else Recipe.from_json(
+            read_text_file(path, limit=MAX_RECIPE_BYTES, what="recipe"), str(path)
+        )
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: expected an nn.Module, got {type(model).__name__}")
     result = retrofit(model, recipe.config(), input_size=recipe.input_size, model_name=recipe.source)
     expected, found = _site_signature(recipe.sites), _site_signature(recipe_of(result.model).sites)
     if expected != found:
@@ -127,39 +149,113 @@ def apply(recipe: Recipe | str | Path, model: nn.Module) -> nn.Module:
             f"the model does not match the recipe ({mismatch}; fields {', '.join(SITE_KEYS)}); "
             f"was the recipe made for another architecture?"
         )
-    return result.model
+    injected = result.model
+    injected.se_inject_recipe = replace(
+        recipe_of(injected), source=recipe.source, source_file=recipe.source_file, model_kwargs=dict(recipe.model_kwargs)
+    )
+    return injected
 
 
-def load(directory: str | Path, model: nn.Module | None = None, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model saved in ``directory``: architecture, units and every weight.
+def _build_source(recipe: Recipe, directory: Path, device: torch.device | None, trust_code: bool) -> nn.Module:
+    """The recipe's original architecture, built as the recipe says (code only with ``trust_code``)."""
+    if not recipe.source:
+        raise ArtifactError(
+            f"{directory}: the recipe names no source model (it was injected from a module object); "
+            "pass a fresh copy of the original: se_inject.load(directory, model=...)"
+        )
+    kind = spec_kind(recipe.source)
+    if kind in ("module", "file") and not trust_code:
+        raise UntrustedCodeError(
+            f"{directory}: the recipe's source '{recipe.source}' is Python code, which loading would import and run; "
+            "if you trust this directory pass trust_code=True (CLI: --trust-code), "
+            "or pass a fresh copy of the original yourself: se_inject.load(directory, model=...)"
+        )
+    kwargs: dict[str, object] = dict(recipe.model_kwargs)
+    if kind == "file" and recipe.source_file is not None:
+        path = Path(recipe.source_file["path"])
+        if not path.is_file():
+            raise ArtifactError(f"{directory}: the model file {path} the recipe was made from no longer exists")
+        if file_digest(path) != recipe.source_file["sha256"]:
+            warnings.warn(
+                f"{path} has changed since {directory} was saved; the model is rebuilt from its current contents",
+                SourceChangedWarning, stacklevel=3,
+            )
+    if kind in ("module", "file") and "num_classes" in kwargs:
+        if refused_kwargs(_factory(recipe.source), {"num_classes": 0}):
+            kwargs.pop("num_classes")  # the head is resized after injection instead
+    return load_model(recipe.source, device=device, **kwargs)  # type: ignore[arg-type]
 
-    ``model`` is a fresh original to inject (needed when the recipe has no loadable ``source``,
-    as for a user's own module passed to the API). The result is in eval mode.
+
+def _factory(spec: str) -> object:
+    from se_inject.models import _load_python_module
+
+    source, _, attr = spec.rpartition(":")
+    return getattr(_load_python_module(source), attr, None)
+
+
+def _fit_recorded_head(injected: nn.Module, recipe: Recipe, directory: Path) -> None:
+    """Give the rebuilt model the classifier the saved one had (a model whose constructor takes no
+    ``num_classes``, or a fresh original the caller passed with the default head)."""
+    if recipe.head is None:
+        return
+    found = classifier(injected)
+    if found is None or found[0] != recipe.head["name"]:
+        return  # load_state names what does not fit
+    if found[1].in_features != recipe.head["in_features"]:
+        raise ArtifactError(
+            f"{directory}: the classifier '{found[0]}' takes {found[1].in_features} features, the saved one "
+            f"{recipe.head['in_features']}: the model is not the saved architecture"
+        )
+    fit_head(injected, recipe.head["out_features"])
+
+
+def load(
+    directory: str | Path,
+    model: nn.Module | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    trust_code: bool = False,
+) -> nn.Module:
+    """Rebuild the model saved in ``directory``: architecture, units, classifier head and every weight.
+
+    The architecture is rebuilt from the recipe's source when it is a timm or torchvision name.
+    A source that is Python code (``module:callable``, ``file.py:callable``) is imported and run
+    only with ``trust_code=True``; or pass ``model``, a fresh copy of the original (needed anyway
+    when the model was injected from a module object). ``model`` itself is not changed. A model
+    file's folder is importable while it loads, so it may import its sibling modules; a file that
+    changed since the save is reported with a :class:`SourceChangedWarning`. The result is in
+    eval mode.
+
+    Example::
+
+        se_model = se_inject.load("se_resnet50")
+        mine = se_inject.load("se_mynet", model=MyNet())              # your own architecture
+        same = se_inject.load("se_mynet_file", trust_code=True)       # recipe source: mynet.py:build
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-
+    directory = as_path(directory, "directory")
+    if model is not None and not isinstance(model, nn.Module):
+        raise ConfigError(f"model: expected a fresh nn.Module of the saved architecture, got {type(model).__name__}")
+    if not isinstance(trust_code, bool):
+        raise ConfigError(f"trust_code: expected True or False, got {trust_code!r}")
+    target = check_device(device)
     recipe = read_recipe(directory)
-    weights = Path(directory) / WEIGHTS_FILE
+    weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise ArtifactError(f"{weights}: missing; the directory holds a recipe but no weights")
     if model is None:
-        if not recipe.source:
-            raise ArtifactError(
-                f"{directory}: the recipe names no source model (it was injected from a module object); "
-                "pass a fresh copy of the original: se_inject.load(directory, model=...)"
-            )
-        model = load_model(recipe.source, device=device, **recipe.model_kwargs)
+        model = _build_source(recipe, directory, target, trust_code)
     injected = apply(recipe, model)
-    if recipe.pruned:
-        for name in recipe.pruned:  # the scales themselves come with the weights
-            owner, _, child = name.rpartition(".")
-            unit = injected.get_submodule(name)
-            setattr(injected.get_submodule(owner) if owner else injected, child, ChannelScale(torch.ones(unit.channels)))
+    _fit_recorded_head(injected, recipe, directory)
+    for name in recipe.pruned:  # the scales themselves come with the weights
+        unit = injected.get_submodule(name)
+        injected.set_submodule(name, ChannelScale(torch.ones(unit.channels)))
     try:
-        state = load_file(str(weights), device=str(device))
-    except (SafetensorError, OSError) as err:
+        state = load_file(str(weights), device=str(target))
+    except (SafetensorError, OSError, RuntimeError) as err:
         raise ArtifactError(f"{weights}: cannot be read as safetensors ({err}); the file is damaged or truncated") from None
     load_state(injected, state, str(weights), ArtifactError)
+    injected.se_inject_recipe = replace(recipe_of(injected), head=recipe.head, pruned=list(recipe.pruned))
     return injected.eval()

@@ -13,6 +13,7 @@ meta device) or fake tensors (FakeTensorMode: real parameters, no real arithmeti
 from __future__ import annotations
 
 import contextlib
+from copy import deepcopy
 import inspect
 import math
 from collections.abc import Iterator, Sequence
@@ -217,14 +218,58 @@ def on_meta(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Evaluation mode for the duration, every submodule's own flag restored afterwards."""
+    """Evaluation mode for the duration, every submodule's own flag restored afterwards.
+
+    The flags are set directly rather than through ``module.eval()``: a model's own ``train()``
+    override may do more than set them (freeze parameters, say), and se_inject runs no user code
+    that could change the model.
+    """
     flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    for m, _ in flags:
+        m.training = False
     try:
         yield
     finally:
         for m, training in flags:
             m.training = training
+
+
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+)
+
+
+def shadow(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` to trace and run during analysis, so that nothing of the user's model changes.
+
+    Tracing runs a model's Python ``forward`` with fx proxies: a forward that counts its calls or
+    caches a tensor, a forward hook that stores its output, a ``train()`` override that changes
+    ``requires_grad``, would otherwise do it to the user's model. The shadow has its own module
+    objects without hooks; its parameters are new Parameter objects over the user's storage (no
+    weight memory is copied) and its buffers are copies (a forward may write a buffer).
+    """
+    from se_inject.errors import InvalidModelError
+
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.detach().clone()
+    try:
+        copy = deepcopy(model, memo)
+    except Exception as err:
+        raise InvalidModelError(
+            f"model: {type(model).__name__} cannot be copied ({type(err).__name__}: {' '.join(str(err).split())[:160]}); "
+            "se_inject works on copies so that your model is never changed: keep such state (locks, open files, "
+            "generators) outside the module or give it a __deepcopy__"
+        ) from None
+    for m in copy.modules():
+        for attribute in _HOOK_DICTS:
+            hooks = getattr(m, attribute, None)
+            if isinstance(hooks, dict):
+                hooks.clear()
+    return copy
 
 
 class ShapeOnlyBatchNorm(TorchDispatchMode):

@@ -123,7 +123,7 @@ def test_checkpoint_check_and_save(tmp_path):
     loaded = se_inject.load(out)
     assert torch.equal(loaded.conv1.weight, trained.conv1.weight)  # the checkpoint's weights, not a fresh init
     again = invoke("resnet18", "--save", str(out))
-    assert again.exit_code == 2 and "already exists; choose another directory or pass --force" in again.stderr
+    assert again.exit_code == 2 and "already exists; choose another directory or pass force=True (CLI: --force)" in again.stderr
     forced = invoke("resnet18", "--save", str(out), "--force", "--json")
     assert forced.exit_code == 0 and json.loads(forced.stdout)["saved"] == str(out)
 

@@ -1,5 +1,7 @@
 import pytest
 import torch
+
+import se_inject
 from PIL import Image
 
 from se_inject.data import digits, load_data
@@ -11,9 +13,23 @@ def test_digits_is_real_data_without_a_download():
     assert splits.classes == [str(i) for i in range(10)] and splits.num_classes == 10
     assert len(splits.train) + len(splits.val) == 1797 and len(splits.val) == 359
     image, label = splits.train[0]
-    assert image.shape == (3, 32, 32) and -1.0 <= image.min() and image.max() <= 1.0 and 0 <= label < 10
+    assert image.shape == (3, 32, 32) and 0 <= label < 10
+    # normalised with ImageNet's mean and std by default: pixel values 0..1 map to (0 - mean) / std .. (1 - mean) / std
+    low, high = (0 - 0.485) / 0.229, (1 - 0.406) / 0.225
+    assert low - 1e-5 <= image.min() and image.max() <= high + 1e-5
     again = digits(image_size=32)
     assert torch.equal(splits.val.tensors[1], again.val.tensors[1])  # the split is fixed by the seed
+
+
+def test_normalisation_and_size_come_from_the_models_data_config():
+    from se_inject.data import model_data_config
+
+    model = se_inject.load_model("inception_v3", device="meta")  # timm records 299, bicubic, mean/std 0.5
+    config = model_data_config(model)
+    assert config.input_size == 299 and config.mean == (0.5, 0.5, 0.5) and config.interpolation == "bicubic"
+    splits = digits(image_size=16, config=config)
+    assert splits.normalization == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert splits.train[0][0].min() >= -1.0 - 1e-6 and splits.train[0][0].max() <= 1.0 + 1e-6
 
 
 def _folder(root, classes=("cat", "dog"), per_class=2, size=40):

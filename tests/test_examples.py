@@ -9,8 +9,9 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_example_runs(path, capsys, monkeypatch):
-    monkeypatch.setattr("sys.argv", [str(path)])  # examples take optional arguments: none here
+def test_example_runs(path, capsys, monkeypatch, tmp_path):
+    # examples take optional arguments: none here, except where the default writes into the checkout
+    monkeypatch.setattr("sys.argv", [str(path), *([str(tmp_path / "base.pth")] if path.name == "train_digits_base.py" else [])])
     runpy.run_path(str(path), run_name="__main__")
     out = capsys.readouterr().out
     assert out.strip()
@@ -19,6 +20,8 @@ def test_example_runs(path, capsys, monkeypatch):
         assert "all SE: True" in out
     if path.name == "inspect_digits.py":
         assert "pruned ['layers.0.se_1_1']" in out and "saturation" in out
+    if path.name == "train_digits_base.py":
+        assert float(out.split("val acc ")[1].split("%")[0]) > 50 and (tmp_path / "base.pth").is_file()  # chance: 10%
     if path.name == "finetune_digits.py":
         assert "(max |output change| 0)" in out
         before, after = (float(line.split("val acc ")[1].split("%")[0]) for line in out.splitlines()

@@ -72,7 +72,7 @@ def test_pruning_a_constant_gate_keeps_outputs_and_saves_eq5(trained, tmp_path):
     assert pruned.params_saved == 2 * 64 * 16 and pruned.params_saved == pruned.eq5_saved  # Eq. 5: 2 C^2 / r
     assert max_output_change(model, pruned.model, loader) <= 1e-5  # the stated tolerance
     se_inject.save(pruned.model, tmp_path / "pruned")
-    again = se_inject.load(tmp_path / "pruned")
+    again = se_inject.load(tmp_path / "pruned", trust_code=True)
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(again(x), pruned.model.eval()(x))
     with pytest.raises(se_inject.ConfigError, match="'nope' is not an SE unit"):
@@ -83,12 +83,15 @@ def test_inspect_and_prune_from_the_cli(trained, tmp_path):
     model, _, _ = trained
     se_inject.save(model, tmp_path / "saved")
     runner = CliRunner()
-    result = runner.invoke(app, ["inspect", str(tmp_path / "saved"), "--data", "digits", "--image-size", "16",
-                                 "--out", str(tmp_path / "insp"), "--threshold", "0.999"])
+    args = ["inspect", str(tmp_path / "saved"), "--data", "digits", "--image-size", "16", "--out", str(tmp_path / "insp"),
+            "--threshold", "0.999"]
+    refused = runner.invoke(app, args)  # the recipe's source is a .py file: code runs only when trusted
+    assert refused.exit_code == 2 and "--trust-code" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    result = runner.invoke(app, [*args, "--trust-code"])
     assert result.exit_code == 0, result.output
     assert "stages.2.0.se_3_1" in result.stdout and (tmp_path / "insp" / "saturation.png").is_file()
     result = runner.invoke(app, ["prune-se", str(tmp_path / "saved"), "--data", "digits", "--image-size", "16",
-                                 "--out", str(tmp_path / "pruned"), "--threshold", "0.999"])
+                                 "--out", str(tmp_path / "pruned"), "--threshold", "0.999", "--trust-code"])
     assert result.exit_code == 0, result.output
     assert "removed 1 unit(s): stages.2.0.se_3_1; params saved 2,048 (Eq. 5: 2,048)" in result.stdout
     assert math.isclose(float(result.stdout.split("max |output change| ")[1].split(";")[0]), 0.0, abs_tol=1e-5)

@@ -37,7 +37,7 @@ def test_a_short_run_learns_and_writes_everything(data, tmp_path):
     assert [(r["epoch"], r["phase"], r["world_size"]) for r in lines] == [(1, "se", 1), (2, "full", 1), (3, "full", 1)]
     assert {"train_loss", "val_acc", "images_per_s", "lr"} <= set(lines[0])
     assert (tmp_path / "run" / CHECKPOINT_FILE).is_file()
-    loaded = se_inject.load(tmp_path / "run")
+    loaded = se_inject.load(tmp_path / "run", trust_code=True)
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(loaded(x), result.model.eval()(x))
 
@@ -113,7 +113,7 @@ def test_two_processes_with_gloo(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "ddp" / METRICS_FILE).read_text().splitlines()]
     assert [r["world_size"] for r in lines] == [2, 2]
     assert "2 process(es) on cpu" in done.stdout
-    se_inject.load(tmp_path / "ddp")
+    se_inject.load(tmp_path / "ddp", trust_code=True)
 
 
 def test_bad_data_stops_the_cli_before_training(tmp_path):

@@ -100,7 +100,12 @@ def test_an_existing_directory_is_kept_unless_forced(resnet18, tmp_path):
     with pytest.raises(se_inject.ArtifactError, match="already exists; .* force=True"):
         se_inject.save(injected, target)
     assert (target / "keep.txt").read_text() == "mine"
-    se_inject.save(injected, target, force=True)
+    with pytest.raises(se_inject.ArtifactError, match="not a directory se_inject wrote .*keep.txt"):
+        se_inject.save(injected, target, force=True)  # --force never deletes what se_inject did not write
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
+    (target / "keep.txt").unlink()
+    se_inject.save(injected, target, force=True)  # an empty directory may be filled
+    se_inject.save(injected, target, force=True)  # and an se_inject save replaced
     assert sorted(p.name for p in target.iterdir()) == sorted([WEIGHTS_FILE, RECIPE_FILE])
 
 
@@ -111,7 +116,7 @@ def test_a_failed_save_leaves_nothing_behind(resnet18, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("safetensors.torch.save_model", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(se_inject.ArtifactError, match="saved: cannot write the directory: disk full"):
         se_inject.save(injected, tmp_path / "saved")
     assert list(tmp_path.iterdir()) == []
 
