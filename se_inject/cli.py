@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,7 +29,7 @@ from se_inject.data import DIGITS_SIZE, check_image_size, data_classes, load_dat
 from se_inject.errors import ConfigError, SEInjectError
 from se_inject.excitation import collect, max_output_change, plot, prune_units, write_json
 from se_inject.files import as_path, check_target
-from se_inject.finetune import FinetuneConfig, evaluate, finetune, resolve_device
+from se_inject.finetune import FinetuneConfig, UntrainedModelWarning, evaluate, finetune, resolve_device
 from se_inject.models import accepts_kwarg, load_model, spec_kind
 from se_inject.recipe import RECIPE_FILE
 from se_inject.report import OverheadReport
@@ -360,8 +361,10 @@ def finetune_command(
         model = retrofit(original, inject_config, input_size=size, model_name=source).model
     splits = load_data(data, image_size, model_data_config(model), check=False)
     out_console = console()
-    result = finetune(model, splits, out, config, original=original, resume=resume, force=force, show_progress=True,
-                      console=out_console)
+    with warnings.catch_warnings():  # shown below as se-inject's own one-line warnings
+        warnings.simplefilter("ignore", UntrainedModelWarning)
+        result = finetune(model, splits, out, config, original=original, resume=resume, force=force, show_progress=True,
+                          console=out_console)
     if int(os.environ.get("RANK", "0")) == 0:
         for warning in result.warnings:
             typer.echo(f"se-inject: warning: {warning}", err=True)
