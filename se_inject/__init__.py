@@ -30,6 +30,7 @@ from se_inject.errors import (
 )
 from se_inject.bench import BenchReport, bench, twin_of
 from se_inject.data import load_data
+from se_inject.excitation import PruneResult, prune
 from se_inject.finetune import FinetuneConfig, FinetuneResult, finetune
 from se_inject.models import load_checkpoint, load_model
 from se_inject.recipe import Recipe
@@ -53,6 +54,7 @@ __all__ = [
     "ModelSpecError",
     "NoSitesError",
     "OverheadReport",
+    "PruneResult",
     "Recipe",
     "RecipeMismatchError",
     "ResumeMismatchError",
@@ -81,6 +83,7 @@ __all__ = [
     "load_data",
     "load_model",
     "make_config",
+    "prune",
     "report",
     "retrofit",
     "save",

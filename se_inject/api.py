@@ -27,7 +27,7 @@ from se_inject.rewrite import build_injected, dry_run
 from se_inject.rules import load_rules
 from se_inject.recipe import SITE_KEYS, Recipe, versions
 from se_inject.sites import Analysis, analyse
-from se_inject.tracing import eval_mode, on_meta, shadow
+from se_inject.tracing import eval_mode, input_channels, on_meta, shadow
 from se_inject.unit import SqueezeExcite
 
 
@@ -182,16 +182,10 @@ def check_outputs(
     height, width = (size, size) if isinstance(size, int) else size
     reference = next(original.parameters())
     generator = torch.Generator().manual_seed(seed)
-    channels = infer_in_channels_of(original)
-    x = torch.randn(batch, channels, height, width, generator=generator).to(reference.device, reference.dtype)
+    x = torch.randn(batch, input_channels(original), height, width, generator=generator).to(reference.device, reference.dtype)
     with eval_mode(original), eval_mode(injected), torch.no_grad():
         expected, got = original(x), injected(x)
     return (got.float() - expected.float()).abs().max().item()
-
-
-def infer_in_channels_of(model: nn.Module) -> int:
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    return first_conv.in_channels if first_conv is not None else 3
 
 
 def _resolve_input_size(model: nn.Module, input_size: int | Sequence[int] | None) -> int | tuple[int, int]:

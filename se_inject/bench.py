@@ -19,6 +19,7 @@ from torch import nn
 
 from se_inject.api import retrofit
 from se_inject.config import InjectConfig
+from se_inject.tracing import input_channels
 
 
 def twin_of(name: str | None) -> str | None:
@@ -147,6 +148,7 @@ def bench(
     cuda = device.type == "cuda"
     train = cuda if train is None else train
     base = copy.deepcopy(original).eval()
+    channels = input_channels(base)
     injected = retrofit(base, config, input_size=size, **options).model.eval()
     models = {"original": base, "injected": injected}
     if twin is not None:
@@ -159,7 +161,7 @@ def bench(
         models = {name: torch.compile(model) for name, model in models.items()}
         _inductor_freezing(True)  # inference graphs take the weights as constants: prepacked convolutions
     try:
-        return _run(models, batches, size, repeats, warmup, train, device, compile)
+        return _run(models, batches, size, repeats, warmup, train, device, compile, channels)
     finally:
         if compile:
             _inductor_freezing(False)
@@ -171,12 +173,12 @@ def _inductor_freezing(enabled: bool) -> None:
     inductor_config.freezing = enabled
 
 
-def _run(models, batches, size, repeats, warmup, train, device, compile) -> BenchReport:
+def _run(models, batches, size, repeats, warmup, train, device, compile, channels: int) -> BenchReport:
     cuda = device.type == "cuda"
     report = BenchReport(str(device), torch.get_num_threads(), size, compile)
     dtype = torch.bfloat16 if cuda else torch.float32
     for batch in batches:
-        x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+        x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         plans = [("inference", {n: _inference(m, x) for n, m in models.items()})]

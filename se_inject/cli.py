@@ -27,9 +27,9 @@ from se_inject.bench import bench, twin_of
 from se_inject.config import InjectConfig
 from se_inject.data import DIGITS_SIZE, check_image_size, data_classes, load_data, model_data_config
 from se_inject.errors import ConfigError, SEInjectError
-from se_inject.excitation import collect, max_output_change, plot, prune_units, write_json
+from se_inject.excitation import collect, plot, prune, write_json
 from se_inject.files import as_path, check_target
-from se_inject.finetune import FinetuneConfig, UntrainedModelWarning, evaluate, finetune, resolve_device
+from se_inject.finetune import FinetuneConfig, UntrainedModelWarning, finetune, resolve_device
 from se_inject.models import accepts_kwarg, load_model, spec_kind
 from se_inject.recipe import RECIPE_FILE
 from se_inject.report import OverheadReport
@@ -547,20 +547,13 @@ def prune_command(
     """Replace SE units whose gate is nearly constant by their mean per-channel scale; report the cost."""
     chosen = parse_names(units, "--units")
     _check_save_target(out, force)
-    before = load(saved, trust_code=trust_code)
-    splits, loader = _val_loader(data, image_size, before)
-    report = collect(before, loader, splits.classes)
-    pruned = load(saved, trust_code=trust_code)
-    result = prune_units(pruned, report, chosen, threshold)
-    change = max_output_change(before, pruned, loader)
-    device = torch.device("cpu")
-    acc_before, acc_after = evaluate(before, loader, device)[1], evaluate(pruned, loader, device)[1]
-    save(pruned, out, force=force)
-    out_console = console()
-    out_console.print(
+    model = load(saved, trust_code=trust_code)
+    result = prune(model, load_data(data, image_size, model_data_config(model)), chosen, threshold)
+    save(result.model, out, force=force)
+    console().print(
         f"removed {len(result.removed)} unit(s): {', '.join(result.removed) or '-'}; params saved {result.params_saved:,} "
-        f"(Eq. 5: {result.eq5_saved:,.0f}); max |output change| {change:.3g}; val acc {acc_before:.2%} -> {acc_after:.2%}; "
-        f"saved to {out}"
+        f"(Eq. 5: {result.eq5_saved:,.0f}); max |output change| {result.max_output_change:.3g}; "
+        f"val acc {result.accuracy_before:.2%} -> {result.accuracy_after:.2%}; saved to {out}"
     )
 
 

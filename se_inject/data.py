@@ -81,7 +81,7 @@ def digits(image_size: int = DIGITS_SIZE, val_fraction: float = 0.2, seed: int =
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise DataError("the digits dataset needs scikit-learn: pip install scikit-learn") from None
+        raise DataError("the digits dataset needs scikit-learn: pip install 'se-inject[digits]'") from None
     config = config or DataConfig()
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0

@@ -10,6 +10,7 @@ at a small cost in the outputs, which :func:`prune_units` measures.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -19,7 +20,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from se_inject.data import DataSplits
 from se_inject.errors import ConfigError
+from se_inject.report import eq5_params
 from se_inject.tracing import eval_mode
 from se_inject.unit import ChannelScale, SqueezeExcite
 
@@ -144,8 +147,11 @@ class PruneResult:
     model: nn.Module
     removed: list[str]
     params_saved: int
-    eq5_saved: float  # Eq. 5 for the removed units: 2 C^2 / r each
+    eq5_saved: float  # Eq. 5 for the removed units (2 C^2 / r each, plus C/r + C with bias)
     max_output_change: float | None = None
+    accuracy_before: float | None = None  # validation accuracy of the model given to prune()
+    accuracy_after: float | None = None
+    report: ExcitationReport | None = None  # the excitation statistics the choice was made from
 
 
 def prune_units(model: nn.Module, report: ExcitationReport, names: list[str] | None = None,
@@ -160,7 +166,7 @@ def prune_units(model: nn.Module, report: ExcitationReport, names: list[str] | N
     for name in names:
         unit = model.get_submodule(name)
         saved += sum(p.numel() for p in unit.parameters())
-        eq5 += 2 * unit.channels ** 2 / unit.r
+        eq5 += eq5_params(unit.channels, unit.r, bias=unit.fc1.bias is not None)  # the report's Eq. 5, bias included
         owner, _, child = name.rpartition(".")
         mean = torch.tensor(stats[name].mean, dtype=next(unit.parameters()).dtype)
         setattr(model.get_submodule(owner) if owner else model, child, ChannelScale(mean))
@@ -183,7 +189,10 @@ def max_output_change(before: nn.Module, after: nn.Module, loader: DataLoader, d
 def plot(report: ExcitationReport, out: str | Path, units: list[str] | None = None, classes: int = 4) -> list[Path]:
     """The paper's pictures as PNGs in ``out``: per chosen unit, the mean gate per channel for a
     few classes against all classes; and saturation per unit over depth. Returns the files."""
-    from matplotlib.figure import Figure  # a bare Figure draws with Agg: pyplot's global backend is left alone
+    try:
+        from matplotlib.figure import Figure  # a bare Figure draws with Agg: pyplot's global backend is left alone
+    except ImportError:
+        raise ConfigError("plots need matplotlib: pip install 'se-inject[plots]'") from None
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,3 +230,40 @@ def write_json(report: ExcitationReport, out: str | Path, threshold: float = 0.9
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report.to_dict(threshold), indent=1))
     return path
+
+
+def prune(
+    model: nn.Module,
+    data: DataSplits,
+    units: list[str] | None = None,
+    threshold: float = 0.95,
+    *,
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+) -> PruneResult:
+    """Replace the SE units of ``model`` whose gate is nearly constant on ``data`` by their mean scale.
+
+    Statistics come from ``data``'s validation split; ``units`` names the units to replace
+    (default: those whose saturation reaches ``threshold``). ``model`` is not changed: the result
+    holds a pruned copy, the parameters saved against Eq. 5, the largest output change on the
+    validation split and the accuracy before and after. Save the copy with :func:`se_inject.save`.
+
+    Example::
+
+        result = se_inject.prune(se_inject.load("runs/digits"), se_inject.load_data("digits"), threshold=0.95)
+        result.removed, result.params_saved, result.accuracy_before, result.accuracy_after
+    """
+    from se_inject.finetune import evaluate
+
+    if not 0 <= threshold <= 1:
+        raise ConfigError(f"threshold: a saturation between 0 and 1, got {threshold}")
+    loader = DataLoader(data.val, batch_size=batch_size)
+    report = collect(model, loader, data.classes, device)
+    result = prune_units(copy.deepcopy(model), report, units, threshold)
+    result.report = report
+    result.max_output_change = max_output_change(model, result.model, loader, device)
+    target = torch.device(device)
+    with evaluated_on(model, target), evaluated_on(result.model, target):
+        result.accuracy_before = evaluate(model, loader, target)[1]
+        result.accuracy_after = evaluate(result.model, loader, target)[1]
+    return result

@@ -31,7 +31,7 @@ from se_inject.patterns import (
     normalize_inplace_adds,
 )
 from se_inject.rules import Rule, load_rules
-from se_inject.tracing import eval_mode, infer_in_channels, module_scope, propagate, trace
+from se_inject.tracing import eval_mode, input_channels, module_scope, propagate, trace
 
 
 @dataclass(eq=False)
@@ -169,15 +169,12 @@ def _census(gm: fx.GraphModule) -> Counter:
 
 
 def input_shape_for(model: nn.Module, gm: fx.GraphModule, input_size: int | Sequence[int]) -> tuple[int, int, int, int]:
-    """Batch 1 at ``input_size``; channels from timm's pretrained_cfg, else from the first conv."""
+    """Batch 1 at ``input_size`` with the channels the model takes (:func:`input_channels`)."""
     if isinstance(input_size, int):
         height = width = input_size
     else:
         height, width = input_size
-    cfg = getattr(model, "pretrained_cfg", None)
-    cfg_size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    channels = cfg_size[0] if cfg_size and len(cfg_size) == 3 else infer_in_channels(gm)  # space-to-depth stems
-    return (1, channels, height, width)
+    return (1, input_channels(model, gm), height, width)
 
 
 def analyse(

@@ -246,3 +246,16 @@ def test_untraceable_module_named_and_the_leaf_option_fixes_it():
     assert [u.name for u in result.report.sites] == ["se_1_1"]
     x = torch.randn(1, 3, 16, 16)
     assert torch.equal(result.model(x), model(x))
+
+
+def test_input_channels_have_one_owner_for_space_to_depth_stems():
+    """tresnet_m rearranges 3 channels into 48 before its first convolution: --check used to feed 48."""
+    from se_inject.tracing import input_channels
+
+    torch.manual_seed(0)
+    model = se_inject.load_model("tresnet_m").eval()
+    assert input_channels(model) == 3
+    injected = se_inject.inject(model, input_size=32, existing="stack")
+    assert se_inject.check_outputs(model, injected, input_size=32) == 0.0
+    plain = FunctionalResNet()  # no timm config: the first convolution the forward calls
+    assert input_channels(plain) == plain.stem[0].in_channels

@@ -95,3 +95,29 @@ def test_inspect_and_prune_from_the_cli(trained, tmp_path):
     assert result.exit_code == 0, result.output
     assert "removed 1 unit(s): stages.2.0.se_3_1; params saved 2,048 (Eq. 5: 2,048)" in result.stdout
     assert math.isclose(float(result.stdout.split("max |output change| ")[1].split(";")[0]), 0.0, abs_tol=1e-5)
+
+
+def test_pruning_a_unit_with_bias_reports_eq5_with_its_bias():
+    """Eq. 5 has one owner (the report's): with bias a unit holds 2 C^2 / r + C / r + C weights."""
+    torch.manual_seed(0)
+    model = se_inject.inject(FunctionalResNet(), r=4, bias=True, input_size=16)
+    data = digits(image_size=16)
+    report = collect(model, DataLoader(data.val, batch_size=128), data.classes, max_images=128)
+    unit = model.stages[2][0].se_3_1
+    pruned = prune_units(copy.deepcopy(model), report, ["stages.2.0.se_3_1"])
+    c, r = unit.channels, unit.r
+    assert pruned.params_saved == pruned.eq5_saved == 2 * c * c // r + c // r + c
+
+
+def test_prune_api_returns_a_pruned_copy_with_its_cost_and_accuracy(trained):
+    from conftest import assert_unchanged, snapshot
+
+    model, data, _ = trained
+    before = snapshot(model)
+    result = se_inject.prune(model, data, ["stages.2.0.se_3_1"])
+    assert_unchanged(model, before)
+    assert isinstance(result.model.stages[2][0].se_3_1, ChannelScale) and result.removed == ["stages.2.0.se_3_1"]
+    assert result.params_saved == result.eq5_saved == 2 * 64 * 16
+    assert result.max_output_change <= 1e-5 and result.accuracy_after == pytest.approx(result.accuracy_before, abs=0.01)
+    with pytest.raises(se_inject.ConfigError, match="threshold"):
+        se_inject.prune(model, data, threshold=2.0)

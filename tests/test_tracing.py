@@ -13,7 +13,7 @@ from se_inject.tracing import (
     count_flops,
     count_flops_by_module,
     eval_mode,
-    infer_in_channels,
+    input_channels,
     module_scope,
     on_meta,
     propagate,
@@ -159,7 +159,8 @@ def test_eval_mode_restores_each_flag():
 
 
 def test_in_channels_come_from_the_first_convolution():
-    assert infer_in_channels(trace(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)))) == 1
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3))
+    assert input_channels(seq, trace(seq)) == 1 and input_channels(seq) == 1
 
     class Functional(nn.Module):
         def __init__(self):
@@ -169,7 +170,7 @@ def test_in_channels_come_from_the_first_convolution():
         def forward(self, x):
             return F.conv2d(x, self.weight)
 
-    assert infer_in_channels(trace(Functional())) == 5
+    assert input_channels(Functional()) == 5
 
 
 def test_value_dependent_leaves_fall_back_to_real_tensors_but_not_on_meta():
