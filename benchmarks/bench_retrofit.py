@@ -15,7 +15,6 @@ for scale, building the model with real weights and reporting on it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -25,11 +24,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from se_inject.config import InjectConfig
-from se_inject.models import load_model
-from se_inject.plan import plan_units
-from se_inject.report import build_report
-from se_inject.rewrite import build_injected, dry_run
-from se_inject.sites import analyse
+from se_inject.io.models import load_model
+from se_inject.placement.plan import plan_units
+from se_inject.placement.sites import analyse
+from se_inject.surgery.report import build_report
+from se_inject.surgery.rewrite import build_injected, dry_run
 
 _CHILD = """
 import resource, sys, json

@@ -18,9 +18,9 @@ import argparse
 import fnmatch
 import json
 import math
-import re
 import multiprocessing as mp
 import platform
+import re
 import time
 import traceback
 from collections import Counter, defaultdict

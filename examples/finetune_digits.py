@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import se_inject
-from se_inject.data import digits
-from se_inject.finetune import FinetuneConfig, evaluate, finetune
+from se_inject.train.data import digits
+from se_inject.train.finetune import FinetuneConfig, evaluate, finetune
 
 
 class Block(nn.Module):

@@ -15,9 +15,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from finetune_digits import SmallResNet  # noqa: E402
 
 import se_inject  # noqa: E402
-from se_inject.data import digits  # noqa: E402
-from se_inject.excitation import collect, max_output_change, plot, prune_units, write_json  # noqa: E402
-from se_inject.finetune import FinetuneConfig, evaluate, finetune  # noqa: E402
+from se_inject.inspect.excitation import (  # noqa: E402
+    collect,
+    max_output_change,
+    plot,
+    prune_units,
+    write_json,
+)
+from se_inject.train.data import digits  # noqa: E402
+from se_inject.train.finetune import FinetuneConfig, evaluate, finetune  # noqa: E402
 
 
 def main() -> None:

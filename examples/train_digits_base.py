@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 import se_inject
-from se_inject.data import load_data, model_data_config
-from se_inject.finetune import FinetuneConfig, finetune
+from se_inject.train.data import load_data, model_data_config
+from se_inject.train.finetune import FinetuneConfig, finetune
 
 
 def main() -> None:

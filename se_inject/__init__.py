@@ -8,6 +8,7 @@
 
 from se_inject._version import __version__
 from se_inject.api import Retrofit, check_outputs, inject, make_config, report, retrofit
+from se_inject.bench import BenchReport, bench, twin_of
 from se_inject.config import POSITIONS, InjectConfig
 from se_inject.errors import (
     AlreadyInjectedError,
@@ -28,16 +29,20 @@ from se_inject.errors import (
     UntraceableModelError,
     UntrustedCodeError,
 )
-from se_inject.bench import BenchReport, bench, twin_of
-from se_inject.data import load_data
-from se_inject.excitation import PruneResult, prune
-from se_inject.finetune import FinetuneConfig, FinetuneResult, finetune
-from se_inject.models import load_checkpoint, load_model
-from se_inject.recipe import Recipe
-from se_inject.report import OverheadReport, StageReport, Totals, UnitReport, eq5_params
+from se_inject.inspect.excitation import PruneResult, prune
+from se_inject.io.models import load_checkpoint, load_model
+from se_inject.io.recipe import Recipe
 from se_inject.saving import SourceChangedWarning, apply, load, save
-from se_inject.unit import SqueezeExcite, hidden_width
-
+from se_inject.surgery.report import (
+    OverheadReport,
+    StageReport,
+    Totals,
+    UnitReport,
+    eq5_params,
+)
+from se_inject.train.data import load_data
+from se_inject.train.finetune import FinetuneConfig, FinetuneResult, finetune
+from se_inject.units.se import SqueezeExcite, hidden_width
 
 __all__ = [
     "POSITIONS",

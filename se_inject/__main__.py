@@ -1,5 +1,5 @@
 """``python -m se_inject`` runs the ``se-inject`` command."""
 
-from se_inject.cli import main
+from se_inject.cli.app import main
 
 main()

@@ -10,8 +10,8 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -19,17 +19,22 @@ import torch
 from torch import nn
 
 from se_inject.config import InjectConfig
-from se_inject.errors import AlreadyInjectedError, ConfigError, InvalidModelError, RewriteError
-from se_inject.models import recorded_source
-from se_inject.plan import Plan, plan_units
-from se_inject.report import OverheadReport, build_report
-from se_inject.rewrite import build_injected, dry_run
-from se_inject.rules import load_rules
-from se_inject.recipe import SITE_KEYS, Recipe, versions
-from se_inject.sites import Analysis, analyse
-from se_inject.tracing import eval_mode, input_channels, on_meta, shadow
-from se_inject.unit import SqueezeExcite
-
+from se_inject.errors import (
+    AlreadyInjectedError,
+    ConfigError,
+    InvalidModelError,
+    RewriteError,
+)
+from se_inject.graph.abstract import eval_mode, on_meta, shadow
+from se_inject.graph.channels import input_channels
+from se_inject.io.models import recorded_source
+from se_inject.io.recipe import SITE_KEYS, Recipe, versions
+from se_inject.placement.plan import Plan, plan_units
+from se_inject.placement.rules import load_rules
+from se_inject.placement.sites import Analysis, analyse
+from se_inject.surgery.report import OverheadReport, build_report
+from se_inject.surgery.rewrite import build_injected, dry_run
+from se_inject.units.se import SqueezeExcite
 
 MAX_INPUT_SIZE = 16384  # pixels per side: far above any model's input, far below what would exhaust memory
 

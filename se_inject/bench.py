@@ -19,7 +19,7 @@ from torch import nn
 
 from se_inject.api import retrofit
 from se_inject.config import InjectConfig
-from se_inject.tracing import input_channels
+from se_inject.graph.channels import input_channels
 
 
 def twin_of(name: str | None) -> str | None:

@@ -24,9 +24,20 @@ import torch
 from torch import nn
 
 from se_inject.api import retrofit
-from se_inject.errors import ArtifactError, ConfigError, RecipeMismatchError, UntrustedCodeError
-from se_inject.files import MiB, as_path, read_text_file, write_atomic, write_directory, write_text_atomic
-from se_inject.models import (
+from se_inject.errors import (
+    ArtifactError,
+    ConfigError,
+    RecipeMismatchError,
+    UntrustedCodeError,
+)
+from se_inject.io.files import (
+    as_path,
+    read_text_file,
+    write_atomic,
+    write_directory,
+    write_text_atomic,
+)
+from se_inject.io.models import (
     check_device,
     classifier,
     file_digest,
@@ -37,8 +48,8 @@ from se_inject.models import (
     refused_kwargs,
     spec_kind,
 )
-from se_inject.recipe import MAX_RECIPE_BYTES, RECIPE_FILE, SITE_KEYS, Recipe
-from se_inject.unit import ChannelScale
+from se_inject.io.recipe import MAX_RECIPE_BYTES, RECIPE_FILE, SITE_KEYS, Recipe
+from se_inject.units.se import ChannelScale
 
 WEIGHTS_FILE = "model.safetensors"
 # Every file se_inject writes into a model directory (a fine-tuning run adds its checkpoint and
@@ -187,7 +198,7 @@ def _build_source(recipe: Recipe, directory: Path, device: torch.device | None, 
 
 
 def _factory(spec: str) -> object:
-    from se_inject.models import _load_python_module
+    from se_inject.io.models import _load_python_module
 
     source, _, attr = spec.rpartition(":")
     return getattr(_load_python_module(source), attr, None)

@@ -26,8 +26,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import se_inject
-from se_inject.cli import app
-from se_inject.data import DataSplits, digits
+from se_inject.cli.app import app
 from se_inject.errors import (
     ArtifactError,
     CheckpointError,
@@ -38,9 +37,10 @@ from se_inject.errors import (
     RuleError,
     UntrustedCodeError,
 )
-from se_inject.finetune import FinetuneConfig, finetune
-from se_inject.recipe import RECIPE_FILE
+from se_inject.io.recipe import RECIPE_FILE
 from se_inject.saving import WEIGHTS_FILE
+from se_inject.train.data import DataSplits, digits
+from se_inject.train.finetune import FinetuneConfig, finetune
 
 runner = CliRunner()
 TINY = Path(__file__).parent / "tiny_models.py"
@@ -598,7 +598,7 @@ def test_finetune_does_not_change_the_original_or_the_flags_it_found(tmp_path):
 def test_plotting_leaves_matplotlib_s_backend_alone(tmp_path):
     import matplotlib
 
-    from se_inject.excitation import ExcitationReport, UnitStats, plot
+    from se_inject.inspect.excitation import ExcitationReport, UnitStats, plot
 
     backend = matplotlib.get_backend()
     report = ExcitationReport(["a", "b"], 4, [UnitStats("x.se_1_1", 1, 1, 2, 2.0, [1.0, 1.0], [[1.0, 1.0]] * 2, [[0.0, 0.0]] * 2, 0.0, 1.0)])
@@ -609,7 +609,7 @@ def test_plotting_leaves_matplotlib_s_backend_alone(tmp_path):
 def test_inspection_restores_mode_and_device():
     from torch.utils.data import DataLoader
 
-    from se_inject.excitation import collect
+    from se_inject.inspect.excitation import collect
 
     torch.manual_seed(0)
     model = se_inject.inject(FunctionalResNet(), r=4, input_size=16).train()

@@ -250,7 +250,7 @@ def test_untraceable_module_named_and_the_leaf_option_fixes_it():
 
 def test_input_channels_have_one_owner_for_space_to_depth_stems():
     """tresnet_m rearranges 3 channels into 48 before its first convolution: --check used to feed 48."""
-    from se_inject.tracing import input_channels
+    from se_inject.graph.channels import input_channels
 
     torch.manual_seed(0)
     model = se_inject.load_model("tresnet_m").eval()

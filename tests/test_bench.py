@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 import se_inject
 from se_inject.bench import bench, time_interleaved, twin_of
-from se_inject.cli import app
+from se_inject.cli.app import app
 
 
 def test_twins_are_timms_hand_built_se_models():

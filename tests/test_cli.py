@@ -7,7 +7,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from se_inject.cli import app, parse_int_list
+from se_inject.cli.app import app, parse_int_list
 from se_inject.errors import ConfigError
 
 runner = CliRunner()

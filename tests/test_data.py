@@ -1,11 +1,10 @@
 import pytest
 import torch
-
-import se_inject
 from PIL import Image
 
-from se_inject.data import digits, load_data
+import se_inject
 from se_inject.errors import DataError
+from se_inject.train.data import digits, load_data
 
 
 def test_digits_is_real_data_without_a_download():
@@ -22,7 +21,7 @@ def test_digits_is_real_data_without_a_download():
 
 
 def test_normalisation_and_size_come_from_the_models_data_config():
-    from se_inject.data import model_data_config
+    from se_inject.train.data import model_data_config
 
     model = se_inject.load_model("inception_v3", device="meta")  # timm records 299, bicubic, mean/std 0.5
     config = model_data_config(model)

@@ -7,16 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 from tiny_models import FunctionalResNet
+from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
 import se_inject
-from se_inject.cli import app
-from se_inject.data import digits
-from se_inject.excitation import collect, max_output_change, plot, prune_units, write_json
-from se_inject.unit import ChannelScale
-from se_inject.finetune import FinetuneConfig, finetune
+from se_inject.cli.app import app
+from se_inject.inspect.excitation import (
+    collect,
+    max_output_change,
+    plot,
+    prune_units,
+    write_json,
+)
+from se_inject.train.data import digits
+from se_inject.train.finetune import FinetuneConfig, finetune
+from se_inject.units.se import ChannelScale
 
 SPEC = f"{Path(__file__).parent / 'tiny_models.py'}:FunctionalResNet"
 

@@ -14,9 +14,16 @@ from safetensors.torch import load_file
 from tiny_models import FunctionalResNet
 
 import se_inject
-from se_inject.data import digits
 from se_inject.errors import ConfigError, DataError
-from se_inject.finetune import CHECKPOINT_FILE, METRICS_FILE, FinetuneConfig, _param_groups, finetune, fit_head
+from se_inject.train.data import digits
+from se_inject.train.finetune import (
+    CHECKPOINT_FILE,
+    METRICS_FILE,
+    FinetuneConfig,
+    _param_groups,
+    finetune,
+    fit_head,
+)
 
 ROOT = Path(__file__).parent.parent
 SPEC = f"{ROOT / 'tests' / 'tiny_models.py'}:FunctionalResNet"
@@ -126,7 +133,7 @@ def test_bad_data_stops_the_cli_before_training(tmp_path):
 
 
 def test_cuda_asked_for_without_cuda_is_a_clear_error():
-    from se_inject.finetune import resolve_device
+    from se_inject.train.finetune import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -2,7 +2,7 @@ import pytest
 from torch import nn
 
 from se_inject.errors import ModelSpecError
-from se_inject.models import load_model
+from se_inject.io.models import load_model
 
 
 def test_timm_name_on_meta_allocates_no_weights():
@@ -67,7 +67,7 @@ import os  # noqa: E402
 import torch  # noqa: E402
 
 from se_inject.errors import CheckpointError  # noqa: E402
-from se_inject.models import load_checkpoint, read_checkpoint  # noqa: E402
+from se_inject.io.models import load_checkpoint, read_checkpoint  # noqa: E402
 
 
 class Evil:
@@ -165,7 +165,7 @@ def test_pretrained_weights_in_the_local_cache_load_offline(offline_hub):
 
 
 def test_an_unresolvable_hub_is_known_at_once_unless_a_proxy_resolves_names(monkeypatch):
-    from se_inject.models import _PROXY_VARIABLES, _hub_unreachable
+    from se_inject.io.models import _PROXY_VARIABLES, _hub_unreachable
 
     for variable in _PROXY_VARIABLES:
         monkeypatch.delenv(variable, raising=False)

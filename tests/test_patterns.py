@@ -6,12 +6,22 @@ import pytest
 import torch
 import torch.fx as fx
 from conftest import assert_unchanged, snapshot
-from tiny_models import FAMILY_MODELS, TINY_MODELS, InceptionNet, PartlyGatedNet, SeparableStack, ShuffleNetish
+from tiny_models import (
+    FAMILY_MODELS,
+    TINY_MODELS,
+    InceptionNet,
+    PartlyGatedNet,
+    SeparableStack,
+    ShuffleNetish,
+)
 
 import se_inject
-from se_inject.patterns import PATTERNS, _ancestors, _fork, find_channel_gates, normalize_inplace_adds, register_pattern
-from se_inject.sites import analyse
-from se_inject.tracing import trace
+from se_inject.graph.ops import normalize_inplace_adds
+from se_inject.graph.trace import trace
+from se_inject.graph.walk import ancestors, common_fork
+from se_inject.placement.gates import find_channel_gates
+from se_inject.placement.patterns.base import PATTERNS, register_pattern
+from se_inject.placement.sites import analyse
 
 
 def test_the_registry_refuses_a_name_twice():
@@ -102,7 +112,7 @@ def test_silu_is_not_mistaken_for_a_gate():
 
 def _fork_by_definition(nodes, order):
     """The latest common ancestor, from whole ancestor sets (what _fork computes without them)."""
-    common = set.intersection(*(_ancestors(n) for n in nodes))
+    common = set.intersection(*(ancestors(n) for n in nodes))
     return max(common, key=order.__getitem__) if common else None
 
 
@@ -117,4 +127,4 @@ def test_the_fork_of_every_join_is_the_latest_common_ancestor(name, zoo):
     joins = [n for n in gm.graph.nodes if len(n.all_input_nodes) > 1]
     assert joins
     for join in joins:
-        assert _fork(join.all_input_nodes, order) is _fork_by_definition(join.all_input_nodes, order), join
+        assert common_fork(join.all_input_nodes, order) is _fork_by_definition(join.all_input_nodes, order), join

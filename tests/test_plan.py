@@ -3,8 +3,8 @@ from tiny_models import FunctionalResNet, MethodAddNet, PlainNet
 
 from se_inject.config import InjectConfig
 from se_inject.errors import ConfigError, NoSitesError
-from se_inject.plan import plan_units
-from se_inject.sites import analyse
+from se_inject.placement.plan import plan_units
+from se_inject.placement.sites import analyse
 
 
 @pytest.fixture(scope="module")

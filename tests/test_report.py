@@ -5,7 +5,7 @@ import pytest
 from tiny_models import FunctionalResNet
 
 import se_inject
-from se_inject.report import eq5_params
+from se_inject.surgery.report import eq5_params
 
 
 def test_eq5_per_unit():

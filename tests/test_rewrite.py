@@ -10,10 +10,10 @@ from tiny_models import FunctionalResNet, RootResidualNet
 import se_inject
 from se_inject.config import InjectConfig
 from se_inject.errors import RewriteError
-from se_inject.plan import plan_units
-from se_inject.rewrite import dry_run
-from se_inject.sites import analyse
-from se_inject.unit import SqueezeExcite
+from se_inject.placement.plan import plan_units
+from se_inject.placement.sites import analyse
+from se_inject.surgery.rewrite import dry_run
+from se_inject.units.se import SqueezeExcite
 
 
 def _unit_node(block: fx.GraphModule, name: str) -> fx.Node:
@@ -226,7 +226,7 @@ class ScaledBlock(torch.nn.Module):
 
 def test_blocks_of_one_class_share_a_trace_only_when_they_compute_the_same(monkeypatch):
     """Six blocks of one class, three different computations: three traces, and each block keeps its own."""
-    import se_inject.rewrite as rewrite
+    import se_inject.surgery.rewrite as rewrite
 
     traced = []
     real_trace_graph = rewrite.trace_graph

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import se_inject
-from se_inject.cli import app
+from se_inject.cli.app import app
 
 ROOT = Path(__file__).parent.parent
 TINY = ROOT / "tests" / "tiny_models.py"
@@ -213,9 +213,9 @@ torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[2])
 import importlib
 import se_inject
-ft = importlib.import_module("se_inject.finetune")  # the package's finetune() function shadows the module's name
+ft = importlib.import_module("se_inject.train.finetune")
 from tiny_models import FunctionalResNet
-from se_inject.data import digits
+from se_inject.train.data import digits
 
 kill_at, when = int(sys.argv[3]), sys.argv[4]  # epoch (1-based) whose model write is interrupted; before/after
 calls = []
@@ -288,8 +288,8 @@ def test_resume_with_more_epochs_continues(uninterrupted, tmp_path):
 
     from tiny_models import FunctionalResNet
 
-    from se_inject.data import digits
-    from se_inject.finetune import FinetuneConfig, finetune
+    from se_inject.train.data import digits
+    from se_inject.train.finetune import FinetuneConfig, finetune
 
     shutil.copytree(uninterrupted, tmp_path / "run")
     torch.manual_seed(0)

@@ -8,7 +8,12 @@ from tiny_models import FunctionalResNet, VGGStack
 
 import se_inject
 from se_inject.errors import RuleError
-from se_inject.rules import builtin_rules_dir, load_rules, parse_rules, read_rule_file
+from se_inject.placement.rules import (
+    builtin_rules_dir,
+    load_rules,
+    parse_rules,
+    read_rule_file,
+)
 
 ROOT = Path(__file__).parent.parent
 
@@ -91,7 +96,7 @@ def test_missing_or_malformed_user_files_fail_before_anything_is_built(tmp_path)
 def test_the_cli_takes_rule_files(tmp_path):
     from typer.testing import CliRunner
 
-    from se_inject.cli import app
+    from se_inject.cli.app import app
 
     bad = tmp_path / "bad.toml"
     bad.write_text(GOOD.replace("min_branch_convs", "min_heads"))

@@ -10,7 +10,7 @@ import torch
 from tiny_models import FunctionalResNet
 
 import se_inject
-from se_inject.recipe import Recipe
+from se_inject.io.recipe import Recipe
 from se_inject.saving import RECIPE_FILE, WEIGHTS_FILE
 
 ROOT = Path(__file__).parent.parent

@@ -3,11 +3,18 @@ import operator
 import pytest
 import torch
 import torch.fx as fx
-from tiny_models import TINY_MODELS, FunctionalResNet, InplaceResNet, MethodAddNet, PlainNet, RootResidualNet
+from tiny_models import (
+    TINY_MODELS,
+    FunctionalResNet,
+    InplaceResNet,
+    MethodAddNet,
+    PlainNet,
+    RootResidualNet,
+)
 
-from se_inject.patterns import add_operands, is_conv, normalize_inplace_adds
-from se_inject.sites import analyse
-from se_inject.tracing import trace
+from se_inject.graph.ops import add_operands, is_conv, normalize_inplace_adds
+from se_inject.graph.trace import trace
+from se_inject.placement.sites import analyse
 
 
 def residual_sites(model, size):

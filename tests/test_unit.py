@@ -5,7 +5,14 @@ import torch
 from torch import nn
 
 from se_inject.errors import ConfigError
-from se_inject.unit import ScaledSigmoid, ShiftedReLU, ShiftedTanh, SqueezeExcite, create_gate, hidden_width
+from se_inject.units.se import (
+    ScaledSigmoid,
+    ShiftedReLU,
+    ShiftedTanh,
+    SqueezeExcite,
+    create_gate,
+    hidden_width,
+)
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,6 @@ from torch import nn
 
 from se_inject.errors import CheckpointError, ModelSpecError
 
-
 MAX_SPEC_LENGTH = 1000
 # Constructor arguments a recipe may pass to the model it rebuilds: anything else (pretrained,
 # checkpoint, file paths, arbitrary keywords) would let a saved directory choose what runs or is read.

@@ -10,7 +10,7 @@ A rule::
 
     [[rule]]
     name = "residual"                    # unique
-    pattern = "residual_add"             # a pattern kind of se_inject.patterns
+    pattern = "residual_add"             # a pattern kind of se_inject.placement.patterns
     priority = 20                        # where sites overlap, the higher priority keeps its unit
     fallback = false                     # true: used only when no other rule found a site
     description = "..."
@@ -28,8 +28,8 @@ from pathlib import Path
 
 from se_inject.config import POSITIONS
 from se_inject.errors import RuleError
-from se_inject.files import read_text_file
-from se_inject.patterns import PATTERNS, Candidate
+from se_inject.io.files import read_text_file
+from se_inject.placement.patterns.base import PATTERNS, Candidate
 
 _RULE_FIELDS = {"name", "pattern", "priority", "fallback", "description", "positions", "when"}
 
@@ -66,7 +66,7 @@ def builtin_rules_dir() -> Path:
     packaged = Path(str(resources.files("se_inject"))) / "rules"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parent.parent / "rules"
+    return Path(__file__).resolve().parents[2] / "rules"
 
 
 def _fail(source: str, rule: str | None, field_name: str | None, problem: str) -> RuleError:

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from se_inject.data import DataSplits
 from se_inject.errors import ConfigError
-from se_inject.report import eq5_params
-from se_inject.tracing import eval_mode
-from se_inject.unit import ChannelScale, SqueezeExcite
+from se_inject.graph.abstract import eval_mode
+from se_inject.surgery.report import eq5_params
+from se_inject.train.data import DataSplits
+from se_inject.units.se import ChannelScale, SqueezeExcite
 
 
 @dataclass
@@ -190,7 +190,9 @@ def plot(report: ExcitationReport, out: str | Path, units: list[str] | None = No
     """The paper's pictures as PNGs in ``out``: per chosen unit, the mean gate per channel for a
     few classes against all classes; and saturation per unit over depth. Returns the files."""
     try:
-        from matplotlib.figure import Figure  # a bare Figure draws with Agg: pyplot's global backend is left alone
+        from matplotlib.figure import (
+            Figure,  # a bare Figure draws with Agg: pyplot's global backend is left alone
+        )
     except ImportError:
         raise ConfigError("plots need matplotlib: pip install 'se-inject[plots]'") from None
 
@@ -253,7 +255,7 @@ def prune(
         result = se_inject.prune(se_inject.load("runs/digits"), se_inject.load_data("digits"), threshold=0.95)
         result.removed, result.params_saved, result.accuracy_before, result.accuracy_after
     """
-    from se_inject.finetune import evaluate
+    from se_inject.train.finetune import evaluate
 
     if not 0 <= threshold <= 1:
         raise ConfigError(f"threshold: a saturation between 0 and 1, got {threshold}")

@@ -36,14 +36,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from se_inject.data import DataSplits
-from se_inject.errors import ArtifactError, ConfigError, DataError, InvalidModelError, ResumeMismatchError, TrainingDivergedError
-from se_inject.files import as_path, check_target, write_atomic, write_text_atomic
-from se_inject.models import classifier, fit_head
-from se_inject.recipe import RECIPE_FILE
+from se_inject.errors import (
+    ArtifactError,
+    ConfigError,
+    DataError,
+    InvalidModelError,
+    ResumeMismatchError,
+    TrainingDivergedError,
+)
+from se_inject.graph.abstract import eval_mode
+from se_inject.io.files import as_path, check_target, write_atomic, write_text_atomic
+from se_inject.io.models import classifier, fit_head
+from se_inject.io.recipe import RECIPE_FILE
 from se_inject.saving import OWNED_FILES, WEIGHTS_FILE, write_model_files
-from se_inject.tracing import eval_mode
-from se_inject.unit import SqueezeExcite
+from se_inject.train.data import DataSplits
+from se_inject.units.se import SqueezeExcite
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -557,7 +564,13 @@ def _progress(enabled: bool, console: Any, title: str, total: int):
     if not enabled:
         yield lambda *args: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),

@@ -7,33 +7,42 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-import torch
-
 from se_inject._version import __version__
 from se_inject.api import check_outputs, retrofit
 from se_inject.bench import bench, twin_of
 from se_inject.config import InjectConfig
-from se_inject.data import DIGITS_SIZE, check_image_size, data_classes, load_data, model_data_config
 from se_inject.errors import ConfigError, SEInjectError
-from se_inject.excitation import collect, plot, prune, write_json
-from se_inject.files import as_path, check_target
-from se_inject.finetune import FinetuneConfig, UntrainedModelWarning, finetune, resolve_device
-from se_inject.models import accepts_kwarg, load_model, spec_kind
-from se_inject.recipe import RECIPE_FILE
-from se_inject.report import OverheadReport
+from se_inject.inspect.excitation import collect, plot, prune, write_json
+from se_inject.io.files import as_path, check_target
+from se_inject.io.models import accepts_kwarg, load_model, spec_kind
+from se_inject.io.recipe import RECIPE_FILE
 from se_inject.saving import OWNED_FILES, load, save
+from se_inject.surgery.report import OverheadReport
+from se_inject.train.data import (
+    DIGITS_SIZE,
+    check_image_size,
+    data_classes,
+    load_data,
+    model_data_config,
+)
+from se_inject.train.finetune import (
+    FinetuneConfig,
+    UntrainedModelWarning,
+    finetune,
+    resolve_device,
+)
 
 HELP = InjectConfig.field_help()
 

@@ -10,7 +10,7 @@ biases) and rescales the gate so that ``gate(0) == 1``: at insertion every chann
 by exactly 1.0 and the host network computes bit for bit what it computed before.
 
 A unit whose gate has turned out nearly constant can be pruned to :class:`ChannelScale`, its mean
-gate as a fixed per-channel scale (see ``se_inject.excitation``).
+gate as a fixed per-channel scale (see ``se_inject.inspect.excitation``).
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from fractions import Fraction
 from torch import nn
 
 from se_inject.config import InjectConfig
-from se_inject.plan import Plan, PlannedUnit
-from se_inject.sites import Analysis
+from se_inject.placement.plan import Plan, PlannedUnit
+from se_inject.placement.sites import Analysis
 
 
 def eq5_params(channels: int, r: int, bias: bool = False) -> Fraction:

@@ -20,18 +20,14 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
-from se_inject.patterns import (
-    PATTERNS,
-    Candidate,
-    ChannelGate,
-    Insertion,
-    add_operands,
-    find_channel_gates,
-    is_conv,
-    normalize_inplace_adds,
-)
-from se_inject.rules import Rule, load_rules
-from se_inject.tracing import eval_mode, input_channels, module_scope, propagate, trace
+from se_inject.graph.abstract import eval_mode
+from se_inject.graph.channels import input_channels
+from se_inject.graph.flops import propagate
+from se_inject.graph.ops import add_operands, is_conv, normalize_inplace_adds
+from se_inject.graph.trace import module_scope, trace
+from se_inject.placement.gates import ChannelGate, find_channel_gates
+from se_inject.placement.patterns.base import PATTERNS, Candidate, Insertion
+from se_inject.placement.rules import Rule, load_rules
 
 
 @dataclass(eq=False)

@@ -24,11 +24,14 @@ from torch import nn
 
 from se_inject.config import InjectConfig
 from se_inject.errors import RewriteError, SEInjectError, UntraceableModelError
-from se_inject.plan import Plan, PlannedUnit
-from se_inject.patterns import add_operands, normalize_inplace_adds, owns_its_memory
-from se_inject.sites import node_in_scope
-from se_inject.tracing import count_flops_by_module, shadow, trace_graph
-from se_inject.unit import SqueezeExcite
+from se_inject.graph.abstract import shadow
+from se_inject.graph.flops import count_flops_by_module
+from se_inject.graph.memory import owns_its_memory
+from se_inject.graph.ops import add_operands, normalize_inplace_adds
+from se_inject.graph.trace import trace_graph
+from se_inject.placement.plan import Plan, PlannedUnit
+from se_inject.placement.sites import node_in_scope
+from se_inject.units.se import SqueezeExcite
 
 
 def make_unit(unit: PlannedUnit, config: InjectConfig, like: nn.Module) -> SqueezeExcite:

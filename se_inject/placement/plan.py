@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from se_inject.config import InjectConfig
 from se_inject.errors import ConfigError, NoSitesError
-from se_inject.patterns import Insertion
-from se_inject.sites import Analysis, Site, SiteSearch
-from se_inject.tracing import module_scope
-from se_inject.unit import hidden_width
+from se_inject.graph.trace import module_scope
+from se_inject.placement.patterns.base import Insertion
+from se_inject.placement.sites import Analysis, Site, SiteSearch
+from se_inject.units.se import hidden_width
 
 
 @dataclass(frozen=True)

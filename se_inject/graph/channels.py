@@ -1,0 +1,53 @@
+"""The number of input channels a model takes: one owner for this decision."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from se_inject.graph.abstract import shadow
+from se_inject.graph.trace import trace_graph
+
+
+def input_channels(model: nn.Module, gm: fx.GraphModule | None = None) -> int:
+    """The channels ``model`` takes as input: the one owner of this decision.
+
+    timm records them (``pretrained_cfg["input_size"]``): that is the truth for stems that
+    rearrange their input before the first convolution (TResNet's space-to-depth turns 3
+    channels into 48). Otherwise the in_channels of the first convolution the forward calls
+    (graph order, not registration order), traced if no graph is given; else 3.
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if size and len(size) == 3 and isinstance(size[0], int):
+        return size[0]
+    if gm is None:
+        try:
+            gm = fx.GraphModule(model, trace_graph(shadow(model)))
+        except Exception:  # an untraceable model: the first convolution it registers
+            first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+            return first.in_channels if first is not None else 3
+    return _first_conv_channels(gm)
+
+
+def _first_conv_channels(gm: fx.GraphModule) -> int:
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                return mod.in_channels
+        if node.op == "call_function" and node.target in (torch.conv2d, nn.functional.conv2d):
+            weight = node.args[1]
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                return _fetch_attr(gm, weight.target).shape[1]
+    return 3
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,152 @@
+"""What a node of a traced graph is: additions, products, convolutions, activations, selections.
+
+The operator sets are the one place that says which torch functions, methods and modules count as
+each kind of operation; every pattern and walk asks these functions.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+ADD_METHODS = {"add", "add_"}
+MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+MUL_METHODS = {"mul", "mul_"}
+CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv2d}
+CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+
+# Layers that keep shape and channels, so a unit placed "after the conv" goes after them too.
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+PASSTHROUGH_TYPES = (nn.Identity, nn.modules.dropout._DropoutNd)
+PASSTHROUGH_NAMES = {"droppath", "dropblock2d", "blurpool2d"}
+ACTIVATION_NAMES = {
+    "relu", "relu6", "leakyrelu", "prelu", "elu", "selu", "celu", "gelu", "gelutanh", "quickgelu",
+    "silu", "swish", "mish", "hardswish", "hardsigmoid", "hardtanh", "tanh", "sigmoid", "softplus",
+}
+ACTIVATION_FUNCTIONS = {
+    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.leaky_relu, F.elu,
+    F.hardswish, F.mish, torch.sigmoid, torch.tanh,
+}
+ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
+# Ops that only select or rearrange channels: a concatenation input made of them alone is a
+# passthrough (ShuffleNet's split half, DenseNet's earlier features), not a branch.
+SELECT_FUNCTIONS = {operator.getitem, torch.chunk, torch.split, torch.narrow}
+SELECT_METHODS = {"chunk", "split", "narrow", "contiguous"}
+
+
+def binary_operands(node: fx.Node, functions: set, methods: set) -> tuple[fx.Node, fx.Node] | None:
+    if not (
+        (node.op == "call_function" and node.target in functions)
+        or (node.op == "call_method" and node.target in methods)
+    ):
+        return None
+    first = node.args[0] if node.args else node.kwargs.get("input")
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    if isinstance(first, fx.Node) and isinstance(other, fx.Node):
+        return first, other
+    return None
+
+
+def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """The two tensor operands of an addition node, or None if ``node`` adds no two nodes."""
+    return binary_operands(node, ADD_FUNCTIONS, ADD_METHODS)
+
+
+def is_inplace_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is operator.iadd) or (
+        node.op == "call_method" and node.target == "add_"
+    )
+
+
+def normalize_inplace_adds(graph: fx.Graph) -> None:
+    """Rewrite ``a += b`` / ``a.add_(b)`` as ``a + b``, pointing later uses of ``a`` at the sum.
+
+    In-place adds hide the data flow (``out.add_(x)`` may have no users at all) and a unit
+    inserted before one would be mutated by it. Analysis and rewrite both run this pass, so
+    their graphs keep the same node sequence.
+    """
+    renamed: dict[fx.Node, fx.Node] = {}
+    for node in list(graph.nodes):
+        for old in [n for n in node.all_input_nodes if n in renamed]:
+            node.replace_input_with(old, renamed[old])
+        if not (is_inplace_add(node) and add_operands(node)):
+            continue
+        with graph.inserting_after(node):
+            if node.op == "call_function":
+                new = graph.call_function(operator.add, node.args, node.kwargs)
+            else:
+                new = graph.call_method("add", node.args, node.kwargs)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        renamed[add_operands(new)[0]] = new
+
+
+# --- what a node is ----------------------------------------------------------------------------
+
+def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    return node.meta.get("shape")
+
+
+def is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in CONV_FUNCTIONS
+    return isinstance(module_of(gm, node), nn.modules.conv._ConvNd)
+
+
+def kernel_of(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...]:
+    if node.op == "call_module":
+        return tuple(module_of(gm, node).kernel_size)
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    shape = shape_of(weight) if isinstance(weight, fx.Node) else None
+    return tuple(shape[2:]) if shape else ()
+
+
+def is_spatial_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A convolution with a kernel wider than 1x1 (the paper's "3x3")."""
+    return is_conv(gm, node) and any(k > 1 for k in kernel_of(gm, node))
+
+
+def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in ACTIVATION_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in ACTIVATION_METHODS
+    mod = module_of(gm, node)
+    if mod is None:
+        return False
+    if type(mod).__name__.lower() in ACTIVATION_NAMES:
+        return True
+    act = getattr(mod, "act", None)  # timm's fused norm + activation layers (BatchNormAct2d, ...)
+    return isinstance(mod, NORM_TYPES) and isinstance(act, nn.Module) and not isinstance(act, nn.Identity)
+
+
+def is_shape_keeping_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if is_activation(gm, node):
+        return True
+    mod = module_of(gm, node)
+    return isinstance(mod, NORM_TYPES + PASSTHROUGH_TYPES) or (
+        mod is not None and type(mod).__name__.lower() in PASSTHROUGH_NAMES
+    )
+
+
+
+
+def is_select(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in SELECT_FUNCTIONS) or (
+        node.op == "call_method" and node.target in SELECT_METHODS
+    )
+
+
+def is_feature_map(node: fx.Node) -> bool:
+    shape = shape_of(node)
+    return bool(shape) and len(shape) == 4

@@ -1,0 +1,152 @@
+"""Tracing with torch.fx.
+
+The tracer honours timm's own lists of modules and functions that must not be traced
+(``timm.layers.get_notrace_modules/functions``), the SE unit itself, and the user's
+``leaf_modules``. When tracing fails, the error names the innermost module being traced, which
+is the one to mark as a leaf.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from se_inject.errors import UntraceableModelError
+from se_inject.units.se import SqueezeExcite
+
+try:  # timm is a dependency, but a user's own model must not need it to be traced
+    from timm.layers import get_notrace_functions, get_notrace_modules
+except ImportError:  # pragma: no cover
+    def get_notrace_functions() -> list:  # type: ignore[misc]
+        return []
+
+    def get_notrace_modules() -> list:  # type: ignore[misc]
+        return []
+
+
+# Modules se_inject never traces into, each with the reason (the habit of timm/layers/_fx.py).
+_LEAF_MODULES: dict[type[nn.Module], str] = {
+    SqueezeExcite: "the unit se_inject inserts: a node of its own, so later passes can find it",
+}
+
+
+def register_leaf_module(cls: type[nn.Module], reason: str) -> type[nn.Module]:
+    """Never trace into ``cls`` (``reason`` says why); refuses a class registered twice."""
+    if cls in _LEAF_MODULES:
+        raise ValueError(f"{cls.__name__} is already a leaf module: {_LEAF_MODULES[cls]}")
+    _LEAF_MODULES[cls] = reason
+    return cls
+
+
+def is_leaf_module_class(cls: type) -> bool:
+    return cls in _LEAF_MODULES
+
+
+class SETracer(fx.Tracer):
+    """fx.Tracer with timm's leaves, se_inject's leaves and the user's ``leaf_modules``.
+
+    ``leaf_modules`` entries are class names (``"MyAttention"``) or qualified module names
+    (``"layer3.1"``).
+    """
+
+    def __init__(self, leaf_modules: Sequence[str] = ()) -> None:
+        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+        self._timm_leaves = tuple(get_notrace_modules())
+        self._user_leaves = frozenset(leaf_modules)
+        self._path: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        cls = type(m)
+        if cls in _LEAF_MODULES or isinstance(m, self._timm_leaves):
+            return True
+        if isinstance(m, nn.modules.conv._ConvNd):  # conv subclasses (StdConv2d, ...) stay convolutions
+            return True
+        if cls.__name__ in self._user_leaves or cls.__qualname__ in self._user_leaves:
+            return True
+        if module_qualified_name in self._user_leaves:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        self._path.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except UntraceableModelError:
+            raise
+        except Exception as err:
+            raise _untraceable(self._path[-1], m, err) from err
+        finally:
+            self._path.pop()
+
+
+def _untraceable(path: str, module: nn.Module, err: Exception) -> UntraceableModelError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    cls = type(module).__name__
+    if not path:
+        return UntraceableModelError(
+            f"torch.fx cannot trace the forward of {cls} itself ({reason}); move the untraceable "
+            "code into a submodule and pass its class name in leaf_modules (CLI: --leaf NAME)"
+        )
+    return UntraceableModelError(
+        f"torch.fx cannot trace module '{path}' ({cls}): {reason}; mark it as a leaf with "
+        f"leaf_modules=['{cls}'] (CLI: --leaf {cls}); SE sites inside it are then skipped"
+    )
+
+
+def trace(module: nn.Module, leaf_modules: Sequence[str] = (), fix_defaults: bool = True) -> fx.GraphModule:
+    """Trace ``module`` into a GraphModule whose nodes carry ``meta['nn_module_stack']``.
+
+    If the plain trace fails, ``fix_defaults`` is set and ``forward`` has defaulted parameters,
+    they are fixed to their defaults and the trace is tried again (a model called as ``model(x)``).
+    """
+    return fx.GraphModule(module, trace_graph(module, leaf_modules, fix_defaults), type(module).__name__)
+
+
+def trace_graph(module: nn.Module, leaf_modules: Sequence[str] = (), fix_defaults: bool = True) -> fx.Graph:
+    """The graph :func:`trace` builds, without compiling a GraphModule around it.
+
+    Its ``call_module`` targets name submodules of ``module``, its owning module.
+    """
+    try:
+        graph = _trace(module, leaf_modules)
+    except UntraceableModelError as first:
+        concrete = _default_args(module) if fix_defaults else None
+        if not concrete:
+            raise
+        try:
+            graph = _trace(module, leaf_modules, concrete)
+        except UntraceableModelError:
+            raise first from None
+    graph.owning_module = module  # lint() and call_module() check targets against it
+    return graph
+
+
+def _trace(module: nn.Module, leaf_modules: Sequence[str], concrete_args: dict | None = None) -> fx.Graph:
+    tracer = SETracer(leaf_modules)
+    try:
+        return tracer.trace(module, concrete_args=concrete_args)
+    except UntraceableModelError:
+        raise
+    except Exception as err:  # raised by the root forward itself, outside any submodule
+        raise _untraceable("", module, err) from err
+
+
+def _default_args(module: nn.Module) -> dict[str, Any]:
+    params = list(inspect.signature(module.forward).parameters.values())[1:]
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def module_scope(node: fx.Node) -> tuple[str, ...]:
+    """Qualified names of the modules whose forward created ``node``, outermost first.
+
+    A ``call_module`` node's own (leaf) module is not part of its scope.
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = tuple(stack.keys())
+    if node.op == "call_module" and paths and paths[-1] == node.target:
+        paths = paths[:-1]
+    return paths

@@ -1,0 +1,1 @@
+"""What the units learned: excitation statistics, plots, and pruning of constant gates."""

@@ -1,0 +1,1 @@
+"""Data in and out: model specifications, checkpoints, recipes, and files written safely."""

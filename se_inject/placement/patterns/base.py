@@ -1,0 +1,71 @@
+"""Candidates, insertions and the registry of pattern kinds (a name registered twice is refused)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from se_inject.graph.ops import shape_of
+
+# --- candidates and the registry ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Insertion:
+    """Where one unit goes: it recalibrates ``value`` as seen by ``consumers`` (None: by all)."""
+
+    value: fx.Node
+    consumers: tuple[fx.Node, ...] | None
+    anchors: tuple[fx.Node, ...]  # nodes the rewritten module must contain
+
+    @property
+    def channels(self) -> int:
+        return shape_of(self.value)[1]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(shape_of(self.value)[2:4])
+
+
+@dataclass(eq=False)
+class Candidate:
+    """A structure a pattern kind found: its nodes, where units can go, and what was measured."""
+
+    kind: str
+    output: fx.Node  # the structure's output: its spatial size decides the stage
+    region: frozenset[fx.Node]
+    anchors: dict[str, Insertion | None]
+    facts: dict[str, int | bool]
+    parts: dict[str, fx.Node] = field(default_factory=dict)  # named nodes, for tests and messages
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(shape_of(self.output)[2:4])
+
+
+Finder = Callable[[fx.GraphModule, dict[fx.Node, int]], list[Candidate]]
+
+
+@dataclass(frozen=True)
+class PatternKind:
+    name: str
+    find: Finder
+    anchors: tuple[str, ...]
+    facts: dict[str, type]  # fact name -> int or bool: what rule conditions may test
+    doc: str
+
+
+PATTERNS: dict[str, PatternKind] = {}
+
+
+def register_pattern(name: str, anchors: tuple[str, ...], facts: dict[str, type]) -> Callable[[Finder], Finder]:
+    """Register a pattern kind under ``name``; a name registered twice is refused."""
+
+    def register(find: Finder) -> Finder:
+        if name in PATTERNS:
+            raise ValueError(f"pattern kind '{name}' is already registered")
+        PATTERNS[name] = PatternKind(name, find, anchors, facts, (find.__doc__ or "").strip().splitlines()[0])
+        return find
+
+    return register

@@ -1,0 +1,60 @@
+"""``branch_concat``: a channel concatenation of paths that fork from one input (Inception modules,
+ShuffleNet's split / concatenate, DenseNet's concatenation of new features)."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from se_inject.graph.ops import CAT_FUNCTIONS, is_feature_map, is_select
+from se_inject.graph.walk import common_fork, descendants, path_between
+from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
+from se_inject.placement.patterns.residual import conv_count
+
+
+def cat_inputs(node: fx.Node) -> list[fx.Node] | None:
+    if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
+        return None
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors):
+        return None
+    if dim not in (1, -3) or not is_feature_map(node):
+        return None
+    return list(tensors)
+
+
+@register_pattern(
+    "branch_concat",
+    anchors=("output", "conv_branch_output"),
+    facts={"inputs": int, "conv_inputs": int, "passthrough_inputs": int},
+)
+def find_branch_concats(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candidate]:
+    """Channel concatenations of paths forking from one input (Inception, ShuffleNet, DenseNet)."""
+    found = []
+    for node in gm.graph.nodes:
+        inputs = cat_inputs(node)
+        if not inputs or len(inputs) < 2 or not all(is_feature_map(i) for i in inputs):
+            continue
+        fork = common_fork(inputs, order)
+        if fork is None:
+            continue
+        inside = descendants(fork, order, order[node])
+        paths = [path_between(i, fork, inside, order) for i in inputs]
+        conv_inputs = [i for i, p in zip(inputs, paths) if conv_count(gm, p)]
+        passthrough = [p for p in paths if all(is_select(n) for n in p)]
+        single = conv_inputs[0] if len(conv_inputs) == 1 else None
+        found.append(
+            Candidate(
+                kind="branch_concat",
+                output=node,
+                region=frozenset().union(*paths) | {node},
+                anchors={
+                    "output": Insertion(node, None, (node,)),
+                    # the branch output is recalibrated for every user (DenseNet reuses it in later concatenations)
+                    "conv_branch_output": Insertion(single, None, (single,)) if single is not None else None,
+                },
+                facts={"inputs": len(inputs), "conv_inputs": len(conv_inputs), "passthrough_inputs": len(passthrough)},
+                parts={"fork": fork, "concat": node},
+            )
+        )
+    return found

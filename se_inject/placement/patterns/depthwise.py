@@ -1,0 +1,75 @@
+"""``depthwise``: a depthwise convolution (groups == in_channels) with its norm and activation,
+and the pointwise convolution after it."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+
+from se_inject.graph.ops import is_conv, is_spatial_conv, kernel_of, module_of, shape_of
+from se_inject.graph.walk import activation_between, follow_shape_keeping
+from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
+
+
+def is_depthwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    mod = module_of(gm, node)
+    return (
+        isinstance(mod, nn.modules.conv._ConvNd)
+        and mod.groups > 1
+        and mod.groups == mod.in_channels
+        and mod.out_channels % mod.in_channels == 0
+    )
+
+
+def walk_region(start: fx.Node, end: fx.Node) -> frozenset[fx.Node]:
+    """``start`` and the sole-user chain from it to ``end``."""
+    region, walk = {start}, start
+    while walk is not end:
+        walk = next(iter(walk.users))
+        region.add(walk)
+    return frozenset(region)
+
+
+def pointwise_after(gm: fx.GraphModule, end: fx.Node) -> fx.Node | None:
+    if len(end.users) != 1:
+        return None
+    nxt = next(iter(end.users))
+    return nxt if is_conv(gm, nxt) and not is_spatial_conv(gm, nxt) else None
+
+
+@register_pattern(
+    "depthwise",
+    anchors=("after_depthwise", "after_pointwise"),
+    facts={"activation_after": bool, "kernel": int, "pointwise_after": bool, "pointwise_reduces": bool},
+)
+def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candidate]:
+    """Depthwise convolutions with their norm and activation, and the pointwise conv after them."""
+    found = []
+    for node in gm.graph.nodes:
+        if not is_depthwise(gm, node):
+            continue
+        end = follow_shape_keeping(gm, node)
+        pointwise = pointwise_after(gm, end)
+        pointwise_end = follow_shape_keeping(gm, pointwise) if pointwise is not None else None
+        reduces = pointwise is not None and shape_of(pointwise)[1] < shape_of(end)[1]
+        anchors = {
+            "after_depthwise": Insertion(end, None, (end,)),
+            "after_pointwise": Insertion(pointwise_end, None, (pointwise_end,)) if pointwise_end is not None else None,
+        }
+        region = walk_region(node, pointwise_end if pointwise_end is not None else end)
+        found.append(
+            Candidate(
+                kind="depthwise",
+                output=end,
+                region=region,
+                anchors=anchors,
+                facts={
+                    "activation_after": activation_between(gm, node, end),
+                    "kernel": max(kernel_of(gm, node)),
+                    "pointwise_after": pointwise is not None,
+                    "pointwise_reduces": reduces,
+                },
+                parts={"conv": node},
+            )
+        )
+    return found
