@@ -6,10 +6,13 @@
 8
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from se_inject._version import __version__
-from se_inject.api import Retrofit, check_outputs, inject, make_config, report, retrofit
-from se_inject.bench import BenchReport, bench, twin_of
-from se_inject.config import POSITIONS, InjectConfig
+from se_inject.config import InjectConfig, POSITIONS
 from se_inject.errors import (
     AlreadyInjectedError,
     ArtifactError,
@@ -29,23 +32,70 @@ from se_inject.errors import (
     UntraceableModelError,
     UntrustedCodeError,
 )
-from se_inject.inspect.excitation import PruneResult, prune
-from se_inject.io.models import load_checkpoint, load_model
-from se_inject.io.recipe import Recipe
-from se_inject.saving import SourceChangedWarning, apply, load, save
-from se_inject.surgery.report import (
-    OverheadReport,
-    StageReport,
-    Totals,
-    UnitReport,
-    eq5_params,
-)
-from se_inject.train.data import load_data
-from se_inject.train.finetune import FinetuneConfig, FinetuneResult, finetune
-from se_inject.units.se import SqueezeExcite, hidden_width
+
+# Everything that needs torch is imported on first use (PEP 562), so that `se-inject --help`
+# and `--version` answer without loading torch; type checkers see the real imports.
+_LAZY: dict[str, str] = {
+    "BenchReport": "se_inject.bench",
+    "FinetuneConfig": "se_inject.train.finetune",
+    "FinetuneResult": "se_inject.train.finetune",
+    "OverheadReport": "se_inject.surgery.report",
+    "PruneResult": "se_inject.inspect.excitation",
+    "Recipe": "se_inject.io.recipe",
+    "Retrofit": "se_inject.api",
+    "SourceChangedWarning": "se_inject.saving",
+    "SqueezeExcite": "se_inject.units.se",
+    "StageReport": "se_inject.surgery.report",
+    "Totals": "se_inject.surgery.report",
+    "UnitReport": "se_inject.surgery.report",
+    "apply": "se_inject.saving",
+    "bench": "se_inject.bench",
+    "check_outputs": "se_inject.api",
+    "eq5_params": "se_inject.surgery.report",
+    "finetune": "se_inject.train.finetune",
+    "hidden_width": "se_inject.units.se",
+    "inject": "se_inject.api",
+    "load": "se_inject.saving",
+    "load_checkpoint": "se_inject.io.models",
+    "load_data": "se_inject.train.data",
+    "load_model": "se_inject.io.models",
+    "make_config": "se_inject.api",
+    "prune": "se_inject.inspect.excitation",
+    "report": "se_inject.api",
+    "retrofit": "se_inject.api",
+    "save": "se_inject.saving",
+    "twin_of": "se_inject.bench",
+}
+
+if TYPE_CHECKING:
+    from se_inject.api import Retrofit, check_outputs, inject, make_config, report, retrofit
+    from se_inject.bench import BenchReport, bench, twin_of
+    from se_inject.inspect.excitation import PruneResult, prune
+    from se_inject.io.models import load_checkpoint, load_model
+    from se_inject.io.recipe import Recipe
+    from se_inject.saving import SourceChangedWarning, apply, load, save
+    from se_inject.surgery.report import OverheadReport, StageReport, Totals, UnitReport, eq5_params
+    from se_inject.train.data import load_data
+    from se_inject.train.finetune import FinetuneConfig, FinetuneResult, finetune
+    from se_inject.units.se import SqueezeExcite, hidden_width
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'se_inject' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next access is a plain lookup
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "POSITIONS",
+    "__version__",
     "AlreadyInjectedError",
     "BenchReport",
     "ArtifactError",
@@ -94,3 +144,4 @@ __all__ = [
     "save",
     "twin_of",
 ]
+

@@ -48,13 +48,10 @@ from se_inject.io.models import (
     refused_kwargs,
     spec_kind,
 )
-from se_inject.io.recipe import MAX_RECIPE_BYTES, RECIPE_FILE, SITE_KEYS, Recipe
+from se_inject.io.layout import OWNED_FILES, RECIPE_FILE, WEIGHTS_FILE
+from se_inject.io.recipe import MAX_RECIPE_BYTES, SITE_KEYS, Recipe
 from se_inject.units.se import ChannelScale
 
-WEIGHTS_FILE = "model.safetensors"
-# Every file se_inject writes into a model directory (a fine-tuning run adds its checkpoint and
-# metrics): --force replaces a directory only when it holds nothing else.
-OWNED_FILES = frozenset({WEIGHTS_FILE, RECIPE_FILE, "checkpoint.pt", "metrics.jsonl"})
 
 
 class SourceChangedWarning(UserWarning):

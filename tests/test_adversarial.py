@@ -37,8 +37,7 @@ from se_inject.errors import (
     RuleError,
     UntrustedCodeError,
 )
-from se_inject.io.recipe import RECIPE_FILE
-from se_inject.saving import WEIGHTS_FILE
+from se_inject.io.layout import RECIPE_FILE, WEIGHTS_FILE
 from se_inject.train.data import DataSplits, digits
 from se_inject.train.finetune import FinetuneConfig, finetune
 

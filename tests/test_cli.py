@@ -135,3 +135,20 @@ def test_pretrained_offline_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     result = invoke("resnet18", "--pretrained")
     assert result.exit_code == 2 and "--checkpoint FILE" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_help_and_version_do_not_load_torch():
+    """`se-inject --help` and `--version` must answer at once: the CLI imports torch only in a command."""
+    code = "import sys, se_inject.cli; import se_inject; se_inject.__version__; print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+    version = subprocess.run([sys.executable, "-m", "se_inject", "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.strip().startswith("se-inject ")
+
+
+def test_the_public_api_loads_on_first_use():
+    import se_inject
+
+    assert callable(se_inject.inject) and se_inject.InjectConfig().r == 16 and "retrofit" in dir(se_inject)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        se_inject.nope

@@ -11,7 +11,7 @@ from tiny_models import FunctionalResNet
 
 import se_inject
 from se_inject.io.recipe import Recipe
-from se_inject.saving import RECIPE_FILE, WEIGHTS_FILE
+from se_inject.io.layout import RECIPE_FILE, WEIGHTS_FILE
 
 ROOT = Path(__file__).parent.parent
 

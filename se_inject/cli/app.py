@@ -10,39 +10,26 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+# Only what parsing needs is imported here: torch and the pipeline load inside the command that
+# runs, so `se-inject --help` and `--version` answer at once.
 from se_inject._version import __version__
-from se_inject.api import check_outputs, retrofit
-from se_inject.bench import bench, twin_of
 from se_inject.config import InjectConfig
 from se_inject.errors import ConfigError, SEInjectError
-from se_inject.inspect.excitation import collect, plot, prune, write_json
 from se_inject.io.files import as_path, check_target
-from se_inject.io.models import accepts_kwarg, load_model, spec_kind
-from se_inject.io.recipe import RECIPE_FILE
-from se_inject.saving import OWNED_FILES, load, save
-from se_inject.surgery.report import OverheadReport
-from se_inject.train.data import (
-    DIGITS_SIZE,
-    check_image_size,
-    data_classes,
-    load_data,
-    model_data_config,
-)
-from se_inject.train.finetune import (
-    FinetuneConfig,
-    UntrainedModelWarning,
-    finetune,
-    resolve_device,
-)
+from se_inject.io.layout import OWNED_FILES, RECIPE_FILE
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from se_inject.surgery.report import OverheadReport
 
 HELP = InjectConfig.field_help()
 
@@ -211,6 +198,9 @@ def inject_command(
     The model is built on the meta device (no weights) unless --checkpoint, --pretrained, --check
     or --save need real ones.
     """
+    from se_inject.api import check_outputs, retrofit
+    from se_inject.io.models import load_model
+    from se_inject.saving import save
     config = _inject_config(
         position,
         r,
@@ -342,6 +332,13 @@ def finetune_command(
     force: bool = typer.Option(False, "--force", help="start over in an --out that holds a saved model or run"),
 ) -> None:
     """Fine-tune a retrofitted model: SE units first (--se-epochs), then everything."""
+    import torch
+
+    from se_inject.api import retrofit
+    from se_inject.io.models import accepts_kwarg, load_model, spec_kind
+    from se_inject.saving import load
+    from se_inject.train.data import DIGITS_SIZE, check_image_size, data_classes, load_data, model_data_config
+    from se_inject.train.finetune import FinetuneConfig, UntrainedModelWarning, finetune
     if nproc < 1:
         raise ConfigError(f"--nproc: expected 1 or more processes, got {nproc}")
     config = FinetuneConfig(
@@ -468,6 +465,11 @@ def bench_command(
     as_json: bool = typer.Option(False, "--json", help="print the timings as JSON"),
 ) -> None:
     """Time MODEL, its retrofit and timm's hand-built SE twin, interleaved; report medians and ratios."""
+    import torch
+
+    from se_inject.bench import bench, twin_of
+    from se_inject.io.models import load_model
+    from se_inject.train.finetune import resolve_device
     if threads:
         torch.set_num_threads(threads)
     target = resolve_device(device)
@@ -503,8 +505,10 @@ def render_bench(model: str, twin_name: str | None, report, console: Console) ->
 
 
 
-def _val_loader(data: str, image_size: Optional[int], model: torch.nn.Module, batch_size: int = 128):
+def _val_loader(data: str, image_size: Optional[int], model: nn.Module, batch_size: int = 128):
     from torch.utils.data import DataLoader
+
+    from se_inject.train.data import load_data, model_data_config
 
     splits = load_data(data, image_size, model_data_config(model))
     return splits, DataLoader(splits.val, batch_size=batch_size)
@@ -523,6 +527,8 @@ def inspect_command(
     trust_code: bool = typer.Option(False, "--trust-code", help="a recipe that names Python code may import and run it"),
 ) -> None:
     """Record what every SE unit's gate does over a dataset; write statistics, plots and pruning suggestions."""
+    from se_inject.inspect.excitation import collect, plot, write_json
+    from se_inject.saving import load
     chosen = parse_names(units, "--units")
     model = load(saved, trust_code=trust_code)
     splits, loader = _val_loader(data, image_size, model)
@@ -554,6 +560,9 @@ def prune_command(
     trust_code: bool = typer.Option(False, "--trust-code", help="a recipe that names Python code may import and run it"),
 ) -> None:
     """Replace SE units whose gate is nearly constant by their mean per-channel scale; report the cost."""
+    from se_inject.inspect.excitation import prune
+    from se_inject.saving import load, save
+    from se_inject.train.data import load_data, model_data_config
     chosen = parse_names(units, "--units")
     _check_save_target(out, force)
     model = load(saved, trust_code=trust_code)

@@ -19,9 +19,9 @@ import torch
 from se_inject._version import __version__
 from se_inject.config import InjectConfig
 from se_inject.errors import ArtifactError, ConfigError, ModelSpecError
+from se_inject.io.layout import RECIPE_FILE
 from se_inject.io.models import RECIPE_MODEL_KWARGS, spec_kind
 
-RECIPE_FILE = "recipe.json"
 FORMAT_VERSION = 2  # 2: head and source_file; version 1 recipes are read as well
 SITE_KEYS = ("name", "rule", "stage", "block", "channels", "hidden", "r")
 MAX_RECIPE_BYTES = 16 << 20

@@ -47,13 +47,11 @@ from se_inject.errors import (
 from se_inject.graph.abstract import eval_mode
 from se_inject.io.files import as_path, check_target, write_atomic, write_text_atomic
 from se_inject.io.models import classifier, fit_head
-from se_inject.io.recipe import RECIPE_FILE
-from se_inject.saving import OWNED_FILES, WEIGHTS_FILE, write_model_files
+from se_inject.io.layout import CHECKPOINT_FILE, METRICS_FILE, OWNED_FILES, RECIPE_FILE, WEIGHTS_FILE
+from se_inject.saving import write_model_files
 from se_inject.train.data import DataSplits
 from se_inject.units.se import SqueezeExcite
 
-CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.jsonl"
 
 
 # Settings a resumed run may change: they do not alter what the run computes (epochs may only grow:
