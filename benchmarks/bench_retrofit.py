@@ -81,8 +81,10 @@ def main() -> None:
     parser.add_argument("--model", default="resnet152")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    print(f"{args.model}, position=standard, r=16, input 224x224, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median of {args.repeat}")
+    print(
+        f"{args.model}, position=standard, r=16, input 224x224, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; median of {args.repeat}"
+    )
     steps = time_steps(args.model, args.repeat)
     baseline = steps["baseline: one FLOP-counted forward"]
     for name, seconds in steps.items():

@@ -29,11 +29,46 @@ from pathlib import Path
 
 # timm modules whose models are convolutional networks (or conv-dominated hybrids).
 CONV_FAMILIES = (
-    "byobnet", "convmixer", "convnext", "cspnet", "densenet", "dla", "dpn", "efficientnet", "fasternet",
-    "ghostnet", "hardcorenas", "hgnet", "hrnet", "inception_next", "inception_resnet_v2", "inception_v3",
-    "inception_v4", "lcnetv2", "mobilenetv3", "nasnet", "nfnet", "pnasnet", "rdnet", "regnet", "repghost",
-    "repvit", "res2net", "resnest", "resnet", "resnetv2", "rexnet", "selecsls", "senet", "sknet",
-    "starnet", "tresnet", "vgg", "vovnet", "xception", "xception_aligned",
+    "byobnet",
+    "convmixer",
+    "convnext",
+    "cspnet",
+    "densenet",
+    "dla",
+    "dpn",
+    "efficientnet",
+    "fasternet",
+    "ghostnet",
+    "hardcorenas",
+    "hgnet",
+    "hrnet",
+    "inception_next",
+    "inception_resnet_v2",
+    "inception_v3",
+    "inception_v4",
+    "lcnetv2",
+    "mobilenetv3",
+    "nasnet",
+    "nfnet",
+    "pnasnet",
+    "rdnet",
+    "regnet",
+    "repghost",
+    "repvit",
+    "res2net",
+    "resnest",
+    "resnet",
+    "resnetv2",
+    "rexnet",
+    "selecsls",
+    "senet",
+    "sknet",
+    "starnet",
+    "tresnet",
+    "vgg",
+    "vovnet",
+    "xception",
+    "xception_aligned",
 )
 
 
@@ -97,8 +132,11 @@ def check(family: str, name: str, small_params: float) -> dict:
         row.update(status="no units", reason=f"{type(err).__name__}: {str(err)[:300]}")
         return row
     except Exception as err:
-        row.update(status="error", reason=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}",
-                   where=traceback.format_exc().splitlines()[-3][:200])
+        row.update(
+            status="error",
+            reason=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}",
+            where=traceback.format_exc().splitlines()[-3][:200],
+        )
         return row
     report = result.report
     row.update(
@@ -165,7 +203,16 @@ def summarize(rows: list[dict]) -> None:
             c["fwd_bwd"] += bool(row.get("fwd_bwd"))
             c["exact"] += row.get("preserve_max_diff") == 0.0
     table = Table(title=f"se_inject zoo coverage, {date.today()}, {platform.machine()} CPU, {mp.cpu_count()} cores")
-    columns = ("family", "models", "traced", "injected", "already gated", "Eq.5 exact", "fwd+bwd (small)", "preserve exact")
+    columns = (
+        "family",
+        "models",
+        "traced",
+        "injected",
+        "already gated",
+        "Eq.5 exact",
+        "fwd+bwd (small)",
+        "preserve exact",
+    )
     for col in columns:
         table.add_column(col, justify="left" if col == "family" else "right")
     total = Counter()
@@ -179,9 +226,11 @@ def summarize(rows: list[dict]) -> None:
     timm_total.subtract(families.get("torchvision", Counter()))
     for label, c in (("timm", timm_total), ("all", total)):
         traced = c["models"] - c["untraceable"] - c["not built"]
-        print(f"{label}: {c['models']} models, traced {traced}; injected {c['injected']} "
-              f"({c['injected'] / max(traced, 1):.1%} of traced); forward+backward {c['fwd_bwd']}/{c['small']} "
-              f"small models ({c['fwd_bwd'] / max(c['small'], 1):.1%})")
+        print(
+            f"{label}: {c['models']} models, traced {traced}; injected {c['injected']} "
+            f"({c['injected'] / max(traced, 1):.1%} of traced); forward+backward {c['fwd_bwd']}/{c['small']} "
+            f"small models ({c['fwd_bwd'] / max(c['small'], 1):.1%})"
+        )
     misses = [r for r in rows if r["status"] != "injected" or r.get("fwd_bwd") is False]
     for row in misses:
         print(f"  miss {row['model']}: {row['status']}: {row.get('reason') or row.get('fwd_bwd_error')}")
@@ -189,8 +238,16 @@ def summarize(rows: list[dict]) -> None:
 
 def _cells(family: str, c: Counter) -> list[str]:
     traced = c["models"] - c["untraceable"] - c["not built"]
-    return [family, str(c["models"]), str(traced), str(c["injected"]), str(c["gated"]), str(c["eq5"]),
-            f"{c['fwd_bwd']}/{c['small']}", str(c["exact"])]
+    return [
+        family,
+        str(c["models"]),
+        str(traced),
+        str(c["injected"]),
+        str(c["gated"]),
+        str(c["eq5"]),
+        f"{c['fwd_bwd']}/{c['small']}",
+        str(c["exact"]),
+    ]
 
 
 def main() -> None:

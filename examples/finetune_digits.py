@@ -20,7 +20,11 @@ class Block(nn.Module):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
         self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) if stride > 1 else nn.Identity()
+        self.down = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride > 1
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.down(x))
@@ -50,8 +54,10 @@ def main() -> None:
     # 2. retrofit SE units; with the preserve initialisation nothing changes yet
     se_model = se_inject.inject(model, position="standard", r=8, input_size=32)
     val = torch.utils.data.DataLoader(data.val, batch_size=256)
-    print(f"2. right after injection:    val acc {evaluate(se_model, val, torch.device('cpu'))[1]:.2%} "
-          f"(max |output change| {se_inject.check_outputs(model, se_model, input_size=32):.1g})")
+    print(
+        f"2. right after injection:    val acc {evaluate(se_model, val, torch.device('cpu'))[1]:.2%} "
+        f"(max |output change| {se_inject.check_outputs(model, se_model, input_size=32):.1g})"
+    )
 
     # 3. fine-tune: one epoch training the SE units only, then one epoch of everything at a lower rate
     result = finetune(se_model, data, runs / "se", FinetuneConfig(epochs=2, se_epochs=1, lr=0.05), original=model)

@@ -41,14 +41,18 @@ def main() -> None:
     report = collect(se_model, val, data.classes)
     files = [write_json(report, out), *plot(report, out)]
     for unit in report.units:
-        print(f"{unit.name:22s} C={unit.channels:4d}  mean gate {sum(unit.mean) / unit.channels:.3f}  "
-              f"saturation {unit.saturation:.3f}")
+        print(
+            f"{unit.name:22s} C={unit.channels:4d}  mean gate {sum(unit.mean) / unit.channels:.3f}  "
+            f"saturation {unit.saturation:.3f}"
+        )
     threshold = sorted(u.saturation for u in report.units)[-1]  # the most saturated unit, for the demo
     pruned = prune_units(__import__("copy").deepcopy(se_model), report, threshold=threshold)
     change = max_output_change(se_model, pruned.model, val)
     acc = [evaluate(m, val, torch.device("cpu"))[1] for m in (se_model, pruned.model)]
-    print(f"pruned {pruned.removed}: {pruned.params_saved} params (Eq. 5: {pruned.eq5_saved:.0f}); "
-          f"max |output change| {change:.3g}; val acc {acc[0]:.2%} -> {acc[1]:.2%}")
+    print(
+        f"pruned {pruned.removed}: {pruned.params_saved} params (Eq. 5: {pruned.eq5_saved:.0f}); "
+        f"max |output change| {change:.3g}; val acc {acc[0]:.2%} -> {acc[1]:.2%}"
+    )
     print("wrote", ", ".join(str(f) for f in files))
 
 

@@ -25,7 +25,9 @@ def main() -> None:
     model = se_inject.load_model("resnet18", num_classes=10)
     data = load_data("digits", config=model_data_config(model))  # normalised as resnet18 expects
     with tempfile.TemporaryDirectory() as run:  # the run's own checkpoints are not needed here
-        result = finetune(model, data, Path(run) / "base", FinetuneConfig(epochs=2, se_epochs=0, lr=0.05, full_lr_scale=1.0))
+        result = finetune(
+            model, data, Path(run) / "base", FinetuneConfig(epochs=2, se_epochs=0, lr=0.05, full_lr_scale=1.0)
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out)
     print(f"resnet18 trained on digits: val acc {result.accuracy['after fine-tuning']:.2%}; weights in {out}")

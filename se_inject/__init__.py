@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from se_inject._version import __version__
-from se_inject.config import InjectConfig, POSITIONS
+from se_inject.config import POSITIONS, InjectConfig
 from se_inject.errors import (
     AlreadyInjectedError,
     ArtifactError,
@@ -144,4 +144,3 @@ __all__ = [
     "save",
     "twin_of",
 ]
-

@@ -98,7 +98,9 @@ def retrofit(
             "so methods of that class other than forward are not carried over"
         )
     if plan.skipped:
-        notes.append(f"{len(plan.skipped)} site(s) skipped, e.g. {plan.skipped[0][0].scope or 'root'}: {plan.skipped[0][1]}")
+        notes.append(
+            f"{len(plan.skipped)} site(s) skipped, e.g. {plan.skipped[0][0].scope or 'root'}: {plan.skipped[0][1]}"
+        )
     if on_meta(model):
         notes.append("built on the meta device: shapes and counts only, no weights")
     report = build_report(
@@ -172,7 +174,12 @@ def report(
 
 
 def check_outputs(
-    original: nn.Module, injected: nn.Module, *, input_size: int | Sequence[int] | None = None, batch: int = 2, seed: int = 0
+    original: nn.Module,
+    injected: nn.Module,
+    *,
+    input_size: int | Sequence[int] | None = None,
+    batch: int = 2,
+    seed: int = 0,
 ) -> float:
     """The largest |injected - original| over one random batch, both in eval mode (flags restored).
 
@@ -187,7 +194,9 @@ def check_outputs(
     height, width = (size, size) if isinstance(size, int) else size
     reference = next(original.parameters())
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, input_channels(original), height, width, generator=generator).to(reference.device, reference.dtype)
+    x = torch.randn(batch, input_channels(original), height, width, generator=generator).to(
+        reference.device, reference.dtype
+    )
     with eval_mode(original), eval_mode(injected), torch.no_grad():
         expected, got = original(x), injected(x)
     return (got.float() - expected.float()).abs().max().item()
@@ -205,5 +214,7 @@ def _resolve_input_size(model: nn.Module, input_size: int | Sequence[int] | None
     if len(sizes) not in (1, 2) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
         raise ConfigError(f"input_size: expected a positive size or (height, width), got {input_size!r}")
     if max(sizes) > MAX_INPUT_SIZE:
-        raise ConfigError(f"input_size: {max(sizes)} is over the {MAX_INPUT_SIZE} pixels se_inject analyses at; give the size the model runs at")
+        raise ConfigError(
+            f"input_size: {max(sizes)} is over the {MAX_INPUT_SIZE} pixels se_inject analyses at; give the size the model runs at"
+        )
     return input_size if isinstance(input_size, int) else tuple(sizes)

@@ -59,11 +59,14 @@ class BenchReport:
         rows = []
         for mode, batch in dict.fromkeys((t.mode, t.batch) for t in self.timings):
             injected, original, twin = (self.median(m, mode, batch) for m in ("injected", "original", "twin"))
-            rows.append({
-                "mode": mode, "batch": batch,
-                "injected/original": injected / original if injected and original else None,
-                "injected/twin": injected / twin if injected and twin else None,
-            })
+            rows.append(
+                {
+                    "mode": mode,
+                    "batch": batch,
+                    "injected/original": injected / original if injected and original else None,
+                    "injected/twin": injected / twin if injected and twin else None,
+                }
+            )
         return rows
 
     def to_dict(self) -> dict:
@@ -75,7 +78,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(steps: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+def time_interleaved(
+    steps: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
     """Run each step ``warmup`` times, then ``repeats`` rounds of A B C ...; seconds per call."""
     for step in steps.values():
         for _ in range(warmup):
@@ -85,7 +90,7 @@ def time_interleaved(steps: dict[str, Callable[[], object]], repeats: int, warmu
     names = list(steps)
     for round_ in range(repeats):
         # rotate the order each round (A B C, B C A, ...): no model always runs after the same one
-        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             step = steps[name]
             _sync(device)
             start = time.perf_counter()

@@ -58,11 +58,15 @@ class InjectConfig:
     bias: bool = field(default=False, metadata={"help": "bias on the two FC layers (off: the paper's ResNet setting)"})
     rounding: Rounding = field(
         default="floor",
-        metadata={"help": "hidden width when C/r is not whole: floor, round, ceil, or multiple8 (timm's); never below 1"},
+        metadata={
+            "help": "hidden width when C/r is not whole: floor, round, ceil, or multiple8 (timm's); never below 1"
+        },
     )
     init: Init = field(
         default="preserve",
-        metadata={"help": "preserve: the model computes exactly what it did at insertion; paper: standard init, sigmoid gate"},
+        metadata={
+            "help": "preserve: the model computes exactly what it did at insertion; paper: standard init, sigmoid gate"
+        },
     )
     leaf_modules: tuple[str, ...] = field(
         default=(),
@@ -94,7 +98,9 @@ class InjectConfig:
             object.__setattr__(self, "stages", _validate_stages(self.stages))
         if not isinstance(self.bias, bool):
             raise ConfigError(f"bias: expected True or False, got {self.bias!r}")
-        object.__setattr__(self, "leaf_modules", _string_tuple(self.leaf_modules, "leaf_modules", "class or module names"))
+        object.__setattr__(
+            self, "leaf_modules", _string_tuple(self.leaf_modules, "leaf_modules", "class or module names")
+        )
         object.__setattr__(self, "rules", _string_tuple(self.rules, "rules", "paths of rule files"))
 
     @classmethod

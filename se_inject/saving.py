@@ -37,6 +37,7 @@ from se_inject.io.files import (
     write_directory,
     write_text_atomic,
 )
+from se_inject.io.layout import OWNED_FILES, RECIPE_FILE, WEIGHTS_FILE
 from se_inject.io.models import (
     check_device,
     classifier,
@@ -48,10 +49,8 @@ from se_inject.io.models import (
     refused_kwargs,
     spec_kind,
 )
-from se_inject.io.layout import OWNED_FILES, RECIPE_FILE, WEIGHTS_FILE
 from se_inject.io.recipe import MAX_RECIPE_BYTES, SITE_KEYS, Recipe
 from se_inject.units.se import ChannelScale
-
 
 
 class SourceChangedWarning(UserWarning):
@@ -96,8 +95,9 @@ def save(model: nn.Module, directory: str | Path, *, force: bool = False) -> Pat
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model: expected an nn.Module made by se_inject.inject, got {type(model).__name__}")
     _check_savable(model)
-    return write_directory(directory, lambda staging: write_model_files(model, staging), force=force,
-                           owned=OWNED_FILES, marker=RECIPE_FILE)
+    return write_directory(
+        directory, lambda staging: write_model_files(model, staging), force=force, owned=OWNED_FILES, marker=RECIPE_FILE
+    )
 
 
 def _check_savable(model: nn.Module) -> Recipe:
@@ -141,8 +141,10 @@ def apply(recipe: Recipe | str | Path, model: nn.Module) -> nn.Module:
     """
     if not isinstance(recipe, Recipe):
         path = as_path(recipe, "recipe")
-        recipe = read_recipe(path) if path.is_dir() else Recipe.from_json(
-            read_text_file(path, limit=MAX_RECIPE_BYTES, what="recipe"), str(path)
+        recipe = (
+            read_recipe(path)
+            if path.is_dir()
+            else Recipe.from_json(read_text_file(path, limit=MAX_RECIPE_BYTES, what="recipe"), str(path))
         )
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -150,7 +152,11 @@ def apply(recipe: Recipe | str | Path, model: nn.Module) -> nn.Module:
     expected, found = _site_signature(recipe.sites), _site_signature(recipe_of(result.model).sites)
     if expected != found:
         mismatch = next(
-            (f"unit {i + 1}: recipe has {e}, model gives {f}" for i, (e, f) in enumerate(zip(expected, found)) if e != f),
+            (
+                f"unit {i + 1}: recipe has {e}, model gives {f}"
+                for i, (e, f) in enumerate(zip(expected, found, strict=False))
+                if e != f
+            ),
             f"recipe has {len(expected)} units, model gives {len(found)}",
         )
         raise RecipeMismatchError(
@@ -159,7 +165,10 @@ def apply(recipe: Recipe | str | Path, model: nn.Module) -> nn.Module:
         )
     injected = result.model
     injected.se_inject_recipe = replace(
-        recipe_of(injected), source=recipe.source, source_file=recipe.source_file, model_kwargs=dict(recipe.model_kwargs)
+        recipe_of(injected),
+        source=recipe.source,
+        source_file=recipe.source_file,
+        model_kwargs=dict(recipe.model_kwargs),
     )
     return injected
 
@@ -186,7 +195,8 @@ def _build_source(recipe: Recipe, directory: Path, device: torch.device | None, 
         if file_digest(path) != recipe.source_file["sha256"]:
             warnings.warn(
                 f"{path} has changed since {directory} was saved; the model is rebuilt from its current contents",
-                SourceChangedWarning, stacklevel=3,
+                SourceChangedWarning,
+                stacklevel=3,
             )
     if kind in ("module", "file") and "num_classes" in kwargs:
         if refused_kwargs(_factory(recipe.source), {"num_classes": 0}):
@@ -263,7 +273,9 @@ def load(
     try:
         state = load_file(str(weights), device=str(target))
     except (SafetensorError, OSError, RuntimeError) as err:
-        raise ArtifactError(f"{weights}: cannot be read as safetensors ({err}); the file is damaged or truncated") from None
+        raise ArtifactError(
+            f"{weights}: cannot be read as safetensors ({err}); the file is damaged or truncated"
+        ) from None
     load_state(injected, state, str(weights), ArtifactError)
     injected.se_inject_recipe = replace(recipe_of(injected), head=recipe.head, pruned=list(recipe.pruned))
     return injected.eval()

@@ -98,12 +98,15 @@ def evil(tmp_path, monkeypatch) -> tuple[Path, Path]:
 
 # --- 1. recipes are data ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("source_kind", ["file", "module"])
 def test_a_recipe_naming_code_does_not_run_it(saved, tmp_path, evil, source_kind):
     evil_file, marker = evil
     source = f"{evil_file}:build" if source_kind == "file" else "evil_module:build"
     directory = tampered(saved, tmp_path, source=source)
-    with pytest.raises(UntrustedCodeError, match="is Python code, which loading would import and run; .*trust_code=True"):
+    with pytest.raises(
+        UntrustedCodeError, match="is Python code, which loading would import and run; .*trust_code=True"
+    ):
         se_inject.load(directory)
     assert not marker.exists()
     fails_in_one_line(["inspect", str(directory), "--data", "digits", "--out", str(tmp_path / "o")], "--trust-code")
@@ -170,7 +173,11 @@ def test_malformed_recipe_json_is_one_error(saved, tmp_path, text):
 def test_rules_named_by_a_recipe_are_read_only_as_capped_regular_files(saved, tmp_path):
     big = tmp_path / "big.toml"
     big.write_bytes(b"#" * (2 << 20))
-    for path, match in (("/dev/zero", "not a regular file"), (str(big), "over the"), (str(tmp_path), "not a regular file")):
+    for path, match in (
+        ("/dev/zero", "not a regular file"),
+        (str(big), "over the"),
+        (str(tmp_path), "not a regular file"),
+    ):
         options = {**json.loads((saved / RECIPE_FILE).read_text())["options"], "rules": [path]}
         with pytest.raises(RuleError, match=match):
             se_inject.load(tampered(saved, tmp_path / Path(path).name.replace(".", "_"), options=options))
@@ -187,7 +194,9 @@ def tmp_cwd(tmp_path, monkeypatch) -> Path:
 def test_a_model_file_source_loads_from_any_directory_and_may_import_its_siblings(tmp_path, tmp_cwd, monkeypatch):
     (tmp_path / "mynets").mkdir()
     (tmp_path / "mynets" / "blocks.py").write_text((TINY).read_text())
-    (tmp_path / "mynets" / "net.py").write_text("from blocks import FunctionalResNet\n\ndef build():\n    return FunctionalResNet(num_classes=10)\n")
+    (tmp_path / "mynets" / "net.py").write_text(
+        "from blocks import FunctionalResNet\n\ndef build():\n    return FunctionalResNet(num_classes=10)\n"
+    )
     torch.manual_seed(0)
     model = se_inject.load_model("../mynets/net.py:build")
     se_model = se_inject.inject(model, r=4, input_size=16, model_name="../mynets/net.py:build")
@@ -206,13 +215,16 @@ def test_a_model_file_source_loads_from_any_directory_and_may_import_its_sibling
 
 # --- 2. saves never destroy --------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def injected():
     torch.manual_seed(0)
     return se_inject.inject(FunctionalResNet(), r=4, input_size=16)
 
 
-@pytest.mark.parametrize("target, why", [(".", "working directory"), ("..", "holds the working directory"), ("/", "root")])
+@pytest.mark.parametrize(
+    "target, why", [(".", "working directory"), ("..", "holds the working directory"), ("/", "root")]
+)
 def test_force_refuses_the_working_directory_its_parents_and_the_root(injected, tmp_cwd, target, why):
     (tmp_cwd / "precious.txt").write_text("keep")
     before = tree(tmp_cwd.parent)
@@ -313,11 +325,13 @@ def test_finetune_onto_a_saved_model_needs_force(injected, tmp_path):
     with pytest.raises(ArtifactError, match="already exists; .*force"):
         finetune(copy.deepcopy(injected), data, tmp_path / "saved", FinetuneConfig(epochs=1, se_epochs=0))
     assert tree(tmp_path / "saved") == before
-    fails_in_one_line(["prune-se", str(tmp_path / "saved"), "--data", "digits", "--out", str(tmp_path / "saved")],
-                      "already exists")
+    fails_in_one_line(
+        ["prune-se", str(tmp_path / "saved"), "--data", "digits", "--out", str(tmp_path / "saved")], "already exists"
+    )
 
 
 # --- 3. the CLI's one line -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "args, match",
@@ -367,8 +381,14 @@ def test_a_rules_path_that_is_a_device_is_refused_at_once():
     fails_in_one_line(["resnet18", "--rules", "/dev/zero"], "not a regular file")
 
 
-@pytest.mark.parametrize("body, match", [("1 / 0", "ZeroDivisionError"), ("import sys\nsys.exit(3)", "SystemExit"),
-                                         ("import no_such_module_xyz", "No module named")])
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ("1 / 0", "ZeroDivisionError"),
+        ("import sys\nsys.exit(3)", "SystemExit"),
+        ("import no_such_module_xyz", "No module named"),
+    ],
+)
 def test_model_files_that_fail_on_import(tmp_path, body, match):
     (tmp_path / "bad.py").write_text(body + "\n")
     fails_in_one_line([f"{tmp_path / 'bad.py'}:build"], match)
@@ -397,7 +417,10 @@ def test_checkpoints_with_odd_contents(tmp_path, state, match):
 
 
 def test_a_checkpoint_whose_dtype_cannot_hold_the_weights_is_refused_not_cast(tmp_path):
-    state = {k: (v.to(torch.int32) if k == "fc.bias" else v) for k, v in se_inject.load_model("resnet18").state_dict().items()}
+    state = {
+        k: (v.to(torch.int32) if k == "fc.bias" else v)
+        for k, v in se_inject.load_model("resnet18").state_dict().items()
+    }
     torch.save(state, tmp_path / "ints.pth")
     with pytest.raises(CheckpointError, match="'fc.bias' is torch.int32 but the model holds torch.float32"):
         se_inject.load_model("resnet18", checkpoint=tmp_path / "ints.pth")
@@ -407,7 +430,9 @@ def test_a_checkpoint_whose_dtype_cannot_hold_the_weights_is_refused_not_cast(tm
 def test_a_checkpoint_with_another_head_needs_num_classes(tmp_path):
     torch.save(se_inject.load_model("resnet18", num_classes=10).state_dict(), tmp_path / "ten.pth")
     fails_in_one_line(["resnet18", "--checkpoint", str(tmp_path / "ten.pth")], "fc.weight (10, 512) vs (1000, 512)")
-    result = runner.invoke(app, ["resnet18", "--checkpoint", str(tmp_path / "ten.pth"), "--num-classes", "10", "--json"])
+    result = runner.invoke(
+        app, ["resnet18", "--checkpoint", str(tmp_path / "ten.pth"), "--num-classes", "10", "--json"]
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -422,6 +447,7 @@ def test_the_version_answers():
 
 
 # --- 4. the API's exception types --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("model", ["resnet18", 3, None, torch.zeros(3)])
 def test_what_is_not_a_module_is_refused(model):
@@ -513,7 +539,9 @@ def test_a_shared_block_gets_one_shared_unit(cls):
     before = snapshot(model)
     result = se_inject.retrofit(model, r=4, input_size=8, init="paper")
     assert_unchanged(model, before)
-    assert [u.name for u in result.report.sites] == [next(n for n, m in model.named_children() if isinstance(m, TinyBlock)) + ".se_1_1"]
+    assert [u.name for u in result.report.sites] == [
+        next(n for n, m in model.named_children() if isinstance(m, TinyBlock)) + ".se_1_1"
+    ]
     se_model = result.model.eval()
     block = se_model.block if cls is CalledTwice else se_model.first
     if cls is TwoNames:
@@ -538,6 +566,7 @@ def test_a_shared_block_gets_one_shared_unit(cls):
 
 
 # --- 5. the user's objects are never touched --------------------------------------------------------
+
 
 class Hostile(FunctionalResNet):
     """A model whose forward counts and caches, with a hook that stores outputs and a train() that freezes."""
@@ -588,7 +617,9 @@ def test_finetune_does_not_change_the_original_or_the_flags_it_found(tmp_path):
     se_model.stem[0].weight.requires_grad_(False)  # the user froze the stem
     flags = {n: p.requires_grad for n, p in se_model.named_parameters()}
     data = digits(image_size=16)
-    result = finetune(se_model, data, tmp_path / "run", FinetuneConfig(epochs=1, se_epochs=1, batch_size=128), original=original)
+    result = finetune(
+        se_model, data, tmp_path / "run", FinetuneConfig(epochs=1, se_epochs=1, batch_size=128), original=original
+    )
     assert_unchanged(original, before)
     assert original.head.out_features == 1000 and result.accuracy["before retrofit"] is not None
     assert {n: p.requires_grad for n, p in result.model.named_parameters() if n in flags} == flags
@@ -600,7 +631,9 @@ def test_plotting_leaves_matplotlib_s_backend_alone(tmp_path):
     from se_inject.inspect.excitation import ExcitationReport, UnitStats, plot
 
     backend = matplotlib.get_backend()
-    report = ExcitationReport(["a", "b"], 4, [UnitStats("x.se_1_1", 1, 1, 2, 2.0, [1.0, 1.0], [[1.0, 1.0]] * 2, [[0.0, 0.0]] * 2, 0.0, 1.0)])
+    report = ExcitationReport(
+        ["a", "b"], 4, [UnitStats("x.se_1_1", 1, 1, 2, 2.0, [1.0, 1.0], [[1.0, 1.0]] * 2, [[0.0, 0.0]] * 2, 0.0, 1.0)]
+    )
     plot(report, tmp_path)
     assert matplotlib.get_backend() == backend
 
@@ -619,12 +652,22 @@ def test_inspection_restores_mode_and_device():
 
 # --- 6. training input ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"weight_decay": -1e-4}, "weight_decay"), ({"lr": float("nan")}, "lr"), ({"lr": float("inf")}, "lr"),
-     ({"epochs": 2.5}, "epochs"), ({"momentum": 1.0}, "momentum"), ({"momentum": -0.1}, "momentum"),
-     ({"workers": -1}, "workers"), ({"batch_size": True}, "batch_size"), ({"seed": -1}, "seed"),
-     ({"full_lr_scale": float("nan")}, "full_lr_scale"), ({"amp": "yes"}, "amp")],
+    [
+        ({"weight_decay": -1e-4}, "weight_decay"),
+        ({"lr": float("nan")}, "lr"),
+        ({"lr": float("inf")}, "lr"),
+        ({"epochs": 2.5}, "epochs"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"momentum": -0.1}, "momentum"),
+        ({"workers": -1}, "workers"),
+        ({"batch_size": True}, "batch_size"),
+        ({"seed": -1}, "seed"),
+        ({"full_lr_scale": float("nan")}, "full_lr_scale"),
+        ({"amp": "yes"}, "amp"),
+    ],
 )
 def test_invalid_hyper_parameters_are_config_errors(kwargs, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):
@@ -660,7 +703,9 @@ def test_a_dataset_too_small_to_train_is_refused_up_front(tmp_path):
 def test_a_non_finite_loss_stops_the_run_without_saving_it(tmp_path):
     torch.manual_seed(0)
     model = se_inject.inject(FunctionalResNet(), r=4, input_size=16)
-    with pytest.raises(se_inject.TrainingDivergedError, match=r"loss became nan at epoch 1, step \d+; nothing of this epoch was saved"):
+    with pytest.raises(
+        se_inject.TrainingDivergedError, match=r"loss became nan at epoch 1, step \d+; nothing of this epoch was saved"
+    ):
         finetune(model, _splits(32, poison=True), tmp_path / "run", FinetuneConfig(epochs=1, se_epochs=0, batch_size=8))
     assert not (tmp_path / "run" / WEIGHTS_FILE).exists() and not (tmp_path / "run" / "checkpoint.pt").exists()
 
@@ -674,13 +719,17 @@ def test_a_truncated_image_is_found_before_training(tmp_path):
             Image.new("RGB", (64, 64), (120, 30, 200)).save(tmp_path / "data" / split / name / "x.jpg", quality=95)
     path = tmp_path / "data" / "train" / "b" / "x.jpg"
     path.write_bytes(path.read_bytes()[:400])  # the header survives: Image.verify() alone would pass it
-    fails_in_one_line(["finetune", "resnet18", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")],
-                      "x.jpg: unreadable image")
+    fails_in_one_line(
+        ["finetune", "resnet18", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")],
+        "x.jpg: unreadable image",
+    )
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("content, match", [(b"\x00" * 100, "cannot be read as a fine-tuning checkpoint"),
-                                            (None, "not an se_inject fine-tuning checkpoint")])
+@pytest.mark.parametrize(
+    "content, match",
+    [(b"\x00" * 100, "cannot be read as a fine-tuning checkpoint"), (None, "not an se_inject fine-tuning checkpoint")],
+)
 def test_a_truncated_or_foreign_checkpoint_is_one_line(tmp_path, content, match):
     run = tmp_path / "run"
     run.mkdir()
@@ -688,8 +737,20 @@ def test_a_truncated_or_foreign_checkpoint_is_one_line(tmp_path, content, match)
         torch.save({"weights": torch.zeros(2)}, run / "checkpoint.pt")
     else:
         (run / "checkpoint.pt").write_bytes(content)
-    fails_in_one_line(["finetune", str(TINY) + ":FunctionalResNet", "--data", "digits", "--image-size", "16",
-                       "--out", str(run), "--resume"], match)
+    fails_in_one_line(
+        [
+            "finetune",
+            str(TINY) + ":FunctionalResNet",
+            "--data",
+            "digits",
+            "--image-size",
+            "16",
+            "--out",
+            str(run),
+            "--resume",
+        ],
+        match,
+    )
 
 
 def test_pickle_is_never_used_for_a_recipe(saved, tmp_path):
@@ -706,11 +767,27 @@ def test_a_failing_worker_under_nproc_is_one_line(tmp_path):
 
     (tmp_path / "net.py").write_text("def build():\n    raise RuntimeError('no such layer config')\n")
     done = subprocess.run(
-        [sys.executable, "-m", "se_inject", "finetune", f"{tmp_path / 'net.py'}:build", "--data", "digits", "--out",
-         str(tmp_path / "run"), "--nproc", "2", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "se_inject",
+            "finetune",
+            f"{tmp_path / 'net.py'}:build",
+            "--data",
+            "digits",
+            "--out",
+            str(tmp_path / "run"),
+            "--nproc",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.splitlines() == ["se-inject: error: calling " + f"{tmp_path / 'net.py'}:build() failed: "
-                                        "RuntimeError: no such layer config"]
+    assert done.stderr.splitlines() == [
+        "se-inject: error: calling " + f"{tmp_path / 'net.py'}:build() failed: RuntimeError: no such layer config"
+    ]
     assert not (tmp_path / "run").exists()

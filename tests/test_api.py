@@ -240,7 +240,9 @@ def test_untraceable_module_named_and_the_leaf_option_fixes_it():
     from test_tracing import NetWithUntraceableChild
 
     model = NetWithUntraceableChild()
-    with pytest.raises(se_inject.UntraceableModelError, match=r"'body.1' \(DataDependentGate\).*leaf_modules=\['DataDependentGate'\]"):
+    with pytest.raises(
+        se_inject.UntraceableModelError, match=r"'body.1' \(DataDependentGate\).*leaf_modules=\['DataDependentGate'\]"
+    ):
         se_inject.inject(model, r=4, input_size=16)
     result = se_inject.retrofit(model, r=4, input_size=16, leaf_modules=["DataDependentGate"])
     assert [u.name for u in result.report.sites] == ["se_1_1"]

@@ -18,8 +18,12 @@ def test_twins_are_timms_hand_built_se_models():
 
 def test_interleaved_timing_rotates_the_order():
     calls = []
-    times = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1,
-                             device=torch.device("cpu"))
+    times = time_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        repeats=3,
+        warmup=1,
+        device=torch.device("cpu"),
+    )
     assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]  # warm-up, then rotating rounds
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
 
@@ -42,7 +46,9 @@ def test_the_cli_benches_a_users_model():
     from pathlib import Path
 
     spec = f"{Path(__file__).parent / 'tiny_models.py'}:FunctionalResNet"
-    result = CliRunner().invoke(app, ["bench", spec, "--r", "4", "--size", "32", "--batch", "2", "--repeats", "2", "--json"])
+    result = CliRunner().invoke(
+        app, ["bench", spec, "--r", "4", "--size", "32", "--batch", "2", "--repeats", "2", "--json"]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["twin"] is None and [r["batch"] for r in data["ratios"]] == [2]
@@ -54,8 +60,9 @@ def test_compile_compiles_every_model_it_times(monkeypatch):
 
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
-    report = bench(FunctionalResNet(), twin=FunctionalResNet(), batches=(1,), size=32, repeats=1, warmup=0,
-                   compile=True, r=4)
+    report = bench(
+        FunctionalResNet(), twin=FunctionalResNet(), batches=(1,), size=32, repeats=1, warmup=0, compile=True, r=4
+    )
     assert len(compiled) == 3 and len({id(m) for m in compiled}) == 3 and report.compiled
     assert any(isinstance(m, se_inject.SqueezeExcite) for m in compiled[1].modules())
     assert inductor_config.freezing is False  # weight freezing is switched off again afterwards

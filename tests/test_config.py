@@ -9,7 +9,11 @@ from se_inject.errors import ConfigError, SEInjectError
 def test_defaults_are_the_papers_resnet_setting_with_the_preserving_init():
     config = InjectConfig()
     assert (config.position, config.r, config.squeeze, config.excitation, config.bias) == (
-        "standard", 16, "avg", "sigmoid", False,
+        "standard",
+        16,
+        "avg",
+        "sigmoid",
+        False,
     )
     assert config.rounding == "floor" and config.init == "preserve" and config.stages is None
     assert POSITIONS == ("standard", "pre", "post", "identity", "inner")

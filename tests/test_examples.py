@@ -11,7 +11,9 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs(path, capsys, monkeypatch, tmp_path):
     # examples take optional arguments: none here, except where the default writes into the checkout
-    monkeypatch.setattr("sys.argv", [str(path), *([str(tmp_path / "base.pth")] if path.name == "train_digits_base.py" else [])])
+    monkeypatch.setattr(
+        "sys.argv", [str(path), *([str(tmp_path / "base.pth")] if path.name == "train_digits_base.py" else [])]
+    )
     runpy.run_path(str(path), run_name="__main__")
     out = capsys.readouterr().out
     assert out.strip()
@@ -24,8 +26,11 @@ def test_example_runs(path, capsys, monkeypatch, tmp_path):
         assert float(out.split("val acc ")[1].split("%")[0]) > 50 and (tmp_path / "base.pth").is_file()  # chance: 10%
     if path.name == "finetune_digits.py":
         assert "(max |output change| 0)" in out
-        before, after = (float(line.split("val acc ")[1].split("%")[0]) for line in out.splitlines()
-                         if line.startswith(("1. trained", "3. epoch 2")))
+        before, after = (
+            float(line.split("val acc ")[1].split("%")[0])
+            for line in out.splitlines()
+            if line.startswith(("1. trained", "3. epoch 2"))
+        )
         assert after > 50 and before > 50  # chance is 10%
 
 

@@ -53,8 +53,18 @@ def ten_class_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_cli_checkpoint_with_num_classes_then_save_then_load(ten_class_checkpoint, tmp_path):
-    out = ok("resnet18", "--checkpoint", str(ten_class_checkpoint), "--num-classes", "10", "--input-size", "32",
-             "--check", "--save", str(tmp_path / "se"))
+    out = ok(
+        "resnet18",
+        "--checkpoint",
+        str(ten_class_checkpoint),
+        "--num-classes",
+        "10",
+        "--input-size",
+        "32",
+        "--check",
+        "--save",
+        str(tmp_path / "se"),
+    )
     assert "check: max |injected - original| = 0" in out
     loaded = se_inject.load(tmp_path / "se")
     assert loaded.fc.out_features == 10
@@ -74,16 +84,43 @@ def test_load_save_load_keeps_the_head(ten_class_checkpoint, tmp_path):
 
 
 def _finetune(source: str, out: Path, *extra: str) -> None:
-    ok("finetune", source, "--data", "digits", "--image-size", "16", "--out", str(out), "--epochs", "1",
-       "--se-epochs", "1", "--batch-size", "128", "--r", "8", *extra)
+    ok(
+        "finetune",
+        source,
+        "--data",
+        "digits",
+        "--image-size",
+        "16",
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--se-epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--r",
+        "8",
+        *extra,
+    )
 
 
 def test_finetune_then_prune_then_load(ten_class_checkpoint, tmp_path):
     _finetune("resnet18", tmp_path / "run", "--checkpoint", str(ten_class_checkpoint), "--num-classes", "10")
     tuned = se_inject.load(tmp_path / "run")
     assert tuned.fc.out_features == 10
-    out = ok("prune-se", str(tmp_path / "run"), "--data", "digits", "--image-size", "16", "--out", str(tmp_path / "pruned"),
-             "--units", "layer1.0.se_1_1")
+    out = ok(
+        "prune-se",
+        str(tmp_path / "run"),
+        "--data",
+        "digits",
+        "--image-size",
+        "16",
+        "--out",
+        str(tmp_path / "pruned"),
+        "--units",
+        "layer1.0.se_1_1",
+    )
     assert "removed 1 unit(s): layer1.0.se_1_1" in out
     pruned = se_inject.load(tmp_path / "pruned")
     assert type(pruned.layer1[0].se_1_1).__name__ == "ChannelScale" and pruned.fc.out_features == 10
@@ -140,11 +177,26 @@ def _race(tmp_path: Path, target: Path, force: bool, processes: int, rounds: int
     procs = []
     for i in range(processes):
         ready = tmp_path / f"ready{i}"
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", _SAVE, str(target), str(i), str(TINY.parent), "force" if force else "new", str(ready),
-             str(go), str(rounds)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        ))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _SAVE,
+                    str(target),
+                    str(i),
+                    str(TINY.parent),
+                    "force" if force else "new",
+                    str(ready),
+                    str(go),
+                    str(rounds),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+        )
     deadline = time.time() + 120
     while not all((tmp_path / f"ready{i}").exists() for i in range(processes)) and time.time() < deadline:
         time.sleep(0.05)
@@ -162,8 +214,9 @@ def test_concurrent_saves_to_one_new_target_exactly_one_wins(tmp_path):
     outcomes = _race(tmp_path, target, force=False, processes=4, rounds=1)
     assert outcomes.count("saved") == 1, outcomes
     refusals = [o for o in outcomes if o != "saved"]
-    assert len(refusals) == 3 and all(("already exists" in o or "in progress" in o or "created by another save" in o)
-                                      for o in refusals), refusals
+    assert len(refusals) == 3 and all(
+        ("already exists" in o or "in progress" in o or "created by another save" in o) for o in refusals
+    ), refusals
     se_inject.load(target, model=__import__("tiny_models").FunctionalResNet())
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging or lock left
 
@@ -240,7 +293,9 @@ ft.finetune(model, digits(image_size=16), sys.argv[1], config, resume=sys.argv[5
 def _run(out: Path, kill_at: int = 0, when: str = "none", resume: bool = False) -> int:
     return subprocess.run(
         [sys.executable, "-c", _RUN, str(out), str(TINY.parent), str(kill_at), when, "resume" if resume else "new"],
-        capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
     ).returncode
 
 
@@ -275,8 +330,26 @@ def test_resume_refuses_other_settings_in_one_line(uninterrupted, tmp_path):
     import shutil
 
     shutil.copytree(uninterrupted, tmp_path / "run")
-    result = runner.invoke(app, ["finetune", f"{TINY}:FunctionalResNet", "--data", "digits", "--image-size", "16",
-                                 "--out", str(tmp_path / "run"), "--resume", "--epochs", "3", "--r", "8", "--lr", "0.2"])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            f"{TINY}:FunctionalResNet",
+            "--data",
+            "digits",
+            "--image-size",
+            "16",
+            "--out",
+            str(tmp_path / "run"),
+            "--resume",
+            "--epochs",
+            "3",
+            "--r",
+            "8",
+            "--lr",
+            "0.2",
+        ],
+    )
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
     for difference in ("lr: 0.1 -> 0.2", "r: 4 -> 8", "full_lr_scale: 1.0 -> 0.1", "model: "):
         assert difference in result.stderr, result.stderr

@@ -6,8 +6,8 @@ parametrized test can drive them all (the habit of peft's test_custom_models).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -171,6 +171,7 @@ TINY_MODELS = [
 
 # --- one small module per pattern kind ------------------------------------------------------------
 
+
 def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
@@ -278,7 +279,9 @@ class MobileNetV2ish(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = conv_bn_relu(3, 16, stride=2)
-        self.blocks = nn.Sequential(InvertedResidual(16, 16, 1), InvertedResidual(16, 24, 2), InvertedResidual(24, 24, 1))
+        self.blocks = nn.Sequential(
+            InvertedResidual(16, 16, 1), InvertedResidual(16, 24, 2), InvertedResidual(24, 24, 1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.stem(x))
@@ -309,7 +312,8 @@ class ShuffleBlock(nn.Module):
         half = channels // 2
         self.branch = nn.Sequential(
             conv_bn_relu(half, half, 1),
-            nn.Conv2d(half, half, 3, 1, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 3, 1, 1, groups=half, bias=False),
+            nn.BatchNorm2d(half),
             conv_bn_relu(half, half, 1),
         )
 

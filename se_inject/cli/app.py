@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich import box
@@ -92,7 +92,9 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _group(
-    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True, help="print the version and exit"),
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True, help="print the version and exit"
+    ),
 ) -> None:
     """Retrofit Squeeze-and-Excitation units into existing models."""
 
@@ -160,10 +162,13 @@ def _source_kwargs(spec: str, num_classes: int | None) -> dict[str, Any]:
     return {"num_classes": num_classes}
 
 
-def _inject_config(position: str, r: str, stages: Optional[str], **options: Any) -> InjectConfig:
+def _inject_config(position: str, r: str, stages: str | None, **options: Any) -> InjectConfig:
     """An InjectConfig from the options every command shares, as typed on the command line."""
     return InjectConfig(
-        position=position, r=parse_int_list(r, "r"), stages=parse_int_list(stages, "stages") if stages else None, **options
+        position=position,
+        r=parse_int_list(r, "r"),
+        stages=parse_int_list(stages, "stages") if stages else None,
+        **options,
     )
 
 
@@ -172,23 +177,33 @@ def inject_command(
     model: str = typer.Argument(..., help="timm name, torchvision:NAME, module.path:callable or file.py:callable"),
     position: str = typer.Option("standard", "--position", "-p", help=HELP["position"]),
     r: str = typer.Option("16", "--r", "-r", help=HELP["r"] + " (e.g. 16 or 8,16,16,32)"),
-    stages: Optional[str] = typer.Option(None, "--stages", help="stages that get units, e.g. 2,3 or 2-4 (default: all)"),
+    stages: str | None = typer.Option(None, "--stages", help="stages that get units, e.g. 2,3 or 2-4 (default: all)"),
     squeeze: str = typer.Option("avg", "--squeeze", help=HELP["squeeze"]),
     excitation: str = typer.Option("sigmoid", "--excitation", help=HELP["excitation"]),
     bias: bool = typer.Option(False, "--bias/--no-bias", help=HELP["bias"]),
     init: str = typer.Option("preserve", "--init", help=HELP["init"]),
     rounding: str = typer.Option("floor", "--rounding", help=HELP["rounding"]),
-    input_size: Optional[int] = typer.Option(
+    input_size: int | None = typer.Option(
         None, "--input-size", min=1, help="spatial size FLOPs are counted at (default: the model's own, else 224)"
     ),
-    leaf: list[str] = typer.Option([], "--leaf", help="module class or qualified name fx must not trace into (repeatable)"),
+    leaf: list[str] = typer.Option(
+        [], "--leaf", help="module class or qualified name fx must not trace into (repeatable)"
+    ),
     rules: list[str] = typer.Option([], "--rules", help="extra placement rule file, TOML (repeatable)"),
     existing: str = typer.Option("skip", "--existing", help=HELP["existing"] + " (skip|stack)"),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="trained weights (.safetensors, .pth) loaded before injection"),
+    checkpoint: str | None = typer.Option(
+        None, "--checkpoint", help="trained weights (.safetensors, .pth) loaded before injection"
+    ),
     pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights (needs a network)"),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="classes of the model's head (e.g. of a fine-tuned checkpoint)"),
-    check: bool = typer.Option(False, "--check", help="run original and injected on one batch; print the largest output difference"),
-    save_dir: Optional[str] = typer.Option(None, "--save", help="write the injected model (safetensors + recipe.json) to DIR"),
+    num_classes: int | None = typer.Option(
+        None, "--num-classes", help="classes of the model's head (e.g. of a fine-tuned checkpoint)"
+    ),
+    check: bool = typer.Option(
+        False, "--check", help="run original and injected on one batch; print the largest output difference"
+    ),
+    save_dir: str | None = typer.Option(
+        None, "--save", help="write the injected model (safetensors + recipe.json) to DIR"
+    ),
     force: bool = typer.Option(False, "--force", help="with --save: replace an existing DIR"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     show_sites: bool = typer.Option(False, "--sites", help="list every unit with its stage, block and channels"),
@@ -201,6 +216,7 @@ def inject_command(
     from se_inject.api import check_outputs, retrofit
     from se_inject.io.models import load_model
     from se_inject.saving import save
+
     config = _inject_config(
         position,
         r,
@@ -217,7 +233,10 @@ def inject_command(
     _check_save_target(save_dir, force)  # before any work is done
     needs_weights = bool(checkpoint or pretrained or check or save_dir)
     network = load_model(
-        model, device="cpu" if needs_weights else "meta", pretrained=pretrained, checkpoint=checkpoint,
+        model,
+        device="cpu" if needs_weights else "meta",
+        pretrained=pretrained,
+        checkpoint=checkpoint,
         **_source_kwargs(model, num_classes),
     )
     result = retrofit(network, config, input_size=input_size, model_name=model)
@@ -263,12 +282,22 @@ def render_report(report: OverheadReport, show_sites: bool, console: Console) ->
             sites.add_column(column, justify="left" if column == "unit" else "right", no_wrap=True)
         for u in report.sites:
             sites.add_row(
-                u.name, u.rule, str(u.stage), str(u.block), str(u.channels), str(u.hidden), str(u.r),
-                f"{u.size[0]}x{u.size[1]}", _count(u.params), f"{u.flops / 1e6:.3f}",
+                u.name,
+                u.rule,
+                str(u.stage),
+                str(u.block),
+                str(u.channels),
+                str(u.hidden),
+                str(u.r),
+                f"{u.size[0]}x{u.size[1]}",
+                _count(u.params),
+                f"{u.flops / 1e6:.3f}",
             )
         console.print(sites)
     table = Table(
-        title="Overhead: Eq. 5 vs. weights added; FLOPs at batch 1 (multiply-add = 2)", box=box.SIMPLE_HEAD, pad_edge=False
+        title="Overhead: Eq. 5 vs. weights added; FLOPs at batch 1 (multiply-add = 2)",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
     )
     for column in ("stage", "size", "N_s", "C_s", "r", "Eq.5 params", "added", "GFLOPs", "GFLOPs+SE"):
         table.add_column(column, justify="right", no_wrap=True)
@@ -276,14 +305,28 @@ def render_report(report: OverheadReport, show_sites: bool, console: Console) ->
         channels = str(s.channels) if isinstance(s.channels, int) else ",".join(map(str, sorted(set(s.channels))))
         channels = channels if s.blocks else "-"
         table.add_row(
-            str(s.stage), f"{s.size[0]}x{s.size[1]}", f"{s.blocks}/{s.sites}", channels,
-            "-" if s.r is None else str(s.r), _count(s.eq5_params), _count(s.added_params),
-            _gflops(s.flops_before), _gflops(s.flops_after),
+            str(s.stage),
+            f"{s.size[0]}x{s.size[1]}",
+            f"{s.blocks}/{s.sites}",
+            channels,
+            "-" if s.r is None else str(s.r),
+            _count(s.eq5_params),
+            _count(s.added_params),
+            _gflops(s.flops_before),
+            _gflops(s.flops_after),
         )
     t = report.totals
     table.add_row(
-        "total", "", str(len(report.sites)), "", "", _count(t.eq5_params), _count(t.params_added),
-        _gflops(t.flops_before), _gflops(t.flops_after), style="bold",
+        "total",
+        "",
+        str(len(report.sites)),
+        "",
+        "",
+        _count(t.eq5_params),
+        _count(t.params_added),
+        _gflops(t.flops_before),
+        _gflops(t.flops_after),
+        style="bold",
     )
     console.print(table)
     console.print(
@@ -293,11 +336,12 @@ def render_report(report: OverheadReport, show_sites: bool, console: Console) ->
     agreement = "[green]agrees exactly[/]" if report.eq5_agrees else "[yellow]differs (hidden widths were rounded)[/]"
     console.print(f"Eq. 5 {agreement} with the weights added")
     if report.existing_gates:
-        console.print(f"the model already has {len(report.existing_gates)} SE-like gates: {', '.join(report.existing_gates[:4])}"
-                      + (", ..." if len(report.existing_gates) > 4 else ""))
+        console.print(
+            f"the model already has {len(report.existing_gates)} SE-like gates: {', '.join(report.existing_gates[:4])}"
+            + (", ..." if len(report.existing_gates) > 4 else "")
+        )
     for note in report.notes:
         console.print(f"note: {note}")
-
 
 
 @app.command("finetune")
@@ -318,17 +362,23 @@ def finetune_command(
     amp: bool = typer.Option(True, "--amp/--no-amp", help="mixed precision on CUDA (bf16 where supported)"),
     seed: int = typer.Option(0, "--seed", help="seed of initialisation, shuffling and dropout"),
     workers: int = typer.Option(0, "--workers", help="data-loading worker processes"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="training image size (digits: 32, folders: the model's)"),
+    image_size: int | None = typer.Option(
+        None, "--image-size", help="training image size (digits: 32, folders: the model's)"
+    ),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     nproc: int = typer.Option(1, "--nproc", help="launch N processes with torchrun (DistributedDataParallel)"),
     position: str = typer.Option("standard", "--position", "-p", help=HELP["position"]),
     r: str = typer.Option("16", "--r", "-r", help=HELP["r"]),
-    stages: Optional[str] = typer.Option(None, "--stages", help="stages that get units (default: all)"),
+    stages: str | None = typer.Option(None, "--stages", help="stages that get units (default: all)"),
     init: str = typer.Option("preserve", "--init", help=HELP["init"]),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="trained weights for a model spec SOURCE"),
+    checkpoint: str | None = typer.Option(None, "--checkpoint", help="trained weights for a model spec SOURCE"),
     pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights for SOURCE"),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="classes of SOURCE's head as --checkpoint has it (default: the dataset's)"),
-    trust_code: bool = typer.Option(False, "--trust-code", help="a saved SOURCE whose recipe names Python code may import and run it"),
+    num_classes: int | None = typer.Option(
+        None, "--num-classes", help="classes of SOURCE's head as --checkpoint has it (default: the dataset's)"
+    ),
+    trust_code: bool = typer.Option(
+        False, "--trust-code", help="a saved SOURCE whose recipe names Python code may import and run it"
+    ),
     force: bool = typer.Option(False, "--force", help="start over in an --out that holds a saved model or run"),
 ) -> None:
     """Fine-tune a retrofitted model: SE units first (--se-epochs), then everything."""
@@ -339,12 +389,23 @@ def finetune_command(
     from se_inject.saving import load
     from se_inject.train.data import DIGITS_SIZE, check_image_size, data_classes, load_data, model_data_config
     from se_inject.train.finetune import FinetuneConfig, UntrainedModelWarning, finetune
+
     if nproc < 1:
         raise ConfigError(f"--nproc: expected 1 or more processes, got {nproc}")
     config = FinetuneConfig(
-        epochs=epochs, se_epochs=se_epochs, batch_size=batch_size, lr=lr, full_lr_scale=full_lr_scale,
-        optimizer=optimizer, schedule=schedule, label_smoothing=label_smoothing, weight_decay=weight_decay,
-        device=device, amp=amp, seed=seed, workers=workers,
+        epochs=epochs,
+        se_epochs=se_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        full_lr_scale=full_lr_scale,
+        optimizer=optimizer,
+        schedule=schedule,
+        label_smoothing=label_smoothing,
+        weight_decay=weight_decay,
+        device=device,
+        amp=amp,
+        seed=seed,
+        workers=workers,
     )
     if image_size is not None:
         check_image_size(image_size)
@@ -360,7 +421,11 @@ def finetune_command(
     else:
         given = _source_kwargs(source, num_classes)
         # the dataset's classes when no trained head is given and the constructor takes them (else the head is refitted)
-        fitted = {"num_classes": len(classes)} if not (checkpoint or pretrained) and accepts_kwarg(source, "num_classes") else {}
+        fitted = (
+            {"num_classes": len(classes)}
+            if not (checkpoint or pretrained) and accepts_kwarg(source, "num_classes")
+            else {}
+        )
         original = load_model(source, device="cpu", pretrained=pretrained, checkpoint=checkpoint, **(given or fitted))
         size = image_size or (DIGITS_SIZE if data == "digits" else model_data_config(original).input_size)
         inject_config = _inject_config(position, r, stages, init=init)
@@ -369,8 +434,17 @@ def finetune_command(
     out_console = console()
     with warnings.catch_warnings():  # shown below as se-inject's own one-line warnings
         warnings.simplefilter("ignore", UntrainedModelWarning)
-        result = finetune(model, splits, out, config, original=original, resume=resume, force=force, show_progress=True,
-                          console=out_console)
+        result = finetune(
+            model,
+            splits,
+            out,
+            config,
+            original=original,
+            resume=resume,
+            force=force,
+            show_progress=True,
+            console=out_console,
+        )
     if int(os.environ.get("RANK", "0")) == 0:
         for warning in result.warnings:
             typer.echo(f"se-inject: warning: {warning}", err=True)
@@ -407,8 +481,14 @@ def _launch_torchrun(nproc: int, device: str) -> int:
     launcher_log.setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="se_inject_workers_") as logs:
         config = LaunchConfig(
-            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-            rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2,
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nproc,
+            run_id=str(uuid.uuid4()),
+            rdzv_backend="c10d",
+            rdzv_endpoint="127.0.0.1:0",
+            max_restarts=0,
+            monitor_interval=0.2,
             logs_specs=DefaultLogsSpecs(log_dir=logs, redirects=Std.ERR),
         )
         failure: Exception | None = None
@@ -418,8 +498,11 @@ def _launch_torchrun(nproc: int, device: str) -> int:
             failure = err
         finally:
             launcher_log.setLevel(level)
-        by_rank = {int(f.parent.name): f.read_text(errors="replace").splitlines()
-                   for f in Path(logs).rglob("stderr.log") if f.parent.name.isdigit()}
+        by_rank = {
+            int(f.parent.name): f.read_text(errors="replace").splitlines()
+            for f in Path(logs).rglob("stderr.log")
+            if f.parent.name.isdigit()
+        }
     if failure is None:
         for line in by_rank.get(0, []):
             if line.startswith("se-inject: warning: "):
@@ -447,21 +530,20 @@ def render_finetune(result, console: Console) -> None:
     )
 
 
-
 @app.command("bench")
 def bench_command(
     model: str = typer.Argument(..., help="timm name, torchvision:NAME, module.path:callable or file.py:callable"),
     position: str = typer.Option("standard", "--position", "-p", help=HELP["position"]),
     r: str = typer.Option("16", "--r", "-r", help=HELP["r"]),
-    stages: Optional[str] = typer.Option(None, "--stages", help="stages that get units (default: all)"),
+    stages: str | None = typer.Option(None, "--stages", help="stages that get units (default: all)"),
     batch: str = typer.Option("1,16", "--batch", help="batch sizes, e.g. 1,16 (CUDA default: 256)"),
     size: int = typer.Option(224, "--size", min=8, help="input size"),
     repeats: int = typer.Option(20, "--repeats", min=1, help="timed rounds (each model once per round)"),
     warmup: int = typer.Option(3, "--warmup", min=0, help="untimed calls per model first"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     compile: bool = typer.Option(False, "--compile", help="run every model under torch.compile (inductor)"),
-    train: Optional[bool] = typer.Option(None, "--train/--no-train", help="also time a training step (CUDA default)"),
+    train: bool | None = typer.Option(None, "--train/--no-train", help="also time a training step (CUDA default)"),
     as_json: bool = typer.Option(False, "--json", help="print the timings as JSON"),
 ) -> None:
     """Time MODEL, its retrofit and timm's hand-built SE twin, interleaved; report medians and ratios."""
@@ -470,6 +552,7 @@ def bench_command(
     from se_inject.bench import bench, twin_of
     from se_inject.io.models import load_model
     from se_inject.train.finetune import resolve_device
+
     if threads:
         torch.set_num_threads(threads)
     target = resolve_device(device)
@@ -478,8 +561,16 @@ def bench_command(
     batches = (256,) if target.type == "cuda" and batch == "1,16" else batches
     twin_name = twin_of(model)
     report = bench(
-        load_model(model), config, twin=load_model(twin_name) if twin_name else None, batches=batches, size=size,
-        repeats=repeats, warmup=warmup, train=train, device=target, compile=compile,
+        load_model(model),
+        config,
+        twin=load_model(twin_name) if twin_name else None,
+        batches=batches,
+        size=size,
+        repeats=repeats,
+        warmup=warmup,
+        train=train,
+        device=target,
+        compile=compile,
     )
     if as_json:
         typer.echo(json.dumps({"model": model, "twin": twin_name, **report.to_dict()}, indent=2))
@@ -504,8 +595,7 @@ def render_bench(model: str, twin_name: str | None, report, console: Console) ->
         console.print(f"{row['mode']}, batch {row['batch']}: " + "; ".join(parts))
 
 
-
-def _val_loader(data: str, image_size: Optional[int], model: nn.Module, batch_size: int = 128):
+def _val_loader(data: str, image_size: int | None, model: nn.Module, batch_size: int = 128):
     from torch.utils.data import DataLoader
 
     from se_inject.train.data import load_data, model_data_config
@@ -519,16 +609,23 @@ def inspect_command(
     saved: str = typer.Argument(..., help="a directory written by --save or finetune"),
     data: str = typer.Option(..., "--data", help="'digits' or an image folder (its val/ split is used)"),
     out: str = typer.Option(..., "--out", help="where excitation.json and the PNG plots go"),
-    units: Optional[str] = typer.Option(None, "--units", help="units to plot, as stage_block (e.g. 1_1,3_2); default: first, middle, last"),
+    units: str | None = typer.Option(
+        None, "--units", help="units to plot, as stage_block (e.g. 1_1,3_2); default: first, middle, last"
+    ),
     classes: int = typer.Option(4, "--classes", min=1, help="classes drawn in the per-unit plots"),
     threshold: float = typer.Option(0.95, "--threshold", help="saturation from which a unit is suggested for pruning"),
-    max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="stop after this many images"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="image size (digits: 32, folders: the model's)"),
-    trust_code: bool = typer.Option(False, "--trust-code", help="a recipe that names Python code may import and run it"),
+    max_images: int | None = typer.Option(None, "--max-images", min=1, help="stop after this many images"),
+    image_size: int | None = typer.Option(
+        None, "--image-size", min=1, help="image size (digits: 32, folders: the model's)"
+    ),
+    trust_code: bool = typer.Option(
+        False, "--trust-code", help="a recipe that names Python code may import and run it"
+    ),
 ) -> None:
     """Record what every SE unit's gate does over a dataset; write statistics, plots and pruning suggestions."""
     from se_inject.inspect.excitation import collect, plot, write_json
     from se_inject.saving import load
+
     chosen = parse_names(units, "--units")
     model = load(saved, trust_code=trust_code)
     splits, loader = _val_loader(data, image_size, model)
@@ -539,13 +636,23 @@ def inspect_command(
         table.add_column(column, justify="left" if column in ("unit", "prune?") else "right")
     suggested = set(report.suggestions(threshold))
     for u in report.units:
-        table.add_row(u.name, str(u.stage), str(u.block), str(u.channels), f"{sum(u.mean) / len(u.mean):.3f}",
-                      f"{u.image_std:.4f}", f"{u.saturation:.3f}", "yes" if u.name in suggested else "")
+        table.add_row(
+            u.name,
+            str(u.stage),
+            str(u.block),
+            str(u.channels),
+            f"{sum(u.mean) / len(u.mean):.3f}",
+            f"{u.image_std:.4f}",
+            f"{u.saturation:.3f}",
+            "yes" if u.name in suggested else "",
+        )
     out_console = console()
     out_console.print(table)
     out_console.print(f"wrote {', '.join(str(f) for f in files)}")
     if suggested:
-        out_console.print(f"suggested: se-inject prune-se {saved} --data {data} --out PRUNED_DIR --threshold {threshold}")
+        out_console.print(
+            f"suggested: se-inject prune-se {saved} --data {data} --out PRUNED_DIR --threshold {threshold}"
+        )
 
 
 @app.command("prune-se")
@@ -553,16 +660,21 @@ def prune_command(
     saved: str = typer.Argument(..., help="a directory written by --save or finetune"),
     data: str = typer.Option(..., "--data", help="'digits' or an image folder (its val/ split is used)"),
     out: str = typer.Option(..., "--out", help="where the pruned model is saved"),
-    units: Optional[str] = typer.Option(None, "--units", help="unit names to prune (default: those at --threshold)"),
+    units: str | None = typer.Option(None, "--units", help="unit names to prune (default: those at --threshold)"),
     threshold: float = typer.Option(0.95, "--threshold", help="saturation from which a unit is pruned"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="image size (digits: 32, folders: the model's)"),
+    image_size: int | None = typer.Option(
+        None, "--image-size", min=1, help="image size (digits: 32, folders: the model's)"
+    ),
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
-    trust_code: bool = typer.Option(False, "--trust-code", help="a recipe that names Python code may import and run it"),
+    trust_code: bool = typer.Option(
+        False, "--trust-code", help="a recipe that names Python code may import and run it"
+    ),
 ) -> None:
     """Replace SE units whose gate is nearly constant by their mean per-channel scale; report the cost."""
     from se_inject.inspect.excitation import prune
     from se_inject.saving import load, save
     from se_inject.train.data import load_data, model_data_config
+
     chosen = parse_names(units, "--units")
     _check_save_target(out, force)
     model = load(saved, trust_code=trust_code)

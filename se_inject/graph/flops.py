@@ -22,6 +22,7 @@ from se_inject.graph.abstract import abstract_tensors, with_real_fallback
 # elementwise products; the SE unit is mostly those, so they are registered here: one FLOP per
 # element read by a reduction, one per element written by a product.
 
+
 def _reduction_flops(x_shape: Sequence[int], *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
     return math.prod(x_shape)
 
@@ -53,7 +54,6 @@ FLOP_FORMULAS: dict[Any, Any] = {
 def flop_counter() -> FlopCounterMode:
     """A silent FlopCounterMode with se_inject's extra formulas (see FLOP_FORMULAS)."""
     return FlopCounterMode(display=False, depth=None, custom_mapping=FLOP_FORMULAS)
-
 
 
 class ShapeFlopProp(fx.Interpreter):

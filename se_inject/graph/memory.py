@@ -39,8 +39,10 @@ def memory_of(gm: nn.Module, node: fx.Node) -> str:
         mod = module_of(gm, node)
         if isinstance(mod, FRESH_MODULE_TYPES):
             return "fresh"
-        if getattr(mod, "inplace", False) is True or isinstance(mod, PASSTHROUGH_TYPES) or (
-            type(mod).__name__.lower() in PASSTHROUGH_NAMES
+        if (
+            getattr(mod, "inplace", False) is True
+            or isinstance(mod, PASSTHROUGH_TYPES)
+            or (type(mod).__name__.lower() in PASSTHROUGH_NAMES)
         ):
             return "alias"  # in-place activations; Identity, dropout, drop-path return their input in eval
         return "fresh" if type(mod).__name__.lower() in ACTIVATION_NAMES else "unknown"

@@ -25,12 +25,40 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.mo
 PASSTHROUGH_TYPES = (nn.Identity, nn.modules.dropout._DropoutNd)
 PASSTHROUGH_NAMES = {"droppath", "dropblock2d", "blurpool2d"}
 ACTIVATION_NAMES = {
-    "relu", "relu6", "leakyrelu", "prelu", "elu", "selu", "celu", "gelu", "gelutanh", "quickgelu",
-    "silu", "swish", "mish", "hardswish", "hardsigmoid", "hardtanh", "tanh", "sigmoid", "softplus",
+    "relu",
+    "relu6",
+    "leakyrelu",
+    "prelu",
+    "elu",
+    "selu",
+    "celu",
+    "gelu",
+    "gelutanh",
+    "quickgelu",
+    "silu",
+    "swish",
+    "mish",
+    "hardswish",
+    "hardsigmoid",
+    "hardtanh",
+    "tanh",
+    "sigmoid",
+    "softplus",
 }
 ACTIVATION_FUNCTIONS = {
-    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.leaky_relu, F.elu,
-    F.hardswish, F.mish, torch.sigmoid, torch.tanh,
+    torch.relu,
+    torch.relu_,
+    F.relu,
+    F.relu_,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.leaky_relu,
+    F.elu,
+    F.hardswish,
+    F.mish,
+    torch.sigmoid,
+    torch.tanh,
 }
 ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
 # Ops that only select or rearrange channels: a concatenation input made of them alone is a
@@ -89,6 +117,7 @@ def normalize_inplace_adds(graph: fx.Graph) -> None:
 
 # --- what a node is ----------------------------------------------------------------------------
 
+
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
@@ -137,8 +166,6 @@ def is_shape_keeping_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(mod, NORM_TYPES + PASSTHROUGH_TYPES) or (
         mod is not None and type(mod).__name__.lower() in PASSTHROUGH_NAMES
     )
-
-
 
 
 def is_select(node: fx.Node) -> bool:

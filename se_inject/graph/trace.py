@@ -21,6 +21,7 @@ from se_inject.units.se import SqueezeExcite
 try:  # timm is a dependency, but a user's own model must not need it to be traced
     from timm.layers import get_notrace_functions, get_notrace_modules
 except ImportError:  # pragma: no cover
+
     def get_notrace_functions() -> list:  # type: ignore[misc]
         return []
 

@@ -10,6 +10,7 @@ from se_inject.graph.ops import is_activation, is_shape_keeping_layer, shape_of
 
 # --- graph walks --------------------------------------------------------------------------------
 
+
 def ancestors(node: fx.Node, order: dict[fx.Node, int] | None = None, floor: int = 0) -> set[fx.Node]:
     """``node`` and every node it is computed from; with ``order``, only those at position ``floor`` or later."""
     seen, todo = {node}, [node]

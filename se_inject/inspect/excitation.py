@@ -87,8 +87,13 @@ def _stage_block(name: str) -> tuple[int, int]:
     return (int(parts[1]), int(parts[2])) if len(parts) == 3 and parts[0] == "se" else (0, 0)
 
 
-def collect(model: nn.Module, loader: DataLoader, classes: list[str], device: str | torch.device = "cpu",
-            max_images: int | None = None) -> ExcitationReport:
+def collect(
+    model: nn.Module,
+    loader: DataLoader,
+    classes: list[str],
+    device: str | torch.device = "cpu",
+    max_images: int | None = None,
+) -> ExcitationReport:
     """Run ``model`` (eval mode) over ``loader`` and record every unit's gate, per channel and class."""
     units = se_units(model)
     if not units:
@@ -135,10 +140,20 @@ def collect(model: nn.Module, loader: DataLoader, classes: list[str], device: st
         gate_range = 2.0 if type(unit.gate).__name__ in ("ScaledSigmoid", "ShiftedTanh") else 1.0
         image_std = float(var_all.sqrt().mean())
         stage, block = _stage_block(name)
-        report.units.append(UnitStats(
-            name, stage, block, unit.channels, gate_range, mean.tolist(), class_mean.tolist(), class_var.sqrt().tolist(),
-            image_std, max(0.0, 1.0 - image_std / (gate_range / 2)),
-        ))
+        report.units.append(
+            UnitStats(
+                name,
+                stage,
+                block,
+                unit.channels,
+                gate_range,
+                mean.tolist(),
+                class_mean.tolist(),
+                class_var.sqrt().tolist(),
+                image_std,
+                max(0.0, 1.0 - image_std / (gate_range / 2)),
+            )
+        )
     return report
 
 
@@ -154,8 +169,9 @@ class PruneResult:
     report: ExcitationReport | None = None  # the excitation statistics the choice was made from
 
 
-def prune_units(model: nn.Module, report: ExcitationReport, names: list[str] | None = None,
-                threshold: float = 0.95) -> PruneResult:
+def prune_units(
+    model: nn.Module, report: ExcitationReport, names: list[str] | None = None, threshold: float = 0.95
+) -> PruneResult:
     """Replace units (``names``, default: the suggestions) by their mean per-channel scale, in place."""
     names = report.suggestions(threshold) if names is None else names
     stats = {u.name: u for u in report.units}
@@ -176,7 +192,9 @@ def prune_units(model: nn.Module, report: ExcitationReport, names: list[str] | N
     return PruneResult(model, list(names), saved, eq5)
 
 
-def max_output_change(before: nn.Module, after: nn.Module, loader: DataLoader, device: str | torch.device = "cpu") -> float:
+def max_output_change(
+    before: nn.Module, after: nn.Module, loader: DataLoader, device: str | torch.device = "cpu"
+) -> float:
     """The largest |after - before| over the outputs on ``loader``."""
     worst = 0.0
     with evaluated_on(before, device), evaluated_on(after, device), torch.no_grad():
@@ -209,7 +227,9 @@ def plot(report: ExcitationReport, out: str | Path, units: list[str] | None = No
         for k in range(min(classes, len(report.classes))):
             ax.plot(unit.class_mean[k], lw=0.8, label=f"class {report.classes[k]}")
         ax.plot(unit.mean, color="black", lw=1.5, label="all classes")
-        ax.set(title=f"{unit.name} (stage {unit.stage}, block {unit.block})", xlabel="channel", ylabel="mean excitation")
+        ax.set(
+            title=f"{unit.name} (stage {unit.stage}, block {unit.block})", xlabel="channel", ylabel="mean excitation"
+        )
         ax.legend(fontsize=7, ncol=3)
         fig.tight_layout()
         path = out / f"excitation_{unit.stage}_{unit.block}.png"
@@ -218,8 +238,15 @@ def plot(report: ExcitationReport, out: str | Path, units: list[str] | None = No
     fig = Figure(figsize=(7, 3))
     ax = fig.subplots()
     ax.plot(range(1, len(report.units) + 1), [u.saturation for u in report.units], marker="o")
-    ax.set_xticks(range(1, len(report.units) + 1), [f"{u.stage}_{u.block}" for u in report.units], rotation=90, fontsize=7)
-    ax.set(title="saturation per unit (1: the gate is a constant)", xlabel="unit (stage_block)", ylabel="saturation", ylim=(0, 1.05))
+    ax.set_xticks(
+        range(1, len(report.units) + 1), [f"{u.stage}_{u.block}" for u in report.units], rotation=90, fontsize=7
+    )
+    ax.set(
+        title="saturation per unit (1: the gate is a constant)",
+        xlabel="unit (stage_block)",
+        ylabel="saturation",
+        ylim=(0, 1.05),
+    )
     fig.tight_layout()
     path = out / "saturation.png"
     fig.savefig(path, dpi=110)

@@ -63,7 +63,9 @@ def read_regular_file(
     return data
 
 
-def read_text_file(path: str | os.PathLike[str], *, limit: int, what: str, error: type[SEInjectError] = ArtifactError) -> str:
+def read_text_file(
+    path: str | os.PathLike[str], *, limit: int, what: str, error: type[SEInjectError] = ArtifactError
+) -> str:
     """:func:`read_regular_file`, decoded as UTF-8 (a binary file is ``error``)."""
     data = read_regular_file(path, limit=limit, what=what, error=error)
     try:
@@ -169,7 +171,9 @@ def _exclusive(target: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ArtifactError(f"{target}: another se_inject save to it is in progress; try again when it has finished") from None
+            raise ArtifactError(
+                f"{target}: another se_inject save to it is in progress; try again when it has finished"
+            ) from None
         try:  # the holder before us may have removed the file after we opened it: then lock the new one
             same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
         except FileNotFoundError:
@@ -242,4 +246,3 @@ def write_directory(
                 with contextlib.suppress(OSError):
                     folder.rmdir()
     return target
-

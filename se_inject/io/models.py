@@ -43,7 +43,9 @@ def spec_kind(spec: object) -> str:
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError("empty model name: give a timm name, torchvision:NAME, or module:callable")
     if "\0" in spec or len(spec) > MAX_SPEC_LENGTH or not spec.isprintable():
-        raise ModelSpecError(f"model spec {spec[:60]!r}: not a model name (control characters or over {MAX_SPEC_LENGTH} characters)")
+        raise ModelSpecError(
+            f"model spec {spec[:60]!r}: not a model name (control characters or over {MAX_SPEC_LENGTH} characters)"
+        )
     if spec.startswith("torchvision:"):
         name = spec.split(":", 1)[1]
         if not name.isidentifier():
@@ -106,7 +108,11 @@ def _timm_model(name: str, **kwargs) -> nn.Module:
         base, tag = name.split(".", 1)
         tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{base}.*")]
         if tag not in tags:
-            known = f"; its tags are {', '.join(tags[:6])}{', ...' if len(tags) > 6 else ''}" if tags else "; it has no tags"
+            known = (
+                f"; its tags are {', '.join(tags[:6])}{', ...' if len(tags) > 6 else ''}"
+                if tags
+                else "; it has no tags"
+            )
             raise ModelSpecError(f"timm model '{base}' has no pretrained tag '{tag}'{known}")
     return timm.create_model(name, pretrained=False, **kwargs)
 
@@ -180,7 +186,9 @@ def refused_kwargs(factory: object, kwargs: dict) -> list[str]:
         return []
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return []
-    names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    names = {
+        p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
     return sorted(set(kwargs) - names)
 
 
@@ -225,11 +233,15 @@ def check_device(device: object) -> torch.device | None:
     if device is None or isinstance(device, torch.device):
         return device
     if not isinstance(device, str):
-        raise ConfigError(f"device: expected a device name such as 'cpu', 'cuda' or 'meta', got {type(device).__name__}")
+        raise ConfigError(
+            f"device: expected a device name such as 'cpu', 'cuda' or 'meta', got {type(device).__name__}"
+        )
     try:
         return torch.device(device)
     except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"device: {device!r} is not a device ({_one_line(err)}); use cpu, cuda, cuda:N or meta") from None
+        raise ConfigError(
+            f"device: {device!r} is not a device ({_one_line(err)}); use cpu, cuda, cuda:N or meta"
+        ) from None
 
 
 def load_model(
@@ -285,7 +297,6 @@ def _build(spec: str, device: str | torch.device | None, kwargs: dict) -> nn.Mod
         if ":" in spec:
             return _callable_model(spec, **kwargs)
         return _timm_model(spec, **kwargs)
-
 
 
 def _pretrained_model(name: str, **kwargs) -> nn.Module:
@@ -349,7 +360,7 @@ def _hub_session(offline: bool) -> Iterator[None]:
         yield
     finally:
         constants.HF_HUB_OFFLINE = was_offline
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
 
@@ -394,7 +405,9 @@ def fit_head(model: nn.Module, num_classes: int) -> list[nn.Parameter]:
     if head.out_features == num_classes:
         return []
     reference = head.weight
-    new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None, device=reference.device, dtype=reference.dtype)
+    new = nn.Linear(
+        head.in_features, num_classes, bias=head.bias is not None, device=reference.device, dtype=reference.dtype
+    )
     model.set_submodule(name, new)
     return list(new.parameters())
 
@@ -435,7 +448,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err}); is it damaged or truncated?") from None
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({err}); is it damaged or truncated?"
+            ) from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -446,7 +461,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
                 "only plain weights are loaded (torch.load weights_only=True): save a state_dict or use safetensors"
             ) from None
         except Exception as err:
-            raise CheckpointError(f"{path}: cannot be read by torch.load ({type(err).__name__}: {err}); is it damaged?") from None
+            raise CheckpointError(
+                f"{path}: cannot be read by torch.load ({type(err).__name__}: {err}); is it damaged?"
+            ) from None
     for key in ("state_dict", "model_state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -458,15 +475,19 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: key {odd_keys[0]!r} is not a parameter name (every key must be a string)")
     for key, tensor in state.items():
         if tensor.is_meta:
-            raise CheckpointError(f"{path}: '{key}' is a meta tensor: it holds no values (was it saved from a meta model?)")
+            raise CheckpointError(
+                f"{path}: '{key}' is a meta tensor: it holds no values (was it saved from a meta model?)"
+            )
         if tensor.layout != torch.strided:
             raise CheckpointError(f"{path}: '{key}' is a {tensor.layout} tensor; only dense tensors are loaded")
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, error: type[Exception] = CheckpointError) -> None:
+def load_state(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, error: type[Exception] = CheckpointError
+) -> None:
     """Load ``state`` into ``model`` in place; unless every key and shape fits, raise ``error`` naming them."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -67,7 +67,9 @@ class Recipe:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ArtifactError(f"{source}: field '{unknown[0]}' is not a recipe field; fields are {', '.join(sorted(known))}")
+            raise ArtifactError(
+                f"{source}: field '{unknown[0]}' is not a recipe field; fields are {', '.join(sorted(known))}"
+            )
         missing = sorted({"options", "sites", "input_size"} - set(data))
         if missing:
             raise ArtifactError(f"{source}: field '{missing[0]}' is missing; is this an se_inject recipe?")
@@ -155,7 +157,10 @@ class _Checker:
     def input_size(self, value: object) -> tuple[int, int]:
         if not isinstance(value, list) or len(value) != 2:
             raise self.fail("input_size", f"expected [height, width], got {value!r}"[:200])
-        return (self.integer(value[0], "input_size[0]", 1, MAX_SIZE), self.integer(value[1], "input_size[1]", 1, MAX_SIZE))
+        return (
+            self.integer(value[0], "input_size[0]", 1, MAX_SIZE),
+            self.integer(value[1], "input_size[1]", 1, MAX_SIZE),
+        )
 
     def sites(self, value: object) -> tuple[dict[str, Any], ...]:
         if not isinstance(value, list) or len(value) > MAX_UNITS:
@@ -221,4 +226,3 @@ def versions() -> dict[str, str]:
     import timm
 
     return {"torch": torch.__version__, "timm": timm.__version__, "se_inject": __version__}
-

@@ -21,6 +21,7 @@ from se_inject.units.se import SqueezeExcite
 
 # --- channel gates already in the model -------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ChannelGate:
     """An SE-like gate already in the model: ``x * f(pool(x))``, or an inserted SqueezeExcite."""

@@ -69,9 +69,7 @@ def stage_ratio(config: InjectConfig, stage: int, stage_count: int, selected: tu
     if len(config.r) == len(selected):
         return config.r[selected.index(stage)]
     per_selected = f", or one per selected stage ({len(selected)})" if config.stages else ""
-    raise ConfigError(
-        f"r: got {len(config.r)} ratios; give one or one per stage ({stage_count}){per_selected}"
-    )
+    raise ConfigError(f"r: got {len(config.r)} ratios; give one or one per stage ({stage_count}){per_selected}")
 
 
 def _common_scope(nodes: tuple) -> str:
@@ -86,6 +84,7 @@ def _common_scope(nodes: tuple) -> str:
 
 def _outermost_owners(owners: set[str]) -> dict[str, str]:
     """Map each owner to the outermost owner containing it, so no rewritten module nests another."""
+
     def contains(outer: str, inner: str) -> bool:
         return outer == "" or inner == outer or inner.startswith(outer + ".")
 
@@ -159,7 +158,9 @@ def plan_units(analysis: Analysis, config: InjectConfig, widened: frozenset[str]
         owner = _common_scope(insertion.anchors)
         repeated = _repeated_call(owner)
         if repeated:  # the same module object called again (shared weights): its first call's unit serves it
-            skipped.append((site, f"module '{repeated}' is called more than once; the unit of its first call serves every call"))
+            skipped.append(
+                (site, f"module '{repeated}' is called more than once; the unit of its first call serves every call")
+            )
             continue
         while owner and owner in widened:
             owner = _parent(owner)

@@ -96,13 +96,15 @@ def _parse_rule(entry: object, index: int, source: str) -> Rule:
     kind = PATTERNS[pattern]
     positions = entry.get("positions")
     if not isinstance(positions, dict) or not positions:
-        raise _fail(source, name, "positions", "expected a table of position = anchor, e.g. { standard = \"...\" }")
+        raise _fail(source, name, "positions", 'expected a table of position = anchor, e.g. { standard = "..." }')
     for position, anchor in positions.items():
         if position not in POSITIONS:
             raise _fail(source, name, f"positions.{position}", f"not a position; positions are {', '.join(POSITIONS)}")
         if anchor not in kind.anchors:
             raise _fail(
-                source, name, f"positions.{position}",
+                source,
+                name,
+                f"positions.{position}",
                 f"{anchor!r} is not an anchor of '{pattern}'; anchors are {', '.join(kind.anchors)}",
             )
     when = entry.get("when", {})
@@ -112,7 +114,9 @@ def _parse_rule(entry: object, index: int, source: str) -> Rule:
         fact = key[4:] if key.startswith(("min_", "max_")) else key
         if fact not in kind.facts:
             raise _fail(
-                source, name, f"when.{key}",
+                source,
+                name,
+                f"when.{key}",
                 f"'{pattern}' has no fact '{fact}'; facts are {', '.join(kind.facts)} (as NAME, min_NAME or max_NAME)",
             )
         _check_type(value, int if key != fact else kind.facts[fact], source, name, f"when.{key}")

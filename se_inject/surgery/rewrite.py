@@ -68,12 +68,15 @@ def map_nodes(whole: fx.Graph, local: fx.Graph, owner: str, exact: bool = False)
         )
     prefix = f"{owner}." if owner else ""
     mapping: dict[fx.Node, fx.Node] = {}
-    for w, l in zip(outer, inner):
-        local_target = prefix + l.target if l.op in ("call_module", "get_attr") else l.target
-        if w.op != l.op or w.target != local_target:
-            raise RewriteError(f"module '{owner or '<root>'}': node {w.format_node()} has no twin in its own trace", owner)
-        mapping[w] = l
-        for wi, li in zip(w.all_input_nodes, l.all_input_nodes):
+    for w, twin in zip(outer, inner, strict=True):  # equal lengths: checked above
+        local_target = prefix + twin.target if twin.op in ("call_module", "get_attr") else twin.target
+        if w.op != twin.op or w.target != local_target:
+            raise RewriteError(
+                f"module '{owner or '<root>'}': node {w.format_node()} has no twin in its own trace", owner
+            )
+        mapping[w] = twin
+        # same op and target, so the same inputs; a difference is caught by the twin check of that input
+        for wi, li in zip(w.all_input_nodes, twin.all_input_nodes, strict=False):
             if mapping.setdefault(wi, li) is not li:  # one value, two local inputs: a defaulted argument
                 raise RewriteError(
                     f"module '{owner or '<root>'}' reads {wi.name} through two of its inputs; its forward "

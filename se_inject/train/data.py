@@ -47,8 +47,10 @@ def model_data_config(model: nn.Module | None) -> DataConfig:
     cfg: dict[str, Any] = resolve_data_config(model=model)
     size = cfg.get("input_size", (3, 224, 224))
     return DataConfig(
-        input_size=int(size[-1]), mean=tuple(float(v) for v in cfg.get("mean", DataConfig.mean)),
-        std=tuple(float(v) for v in cfg.get("std", DataConfig.std)), interpolation=str(cfg.get("interpolation", "bilinear")),
+        input_size=int(size[-1]),
+        mean=tuple(float(v) for v in cfg.get("mean", DataConfig.mean)),
+        std=tuple(float(v) for v in cfg.get("std", DataConfig.std)),
+        interpolation=str(cfg.get("interpolation", "bilinear")),
         crop_pct=float(cfg.get("crop_pct", 0.875) or 0.875),
     )
 
@@ -70,11 +72,15 @@ class DataSplits:
 
 def check_image_size(image_size: object) -> int:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIZE:
-        raise ConfigError(f"image_size: expected a whole number of pixels from 1 to {MAX_IMAGE_SIZE}, got {image_size!r}")
+        raise ConfigError(
+            f"image_size: expected a whole number of pixels from 1 to {MAX_IMAGE_SIZE}, got {image_size!r}"
+        )
     return image_size
 
 
-def digits(image_size: int = DIGITS_SIZE, val_fraction: float = 0.2, seed: int = 0, config: DataConfig | None = None) -> DataSplits:
+def digits(
+    image_size: int = DIGITS_SIZE, val_fraction: float = 0.2, seed: int = 0, config: DataConfig | None = None
+) -> DataSplits:
     """scikit-learn's handwritten digits, upscaled to ``image_size``, split with a fixed seed and
     normalised with ``config``'s mean and std (a model's data config; default ImageNet's)."""
     check_image_size(image_size)
@@ -85,7 +91,9 @@ def digits(image_size: int = DIGITS_SIZE, val_fraction: float = 0.2, seed: int =
     config = config or DataConfig()
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = torch.nn.functional.interpolate(
+        images, size=(image_size, image_size), mode="bilinear", align_corners=False
+    )
     images = images.repeat(1, len(config.mean), 1, 1)
     mean, std = torch.tensor(config.mean).view(1, -1, 1, 1), torch.tensor(config.std).view(1, -1, 1, 1)
     images = (images - mean) / std
@@ -136,7 +144,9 @@ def check_image_folder(root: str | Path) -> list[str]:
     return train_classes
 
 
-def image_folder(root: str | Path, image_size: int | None = None, config: DataConfig | None = None, *, check: bool = True) -> DataSplits:
+def image_folder(
+    root: str | Path, image_size: int | None = None, config: DataConfig | None = None, *, check: bool = True
+) -> DataSplits:
     """``root/train`` and ``root/val`` as torchvision ImageFolders, checked before use (``check``),
     prepared as ``config`` says (size, interpolation, crop, mean, std)."""
     from torchvision import datasets, transforms
@@ -151,14 +161,22 @@ def image_folder(root: str | Path, image_size: int | None = None, config: DataCo
     except ValueError:
         interpolation = InterpolationMode.BILINEAR
     normalize = transforms.Normalize(config.mean, config.std)
-    train_tf = transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interpolation), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), normalize,
-    ])
-    val_tf = transforms.Compose([
-        transforms.Resize(int(size / config.crop_pct), interpolation=interpolation), transforms.CenterCrop(size),
-        transforms.ToTensor(), normalize,
-    ])
+    train_tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interpolation),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    val_tf = transforms.Compose(
+        [
+            transforms.Resize(int(size / config.crop_pct), interpolation=interpolation),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
     rgb = lambda path: _open_rgb(path)  # noqa: E731 - grayscale and RGBA files become RGB
     return DataSplits(
         datasets.ImageFolder(root / "train", train_tf, loader=rgb),
@@ -181,7 +199,9 @@ def data_classes(spec: str | Path) -> list[str]:
     return [str(c) for c in range(10)] if str(spec) == "digits" else check_image_folder(spec)
 
 
-def load_data(spec: str | Path, image_size: int | None = None, config: DataConfig | None = None, *, check: bool = True) -> DataSplits:
+def load_data(
+    spec: str | Path, image_size: int | None = None, config: DataConfig | None = None, *, check: bool = True
+) -> DataSplits:
     """``"digits"`` (default size 32) or an image-folder path (default size: ``config``'s, else 224).
 
     ``config`` is the model's data config (:func:`model_data_config`); without one, ImageNet's.

@@ -46,13 +46,11 @@ from se_inject.errors import (
 )
 from se_inject.graph.abstract import eval_mode
 from se_inject.io.files import as_path, check_target, write_atomic, write_text_atomic
-from se_inject.io.models import classifier, fit_head
 from se_inject.io.layout import CHECKPOINT_FILE, METRICS_FILE, OWNED_FILES, RECIPE_FILE, WEIGHTS_FILE
+from se_inject.io.models import classifier, fit_head
 from se_inject.saving import write_model_files
 from se_inject.train.data import DataSplits
 from se_inject.units.se import SqueezeExcite
-
-
 
 # Settings a resumed run may change: they do not alter what the run computes (epochs may only grow:
 # the phase in progress then follows its schedule over the new total).
@@ -138,6 +136,7 @@ class UntrainedModelWarning(UserWarning):
 
 # --- distributed ---------------------------------------------------------------------------------
 
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size); joins the process group when launched by torchrun."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
@@ -164,6 +163,7 @@ def resolve_device(name: str) -> torch.device:
 
 # --- the model -----------------------------------------------------------------------------------
 
+
 def se_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, SqueezeExcite) for p in m.parameters()]
 
@@ -181,7 +181,9 @@ def _make_optimizer(config: FinetuneConfig, params: list[nn.Parameter], lr: floa
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def _make_scheduler(config: FinetuneConfig, optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+def _make_scheduler(
+    config: FinetuneConfig, optimizer: torch.optim.Optimizer, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """The decay of one phase of ``epochs`` epochs, in closed form of the epoch within the phase.
 
     A closed form (a plain function, which LambdaLR does not store in its state) lets a resumed
@@ -189,6 +191,7 @@ def _make_scheduler(config: FinetuneConfig, optimizer: torch.optim.Optimizer, ep
     """
     total = max(1, epochs)
     if config.schedule == "cosine":
+
         def factor(t: int) -> float:
             return 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
     else:
@@ -196,6 +199,7 @@ def _make_scheduler(config: FinetuneConfig, optimizer: torch.optim.Optimizer, ep
 
         def factor(t: int) -> float:
             return 0.1 ** (t // step)
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -221,6 +225,7 @@ def _restored_flags(model: nn.Module) -> Iterator[None]:
 
 # --- one epoch -----------------------------------------------------------------------------------
 
+
 def _autocast(device: torch.device, enabled: bool):
     if device.type != "cuda" or not enabled:
         return contextlib.nullcontext()
@@ -228,7 +233,9 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False, channels_last: bool = False) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False, channels_last: bool = False
+) -> tuple[float, float]:
     """(loss, accuracy) of ``model`` over ``loader``, in eval mode (the flags are restored)."""
     total, correct, loss_sum = 0, 0, 0.0
     with eval_mode(model), torch.no_grad():
@@ -248,7 +255,9 @@ def _train_epoch(model, loader, optimizer, device, config, phase, progress, epoc
     model.train()
     with _frozen_norms(model, phase == "se"):
         seen, correct, loss_sum, start = 0, 0, 0.0, time.perf_counter()
-        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported())
+        scaler = torch.amp.GradScaler(
+            "cuda", enabled=device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
+        )
         for step, (images, labels) in enumerate(loader, 1):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if device.type == "cuda" and config.channels_last:
@@ -271,17 +280,27 @@ def _train_epoch(model, loader, optimizer, device, config, phase, progress, epoc
             correct += (logits.argmax(1) == labels).sum().item()
             progress(labels.numel(), loss_sum / seen, correct / seen, seen / (time.perf_counter() - start))
     seconds = time.perf_counter() - start
-    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-            "images_per_s": seen / seconds if seconds else 0.0, "seconds": seconds}
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "images_per_s": seen / seconds if seconds else 0.0,
+        "seconds": seconds,
+    }
 
 
 # --- checkpoints and resuming ---------------------------------------------------------------------
 
-CHECKPOINT_KEYS = frozenset({"model", "optimizer", "scheduler", "rng", "epoch", "phase", "history", "accuracy", "config", "run"})
+CHECKPOINT_KEYS = frozenset(
+    {"model", "optimizer", "scheduler", "rng", "epoch", "phase", "history", "accuracy", "config", "run"}
+)
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_version": random.getstate()[0]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -303,8 +322,13 @@ def run_fingerprint(model: nn.Module, data: DataSplits, config: FinetuneConfig) 
         "model": hashlib.sha256(shapes.encode()).hexdigest()[:16],
         "source": getattr(recipe, "source", None),
         "r": (getattr(recipe, "options", None) or {}).get("r"),
-        "data": {"classes": list(data.classes), "train": len(data.train), "val": len(data.val), "image_size": data.image_size,
-                 "normalization": list(data.normalization)},
+        "data": {
+            "classes": list(data.classes),
+            "train": len(data.train),
+            "val": len(data.val),
+            "image_size": data.image_size,
+            "normalization": list(data.normalization),
+        },
         **{k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES},
     }
 
@@ -340,7 +364,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
         missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else ["everything"]
-        raise ArtifactError(f"{path}: not an se_inject fine-tuning checkpoint (it lacks {', '.join(missing[:4])}); start a new run")
+        raise ArtifactError(
+            f"{path}: not an se_inject fine-tuning checkpoint (it lacks {', '.join(missing[:4])}); start a new run"
+        )
     return state
 
 
@@ -385,7 +411,9 @@ def _check_out(out: Path, resume: bool, force: bool) -> None:
             raise DataError(f"{checkpoint}: no checkpoint to resume from")
         return
     if checkpoint.exists() and not force:
-        raise DataError(f"{out} already holds a run; pass resume=True (CLI: --resume), force=True (--force) to start over, or choose another --out")
+        raise DataError(
+            f"{out} already holds a run; pass resume=True (CLI: --resume), force=True (--force) to start over, or choose another --out"
+        )
     if os.path.lexists(out) and not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
         check_target(out, force=force, owned=OWNED_FILES, marker=RECIPE_FILE, what="--out")
 
@@ -396,15 +424,21 @@ def _loader_for(dataset: Any, config: FinetuneConfig, sampler: Any, epoch: int, 
     per_process = len(dataset) // world if world > 1 else len(dataset)
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
     return DataLoader(
-        dataset, batch_size=config.batch_size, sampler=sampler, shuffle=sampler is None,
-        generator=generator if sampler is None else None, num_workers=config.workers,
+        dataset,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        shuffle=sampler is None,
+        generator=generator if sampler is None else None,
+        num_workers=config.workers,
         drop_last=per_process % config.batch_size == 1,
     )
 
 
 def _check_data(data: DataSplits, world: int) -> None:
     if len(data.train) < 2 * world:
-        raise DataError(f"the training set holds {len(data.train)} image(s): too few to train on ({2 * world} at least)")
+        raise DataError(
+            f"the training set holds {len(data.train)} image(s): too few to train on ({2 * world} at least)"
+        )
     if len(data.val) < 1:
         raise DataError("the validation set is empty: accuracy cannot be measured")
 
@@ -426,6 +460,7 @@ def _chance_warning(accuracy: float | None, data: DataSplits) -> str | None:
 
 
 # --- the run ------------------------------------------------------------------------------------------
+
 
 def finetune(
     model: nn.Module,
@@ -491,7 +526,12 @@ def _run(model, data, out, config, original, state, rank, world, device, show_pr
     start_epoch, run_id = 0, uuid.uuid4().hex[:12]
     if state is not None:
         model.load_state_dict(state["model"])
-        history, accuracy, start_epoch, run_id = state["history"], state["accuracy"], state["epoch"] + 1, state["run_id"]
+        history, accuracy, start_epoch, run_id = (
+            state["history"],
+            state["accuracy"],
+            state["epoch"] + 1,
+            state["run_id"],
+        )
         if rank == 0:
             _repair_model_files(model, out, state)
     else:
@@ -527,7 +567,9 @@ def _run(model, data, out, config, original, state, rank, world, device, show_pr
                 scheduler.load_state_dict(state["scheduler"])
                 # the schedule, not the stored rate, sets this epoch's rate: with more epochs the phase's
                 # schedule is longer (the same formula and value when nothing changed)
-                for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                for group, base, factor in zip(
+                    optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+                ):
                     group["lr"] = base * factor(scheduler.last_epoch)
             if state is not None:
                 _set_rng_state(state["rng"])
@@ -538,19 +580,42 @@ def _run(model, data, out, config, original, state, rank, world, device, show_pr
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
         loader = _loader_for(data.train, config, train_sampler, epoch, world)
-        with _progress(show_progress and rank == 0, console, f"epoch {epoch + 1}/{config.epochs} ({phase})", len(loader.dataset) // world) as progress:
+        with _progress(
+            show_progress and rank == 0,
+            console,
+            f"epoch {epoch + 1}/{config.epochs} ({phase})",
+            len(loader.dataset) // world,
+        ) as progress:
             metrics = _train_epoch(ddp, loader, optimizer, device, config, phase, progress, epoch)
         lr_used = optimizer.param_groups[0]["lr"]
         scheduler.step()
         val_loss, val_acc = evaluate(model, val_loader, device, **cuda_opts)
-        record = {"epoch": epoch + 1, "phase": phase, **metrics, "val_loss": val_loss, "val_acc": val_acc,
-                  "lr": lr_used, "world_size": world, "device": str(device)}
+        record = {
+            "epoch": epoch + 1,
+            "phase": phase,
+            **metrics,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": lr_used,
+            "world_size": world,
+            "device": str(device),
+        }
         history.append(record)
         accuracy["after fine-tuning"] = val_acc
         if rank == 0:
-            checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "rng": _rng_state(), "epoch": epoch, "phase": phase, "history": history, "accuracy": accuracy,
-                          "config": asdict(config), "run": run_fingerprint(model, data, config), "run_id": run_id}
+            checkpoint = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(),
+                "epoch": epoch,
+                "phase": phase,
+                "history": history,
+                "accuracy": accuracy,
+                "config": asdict(config),
+                "run": run_fingerprint(model, data, config),
+                "run_id": run_id,
+            }
             _commit_epoch(model, out, checkpoint, history)
         if world > 1:
             dist.barrier()
@@ -571,8 +636,13 @@ def _progress(enabled: bool, console: Any, title: str, total: int):
     )
 
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-        TimeRemainingColumn(), console=console, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
     ) as bar:
         task = bar.add_task(title, total=total, stats="")
 

@@ -16,7 +16,7 @@ gate as a fixed per-channel scale (see ``se_inject.inspect.excitation``).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -193,7 +193,11 @@ class SqueezeExcite(nn.Module):
         # in place on fc1's output, which nothing else holds and whose backward needs only fc1's input
         # (sigmoid_ is not used below: on meta tensors it is a Python kernel, ten times sigmoid's cost)
         h = h.relu_() if type(self.act) is nn.ReLU else self.act(h)
-        s = F.conv2d(h, self.fc2.weight, self.fc2.bias) if self.squeeze == "none" else F.linear(h, self.fc2.weight, self.fc2.bias)
+        s = (
+            F.conv2d(h, self.fc2.weight, self.fc2.bias)
+            if self.squeeze == "none"
+            else F.linear(h, self.fc2.weight, self.fc2.bias)
+        )
         if type(self.gate) is ScaledSigmoid:
             s, scale = torch.sigmoid(s), 2.0
         elif type(self.gate) is nn.Sigmoid:

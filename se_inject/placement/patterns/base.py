@@ -11,6 +11,7 @@ from se_inject.graph.ops import shape_of
 
 # --- candidates and the registry ------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Insertion:
     """Where one unit goes: it recalibrates ``value`` as seen by ``consumers`` (None: by all)."""

@@ -40,7 +40,7 @@ def find_branch_concats(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[C
             continue
         inside = descendants(fork, order, order[node])
         paths = [path_between(i, fork, inside, order) for i in inputs]
-        conv_inputs = [i for i, p in zip(inputs, paths) if conv_count(gm, p)]
+        conv_inputs = [i for i, p in zip(inputs, paths, strict=True) if conv_count(gm, p)]
         passthrough = [p for p in paths if all(is_select(n) for n in p)]
         single = conv_inputs[0] if len(conv_inputs) == 1 else None
         found.append(

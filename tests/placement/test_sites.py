@@ -75,7 +75,11 @@ def test_post_is_the_activation_after_the_addition_and_inner_follows_the_spatial
 def test_stages_follow_spatial_size_and_blocks_count_within_a_stage():
     _, sites = residual_sites(FunctionalResNet(), 32)
     assert [(s.stage, s.block, s.size) for s in sites] == [
-        (1, 1, (32, 32)), (1, 2, (32, 32)), (2, 1, (16, 16)), (2, 2, (16, 16)), (3, 1, (8, 8)),
+        (1, 1, (32, 32)),
+        (1, 2, (32, 32)),
+        (2, 1, (16, 16)),
+        (2, 2, (16, 16)),
+        (3, 1, (8, 8)),
     ]
 
 

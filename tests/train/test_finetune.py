@@ -25,7 +25,7 @@ from se_inject.train.finetune import (
     fit_head,
 )
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 SPEC = f"{ROOT / 'tests' / 'tiny_models.py'}:FunctionalResNet"
 
 
@@ -70,8 +70,15 @@ def test_the_head_is_fitted_to_the_classes_and_decay_spares_biases_and_norms():
 
 
 @pytest.mark.parametrize(
-    "kwargs, field", [({"epochs": 0}, "epochs"), ({"se_epochs": 4}, "se_epochs"), ({"optimizer": "lamb"}, "optimizer"),
-                      ({"lr": 0}, "lr"), ({"schedule": "poly"}, "schedule"), ({"label_smoothing": 1.0}, "label_smoothing")],
+    "kwargs, field",
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"se_epochs": 4}, "se_epochs"),
+        ({"optimizer": "lamb"}, "optimizer"),
+        ({"lr": 0}, "lr"),
+        ({"schedule": "poly"}, "schedule"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+    ],
 )
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):
@@ -90,15 +97,37 @@ def test_runs_are_not_overwritten_and_resume_needs_a_checkpoint(data, tmp_path):
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "se_inject", "finetune", SPEC, "--data", "digits", "--image-size", "16",
-            "--r", "4", "--lr", "0.1", "--full-lr-scale", "1", "--batch-size", "32", *args]
+    return [
+        sys.executable,
+        "-m",
+        "se_inject",
+        "finetune",
+        SPEC,
+        "--data",
+        "digits",
+        "--image-size",
+        "16",
+        "--r",
+        "4",
+        "--lr",
+        "0.1",
+        "--full-lr-scale",
+        "1",
+        "--batch-size",
+        "32",
+        *args,
+    ]
 
 
 def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: the same arithmetic in every run
     subprocess.run(_cli("--out", str(tmp_path / "whole"), "--epochs", "3"), check=True, env=env, capture_output=True)
-    killed = subprocess.Popen(_cli("--out", str(tmp_path / "cut"), "--epochs", "3"), env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(
+        _cli("--out", str(tmp_path / "cut"), "--epochs", "3"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = tmp_path / "cut" / CHECKPOINT_FILE
     deadline = time.time() + 120
     while not checkpoint.exists() and time.time() < deadline:
@@ -106,16 +135,25 @@ def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
     killed.send_signal(signal.SIGKILL)  # in epoch 2, or wherever it is: at most that epoch is lost
     killed.wait()
     assert checkpoint.exists()
-    subprocess.run(_cli("--out", str(tmp_path / "cut"), "--epochs", "3", "--resume"), check=True, env=env, capture_output=True)
-    whole, cut = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    subprocess.run(
+        _cli("--out", str(tmp_path / "cut"), "--epochs", "3", "--resume"), check=True, env=env, capture_output=True
+    )
+    whole, cut = (
+        load_file(str(tmp_path / "whole" / "model.safetensors")),
+        load_file(str(tmp_path / "cut" / "model.safetensors")),
+    )
     assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "cut" / METRICS_FILE).read_text().splitlines()]
     assert epochs == [1, 2, 3]
 
 
 def test_two_processes_with_gloo(tmp_path):
-    done = subprocess.run(_cli("--out", str(tmp_path / "ddp"), "--epochs", "2", "--nproc", "2", "--device", "cpu"),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        _cli("--out", str(tmp_path / "ddp"), "--epochs", "2", "--nproc", "2", "--device", "cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [json.loads(line) for line in (tmp_path / "ddp" / METRICS_FILE).read_text().splitlines()]
     assert [r["world_size"] for r in lines] == [2, 2]
@@ -125,8 +163,19 @@ def test_two_processes_with_gloo(tmp_path):
 
 def test_bad_data_stops_the_cli_before_training(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "se_inject", "finetune", SPEC, "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "se_inject",
+            "finetune",
+            SPEC,
+            "--data",
+            str(tmp_path / "nothing"),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 2 and "no such data directory" in done.stderr and done.stderr.count("\n") == 1
     assert not (tmp_path / "run").exists()

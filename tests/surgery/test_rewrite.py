@@ -63,7 +63,13 @@ def test_the_model_keeps_its_class_methods_and_parameter_names():
     assert result.unexpected_keys == []
     assert sorted(result.missing_keys) == sorted(
         f"{block}.se_{s}_{b}.{fc}.weight"
-        for block, s, b in [("stages.0.0", 1, 1), ("stages.0.1", 1, 2), ("stages.1.0", 2, 1), ("stages.1.1", 2, 2), ("stages.2.0", 3, 1)]
+        for block, s, b in [
+            ("stages.0.0", 1, 1),
+            ("stages.0.1", 1, 2),
+            ("stages.1.0", 2, 1),
+            ("stages.1.1", 2, 2),
+            ("stages.2.0", 3, 1),
+        ]
         for fc in ("fc1", "fc2")
     )
     assert isinstance(injected.get_submodule("stages.1.0.se_2_1"), SqueezeExcite)
@@ -230,7 +236,9 @@ def test_blocks_of_one_class_share_a_trace_only_when_they_compute_the_same(monke
 
     traced = []
     real_trace_graph = rewrite.trace_graph
-    monkeypatch.setattr(rewrite, "trace_graph", lambda module, *a, **k: traced.append(module) or real_trace_graph(module, *a, **k))
+    monkeypatch.setattr(
+        rewrite, "trace_graph", lambda module, *a, **k: traced.append(module) or real_trace_graph(module, *a, **k)
+    )
     torch.manual_seed(0)
     settings = [(1.0, False), (1.0, False), (0.5, False), (1.0, False), (0.5, True), (0.5, False)]
     model = torch.nn.Sequential(*(ScaledBlock(8, alpha, pool) for alpha, pool in settings)).eval()

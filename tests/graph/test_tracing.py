@@ -116,7 +116,7 @@ def test_propagate_records_shapes_and_flops_on_fake_tensors():
     assert shapes == {"0": (2, 8, 10, 10), "1": (2, 8, 10, 10), "2": (2, 16, 10, 10)}
     conv_macs = 2 * 100 * 8 * 3 * 9 + 2 * 100 * 16 * 8
     assert total == 2 * conv_macs  # flop_counter's convention: 2 FLOPs per multiply-add
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_meta_models_are_analysed_without_allocating_weights():
@@ -181,11 +181,18 @@ def test_batch_norm_answered_by_shape_gives_what_its_kernel_gives(dtype, memory_
     """ShapeOnlyBatchNorm skips batch norm's meta kernel; the tensors it returns must look the same."""
     bn = nn.BatchNorm2d(16, device="meta", dtype=dtype).eval()
     x = torch.empty(2, 16, 5, 7, device="meta", dtype=dtype).to(memory_format=memory_format)
-    expected = torch.ops.aten.native_batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.1, 1e-5)
+    expected = torch.ops.aten.native_batch_norm(
+        x, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.1, 1e-5
+    )
     with ShapeOnlyBatchNorm():
         got = torch.ops.aten.native_batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.1, 1e-5)
-    for mine, kernels in zip(got, expected):
-        assert (mine.shape, mine.dtype, mine.stride(), mine.device) == (kernels.shape, kernels.dtype, kernels.stride(), kernels.device)
+    for mine, kernels in zip(got, expected, strict=True):
+        assert (mine.shape, mine.dtype, mine.stride(), mine.device) == (
+            kernels.shape,
+            kernels.dtype,
+            kernels.stride(),
+            kernels.device,
+        )
 
 
 def test_batch_norm_that_does_not_fit_still_fails_under_shape_only():

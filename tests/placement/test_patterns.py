@@ -116,7 +116,9 @@ def _fork_by_definition(nodes, order):
     return max(common, key=order.__getitem__) if common else None
 
 
-JOINED = {c.name: c.build for c in FAMILY_MODELS + TINY_MODELS if c.name not in ("depthwise_separable_stack", "vgg_stack")}
+JOINED = {
+    c.name: c.build for c in FAMILY_MODELS + TINY_MODELS if c.name not in ("depthwise_separable_stack", "vgg_stack")
+}
 
 
 @pytest.mark.parametrize("name", [*JOINED, "resnet50", "dla34", "torchvision:densenet121"])

@@ -15,15 +15,18 @@ from se_inject.placement.rules import (
     read_rule_file,
 )
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 
 def test_builtin_rules_cover_every_family():
     rules = {r.name: r for r in load_rules()}
     assert set(rules) == {"residual", "inception", "split_concat", "inverted_residual", "depthwise_separable", "plain"}
     assert rules["residual"].positions == {
-        "standard": "branch_output", "pre": "branch_input", "post": "after_activation",
-        "identity": "shortcut_output", "inner": "after_spatial_conv",
+        "standard": "branch_output",
+        "pre": "branch_input",
+        "post": "after_activation",
+        "identity": "shortcut_output",
+        "inner": "after_spatial_conv",
     }
     assert rules["plain"].fallback and rules["inverted_residual"].priority > rules["residual"].priority
     assert all(r.source.endswith(".toml") for r in rules.values())
@@ -42,12 +45,28 @@ when = { min_branch_convs = 1 }
 @pytest.mark.parametrize(
     "text, field, problem",
     [
-        ("[[rule]]\npattern = 'residual_add'\npositions = { standard = 'branch_output' }", "rule '#1': field 'name'", "non-empty string name"),
-        (GOOD.replace('pattern = "residual_add"', 'pattern = "attention"'), "rule 'residual': field 'pattern'", "'attention' is not a pattern kind"),
+        (
+            "[[rule]]\npattern = 'residual_add'\npositions = { standard = 'branch_output' }",
+            "rule '#1': field 'name'",
+            "non-empty string name",
+        ),
+        (
+            GOOD.replace('pattern = "residual_add"', 'pattern = "attention"'),
+            "rule 'residual': field 'pattern'",
+            "'attention' is not a pattern kind",
+        ),
         (GOOD.replace("standard =", "middle ="), "field 'positions.middle'", "not a position"),
-        (GOOD.replace('"after_activation"', '"after_conv"'), "field 'positions.standard'", "'after_conv' is not an anchor of 'residual_add'"),
+        (
+            GOOD.replace('"after_activation"', '"after_conv"'),
+            "field 'positions.standard'",
+            "'after_conv' is not an anchor of 'residual_add'",
+        ),
         (GOOD.replace("min_branch_convs", "min_heads"), "field 'when.min_heads'", "'residual_add' has no fact 'heads'"),
-        (GOOD.replace("min_branch_convs = 1", "min_branch_convs = 'one'"), "field 'when.min_branch_convs'", "expected an integer"),
+        (
+            GOOD.replace("min_branch_convs = 1", "min_branch_convs = 'one'"),
+            "field 'when.min_branch_convs'",
+            "expected an integer",
+        ),
         (GOOD.replace("priority = 20", "priority = 'high'"), "field 'priority'", "expected an integer"),
         (GOOD + "code = 'import os'\n", "field 'code'", "unknown field"),
         (GOOD + GOOD, "rule 'residual': field 'name'", "already defined in this file"),
@@ -107,7 +126,16 @@ def test_the_cli_takes_rule_files(tmp_path):
 def test_rule_files_are_data_only():
     for path in builtin_rules_dir().glob("*.toml"):
         for rule in read_rule_file(path):
-            assert set(vars(rule)) == {"name", "pattern", "positions", "when", "priority", "fallback", "description", "source"}
+            assert set(vars(rule)) == {
+                "name",
+                "pattern",
+                "positions",
+                "when",
+                "priority",
+                "fallback",
+                "description",
+                "source",
+            }
 
 
 @pytest.mark.slow
@@ -115,7 +143,18 @@ def test_a_wheel_ships_the_rules(tmp_path):
     """A non-editable install must find the rules: they are packaged as se_inject/rules/*.toml."""
     pytest.importorskip("setuptools")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
     )
     (wheel,) = tmp_path.glob("*.whl")

@@ -23,11 +23,7 @@ def test_module_callable():
 
 def test_file_callable(tmp_path):
     source = tmp_path / "my_net.py"
-    source.write_text(
-        "import torch.nn as nn\n"
-        "def build():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 4, 3))\n"
-    )
+    source.write_text("import torch.nn as nn\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 4, 3))\n")
     model = load_model(f"{source}:build", device="meta")
     assert isinstance(model, nn.Sequential) and model[0].weight.is_meta
 
@@ -38,7 +34,10 @@ def test_file_callable(tmp_path):
         ("resnet5o", r"unknown timm model 'resnet5o'; did you mean resnet50"),
         ("torchvision:resnet5o", r"unknown torchvision classification model 'resnet5o'; did you mean resnet50"),
         ("no_such_package_xyz:build", r"cannot import module 'no_such_package_xyz'"),
-        ("tiny_models:FunctionalResNett", r"'tiny_models' has no callable 'FunctionalResNett'; did you mean FunctionalResNet"),
+        (
+            "tiny_models:FunctionalResNett",
+            r"'tiny_models' has no callable 'FunctionalResNett'; did you mean FunctionalResNet",
+        ),
         ("os:getcwd", r"os:getcwd\(\) returned str, not an nn.Module"),
         ("missing_file.py:build", r"no such file: 'missing_file.py'"),
         ("", r"empty model name"),
@@ -93,7 +92,9 @@ def trained(tmp_path_factory):
 def test_checkpoints_load_into_the_original_before_injection(trained, name):
     model, folder = trained
     loaded = load_model("resnet18", checkpoint=folder / name)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )
 
 
 def test_a_pickle_that_runs_code_is_refused(tmp_path):
@@ -115,7 +116,10 @@ def test_damaged_and_mismatched_checkpoints_are_reported_per_key(trained, tmp_pa
         read_checkpoint(tmp_path / "none.pth")
     with pytest.raises(CheckpointError, match=r"does not fit ResNet: 96 missing: .*layer1.2"):
         load_checkpoint(load_model("resnet34"), folder / "plain.pth")
-    with pytest.raises(CheckpointError, match=r"2 of another shape: fc.bias \(1000,\) vs \(10,\), fc.weight \(1000, 512\) vs \(10, 512\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"2 of another shape: fc.bias \(1000,\) vs \(10,\), fc.weight \(1000, 512\) vs \(10, 512\)",
+    ):
         load_checkpoint(_resnet18_10_classes(), folder / "plain.pth")
 
 
@@ -161,7 +165,9 @@ def test_pretrained_weights_in_the_local_cache_load_offline(offline_hub):
     (repo / "refs" / "main").write_text("0" * 40)
     save_file(reference.state_dict(), snapshot / "model.safetensors")
     model = load_model("resnet18", pretrained=True)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values(), strict=True)
+    )
 
 
 def test_an_unresolvable_hub_is_known_at_once_unless_a_proxy_resolves_names(monkeypatch):

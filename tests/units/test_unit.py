@@ -47,9 +47,7 @@ def _paper_excitation(se: SqueezeExcite, x: torch.Tensor, pool, gate) -> torch.T
     return x * s[:, :, None, None]
 
 
-@pytest.mark.parametrize(
-    "squeeze, pool", [("avg", lambda x: x.mean((2, 3))), ("max", lambda x: x.amax((2, 3)))]
-)
+@pytest.mark.parametrize("squeeze, pool", [("avg", lambda x: x.mean((2, 3))), ("max", lambda x: x.amax((2, 3)))])
 @pytest.mark.parametrize("excitation, gate", [("sigmoid", torch.sigmoid), ("tanh", torch.tanh), ("relu", torch.relu)])
 def test_paper_init_computes_eq2_to_eq4(squeeze, pool, excitation, gate):
     torch.manual_seed(0)
@@ -67,7 +65,8 @@ def test_paper_sigmoid_gate_is_strictly_between_0_and_1():
 
 
 @pytest.mark.parametrize(
-    "squeeze, excitation, bias", list(itertools.product(["avg", "max", "none"], ["sigmoid", "tanh", "relu"], [False, True]))
+    "squeeze, excitation, bias",
+    list(itertools.product(["avg", "max", "none"], ["sigmoid", "tanh", "relu"], [False, True])),
 )
 def test_preserve_init_is_the_exact_identity(squeeze, excitation, bias):
     torch.manual_seed(0)
@@ -145,7 +144,9 @@ def test_the_fused_residual_form_computes_the_same_sum(init):
     else:
         torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)  # one rounding (fma) instead of two
     cl = x.contiguous(memory_format=torch.channels_last)
-    assert se(cl, residual.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+    assert se(cl, residual.contiguous(memory_format=torch.channels_last)).is_contiguous(
+        memory_format=torch.channels_last
+    )
 
 
 @pytest.mark.parametrize("with_residual", [False, True])

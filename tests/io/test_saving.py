@@ -10,10 +10,10 @@ import torch
 from tiny_models import FunctionalResNet
 
 import se_inject
-from se_inject.io.recipe import Recipe
 from se_inject.io.layout import RECIPE_FILE, WEIGHTS_FILE
+from se_inject.io.recipe import Recipe
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 # Loads a saved directory in a fresh interpreter and prints the outputs on a fixed batch.
 _LOAD_AND_RUN = """
@@ -42,7 +42,9 @@ def resnet18():
 
 @pytest.mark.parametrize("position", se_inject.POSITIONS)
 def test_round_trip_in_a_fresh_process_is_bit_exact(resnet18, position, tmp_path):
-    injected = _trained_like(se_inject.inject(resnet18, position=position, r=16, input_size=64, model_name="resnet18")).eval()
+    injected = _trained_like(
+        se_inject.inject(resnet18, position=position, r=16, input_size=64, model_name="resnet18")
+    ).eval()
     se_inject.save(injected, tmp_path / "saved")
     x = torch.randn(2, 3, 64, 64)
     torch.save(x, tmp_path / "x.pt")
@@ -50,7 +52,8 @@ def test_round_trip_in_a_fresh_process_is_bit_exact(resnet18, position, tmp_path
         expected = injected(x)
     subprocess.run(
         [sys.executable, "-c", _LOAD_AND_RUN, str(tmp_path / "saved"), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-        check=True, cwd=ROOT,
+        check=True,
+        cwd=ROOT,
     )
     assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
 
@@ -61,8 +64,15 @@ def test_the_recipe_says_what_was_done(resnet18, tmp_path):
     data = json.loads((tmp_path / "saved" / RECIPE_FILE).read_text())
     assert data["source"] == "resnet18" and data["input_size"] == [64, 64]
     assert data["options"]["position"] == "inner" and data["options"]["r"] == 8 and data["options"]["bias"] is True
-    assert data["sites"][0] == {"name": "layer1.0.se_1_1", "rule": "residual", "stage": 1, "block": 1,
-                                "channels": 64, "hidden": 8, "r": 8}
+    assert data["sites"][0] == {
+        "name": "layer1.0.se_1_1",
+        "rule": "residual",
+        "stage": 1,
+        "block": 1,
+        "channels": 64,
+        "hidden": 8,
+        "r": 8,
+    }
     assert set(data["versions"]) == {"torch", "timm", "se_inject"}
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == sorted([WEIGHTS_FILE, RECIPE_FILE])
 
@@ -86,7 +96,9 @@ def test_apply_reuses_a_recipe_and_refuses_another_architecture(resnet18, tmp_pa
     assert [n for n, m in again.named_modules() if isinstance(m, se_inject.SqueezeExcite)] == [
         n for n, m in injected.named_modules() if isinstance(m, se_inject.SqueezeExcite)
     ]
-    with pytest.raises(se_inject.RecipeMismatchError, match="unit 3: recipe has .*layer2.0.se_2_1.* model gives .*layer1.2.se_1_3"):
+    with pytest.raises(
+        se_inject.RecipeMismatchError, match="unit 3: recipe has .*layer2.0.se_2_1.* model gives .*layer1.2.se_1_3"
+    ):
         se_inject.apply(tmp_path / "saved", se_inject.load_model("resnet34", device="meta"))
     recipe = Recipe.from_json((tmp_path / "saved" / RECIPE_FILE).read_text())
     assert se_inject.apply(recipe, se_inject.load_model("resnet18", device="meta")) is not None
@@ -161,7 +173,10 @@ def test_weights_that_do_not_fit_are_named(saved):
     state["fc.weight"] = torch.zeros(3, 512)
     del state["layer1.0.se_1_1.fc1.weight"]
     save_file(state, str(saved / WEIGHTS_FILE))
-    with pytest.raises(se_inject.ArtifactError, match=r"1 missing: layer1.0.se_1_1.fc1.weight; 1 of another shape: fc.weight \(3, 512\) vs \(1000, 512\)"):
+    with pytest.raises(
+        se_inject.ArtifactError,
+        match=r"1 missing: layer1.0.se_1_1.fc1.weight; 1 of another shape: fc.weight \(3, 512\) vs \(1000, 512\)",
+    ):
         se_inject.load(saved)
 
 

@@ -36,7 +36,9 @@ def _folder(root, classes=("cat", "dog"), per_class=2, size=40):
         for name in classes:
             (root / split / name).mkdir(parents=True)
             for i in range(per_class):
-                Image.new("RGB" if i % 2 == 0 else "L", (size, size), color=40 * i).save(root / split / name / f"{i}.png")
+                Image.new("RGB" if i % 2 == 0 else "L", (size, size), color=40 * i).save(
+                    root / split / name / f"{i}.png"
+                )
     return root
 
 

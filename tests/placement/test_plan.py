@@ -15,7 +15,11 @@ def analysis():
 def test_one_unit_per_block_named_by_stage_and_block(analysis):
     plan = plan_units(analysis, InjectConfig(r=4))
     assert [u.qualified_name for u in plan.units] == [
-        "stages.0.0.se_1_1", "stages.0.1.se_1_2", "stages.1.0.se_2_1", "stages.1.1.se_2_2", "stages.2.0.se_3_1",
+        "stages.0.0.se_1_1",
+        "stages.0.1.se_1_2",
+        "stages.1.0.se_2_1",
+        "stages.1.1.se_2_2",
+        "stages.2.0.se_3_1",
     ]
     assert [u.hidden for u in plan.units] == [4, 4, 8, 8, 16]
     assert plan.stage_count == 3 and plan.selected_stages == (1, 2, 3)
@@ -76,7 +80,9 @@ def test_inner_needs_a_spatial_convolution_on_the_branch():
             return x + self.b(self.a(x))
 
     analysis = analyse(PointwiseBlocks(), input_size=16)
-    with pytest.raises(NoSitesError, match="position 'inner' applies to none of the 1 sites found: no 'after_spatial_conv'"):
+    with pytest.raises(
+        NoSitesError, match="position 'inner' applies to none of the 1 sites found: no 'after_spatial_conv'"
+    ):
         plan_units(analysis, InjectConfig(position="inner", r=2))
     assert len(plan_units(analysis, InjectConfig(position="standard", r=2)).units) == 1
 

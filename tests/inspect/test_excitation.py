@@ -24,7 +24,7 @@ from se_inject.train.data import digits
 from se_inject.train.finetune import FinetuneConfig, finetune
 from se_inject.units.se import ChannelScale
 
-SPEC = f"{Path(__file__).parent / 'tiny_models.py'}:FunctionalResNet"
+SPEC = f"{Path(__file__).parents[1] / 'tiny_models.py'}:FunctionalResNet"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,12 @@ def test_statistics_have_the_right_shapes_and_ranges(trained):
     model, data, loader = trained
     report = collect(model, loader, data.classes)
     assert report.images == len(data.val) and [u.name for u in report.units] == [
-        "stages.0.0.se_1_1", "stages.0.1.se_1_2", "stages.1.0.se_2_1", "stages.1.1.se_2_2", "stages.2.0.se_3_1"]
+        "stages.0.0.se_1_1",
+        "stages.0.1.se_1_2",
+        "stages.1.0.se_2_1",
+        "stages.1.1.se_2_2",
+        "stages.2.0.se_3_1",
+    ]
     for unit in report.units:
         assert len(unit.mean) == unit.channels and len(unit.class_mean) == 10
         assert all(len(row) == unit.channels for row in unit.class_mean + unit.class_std)
@@ -63,7 +68,13 @@ def test_plots_and_json_are_written(trained, tmp_path):
     model, data, loader = trained
     report = collect(model, loader, data.classes, max_images=128)
     files = [write_json(report, tmp_path), *plot(report, tmp_path)]
-    assert [f.name for f in files] == ["excitation.json", "excitation_1_1.png", "excitation_2_1.png", "excitation_3_1.png", "saturation.png"]
+    assert [f.name for f in files] == [
+        "excitation.json",
+        "excitation_1_1.png",
+        "excitation_2_1.png",
+        "excitation_3_1.png",
+        "saturation.png",
+    ]
     assert all(f.stat().st_size > 1000 for f in files[1:])
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files[1:])
     data_json = json.loads(files[0].read_text())
@@ -89,15 +100,39 @@ def test_inspect_and_prune_from_the_cli(trained, tmp_path):
     model, _, _ = trained
     se_inject.save(model, tmp_path / "saved")
     runner = CliRunner()
-    args = ["inspect", str(tmp_path / "saved"), "--data", "digits", "--image-size", "16", "--out", str(tmp_path / "insp"),
-            "--threshold", "0.999"]
+    args = [
+        "inspect",
+        str(tmp_path / "saved"),
+        "--data",
+        "digits",
+        "--image-size",
+        "16",
+        "--out",
+        str(tmp_path / "insp"),
+        "--threshold",
+        "0.999",
+    ]
     refused = runner.invoke(app, args)  # the recipe's source is a .py file: code runs only when trusted
     assert refused.exit_code == 2 and "--trust-code" in refused.stderr and len(refused.stderr.splitlines()) == 1
     result = runner.invoke(app, [*args, "--trust-code"])
     assert result.exit_code == 0, result.output
     assert "stages.2.0.se_3_1" in result.stdout and (tmp_path / "insp" / "saturation.png").is_file()
-    result = runner.invoke(app, ["prune-se", str(tmp_path / "saved"), "--data", "digits", "--image-size", "16",
-                                 "--out", str(tmp_path / "pruned"), "--threshold", "0.999", "--trust-code"])
+    result = runner.invoke(
+        app,
+        [
+            "prune-se",
+            str(tmp_path / "saved"),
+            "--data",
+            "digits",
+            "--image-size",
+            "16",
+            "--out",
+            str(tmp_path / "pruned"),
+            "--threshold",
+            "0.999",
+            "--trust-code",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "removed 1 unit(s): stages.2.0.se_3_1; params saved 2,048 (Eq. 5: 2,048)" in result.stdout
     assert math.isclose(float(result.stdout.split("max |output change| ")[1].split(";")[0]), 0.0, abs_tol=1e-5)
