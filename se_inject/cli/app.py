@@ -687,6 +687,61 @@ def prune_command(
     )
 
 
+@app.command("rules")
+def rules_command(
+    rules: list[str] = typer.Option(
+        [], "--rules", help="extra placement rule files (TOML) to list with the built-in ones"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="print the registries as JSON"),
+) -> None:
+    """List the pattern kinds (with their anchors and facts) and the placement rules, from the registries."""
+    from se_inject.placement.patterns import PATTERNS
+    from se_inject.placement.rules import load_rules
+
+    loaded = load_rules(tuple(rules))
+    if as_json:
+        kinds = [
+            {
+                "name": k.name,
+                "anchors": list(k.anchors),
+                "facts": {f: t.__name__ for f, t in k.facts.items()},
+                "description": k.doc,
+            }
+            for k in PATTERNS.values()
+        ]
+        listed = [
+            {
+                "name": r.name,
+                "pattern": r.pattern,
+                "priority": r.priority,
+                "fallback": r.fallback,
+                "positions": r.positions,
+                "when": r.when,
+                "source": r.source,
+            }
+            for r in loaded
+        ]
+        typer.echo(json.dumps({"patterns": kinds, "rules": listed}, indent=2))
+        return
+    out = console()
+    kinds_table = Table(title="Pattern kinds (placement.patterns)", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("kind", "anchors", "facts (conditions: NAME, min_NAME, max_NAME)", "finds"):
+        kinds_table.add_column(column)
+    for kind in PATTERNS.values():
+        facts = ", ".join(f"{name} ({kind_type.__name__})" for name, kind_type in kind.facts.items())
+        kinds_table.add_row(kind.name, ", ".join(kind.anchors), facts, kind.doc)
+    out.print(kinds_table)
+    rules_table = Table(title="Rules", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("rule", "pattern", "priority", "positions -> anchor", "when", "file"):
+        rules_table.add_column(column)
+    for rule in loaded:
+        positions = ", ".join(f"{p}: {a}" for p, a in rule.positions.items())
+        when = ", ".join(f"{k}={v}" for k, v in rule.when.items()) or "-"
+        priority = f"{rule.priority}{' (fallback)' if rule.fallback else ''}"
+        rules_table.add_row(rule.name, rule.pattern, priority, positions, when, Path(rule.source).name)
+    out.print(rules_table)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

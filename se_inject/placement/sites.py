@@ -26,7 +26,7 @@ from se_inject.graph.flops import propagate
 from se_inject.graph.ops import add_operands, is_conv, normalize_inplace_adds
 from se_inject.graph.trace import module_scope, trace
 from se_inject.placement.gates import ChannelGate, find_channel_gates
-from se_inject.placement.patterns.base import PATTERNS, Candidate, Insertion
+from se_inject.placement.patterns.base import PATTERNS, Candidate, Insertion, find_candidates
 from se_inject.placement.rules import Rule, load_rules
 
 
@@ -191,7 +191,7 @@ def analyse(
     shape = input_shape_for(model, gm, input_size)
     flops = propagate(gm, shape)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    candidates = {kind: PATTERNS[kind].find(gm, order) for kind in {r.pattern for r in rules}}
+    candidates = {kind: find_candidates(PATTERNS[kind], gm, order) for kind in {r.pattern for r in rules}}
     matches = [(rule, c) for rule in rules for c in candidates[rule.pattern] if rule.matches(c)]
     return Analysis(gm, rules, matches, find_channel_gates(gm), _census(gm), shape, flops)
 

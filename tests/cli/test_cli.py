@@ -167,3 +167,15 @@ def test_the_public_api_loads_on_first_use():
     assert callable(se_inject.inject) and se_inject.InjectConfig().r == 16 and "retrofit" in dir(se_inject)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         se_inject.__getattr__("nope")  # what `se_inject.nope` calls
+
+
+def test_rules_lists_the_registries(tmp_path):
+    out = invoke("rules").stdout
+    for word in ("residual_add", "branch_concat", "depthwise", "conv_act", "after_spatial_conv", "pointwise_reduces"):
+        assert word in out
+    extra = tmp_path / "mine.toml"
+    extra.write_text('[[rule]]\nname = "mine"\npattern = "conv_act"\npositions = { post = "after_activation" }\n')
+    data = json.loads(invoke("rules", "--rules", str(extra), "--json").stdout)
+    assert {k["name"] for k in data["patterns"]} == {"residual_add", "branch_concat", "depthwise", "conv_act"}
+    assert {r["name"] for r in data["rules"]} >= {"residual", "inception", "plain", "mine"}
+    assert next(k for k in data["patterns"] if k["name"] == "conv_act")["facts"] == {"kernel": "int"}

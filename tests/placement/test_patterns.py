@@ -9,6 +9,7 @@ from conftest import assert_unchanged, snapshot
 from tiny_models import (
     FAMILY_MODELS,
     TINY_MODELS,
+    FunctionalResNet,
     InceptionNet,
     PartlyGatedNet,
     SeparableStack,
@@ -130,3 +131,19 @@ def test_the_fork_of_every_join_is_the_latest_common_ancestor(name, zoo):
     assert joins
     for join in joins:
         assert common_fork(join.all_input_nodes, order) is _fork_by_definition(join.all_input_nodes, order), join
+
+
+def test_a_finder_that_emits_undeclared_facts_is_refused_naming_its_kind():
+    from se_inject.errors import RuleError
+    from se_inject.placement.patterns.base import Candidate, find_candidates
+
+    def finder(gm, order):
+        node = next(n for n in gm.graph.nodes if n.op == "output")
+        return [Candidate("sloppy", node, frozenset(), {"here": None}, {"surprise": 1})]
+
+    register_pattern("sloppy", anchors=("here",), facts={"declared": int})(finder)
+    try:
+        with pytest.raises(RuleError, match="pattern kind 'sloppy': its finder emitted facts \\['surprise'\\]"):
+            find_candidates(PATTERNS["sloppy"], trace(FunctionalResNet()), {})
+    finally:
+        del PATTERNS["sloppy"]

@@ -25,4 +25,4 @@ from se_inject.placement.patterns.base import (
     register_pattern,
 )
 
-__all__ = ["PATTERNS", "Candidate", "Finder", "Insertion", "PatternKind", "register_pattern"]
+__all__ = ["PATTERNS", "Candidate", "Finder", "Insertion", "PatternKind", "find_candidates", "register_pattern"]

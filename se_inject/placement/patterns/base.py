@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from se_inject.errors import RuleError
 from se_inject.graph.ops import shape_of
 
 # --- candidates and the registry ------------------------------------------------------------------
@@ -66,7 +67,25 @@ def register_pattern(name: str, anchors: tuple[str, ...], facts: dict[str, type]
     def register(find: Finder) -> Finder:
         if name in PATTERNS:
             raise ValueError(f"pattern kind '{name}' is already registered")
-        PATTERNS[name] = PatternKind(name, find, anchors, facts, (find.__doc__ or "").strip().splitlines()[0])
+        PATTERNS[name] = PatternKind(name, find, anchors, facts, ((find.__doc__ or "").strip().splitlines() or [""])[0])
         return find
 
     return register
+
+
+def find_candidates(kind: PatternKind, gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candidate]:
+    """Run one pattern kind's finder and check what it found against what the kind declares.
+
+    A rule's conditions and anchors are validated against the declared facts and anchors; a
+    finder that emits others would make a valid rule fail at match time, so it is refused here,
+    naming the kind.
+    """
+    found = kind.find(gm, order)
+    for candidate in found:
+        facts, anchors = set(candidate.facts), set(candidate.anchors)
+        if facts != set(kind.facts) or anchors != set(kind.anchors):
+            raise RuleError(
+                f"pattern kind '{kind.name}': its finder emitted facts {sorted(facts)} and anchors {sorted(anchors)}, "
+                f"but the kind declares facts {sorted(kind.facts)} and anchors {sorted(kind.anchors)}"
+            )
+    return found
