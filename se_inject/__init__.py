@@ -51,7 +51,12 @@ _LAZY: dict[str, str] = {
     "apply": "se_inject.saving",
     "bench": "se_inject.bench",
     "check_outputs": "se_inject.api",
-    "eq5_params": "se_inject.surgery.report",
+    "eq5_params": "se_inject.units.se",
+    "ChannelUnit": "se_inject.units.base",
+    "register_unit": "se_inject.units.base",
+    "unit_class": "se_inject.units.base",
+    "register_pattern": "se_inject.placement.patterns.base",
+    "register_leaf_module": "se_inject.graph.trace",
     "finetune": "se_inject.train.finetune",
     "hidden_width": "se_inject.units.se",
     "inject": "se_inject.api",
@@ -70,14 +75,17 @@ _LAZY: dict[str, str] = {
 if TYPE_CHECKING:
     from se_inject.api import Retrofit, check_outputs, inject, make_config, report, retrofit
     from se_inject.bench import BenchReport, bench, twin_of
+    from se_inject.graph.trace import register_leaf_module
     from se_inject.inspect.excitation import PruneResult, prune
     from se_inject.io.models import load_checkpoint, load_model
     from se_inject.io.recipe import Recipe
+    from se_inject.placement.patterns.base import register_pattern
     from se_inject.saving import SourceChangedWarning, apply, load, save
-    from se_inject.surgery.report import OverheadReport, StageReport, Totals, UnitReport, eq5_params
+    from se_inject.surgery.report import OverheadReport, StageReport, Totals, UnitReport
     from se_inject.train.data import load_data
     from se_inject.train.finetune import FinetuneConfig, FinetuneResult, finetune
-    from se_inject.units.se import SqueezeExcite, hidden_width
+    from se_inject.units.base import ChannelUnit, register_unit, unit_class
+    from se_inject.units.se import SqueezeExcite, eq5_params, hidden_width
 
 
 def __getattr__(name: str) -> Any:
@@ -95,6 +103,11 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "POSITIONS",
+    "ChannelUnit",
+    "register_leaf_module",
+    "register_pattern",
+    "register_unit",
+    "unit_class",
     "__version__",
     "AlreadyInjectedError",
     "BenchReport",

@@ -34,7 +34,7 @@ from se_inject.placement.rules import load_rules
 from se_inject.placement.sites import Analysis, analyse
 from se_inject.surgery.report import OverheadReport, build_report
 from se_inject.surgery.rewrite import build_injected, dry_run
-from se_inject.units.se import SqueezeExcite
+from se_inject.units.base import ChannelUnit
 
 MAX_INPUT_SIZE = 16384  # pixels per side: far above any model's input, far below what would exhaust memory
 
@@ -120,7 +120,7 @@ def retrofit(
 
 
 def _refuse_reinjection(model: nn.Module, config: InjectConfig) -> None:
-    units = [name for name, m in model.named_modules() if isinstance(m, SqueezeExcite)]
+    units = [name for name, m in model.named_modules() if isinstance(m, ChannelUnit)]
     if units and config.existing != "stack":
         raise AlreadyInjectedError(
             f"the model already holds {len(units)} SE units inserted by se_inject ({units[0]}, ...); "

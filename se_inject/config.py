@@ -76,6 +76,10 @@ class InjectConfig:
         default="skip",
         metadata={"help": "blocks that already hold an SE-like gate: skip them, or stack a second unit"},
     )
+    unit: str = field(
+        default="se",
+        metadata={"help": "the unit inserted: a name registered with se_inject.register_unit (built in: se)"},
+    )
     rules: tuple[str, ...] = field(
         default=(),
         metadata={"help": "extra placement rule files (TOML); a rule named like a built-in one replaces it"},
@@ -96,6 +100,8 @@ class InjectConfig:
         object.__setattr__(self, "r", _validate_r(self.r))
         if self.stages is not None:
             object.__setattr__(self, "stages", _validate_stages(self.stages))
+        if not isinstance(self.unit, str) or not self.unit.isidentifier():
+            raise ConfigError(f"unit: expected the name of a registered unit such as 'se', got {self.unit!r}")
         if not isinstance(self.bias, bool):
             raise ConfigError(f"bias: expected True or False, got {self.bias!r}")
         object.__setattr__(

@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from se_inject.errors import UntraceableModelError
-from se_inject.units.se import SqueezeExcite
+from se_inject.units.base import ChannelUnit
 
 try:  # timm is a dependency, but a user's own model must not need it to be traced
     from timm.layers import get_notrace_functions, get_notrace_modules
@@ -31,20 +31,26 @@ except ImportError:  # pragma: no cover
 
 # Modules se_inject never traces into, each with the reason (the habit of timm/layers/_fx.py).
 _LEAF_MODULES: dict[type[nn.Module], str] = {
-    SqueezeExcite: "the unit se_inject inserts: a node of its own, so later passes can find it",
+    ChannelUnit: "a unit se_inject inserted: a node of its own, so later passes can find it",
 }
 
 
 def register_leaf_module(cls: type[nn.Module], reason: str) -> type[nn.Module]:
     """Never trace into ``cls`` (``reason`` says why); refuses a class registered twice."""
-    if cls in _LEAF_MODULES:
-        raise ValueError(f"{cls.__name__} is already a leaf module: {_LEAF_MODULES[cls]}")
+    covering = _leaf_entry(cls)
+    if covering is not None:
+        raise ValueError(f"{cls.__name__} is already a leaf module: {_LEAF_MODULES[covering]}")
     _LEAF_MODULES[cls] = reason
     return cls
 
 
+def _leaf_entry(cls: type) -> type | None:
+    """The registered leaf class that ``cls`` is or derives from (a unit type derives from ChannelUnit)."""
+    return next((leaf for leaf in _LEAF_MODULES if issubclass(cls, leaf)), None)
+
+
 def is_leaf_module_class(cls: type) -> bool:
-    return cls in _LEAF_MODULES
+    return _leaf_entry(cls) is not None
 
 
 class SETracer(fx.Tracer):
@@ -62,7 +68,7 @@ class SETracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         cls = type(m)
-        if cls in _LEAF_MODULES or isinstance(m, self._timm_leaves):
+        if is_leaf_module_class(cls) or isinstance(m, self._timm_leaves):
             return True
         if isinstance(m, nn.modules.conv._ConvNd):  # conv subclasses (StdConv2d, ...) stay convolutions
             return True

@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader
 
 from se_inject.errors import ConfigError
 from se_inject.graph.abstract import eval_mode
-from se_inject.surgery.report import eq5_params
 from se_inject.train.data import DataSplits
-from se_inject.units.se import ChannelScale, SqueezeExcite
+from se_inject.units.base import ChannelUnit
+from se_inject.units.se import ChannelScale
 
 
 @dataclass
@@ -77,8 +77,9 @@ def evaluated_on(model: nn.Module, device: str | torch.device) -> Iterator[None]
                 model.to(home)
 
 
-def se_units(model: nn.Module) -> list[tuple[str, SqueezeExcite]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, SqueezeExcite)]
+def se_units(model: nn.Module) -> list[tuple[str, ChannelUnit]]:
+    """The model's units whose gate can be read (those with an ``excitation(x)`` method)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ChannelUnit) and hasattr(m, "excitation")]
 
 
 def _stage_block(name: str) -> tuple[int, int]:
@@ -105,7 +106,7 @@ def collect(
     labels_now: list[torch.Tensor] = []
 
     def hook(name: str):
-        def record(module: SqueezeExcite, args: tuple) -> None:
+        def record(module: ChannelUnit, args: tuple) -> None:
             gate = module.excitation(args[0]).detach().double()
             gate = gate.mean((2, 3)) if gate.dim() == 4 else gate  # NoSqueeze: per-position gates, averaged
             one_hot = torch.nn.functional.one_hot(labels_now[0], k).double().cpu()
@@ -182,7 +183,7 @@ def prune_units(
     for name in names:
         unit = model.get_submodule(name)
         saved += sum(p.numel() for p in unit.parameters())
-        eq5 += eq5_params(unit.channels, unit.r, bias=unit.fc1.bias is not None)  # the report's Eq. 5, bias included
+        eq5 += unit.expected_params()  # the unit's own closed form, as the report uses it
         owner, _, child = name.rpartition(".")
         mean = torch.tensor(stats[name].mean, dtype=next(unit.parameters()).dtype)
         setattr(model.get_submodule(owner) if owner else model, child, ChannelScale(mean))

@@ -175,7 +175,7 @@ class _Checker:
             self.integer(site["stage"], f"{where}.stage", 0, MAX_UNITS)
             self.integer(site["block"], f"{where}.block", 0, MAX_UNITS)
             self.integer(site["channels"], f"{where}.channels", 1, 1 << 20)
-            self.integer(site["hidden"], f"{where}.hidden", 1, 1 << 20)
+            self.integer(site["hidden"], f"{where}.hidden", 0, 1 << 20)  # 0: a unit without a bottleneck
             self.integer(site["r"], f"{where}.r", 1, 1 << 20)
             sites.append(dict(site))
         return tuple(sites)

@@ -17,16 +17,16 @@ from se_inject.graph.ops import (
 )
 from se_inject.graph.trace import module_scope
 from se_inject.graph.walk import ancestors
-from se_inject.units.se import SqueezeExcite
+from se_inject.units.base import ChannelUnit
 
 # --- channel gates already in the model -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ChannelGate:
-    """An SE-like gate already in the model: ``x * f(pool(x))``, or an inserted SqueezeExcite."""
+    """An SE-like gate already in the model: ``x * f(pool(x))``, or an inserted unit."""
 
-    node: fx.Node  # the product (or the SqueezeExcite call)
+    node: fx.Node  # the product (or the unit's call)
     scope: tuple[str, ...]  # modules around it, outermost first
 
     @property
@@ -43,7 +43,7 @@ def find_channel_gates(gm: fx.GraphModule) -> list[ChannelGate]:
     """Products of a feature map with a gate computed from its own global pooling, and SE units."""
     gates = []
     for node in gm.graph.nodes:
-        if isinstance(module_of(gm, node), SqueezeExcite):
+        if isinstance(module_of(gm, node), ChannelUnit):
             gates.append(ChannelGate(node, module_scope(node)))
             continue
         operands = binary_operands(node, MUL_FUNCTIONS, MUL_METHODS)

@@ -14,7 +14,7 @@ from se_inject.errors import ConfigError, NoSitesError
 from se_inject.graph.trace import module_scope
 from se_inject.placement.patterns.base import Insertion
 from se_inject.placement.sites import Analysis, Site, SiteSearch
-from se_inject.units.se import hidden_width
+from se_inject.units.base import unit_class
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,7 @@ def plan_units(analysis: Analysis, config: InjectConfig, widened: frozenset[str]
     Units are held by the smallest module containing their site, except that a module listed in
     ``widened`` (one that cannot be rewritten on its own) hands its units to its parent.
     """
+    unit_type = unit_class(config.unit)
     search = analysis.select(config.position, config.existing)
     if not search.placeable:
         raise _no_sites(search, config)
@@ -176,7 +177,7 @@ def plan_units(analysis: Analysis, config: InjectConfig, widened: frozenset[str]
             site=site,
             insertion=insertion,
             r=r,
-            hidden=hidden_width(insertion.channels, r, config.rounding),
+            hidden=unit_type.hidden_width(insertion.channels, r, config),
             owner=outermost[owner],
             name=f"se_{site.stage}_{site.block}",
         )

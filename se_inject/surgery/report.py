@@ -23,12 +23,8 @@ from torch import nn
 from se_inject.config import InjectConfig
 from se_inject.placement.plan import Plan, PlannedUnit
 from se_inject.placement.sites import Analysis
-
-
-def eq5_params(channels: int, r: int, bias: bool = False) -> Fraction:
-    """Weights Eq. 5 predicts for one unit on ``channels`` at reduction ``r`` (with bias: + C/r + C)."""
-    weights = Fraction(2 * channels * channels, r)
-    return weights + Fraction(channels, r) + channels if bias else weights
+from se_inject.units.base import ChannelUnit
+from se_inject.units.se import eq5_params  # noqa: F401 - part of this module's public names
 
 
 def _number(value: Fraction) -> int | float:
@@ -128,6 +124,7 @@ def build_report(
     notes: Sequence[str] = (),
 ) -> OverheadReport:
     """Assemble the report from the plan and what was measured on both models."""
+    expected = {u.qualified_name: _unit(injected, u.qualified_name).expected_params() for u in plan.units}
     units = [
         UnitReport(
             name=u.qualified_name,
@@ -144,13 +141,15 @@ def build_report(
         )
         for u in plan.units
     ]
-    stages = tuple(_stage_report(stage, analysis, plan, units, config) for stage in range(1, plan.stage_count + 1))
+    stages = tuple(
+        _stage_report(stage, analysis, plan, units, config, expected) for stage in range(1, plan.stage_count + 1)
+    )
     params_before, params_after = count_params(original), count_params(injected)
     totals = Totals(
         params_before=params_before,
         params_after=params_after,
         params_added=params_after - params_before,
-        eq5_params=_number(sum((eq5_params(u.channels, u.r, config.bias) for u in plan.units), Fraction(0))),
+        eq5_params=_number(sum(expected.values(), Fraction(0))),
         flops_before=analysis.flops,
         flops_after=flops_after,
     )
@@ -167,8 +166,19 @@ def build_report(
     )
 
 
+def _unit(model: nn.Module, name: str) -> ChannelUnit:
+    unit = model.get_submodule(name)
+    assert isinstance(unit, ChannelUnit), name  # the rewrite put one there
+    return unit
+
+
 def _stage_report(
-    stage: int, analysis: Analysis, plan: Plan, units: list[UnitReport], config: InjectConfig
+    stage: int,
+    analysis: Analysis,
+    plan: Plan,
+    units: list[UnitReport],
+    config: InjectConfig,
+    expected: dict[str, Fraction],
 ) -> StageReport:
     sites = [s for s in plan.search.sites if s.stage == stage]
     planned: list[PlannedUnit] = [u for u in plan.units if u.stage == stage]
@@ -183,7 +193,7 @@ def _stage_report(
         sites=len(sites),
         channels=widths[0] if len(set(widths)) == 1 else widths,
         r=planned[0].r if planned else None,
-        eq5_params=_number(sum((eq5_params(u.channels, u.r, config.bias) for u in planned), Fraction(0))),
+        eq5_params=_number(sum((expected[u.qualified_name] for u in planned), Fraction(0))),
         added_params=sum(u.params for u in measured),
         flops_before=flops_before,
         flops_after=flops_before + sum(u.flops for u in measured),

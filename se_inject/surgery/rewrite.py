@@ -31,20 +31,16 @@ from se_inject.graph.ops import add_operands, normalize_inplace_adds
 from se_inject.graph.trace import trace_graph
 from se_inject.placement.plan import Plan, PlannedUnit
 from se_inject.placement.sites import node_in_scope
-from se_inject.units.se import SqueezeExcite
+from se_inject.units.base import ChannelUnit, unit_class
 
 
-def make_unit(unit: PlannedUnit, config: InjectConfig, like: nn.Module) -> SqueezeExcite:
-    """The SE module for ``unit``, on the device and in the dtype of ``like``'s parameters."""
+def make_unit(unit: PlannedUnit, config: InjectConfig, like: nn.Module) -> ChannelUnit:
+    """The unit ``config.unit`` names for ``unit``, on the device and in the dtype of ``like``'s parameters."""
     reference = next(like.parameters(), None)
-    return SqueezeExcite(
+    return unit_class(config.unit).from_config(
         unit.channels,
         unit.r,
-        gate_layer=config.excitation,
-        squeeze=config.squeeze,
-        bias=config.bias,
-        rounding=config.rounding,
-        init=config.init,
+        config,
         device=reference.device if reference is not None else None,
         dtype=reference.dtype if reference is not None and reference.is_floating_point() else None,
     )

@@ -50,7 +50,7 @@ from se_inject.io.layout import CHECKPOINT_FILE, METRICS_FILE, OWNED_FILES, RECI
 from se_inject.io.models import classifier, fit_head
 from se_inject.saving import write_model_files
 from se_inject.train.data import DataSplits
-from se_inject.units.se import SqueezeExcite
+from se_inject.units.base import ChannelUnit
 
 # Settings a resumed run may change: they do not alter what the run computes (epochs may only grow:
 # the phase in progress then follows its schedule over the new total).
@@ -165,7 +165,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def se_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for m in model.modules() if isinstance(m, SqueezeExcite) for p in m.parameters()]
+    return [p for m in model.modules() if isinstance(m, ChannelUnit) for p in m.parameters()]
 
 
 def _param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,10 @@ from torch import nn
 
 from se_inject.config import EXCITATIONS, INITS, ROUNDINGS, SQUEEZES
 from se_inject.errors import ConfigError
+from se_inject.units.base import ChannelUnit, register_unit
+
+if TYPE_CHECKING:
+    from se_inject.config import InjectConfig
 
 
 def hidden_width(channels: int, r: int, rounding: str = "floor") -> int:
@@ -109,7 +115,13 @@ def _can_write_over(x: torch.Tensor, s: torch.Tensor, residual: torch.Tensor | N
     )
 
 
-class SqueezeExcite(nn.Module):
+def eq5_params(channels: int, r: int, bias: bool = False) -> Fraction:
+    """Weights Eq. 5 predicts for one SE unit on ``channels`` at reduction ``r`` (with bias: + C/r + C)."""
+    weights = Fraction(2 * channels * channels, r)
+    return weights + Fraction(channels, r) + channels if bias else weights
+
+
+class SqueezeExcite(ChannelUnit):
     """The SE unit of Hu et al.: ``x * gate(fc2(act(fc1(squeeze(x)))))``.
 
     Args:
@@ -145,17 +157,15 @@ class SqueezeExcite(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
         if squeeze not in SQUEEZES:
             raise ConfigError(f"squeeze: {squeeze!r} is not one of {', '.join(SQUEEZES)}")
         if init not in INITS:
             raise ConfigError(f"init: {init!r} is not one of {', '.join(INITS)}")
         if channels < 1 or r < 1:
             raise ConfigError(f"r: need channels >= 1 and r >= 1, got channels={channels}, r={r}")
-        self.channels = channels
-        self.r = r
+        super().__init__(channels, r, hidden_width(channels, r, rounding))
         self.squeeze = squeeze
-        self.hidden = hidden_width(channels, r, rounding)
+        self.init = init
         factory = {"device": device, "dtype": dtype}
         if squeeze == "none":
             self.fc1 = nn.Conv2d(channels, self.hidden, 1, bias=bias, **factory)
@@ -163,9 +173,6 @@ class SqueezeExcite(nn.Module):
         else:
             self.fc1 = nn.Linear(channels, self.hidden, bias=bias, **factory)
             self.fc2 = nn.Linear(self.hidden, channels, bias=bias, **factory)
-        # set by the rewrite when the unit's input is memory nothing else reads (see owns_its_memory):
-        # inference may then write the result over it; False always allocates a new feature map
-        self.overwrite_input = False
         self.act = act_layer()
         self.gate = create_gate(gate_layer, preserve=init == "preserve")
         if init == "preserve":
@@ -173,6 +180,39 @@ class SqueezeExcite(nn.Module):
                 nn.init.zeros_(self.fc2.weight)
                 if bias:
                     nn.init.zeros_(self.fc2.bias)
+
+    @classmethod
+    def from_config(
+        cls,
+        channels: int,
+        r: int,
+        config: InjectConfig,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> SqueezeExcite:
+        return cls(
+            channels,
+            r,
+            gate_layer=config.excitation,
+            squeeze=config.squeeze,
+            bias=config.bias,
+            rounding=config.rounding,
+            init=config.init,
+            device=device,
+            dtype=dtype,
+        )
+
+    @classmethod
+    def hidden_width(cls, channels: int, r: int, config: InjectConfig) -> int:
+        return hidden_width(channels, r, config.rounding)
+
+    def expected_params(self) -> Fraction:
+        return eq5_params(self.channels, self.r, bias=self.fc1.bias is not None)
+
+    @property
+    def starts_as_identity(self) -> bool:
+        return self.init == "preserve"
 
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
         """The per-channel (per-position for NoSqueeze) gate, shaped to broadcast against ``x``."""
@@ -234,3 +274,6 @@ class ChannelScale(nn.Module):
         if residual is None:
             return x * self.scale
         return torch.addcmul(residual, x, self.scale)
+
+
+register_unit("se", SqueezeExcite)
