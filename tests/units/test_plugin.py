@@ -54,7 +54,9 @@ def test_the_registry_refuses_a_name_twice_and_what_is_not_a_unit():
         se_inject.register_unit("learned_scale", LearnedScale)
     with pytest.raises(TypeError, match="not a subclass"):
         se_inject.register_unit("linear", nn.Linear)
-    with pytest.raises(se_inject.ConfigError, match="unit: 'nope' is not a registered unit; units are learned_scale, se"):
+    with pytest.raises(
+        se_inject.ConfigError, match="unit: 'nope' is not a registered unit; units are learned_scale, se"
+    ):
         se_inject.inject(FunctionalResNet(), unit="nope", input_size=16)
 
 
