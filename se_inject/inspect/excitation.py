@@ -184,9 +184,8 @@ def prune_units(
         unit = model.get_submodule(name)
         saved += sum(p.numel() for p in unit.parameters())
         eq5 += unit.expected_params()  # the unit's own closed form, as the report uses it
-        owner, _, child = name.rpartition(".")
         mean = torch.tensor(stats[name].mean, dtype=next(unit.parameters()).dtype)
-        setattr(model.get_submodule(owner) if owner else model, child, ChannelScale(mean))
+        model.set_submodule(name, ChannelScale(mean))
     recipe = getattr(model, "se_inject_recipe", None)
     if recipe is not None:  # so that se_inject.load rebuilds the pruned model
         model.se_inject_recipe = replace(recipe, pruned=sorted({*recipe.pruned, *names}))
