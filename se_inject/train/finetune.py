@@ -504,7 +504,33 @@ def finetune(
         return _run(model, data, out, config, original, state, rank, world, device, show_progress, console)
 
 
-def _run(model, data, out, config, original, state, rank, world, device, show_progress, console) -> FinetuneResult:
+@dataclass
+class _Run:
+    """What the steps of one fine-tuning run share."""
+
+    model: nn.Module
+    data: DataSplits
+    out: Path
+    config: FinetuneConfig
+    device: torch.device
+    rank: int
+    world: int
+    head_params: list[nn.Parameter]
+    val_loader: DataLoader
+    cuda_opts: dict[str, bool]
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    history: list[dict[str, Any]] = field(default_factory=list)
+    accuracy: dict[str, float | None] = field(
+        default_factory=lambda: {"before retrofit": None, "after injection": None, "after fine-tuning": None}
+    )
+    notes: list[str] = field(default_factory=list)
+
+    def evaluate(self, model: nn.Module) -> tuple[float, float]:
+        return evaluate(model, self.val_loader, self.device, **self.cuda_opts)
+
+
+def _prepare(model, data, out, config, state, rank, world, device) -> _Run:
+    """Seed, fit the head, check a resumed run against its checkpoint, and place the model."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     head_params = fit_head(model, data.num_classes)
@@ -515,111 +541,121 @@ def _run(model, data, out, config, original, state, rank, world, device, show_pr
     model.to(device)
     if device.type == "cuda" and config.channels_last:
         model.to(memory_format=torch.channels_last)
-
-    train_sampler = DistributedSampler(data.train, world, rank, shuffle=True, seed=config.seed) if world > 1 else None
     val_loader = DataLoader(data.val, batch_size=config.batch_size * 2, num_workers=config.workers)
     cuda_opts = {"amp": config.amp, "channels_last": config.channels_last} if device.type == "cuda" else {}
+    return _Run(model, data, out, config, device, rank, world, head_params, val_loader, cuda_opts)
 
-    accuracy: dict[str, float | None] = {"before retrofit": None, "after injection": None, "after fine-tuning": None}
-    history: list[dict[str, Any]] = []
-    notes: list[str] = []
-    start_epoch, run_id = 0, uuid.uuid4().hex[:12]
+
+def _resume(run: _Run, state: dict[str, Any]) -> int:
+    """Continue from ``state``: weights, history and run identity; the model files repaired. The next epoch."""
+    run.model.load_state_dict(state["model"])
+    run.history, run.accuracy, run.run_id = state["history"], state["accuracy"], state["run_id"]
+    if run.rank == 0:
+        _repair_model_files(run.model, run.out, state)
+    return state["epoch"] + 1
+
+
+def _measure_start(run: _Run, original: nn.Module | None) -> None:
+    """Accuracy before the retrofit (on a copy of ``original``) and right after injection; the chance warning."""
+    if original is not None:
+        reference = copy.deepcopy(original)  # the user's original keeps its head, device and flags
+        if fit_head(reference, run.data.num_classes):  # the same new head on both: the bodies are compared
+            found = classifier(run.model)
+            assert found is not None  # fit_head found it
+            reference.set_submodule(found[0], copy.deepcopy(found[1]))
+        run.accuracy["before retrofit"] = run.evaluate(reference.to(run.device))[1]
+    run.accuracy["after injection"] = run.evaluate(run.model)[1]
+    # only an SE-only phase is wasted on an untrained backbone; a new head scores at chance whatever the backbone
+    if run.config.se_epochs and not run.head_params:
+        warning = _chance_warning(run.accuracy["before retrofit"] or run.accuracy["after injection"], run.data)
+        if warning:
+            run.notes.append(warning)
+            warnings.warn(warning, UntrainedModelWarning, stacklevel=4)
+
+
+def _begin_phase(run: _Run, phase: str, epoch: int, state: dict[str, Any] | None):
+    """Which parameters train, the optimizer and schedule of ``phase`` (restored from ``state`` when
+    the run resumes inside it), the RNG of a resumed run, and DDP around the model."""
+    config, model = run.config, run.model
+    trainable = se_parameters(model) + run.head_params if phase == "se" else list(model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(phase == "full")
+    for p in trainable:
+        p.requires_grad_(True)
+    lr = config.lr if phase == "se" else config.lr * config.full_lr_scale
+    optimizer = _make_optimizer(config, trainable, lr)
+    scheduler = _make_scheduler(config, optimizer, config.phase_epochs(phase))
+    if state is not None and state["phase"] == phase and state["epoch"] + 1 == epoch:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        # the schedule, not the stored rate, sets this epoch's rate: with more epochs the phase's
+        # schedule is longer (the same formula and value when nothing changed)
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(scheduler.last_epoch)
     if state is not None:
-        model.load_state_dict(state["model"])
-        history, accuracy, start_epoch, run_id = (
-            state["history"],
-            state["accuracy"],
-            state["epoch"] + 1,
-            state["run_id"],
-        )
-        if rank == 0:
-            _repair_model_files(model, out, state)
-    else:
-        if original is not None:
-            reference = copy.deepcopy(original)  # the user's original keeps its head, device and flags
-            if fit_head(reference, data.num_classes):  # the same new head on both: the bodies are compared
-                reference.set_submodule(classifier(model)[0], copy.deepcopy(classifier(model)[1]))
-            accuracy["before retrofit"] = evaluate(reference.to(device), val_loader, device, **cuda_opts)[1]
-        accuracy["after injection"] = evaluate(model, val_loader, device, **cuda_opts)[1]
-        # only an SE-only phase is wasted on an untrained backbone; a new head scores at chance whatever the backbone
-        if config.se_epochs and not head_params:
-            warning = _chance_warning(accuracy["before retrofit"] or accuracy["after injection"], data)
-            if warning:
-                notes.append(warning)
-                warnings.warn(warning, UntrainedModelWarning, stacklevel=3)
+        _set_rng_state(state["rng"])
+    # DDP registers the parameters that require grad when it is built
+    ddp: nn.Module = nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
+    return optimizer, scheduler, ddp
 
-    ddp: nn.Module = model
-    optimizer = scheduler = None
+
+def _checkpoint(run: _Run, optimizer, scheduler, epoch: int, phase: str) -> dict[str, Any]:
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+        "epoch": epoch,
+        "phase": phase,
+        "history": run.history,
+        "accuracy": run.accuracy,
+        "config": asdict(run.config),
+        "run": run_fingerprint(run.model, run.data, run.config),
+        "run_id": run.run_id,
+    }
+
+
+def _run(model, data, out, config, original, state, rank, world, device, show_progress, console) -> FinetuneResult:
+    run = _prepare(model, data, out, config, state, rank, world, device)
+    start_epoch = 0
+    if state is not None:
+        start_epoch = _resume(run, state)
+    else:
+        _measure_start(run, original)
+    train_sampler = DistributedSampler(data.train, world, rank, shuffle=True, seed=config.seed) if world > 1 else None
     current_phase = None
     for epoch in range(start_epoch, config.epochs):
         phase = config.phase(epoch)
         if phase != current_phase:
-            trainable = se_parameters(model) + head_params if phase == "se" else list(model.parameters())
-            for p in model.parameters():
-                p.requires_grad_(phase == "full")
-            for p in trainable:
-                p.requires_grad_(True)
-            lr = config.lr if phase == "se" else config.lr * config.full_lr_scale
-            optimizer = _make_optimizer(config, trainable, lr)
-            scheduler = _make_scheduler(config, optimizer, config.phase_epochs(phase))
-            if state is not None and state["phase"] == phase and state["epoch"] + 1 == epoch:
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                # the schedule, not the stored rate, sets this epoch's rate: with more epochs the phase's
-                # schedule is longer (the same formula and value when nothing changed)
-                for group, base, factor in zip(
-                    optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
-                ):
-                    group["lr"] = base * factor(scheduler.last_epoch)
-            if state is not None:
-                _set_rng_state(state["rng"])
-                state = None
-            current_phase = phase
-            if world > 1:  # DDP registers the parameters that require grad when it is built
-                ddp = nn.parallel.DistributedDataParallel(model)
+            optimizer, scheduler, ddp = _begin_phase(run, phase, epoch, state)
+            state, current_phase = None, phase
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
         loader = _loader_for(data.train, config, train_sampler, epoch, world)
-        with _progress(
-            show_progress and rank == 0,
-            console,
-            f"epoch {epoch + 1}/{config.epochs} ({phase})",
-            len(loader.dataset) // world,
-        ) as progress:
+        title = f"epoch {epoch + 1}/{config.epochs} ({phase})"
+        with _progress(show_progress and rank == 0, console, title, len(loader.dataset) // world) as progress:
             metrics = _train_epoch(ddp, loader, optimizer, device, config, phase, progress, epoch)
         lr_used = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        val_loss, val_acc = evaluate(model, val_loader, device, **cuda_opts)
-        record = {
-            "epoch": epoch + 1,
-            "phase": phase,
-            **metrics,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "lr": lr_used,
-            "world_size": world,
-            "device": str(device),
-        }
-        history.append(record)
-        accuracy["after fine-tuning"] = val_acc
-        if rank == 0:
-            checkpoint = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(),
-                "epoch": epoch,
+        val_loss, val_acc = run.evaluate(model)
+        run.history.append(
+            {
+                "epoch": epoch + 1,
                 "phase": phase,
-                "history": history,
-                "accuracy": accuracy,
-                "config": asdict(config),
-                "run": run_fingerprint(model, data, config),
-                "run_id": run_id,
+                **metrics,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "lr": lr_used,
+                "world_size": world,
+                "device": str(device),
             }
-            _commit_epoch(model, out, checkpoint, history)
+        )
+        run.accuracy["after fine-tuning"] = val_acc
+        if rank == 0:
+            _commit_epoch(model, out, _checkpoint(run, optimizer, scheduler, epoch, phase), run.history)
         if world > 1:
             dist.barrier()
-    return FinetuneResult(model, history, accuracy, out, notes)
+    return FinetuneResult(model, run.history, run.accuracy, out, run.notes)
 
 
 @contextlib.contextmanager
