@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 # Only what parsing needs is imported here: torch and the pipeline load inside the command that
 # runs, so `se-inject --help` and `--version` answer at once.
 from se_inject._version import __version__
+from se_inject.cli.options import finetune_option, inject_option
 from se_inject.config import InjectConfig
 from se_inject.errors import ConfigError, SEInjectError
 from se_inject.io.files import as_path, check_target
@@ -175,14 +176,14 @@ def _inject_config(position: str, r: str, stages: str | None, **options: Any) ->
 @app.command("inject")
 def inject_command(
     model: str = typer.Argument(..., help="timm name, torchvision:NAME, module.path:callable or file.py:callable"),
-    position: str = typer.Option("standard", "--position", "-p", help=HELP["position"]),
-    r: str = typer.Option("16", "--r", "-r", help=HELP["r"] + " (e.g. 16 or 8,16,16,32)"),
-    stages: str | None = typer.Option(None, "--stages", help="stages that get units, e.g. 2,3 or 2-4 (default: all)"),
-    squeeze: str = typer.Option("avg", "--squeeze", help=HELP["squeeze"]),
-    excitation: str = typer.Option("sigmoid", "--excitation", help=HELP["excitation"]),
-    bias: bool = typer.Option(False, "--bias/--no-bias", help=HELP["bias"]),
-    init: str = typer.Option("preserve", "--init", help=HELP["init"]),
-    rounding: str = typer.Option("floor", "--rounding", help=HELP["rounding"]),
+    position: str = inject_option("position"),
+    r: str = inject_option("r"),
+    stages: str | None = inject_option("stages"),
+    squeeze: str = inject_option("squeeze"),
+    excitation: str = inject_option("excitation"),
+    bias: bool = inject_option("bias"),
+    init: str = inject_option("init"),
+    rounding: str = inject_option("rounding"),
     input_size: int | None = typer.Option(
         None, "--input-size", min=1, help="spatial size FLOPs are counted at (default: the model's own, else 224)"
     ),
@@ -190,7 +191,7 @@ def inject_command(
         [], "--leaf", help="module class or qualified name fx must not trace into (repeatable)"
     ),
     rules: list[str] = typer.Option([], "--rules", help="extra placement rule file, TOML (repeatable)"),
-    existing: str = typer.Option("skip", "--existing", help=HELP["existing"] + " (skip|stack)"),
+    existing: str = inject_option("existing"),
     checkpoint: str | None = typer.Option(
         None, "--checkpoint", help="trained weights (.safetensors, .pth) loaded before injection"
     ),
@@ -349,28 +350,30 @@ def finetune_command(
     source: str = typer.Argument(..., help="a directory written by --save, or a model spec to inject first"),
     data: str = typer.Option(..., "--data", help="'digits' or an image folder with train/ and val/ class folders"),
     out: str = typer.Option(..., "--out", help="run directory: checkpoint.pt, metrics.jsonl and the final model"),
-    epochs: int = typer.Option(3, "--epochs", help="epochs in all"),
-    se_epochs: int = typer.Option(1, "--se-epochs", help="first epochs that train the SE units only"),
-    batch_size: int = typer.Option(64, "--batch-size", help="images per step (per process)"),
-    lr: float = typer.Option(0.05, "--lr", help="learning rate of the SE phase"),
-    full_lr_scale: float = typer.Option(0.1, "--full-lr-scale", help="learning rate of the full phase, times --lr"),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9) or adamw"),
-    schedule: str = typer.Option("cosine", "--schedule", help="step or cosine, within each phase"),
-    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="label smoothing of the loss"),
-    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="weight decay (not on biases and norms)"),
+    epochs: int = finetune_option("epochs"),
+    se_epochs: int = finetune_option("se_epochs"),
+    batch_size: int = finetune_option("batch_size"),
+    lr: float = finetune_option("lr"),
+    full_lr_scale: float = finetune_option("full_lr_scale"),
+    optimizer: str = finetune_option("optimizer"),
+    schedule: str = finetune_option("schedule"),
+    label_smoothing: float = finetune_option("label_smoothing"),
+    weight_decay: float = finetune_option("weight_decay"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
-    amp: bool = typer.Option(True, "--amp/--no-amp", help="mixed precision on CUDA (bf16 where supported)"),
-    seed: int = typer.Option(0, "--seed", help="seed of initialisation, shuffling and dropout"),
-    workers: int = typer.Option(0, "--workers", help="data-loading worker processes"),
+    amp: bool = finetune_option("amp"),
+    seed: int = finetune_option("seed"),
+    workers: int = finetune_option("workers"),
+    momentum: float = finetune_option("momentum"),
+    channels_last: bool = finetune_option("channels_last"),
     image_size: int | None = typer.Option(
         None, "--image-size", help="training image size (digits: 32, folders: the model's)"
     ),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     nproc: int = typer.Option(1, "--nproc", help="launch N processes with torchrun (DistributedDataParallel)"),
-    position: str = typer.Option("standard", "--position", "-p", help=HELP["position"]),
-    r: str = typer.Option("16", "--r", "-r", help=HELP["r"]),
-    stages: str | None = typer.Option(None, "--stages", help="stages that get units (default: all)"),
-    init: str = typer.Option("preserve", "--init", help=HELP["init"]),
+    position: str = inject_option("position"),
+    r: str = inject_option("r"),
+    stages: str | None = inject_option("stages"),
+    init: str = inject_option("init"),
     checkpoint: str | None = typer.Option(None, "--checkpoint", help="trained weights for a model spec SOURCE"),
     pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights for SOURCE"),
     num_classes: int | None = typer.Option(
@@ -406,6 +409,8 @@ def finetune_command(
         amp=amp,
         seed=seed,
         workers=workers,
+        momentum=momentum,
+        channels_last=channels_last,
     )
     if image_size is not None:
         check_image_size(image_size)
@@ -533,9 +538,9 @@ def render_finetune(result, console: Console) -> None:
 @app.command("bench")
 def bench_command(
     model: str = typer.Argument(..., help="timm name, torchvision:NAME, module.path:callable or file.py:callable"),
-    position: str = typer.Option("standard", "--position", "-p", help=HELP["position"]),
-    r: str = typer.Option("16", "--r", "-r", help=HELP["r"]),
-    stages: str | None = typer.Option(None, "--stages", help="stages that get units (default: all)"),
+    position: str = inject_option("position"),
+    r: str = inject_option("r"),
+    stages: str | None = inject_option("stages"),
     batch: str = typer.Option("1,16", "--batch", help="batch sizes, e.g. 1,16 (CUDA default: 256)"),
     size: int = typer.Option(224, "--size", min=8, help="input size"),
     repeats: int = typer.Option(20, "--repeats", min=1, help="timed rounds (each model once per round)"),

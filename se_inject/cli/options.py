@@ -1,0 +1,55 @@
+"""Command-line options made from the config dataclasses: each option's default and help text is
+declared once, on the field of :class:`~se_inject.config.InjectConfig` or
+:class:`~se_inject.train.config.FinetuneConfig`, and every command that takes it builds it here."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, Field, fields
+from typing import Any
+
+import typer
+
+from se_inject.config import InjectConfig
+from se_inject.train.config import FinetuneConfig
+
+
+def _field(config: type, name: str) -> Field[Any]:
+    for f in fields(config):
+        if f.name == name:
+            return f
+    raise KeyError(f"{config.__name__} has no field {name!r}")
+
+
+def _option(config: type, name: str, *flags: str, default: Any = MISSING, suffix: str = "", **extra: Any) -> Any:
+    f = _field(config, name)
+    value = f.default if default is MISSING else default
+    names = flags or (f"--{name.replace('_', '-')}",)
+    return typer.Option(value, *names, help=f.metadata.get("help", "") + suffix, **extra)
+
+
+def inject_option(name: str, *flags: str, **extra: Any) -> Any:
+    """The option for ``InjectConfig.<name>``."""
+    if name == "r":  # typed as text: one ratio or a list, parsed by the command
+        return _option(
+            InjectConfig,
+            "r",
+            "--r",
+            "-r",
+            default=str(_field(InjectConfig, "r").default),
+            suffix=" (e.g. 16 or 8,16,16,32)",
+        )
+    if name == "stages":
+        return _option(InjectConfig, "stages", "--stages", suffix=" (e.g. 2,3 or 2-4)")
+    if name == "position":
+        return _option(InjectConfig, "position", "--position", "-p", **extra)
+    if name == "bias":
+        return _option(InjectConfig, "bias", "--bias/--no-bias")
+    return _option(InjectConfig, name, *flags, **extra)
+
+
+def finetune_option(name: str, *flags: str, **extra: Any) -> Any:
+    """The option for ``FinetuneConfig.<name>``."""
+    if isinstance(_field(FinetuneConfig, name).default, bool):
+        flag = name.replace("_", "-")
+        return _option(FinetuneConfig, name, f"--{flag}/--no-{flag}", **extra)
+    return _option(FinetuneConfig, name, *flags, **extra)

@@ -1,0 +1,80 @@
+"""How to fine-tune: :class:`FinetuneConfig`, validated once, each field with its help text.
+
+Light on purpose (no torch): the command line builds its options from these fields.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from se_inject.errors import ConfigError
+
+# Settings a resumed run may change: they do not alter what the run computes (epochs may only grow:
+# the phase in progress then follows its schedule over the new total).
+RESUMABLE_CHANGES = ("epochs", "workers", "device", "amp", "channels_last")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How to fine-tune. ``epochs`` in all, the first ``se_epochs`` of them training SE units only.
+
+    Example::
+
+        FinetuneConfig(epochs=6, se_epochs=2, lr=0.05, optimizer="sgd", schedule="cosine")
+    """
+
+    epochs: int = field(default=3, metadata={"help": "epochs in all"})
+    se_epochs: int = field(default=1, metadata={"help": "first epochs that train the SE units only"})
+    batch_size: int = field(default=64, metadata={"help": "images per step (per process)"})
+    lr: float = field(default=0.05, metadata={"help": "learning rate of the SE phase"})
+    full_lr_scale: float = field(default=0.1, metadata={"help": "learning rate of the full phase, times lr"})
+    optimizer: Literal["sgd", "adamw"] = field(default="sgd", metadata={"help": "sgd (momentum 0.9) or adamw"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum, in [0, 1)"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay (not on biases and norms)"})
+    schedule: Literal["step", "cosine"] = field(default="cosine", metadata={"help": "decay within each phase"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy"})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: cuda when there is one"})
+    amp: bool = field(default=True, metadata={"help": "mixed precision on CUDA (bf16 where supported)"})
+    channels_last: bool = field(default=True, metadata={"help": "channels_last memory format on CUDA"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, shuffling and dropout"})
+    workers: int = field(default=0, metadata={"help": "data-loading worker processes"})
+
+    def __post_init__(self) -> None:
+        for name, low in (("epochs", 1), ("se_epochs", 0), ("batch_size", 1), ("seed", 0), ("workers", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name}: expected a whole number, got {value!r}")
+            if value < low:
+                raise ConfigError(f"{name}: must be at least {low}, got {value}")
+        if self.se_epochs > self.epochs:
+            raise ConfigError(f"se_epochs: must be between 0 and epochs ({self.epochs}), got {self.se_epochs}")
+        for name in ("lr", "full_lr_scale", "momentum", "weight_decay", "label_smoothing"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        for name in ("lr", "full_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum: must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be zero or positive, got {self.weight_decay}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"optimizer: {self.optimizer!r} is not one of sgd, adamw")
+        if self.schedule not in ("step", "cosine"):
+            raise ConfigError(f"schedule: {self.schedule!r} is not one of step, cosine")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        for name in ("amp", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+
+    def phase_epochs(self, phase: str) -> int:
+        return self.se_epochs if phase == "se" else self.epochs - self.se_epochs
+
+    def phase(self, epoch: int) -> str:
+        return "se" if epoch < self.se_epochs else "full"
