@@ -8,6 +8,15 @@ exit code 2.
 from __future__ import annotations
 
 
+def one_line(err: BaseException, limit: int = 200, *, with_type: bool = True) -> str:
+    """``err`` as one line for a message: its text with whitespace collapsed and cut at ``limit``,
+    after its type name unless ``with_type`` is False (the type alone when it has no text)."""
+    text = " ".join(str(err).split())[:limit]
+    if not with_type:
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 class SEInjectError(Exception):
     """Base class of every error se_inject raises on purpose."""
 

@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import (
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from se_inject.errors import InvalidModelError, ShapePropagationError
+from se_inject.errors import InvalidModelError, ShapePropagationError, one_line
 
 aten = torch.ops.aten
 
@@ -86,7 +86,7 @@ def shadow(model: nn.Module) -> nn.Module:
         copy = deepcopy(model, memo)
     except Exception as err:
         raise InvalidModelError(
-            f"model: {type(model).__name__} cannot be copied ({type(err).__name__}: {' '.join(str(err).split())[:160]}); "
+            f"model: {type(model).__name__} cannot be copied ({one_line(err, 160)}); "
             "se_inject works on copies so that your model is never changed: keep such state (locks, open files, "
             "generators) outside the module or give it a __deepcopy__"
         ) from None

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from se_inject.errors import CheckpointError, ModelSpecError
+from se_inject.errors import CheckpointError, ConfigError, ModelSpecError, one_line
 
 MAX_SPEC_LENGTH = 1000
 # Constructor arguments a recipe may pass to the model it rebuilds: anything else (pretrained,
@@ -147,11 +147,6 @@ def _importable_folder(folder: Path) -> Iterator[None]:
             sys.path.remove(entry)
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
-
-
 def _load_python_module(source: str):
     if source.endswith(".py"):
         path = Path(source)
@@ -168,14 +163,14 @@ def _load_python_module(source: str):
                 spec.loader.exec_module(module)
         except (Exception, SystemExit) as err:  # a user file may call sys.exit() at import
             del sys.modules[module_name]
-            raise ModelSpecError(f"importing '{source}' failed: {_one_line(err)}") from err
+            raise ModelSpecError(f"importing '{source}' failed: {one_line(err)}") from err
         return module
     try:
         return importlib.import_module(source)
     except ModuleNotFoundError as err:
         raise ModelSpecError(f"cannot import module '{source}': {err}") from err
     except (Exception, SystemExit) as err:
-        raise ModelSpecError(f"importing module '{source}' failed: {_one_line(err)}") from err
+        raise ModelSpecError(f"importing module '{source}' failed: {one_line(err)}") from err
 
 
 def refused_kwargs(factory: object, kwargs: dict) -> list[str]:
@@ -210,7 +205,7 @@ def _callable_model(spec: str, **kwargs) -> nn.Module:
         with _importable_folder(folder) if folder else contextlib.nullcontext():
             model = factory(**kwargs)
     except (Exception, SystemExit) as err:
-        raise ModelSpecError(f"calling {spec}() failed: {_one_line(err)}") from err
+        raise ModelSpecError(f"calling {spec}() failed: {one_line(err)}") from err
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{spec}() returned {type(model).__name__}, not an nn.Module")
     return model
@@ -228,8 +223,6 @@ def accepts_kwarg(spec: str, name: str) -> bool:
 
 def check_device(device: object) -> torch.device | None:
     """``device`` as a torch.device (None stays None); a malformed one is a ConfigError."""
-    from se_inject.errors import ConfigError
-
     if device is None or isinstance(device, torch.device):
         return device
     if not isinstance(device, str):
@@ -240,7 +233,7 @@ def check_device(device: object) -> torch.device | None:
         return torch.device(device)
     except (RuntimeError, ValueError) as err:
         raise ConfigError(
-            f"device: {device!r} is not a device ({_one_line(err)}); use cpu, cuda, cuda:N or meta"
+            f"device: {device!r} is not a device ({one_line(err)}); use cpu, cuda, cuda:N or meta"
         ) from None
 
 
@@ -287,7 +280,7 @@ def load_model(
         raise
     except Exception as err:  # a timm/torchvision constructor refusing its arguments (num_classes=-1, ...)
         given = f" with {', '.join(f'{k}={v!r}' for k, v in model_kwargs.items())}" if model_kwargs else ""
-        raise ModelSpecError(f"building '{spec}'{given} failed: {_one_line(err)}") from err
+        raise ModelSpecError(f"building '{spec}'{given} failed: {one_line(err)}") from err
 
 
 def _build(spec: str, device: str | torch.device | None, kwargs: dict) -> nn.Module:

@@ -18,7 +18,7 @@ import torch
 
 from se_inject._version import __version__
 from se_inject.config import InjectConfig
-from se_inject.errors import ArtifactError, ConfigError, ModelSpecError
+from se_inject.errors import ArtifactError, ConfigError, ModelSpecError, one_line
 from se_inject.io.layout import RECIPE_FILE
 from se_inject.io.models import RECIPE_MODEL_KWARGS, spec_kind
 
@@ -57,7 +57,7 @@ class Recipe:
         try:
             data = json.loads(text, parse_constant=_refuse_constant)
         except (json.JSONDecodeError, RecursionError, ValueError) as err:
-            raise ArtifactError(f"{source}: not valid JSON ({' '.join(str(err).split())[:160]})") from None
+            raise ArtifactError(f"{source}: not valid JSON ({one_line(err, 160, with_type=False)})") from None
         return cls.from_dict(data, source)
 
     @classmethod

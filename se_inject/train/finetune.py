@@ -43,6 +43,7 @@ from se_inject.errors import (
     InvalidModelError,
     ResumeMismatchError,
     TrainingDivergedError,
+    one_line,
 )
 from se_inject.graph.abstract import eval_mode
 from se_inject.io.files import as_path, check_target, write_atomic, write_text_atomic
@@ -290,9 +291,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        first = " ".join(str(err).split())[:120]
         raise ArtifactError(
-            f"{path}: cannot be read as a fine-tuning checkpoint ({type(err).__name__}: {first}); it is truncated, "
+            f"{path}: cannot be read as a fine-tuning checkpoint ({one_line(err, 120)}); it is truncated, "
             "damaged or not se_inject's; start a new run in another --out"
         ) from None
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
