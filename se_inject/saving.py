@@ -46,7 +46,6 @@ from se_inject.io.models import (
     head_of,
     load_model,
     load_state,
-    refused_kwargs,
     spec_kind,
 )
 from se_inject.io.recipe import MAX_RECIPE_BYTES, SITE_KEYS, Recipe
@@ -198,17 +197,11 @@ def _build_source(recipe: Recipe, directory: Path, device: torch.device | None, 
                 SourceChangedWarning,
                 stacklevel=3,
             )
-    if kind in ("module", "file") and "num_classes" in kwargs:
-        if refused_kwargs(_factory(recipe.source), {"num_classes": 0}):
-            kwargs.pop("num_classes")  # the head is resized after injection instead
-    return load_model(recipe.source, device=device, **kwargs)  # type: ignore[arg-type]
-
-
-def _factory(spec: str) -> object:
-    from se_inject.io.models import _load_python_module
-
-    source, _, attr = spec.rpartition(":")
-    return getattr(_load_python_module(source), attr, None)
+    # a user's constructor may take no num_classes: then the head is resized after injection instead
+    optional = (
+        {"num_classes": kwargs.pop("num_classes")} if kind in ("module", "file") and "num_classes" in kwargs else {}
+    )
+    return load_model(recipe.source, device=device, optional_kwargs=optional, **kwargs)  # type: ignore[arg-type]
 
 
 def _fit_recorded_head(injected: nn.Module, recipe: Recipe, directory: Path) -> None:

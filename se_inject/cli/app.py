@@ -155,7 +155,7 @@ def _check_save_target(directory: str | None, force: bool) -> None:
         check_target(as_path(directory, "--save"), force=force, owned=OWNED_FILES, marker=RECIPE_FILE)
 
 
-def _source_kwargs(spec: str, num_classes: int | None) -> dict[str, Any]:
+def _head_kwargs(num_classes: int | None) -> dict[str, Any]:
     if num_classes is None:
         return {}
     if num_classes < 0:
@@ -238,7 +238,7 @@ def inject_command(
         device="cpu" if needs_weights else "meta",
         pretrained=pretrained,
         checkpoint=checkpoint,
-        **_source_kwargs(model, num_classes),
+        **_head_kwargs(num_classes),
     )
     result = retrofit(network, config, input_size=input_size, model_name=model)
     difference = check_outputs(network, result.model, input_size=input_size) if check else None
@@ -388,9 +388,9 @@ def finetune_command(
     import torch
 
     from se_inject.api import retrofit
-    from se_inject.io.models import accepts_kwarg, load_model, spec_kind
+    from se_inject.io.models import load_model, spec_kind
     from se_inject.saving import load
-    from se_inject.train.data import DIGITS_SIZE, check_image_size, data_classes, load_data, model_data_config
+    from se_inject.train.data import check_image_size, data_classes, load_data, model_data_config
     from se_inject.train.finetune import FinetuneConfig, UntrainedModelWarning, finetune
 
     if nproc < 1:
@@ -423,19 +423,17 @@ def finetune_command(
     original = None
     if Path(source).is_dir():
         model = load(source, trust_code=trust_code)
+        splits = load_data(data, image_size, model_data_config(model), check=False)
     else:
-        given = _source_kwargs(source, num_classes)
-        # the dataset's classes when no trained head is given and the constructor takes them (else the head is refitted)
-        fitted = (
-            {"num_classes": len(classes)}
-            if not (checkpoint or pretrained) and accepts_kwarg(source, "num_classes")
-            else {}
+        given = _head_kwargs(num_classes)
+        # without a trained head: the dataset's classes where the constructor takes them (else the head is refitted)
+        dataset_head = {} if (given or checkpoint or pretrained) else {"num_classes": len(classes)}
+        original = load_model(
+            source, device="cpu", pretrained=pretrained, checkpoint=checkpoint, optional_kwargs=dataset_head, **given
         )
-        original = load_model(source, device="cpu", pretrained=pretrained, checkpoint=checkpoint, **(given or fitted))
-        size = image_size or (DIGITS_SIZE if data == "digits" else model_data_config(original).input_size)
+        splits = load_data(data, image_size, model_data_config(original), check=False)
         inject_config = _inject_config(position, r, stages, init=init)
-        model = retrofit(original, inject_config, input_size=size, model_name=source).model
-    splits = load_data(data, image_size, model_data_config(model), check=False)
+        model = retrofit(original, inject_config, input_size=splits.image_size, model_name=source).model
     out_console = console()
     with warnings.catch_warnings():  # shown below as se-inject's own one-line warnings
         warnings.simplefilter("ignore", UntrainedModelWarning)

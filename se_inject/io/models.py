@@ -187,13 +187,15 @@ def refused_kwargs(factory: object, kwargs: dict) -> list[str]:
     return sorted(set(kwargs) - names)
 
 
-def _callable_model(spec: str, **kwargs) -> nn.Module:
+def _callable_model(spec: str, kwargs: dict, optional: dict) -> nn.Module:
     source, _, attr = spec.rpartition(":")
     module = _load_python_module(source)
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         public = [n for n in dir(module) if not n.startswith("_")]
         raise ModelSpecError(f"'{source}' has no callable '{attr}'{_suggest(attr, public)}")
+    not_taken = refused_kwargs(factory, optional)
+    kwargs = {**{k: v for k, v in optional.items() if k not in not_taken}, **kwargs}
     refused = refused_kwargs(factory, kwargs)
     if refused:
         raise ModelSpecError(
@@ -209,16 +211,6 @@ def _callable_model(spec: str, **kwargs) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{spec}() returned {type(model).__name__}, not an nn.Module")
     return model
-
-
-def accepts_kwarg(spec: str, name: str) -> bool:
-    """Whether the constructor ``spec`` names takes keyword ``name`` (timm and torchvision models take
-    ``num_classes``; a user's callable only if its signature says so)."""
-    if spec_kind(spec) in ("timm", "torchvision"):
-        return True
-    source, _, attr = spec.rpartition(":")
-    factory = getattr(_load_python_module(source), attr, None)
-    return callable(factory) and not refused_kwargs(factory, {name: None})
 
 
 def check_device(device: object) -> torch.device | None:
@@ -243,13 +235,16 @@ def load_model(
     *,
     pretrained: bool = False,
     checkpoint: str | Path | None = None,
+    optional_kwargs: dict[str, object] | None = None,
     **model_kwargs: object,
 ) -> nn.Module:
     """Build the model ``spec`` names, on ``device`` (``"meta"``: shapes only, no weight memory).
 
     ``pretrained`` uses timm's own pretrained weights (needs a network); ``checkpoint`` loads a
     local .safetensors or .pth file into the model (see :func:`load_checkpoint`). ``model_kwargs``
-    (``num_classes=10``) go to the model's constructor.
+    (``num_classes=10``) go to the model's constructor; ``optional_kwargs`` go to it only where its
+    signature takes them (timm and torchvision constructors take ``num_classes``; a user's callable
+    may not), so a model file is imported once to find out and build.
 
     >>> load_model("resnet18", device="meta").fc.weight.is_meta
     True
@@ -264,18 +259,18 @@ def load_model(
         if pretrained:
             if ":" in spec:
                 raise ModelSpecError("pretrained applies to timm model names; pass the weights with checkpoint instead")
-            model = _pretrained_model(spec, **model_kwargs)
+            model = _pretrained_model(spec, **{**(optional_kwargs or {}), **model_kwargs})
         else:
-            model = load_checkpoint(load_model(spec, **model_kwargs), checkpoint)
+            model = load_checkpoint(load_model(spec, optional_kwargs=optional_kwargs, **model_kwargs), checkpoint)
         return model.to(device) if device is not None else model
     try:
         try:
-            return _build(spec, device, model_kwargs)
+            return _build(spec, device, model_kwargs, optional_kwargs or {})
         except (NotImplementedError, RuntimeError) as err:
             if str(device) != "meta" or "meta" not in str(err):
                 raise
             # some constructors read their own initial weights (.item(), copies): build for real, then drop them
-            return _build(spec, "cpu", model_kwargs).to("meta")
+            return _build(spec, "cpu", model_kwargs, optional_kwargs or {}).to("meta")
     except ModelSpecError:
         raise
     except Exception as err:  # a timm/torchvision constructor refusing its arguments (num_classes=-1, ...)
@@ -283,13 +278,13 @@ def load_model(
         raise ModelSpecError(f"building '{spec}'{given} failed: {one_line(err)}") from err
 
 
-def _build(spec: str, device: str | torch.device | None, kwargs: dict) -> nn.Module:
+def _build(spec: str, device: str | torch.device | None, kwargs: dict, optional: dict) -> nn.Module:
     with torch.device(device) if device is not None else contextlib.nullcontext():
         if spec.startswith("torchvision:"):
-            return _torchvision_model(spec.split(":", 1)[1], **kwargs)
+            return _torchvision_model(spec.split(":", 1)[1], **{**optional, **kwargs})
         if ":" in spec:
-            return _callable_model(spec, **kwargs)
-        return _timm_model(spec, **kwargs)
+            return _callable_model(spec, kwargs, optional)
+        return _timm_model(spec, **{**optional, **kwargs})
 
 
 def _pretrained_model(name: str, **kwargs) -> nn.Module:

@@ -179,3 +179,21 @@ def test_an_unresolvable_hub_is_known_at_once_unless_a_proxy_resolves_names(monk
     assert _hub_unreachable() == "no network (hub.invalid cannot be resolved)"
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     assert _hub_unreachable() is None
+
+
+def test_optional_constructor_arguments_reach_only_constructors_that_take_them(tmp_path):
+    """The model file is imported once: no import just to look at the signature, then another to build."""
+    counter = tmp_path / "imports"
+    (tmp_path / "nets.py").write_text(
+        f"import pathlib\nwith pathlib.Path({str(counter)!r}).open('a') as f:\n    f.write('x')\n"
+        "from torch import nn\n"
+        "def plain():\n    return nn.Linear(4, 1000)\n"
+        "def headed(num_classes=1000):\n    return nn.Linear(4, num_classes)\n"
+    )
+    plain = load_model(f"{tmp_path / 'nets.py'}:plain", optional_kwargs={"num_classes": 10})
+    assert plain.out_features == 1000 and counter.read_text() == "x"
+    headed = load_model(f"{tmp_path / 'nets.py'}:headed", optional_kwargs={"num_classes": 10})
+    assert headed.out_features == 10
+    assert load_model("resnet18", device="meta", optional_kwargs={"num_classes": 10}).fc.out_features == 10
+    with pytest.raises(ModelSpecError, match="does not take num_classes"):  # a required argument stays required
+        load_model(f"{tmp_path / 'nets.py'}:plain", num_classes=10)
