@@ -26,7 +26,7 @@ from se_inject.errors import (
     RewriteError,
 )
 from se_inject.graph.abstract import eval_mode, on_meta, shadow
-from se_inject.graph.channels import input_channels
+from se_inject.graph.channels import input_channels, recorded_input_size
 from se_inject.io.models import recorded_source
 from se_inject.io.recipe import SITE_KEYS, Recipe, versions
 from se_inject.placement.plan import Plan, plan_units
@@ -205,9 +205,8 @@ def check_outputs(
 def _resolve_input_size(model: nn.Module, input_size: int | Sequence[int] | None) -> int | tuple[int, int]:
     """``input_size``, checked; if None, the size the model was made for (timm records it), else 224."""
     if input_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        size = cfg.get("input_size") if isinstance(cfg, dict) else None
-        return tuple(size[-2:]) if size and len(size) == 3 else 224
+        size = recorded_input_size(model)
+        return size[1:] if size is not None else 224
     if isinstance(input_size, (str, bytes)) or not isinstance(input_size, (int, Sequence)):
         raise ConfigError(f"input_size: expected a positive size or (height, width), got {input_size!r}")
     sizes = [input_size] if isinstance(input_size, int) else list(input_size)

@@ -12,6 +12,15 @@ from se_inject.graph.abstract import shadow
 from se_inject.graph.trace import trace_graph
 
 
+def recorded_input_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """(channels, height, width) as timm records them in ``pretrained_cfg["input_size"]``; None when it does not."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if isinstance(size, (list, tuple)) and len(size) == 3 and all(isinstance(v, int) for v in size):
+        return (size[0], size[1], size[2])
+    return None
+
+
 def input_channels(model: nn.Module, gm: fx.GraphModule | None = None) -> int:
     """The channels ``model`` takes as input: the one owner of this decision.
 
@@ -20,9 +29,8 @@ def input_channels(model: nn.Module, gm: fx.GraphModule | None = None) -> int:
     channels into 48). Otherwise the in_channels of the first convolution the forward calls
     (graph order, not registration order), traced if no graph is given; else 3.
     """
-    cfg = getattr(model, "pretrained_cfg", None)
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if size and len(size) == 3 and isinstance(size[0], int):
+    size = recorded_input_size(model)
+    if size is not None:
         return size[0]
     if gm is None:
         try:
