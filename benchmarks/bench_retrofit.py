@@ -28,7 +28,7 @@ from se_inject.io.models import load_model
 from se_inject.placement.plan import plan_units
 from se_inject.placement.sites import analyse
 from se_inject.surgery.report import build_report
-from se_inject.surgery.rewrite import build_injected, dry_run
+from se_inject.surgery.rewrite import LocalTraces, build_injected, dry_run
 
 _CHILD = """
 import resource, sys, json
@@ -59,9 +59,10 @@ def time_steps(model_name: str, repeat: int) -> dict[str, float]:
         t0 = t = time.perf_counter()
         analysis = analyse(model, 224)
         t = clock("trace + shapes/FLOPs + site search", t)
-        plan = plan_units(analysis, config)
-        t = clock("plan", t)
-        injected = build_injected(model, analysis.gm, plan, config)
+        traces = LocalTraces(model, analysis.gm.graph, config.leaf_modules)
+        plan = plan_units(analysis, config, traces.obstacle)
+        t = clock("plan (with the local traces of the blocks)", t)
+        injected = build_injected(model, plan, traces, config)
         t = clock("insert (copy + local rewrites)", t)
         flops_after, unit_flops = dry_run(injected, plan, analysis.input_shape)
         t = clock("dry run (FLOPs after, every unit ran)", t)

@@ -23,7 +23,6 @@ from se_inject.errors import (
     AlreadyInjectedError,
     ConfigError,
     InvalidModelError,
-    RewriteError,
 )
 from se_inject.graph.abstract import eval_mode, on_meta, shadow
 from se_inject.graph.channels import input_channels, recorded_input_size
@@ -33,7 +32,7 @@ from se_inject.placement.plan import Plan, plan_units
 from se_inject.placement.rules import load_rules
 from se_inject.placement.sites import Analysis, analyse
 from se_inject.surgery.report import OverheadReport, build_report
-from se_inject.surgery.rewrite import build_injected, dry_run
+from se_inject.surgery.rewrite import LocalTraces, build_injected, dry_run
 from se_inject.units.base import ChannelUnit
 
 MAX_INPUT_SIZE = 16384  # pixels per side: far above any model's input, far below what would exhaust memory
@@ -89,7 +88,9 @@ def retrofit(
     _refuse_reinjection(model, config)
     input_size = _resolve_input_size(model, input_size)
     analysis: Analysis = analyse(shadow(model), input_size, config.leaf_modules, load_rules(config.rules))
-    plan, injected = _build(model, analysis, config)
+    traces = LocalTraces(model, analysis.gm.graph, config.leaf_modules)
+    plan = plan_units(analysis, config, traces.obstacle)
+    injected = build_injected(model, plan, traces, config)
     flops_after, unit_flops = dry_run(injected, plan, analysis.input_shape)
     notes = []
     if "" in plan.owners:
@@ -126,19 +127,6 @@ def _refuse_reinjection(model: nn.Module, config: InjectConfig) -> None:
             f"the model already holds {len(units)} SE units inserted by se_inject ({units[0]}, ...); "
             "inject the original model, or pass existing='stack' (CLI: --existing stack) to add more"
         )
-
-
-def _build(model: nn.Module, analysis: Analysis, config: InjectConfig) -> tuple[Plan, nn.Module]:
-    """Plan and build; a block that cannot be rewritten on its own hands its units to its parent."""
-    widened: set[str] = set()
-    while True:
-        plan = plan_units(analysis, config, frozenset(widened))
-        try:
-            return plan, build_injected(model, analysis.gm, plan, config)
-        except RewriteError as err:
-            if not err.owner or err.owner in widened:
-                raise
-            widened.add(err.owner)
 
 
 def inject(model: nn.Module, config: InjectConfig | None = None, **options: Any) -> nn.Module:

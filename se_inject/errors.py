@@ -17,6 +17,16 @@ def one_line(err: BaseException, limit: int = 200, *, with_type: bool = True) ->
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def first_line(err: BaseException, limit: int = 200, *, with_type: bool = False) -> str:
+    """The first line of ``err``'s text, cut at ``limit`` (its type name when it has no text): torch
+    and fx put the cause first and append context (the graph, "While executing ...") below it."""
+    lines = str(err).strip().splitlines()
+    text = lines[0].strip()[:limit] if lines else ""
+    if not text:
+        return type(err).__name__
+    return f"{type(err).__name__}: {text}" if with_type else text
+
+
 class SEInjectError(Exception):
     """Base class of every error se_inject raises on purpose."""
 
@@ -82,11 +92,15 @@ class ShapePropagationError(SEInjectError, RuntimeError):
     """Running the traced graph on fake/meta tensors failed at a node (printed in the message)."""
 
 
+class NeedsValuesError(ShapePropagationError):
+    """An operation on meta tensors needs tensor values (``.item()``, ``.tolist()``, ``nonzero``),
+    which the meta device does not have; raised before the operation runs, with its name."""
+
+
 class RewriteError(SEInjectError, RuntimeError):
     """The graph rewrite could not be carried out; the user's model is left untouched.
 
-    ``owner`` names the module whose local rewrite failed (None: not specific to one module);
-    the API then retries with the units held by its parent.
+    ``owner`` names the module that cannot hold units (None: not specific to one module).
     """
 
     def __init__(self, message: str, owner: str | None = None) -> None:

@@ -36,6 +36,34 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
             assert torch.equal(after["state"][key], tensor), key
 
 
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random running statistics and affine weights in every BatchNorm, in place: timm zero-initialises
+    the last BN of a block, and a zero there hides a misplaced unit."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                for tensor, low, high in ((m.running_mean, -1, 1), (m.running_var, 0.5, 2)):
+                    tensor.copy_(torch.empty(tensor.shape).uniform_(low, high, generator=generator))
+                if m.affine:
+                    m.weight.copy_(torch.empty(m.weight.shape).uniform_(0.5, 1.5, generator=generator))
+                    m.bias.copy_(torch.empty(m.bias.shape).uniform_(-0.5, 0.5, generator=generator))
+    return model
+
+
+def randomize_units(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Random weights in every inserted unit, in place: a unit that starts as the identity hides its wiring."""
+    from se_inject.units.base import ChannelUnit
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for unit in model.modules():
+            if isinstance(unit, ChannelUnit):
+                for p in unit.parameters():
+                    p.copy_(torch.empty(p.shape).normal_(0, 0.5, generator=generator))
+    return model
+
+
 _MODEL_CACHE: dict[tuple[str, str], nn.Module] = {}
 
 

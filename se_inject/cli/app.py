@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 from se_inject._version import __version__
 from se_inject.cli.options import finetune_option, inject_option
 from se_inject.config import InjectConfig
-from se_inject.errors import ConfigError, SEInjectError
+from se_inject.errors import ConfigError, SEInjectError, first_line
 from se_inject.io.files import as_path, check_target
 from se_inject.io.layout import OWNED_FILES, RECIPE_FILE
 
@@ -515,8 +515,7 @@ def _launch_torchrun(nproc: int, device: str) -> int:
     if errors:
         typer.echo(errors[0], err=True)
     else:
-        first = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
-        typer.echo(f"se-inject: error: a worker process failed ({first[:200]})", err=True)
+        typer.echo(f"se-inject: error: a worker process failed ({first_line(failure)})", err=True)
     return 2
 
 

@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import (
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from se_inject.errors import InvalidModelError, ShapePropagationError, one_line
+from se_inject.errors import InvalidModelError, NeedsValuesError, ShapePropagationError, one_line
 
 aten = torch.ops.aten
 
@@ -98,13 +98,41 @@ def shadow(model: nn.Module) -> nn.Module:
     return copy
 
 
-class ShapeOnlyBatchNorm(TorchDispatchMode):
+# operations whose result depends on tensor values, by torch's own tags (FakeTensorMode raises
+# DataDependentOutputException / DynamicOutputShapeException for the same ones)
+_VALUE_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+
+
+def _needs_values(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether ``func`` reads the values of a meta tensor among ``args``: a value-dependent op, or a
+    copy out of the meta device (``.tolist()``, ``.cpu()``)."""
+    if func is aten._to_copy.default:
+        device = kwargs.get("device")
+        return bool(args) and args[0].is_meta and device is not None and torch.device(device).type != "meta"
+    if not any(tag in func.tags for tag in _VALUE_TAGS):
+        return False
+    return any(isinstance(a, torch.Tensor) and a.is_meta for a in args)
+
+
+class RefuseMetaValues(TorchDispatchMode):
+    """Raises :class:`NeedsValuesError`, naming the operation, before an operation reads the values of
+    meta tensors, instead of the mix of RuntimeError and NotImplementedError messages torch gives."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if _needs_values(func, args, kwargs):
+            raise NeedsValuesError(f"{func.name()} needs tensor values, which the meta device does not have")
+        return func(*args, **kwargs)
+
+
+class ShapeOnlyBatchNorm(RefuseMetaValues):
     """Answers eval-mode batch norm on meta/fake tensors with its output shapes, without its kernel.
 
     The meta kernel of batch norm is a Python decomposition of a dozen elementwise ops: about 1 ms a
     call, three quarters of a ResNet-152 meta forward. The output is the input's shape, dtype and
     memory format, and batch norm counts no FLOPs, so nothing measured changes. A channel count
-    that does not fit is left to the real kernel, which raises as before.
+    that does not fit is left to the real kernel, which raises as before. Operations that read the
+    values of meta tensors are refused as :class:`RefuseMetaValues` does (one mode, one dispatch).
     """
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -116,7 +144,7 @@ class ShapeOnlyBatchNorm(TorchDispatchMode):
             if all(t is None or tuple(t.shape) == (channels,) for t in stats):
                 saved = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
                 return torch.empty_like(x), x.new_empty((channels,), dtype=saved), x.new_empty((channels,), dtype=saved)
-        return func(*args, **kwargs)
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
 
 @contextlib.contextmanager
@@ -144,14 +172,18 @@ def abstract_tensors(module: nn.Module, real: bool = False) -> Iterator[Any]:
 _DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException)
 
 
+def _value_dependent(err: BaseException) -> bool:
+    """Whether ``err``, or what a ShapePropagationError wraps, is an operation that needed tensor values."""
+    cause = err.__cause__ if isinstance(err, ShapePropagationError) and not isinstance(err, NeedsValuesError) else err
+    return isinstance(cause, (*_DATA_DEPENDENT, NeedsValuesError))
+
+
 def with_real_fallback(module: nn.Module, run: Any) -> int:
     """``run(real=False)``; if the forward branches on tensor values, ``run(real=True)`` on real weights."""
     try:
         return run(real=False)
     except Exception as err:
-        cause = err.__cause__ if isinstance(err, ShapePropagationError) else err
-        value_dependent = isinstance(cause, _DATA_DEPENDENT) or "cannot be called on meta tensors" in str(cause)
-        if not value_dependent:
+        if not _value_dependent(err):
             raise
         if on_meta(module):
             raise ShapePropagationError(

@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from se_inject.errors import ShapePropagationError
+from se_inject.errors import ShapePropagationError, first_line
 from se_inject.graph.abstract import abstract_tensors, with_real_fallback
 
 # FlopCounterMode counts 2 per multiply-add for conv/matmul and nothing for pooling and
@@ -72,7 +72,7 @@ class ShapeFlopProp(fx.Interpreter):
         try:
             result = super().run_node(n)
         except Exception as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = first_line(err)
             raise ShapePropagationError(
                 f"running node {n.format_node()} at input {tuple(self.input_shape)} failed: {reason}; "
                 "is the input size right for this model (CLI: --input-size)?"
@@ -90,7 +90,7 @@ def propagate(gm: fx.GraphModule, input_shape: Sequence[int]) -> int:
             try:
                 ShapeFlopProp(gm, counter, input_shape).run(make(tuple(input_shape)))
             except ShapePropagationError as err:  # drop the "While executing ..." fx appends on the way out
-                raise ShapePropagationError(str(err).split("\n")[0]) from err.__cause__
+                raise ShapePropagationError(first_line(err, limit=10_000)) from err.__cause__
         return counter.get_total_flops()
 
     return with_real_fallback(gm, run)

@@ -15,7 +15,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from se_inject.errors import UntraceableModelError
+from se_inject.errors import UntraceableModelError, first_line
 from se_inject.units.base import ChannelUnit
 
 try:  # timm is a dependency, but a user's own model must not need it to be traced
@@ -91,7 +91,7 @@ class SETracer(fx.Tracer):
 
 
 def _untraceable(path: str, module: nn.Module, err: Exception) -> UntraceableModelError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = first_line(err)
     cls = type(module).__name__
     if not path:
         return UntraceableModelError(

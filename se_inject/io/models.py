@@ -24,7 +24,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from se_inject.errors import CheckpointError, ConfigError, ModelSpecError, one_line
+from se_inject.errors import CheckpointError, ConfigError, ModelSpecError, NeedsValuesError, first_line, one_line
+from se_inject.graph.abstract import RefuseMetaValues
 
 MAX_SPEC_LENGTH = 1000
 # Constructor arguments a recipe may pass to the model it rebuilds: anything else (pretrained,
@@ -161,6 +162,9 @@ def _load_python_module(source: str):
         try:
             with _importable_folder(path.resolve().parent):
                 spec.loader.exec_module(module)
+        except NeedsValuesError:  # on the meta device: load_model builds for real instead
+            del sys.modules[module_name]
+            raise
         except (Exception, SystemExit) as err:  # a user file may call sys.exit() at import
             del sys.modules[module_name]
             raise ModelSpecError(f"importing '{source}' failed: {one_line(err)}") from err
@@ -169,6 +173,8 @@ def _load_python_module(source: str):
         return importlib.import_module(source)
     except ModuleNotFoundError as err:
         raise ModelSpecError(f"cannot import module '{source}': {err}") from err
+    except NeedsValuesError:  # on the meta device: load_model builds for real instead
+        raise
     except (Exception, SystemExit) as err:
         raise ModelSpecError(f"importing module '{source}' failed: {one_line(err)}") from err
 
@@ -206,6 +212,8 @@ def _callable_model(spec: str, kwargs: dict, optional: dict) -> nn.Module:
     try:
         with _importable_folder(folder) if folder else contextlib.nullcontext():
             model = factory(**kwargs)
+    except NeedsValuesError:  # on the meta device: load_model builds for real instead
+        raise
     except (Exception, SystemExit) as err:
         raise ModelSpecError(f"calling {spec}() failed: {one_line(err)}") from err
     if not isinstance(model, nn.Module):
@@ -266,10 +274,8 @@ def load_model(
     try:
         try:
             return _build(spec, device, model_kwargs, optional_kwargs or {})
-        except (NotImplementedError, RuntimeError) as err:
-            if str(device) != "meta" or "meta" not in str(err):
-                raise
-            # some constructors read their own initial weights (.item(), copies): build for real, then drop them
+        except NeedsValuesError:
+            # some constructors read their own initial weights (.item(), .tolist()): build for real, then drop them
             return _build(spec, "cpu", model_kwargs, optional_kwargs or {}).to("meta")
     except ModelSpecError:
         raise
@@ -279,7 +285,12 @@ def load_model(
 
 
 def _build(spec: str, device: str | torch.device | None, kwargs: dict, optional: dict) -> nn.Module:
-    with torch.device(device) if device is not None else contextlib.nullcontext():
+    """Build on ``device``; on the meta device an operation that reads values raises NeedsValuesError."""
+    on_meta = device is not None and torch.device(device).type == "meta"
+    with (
+        torch.device(device) if device is not None else contextlib.nullcontext(),
+        RefuseMetaValues() if on_meta else contextlib.nullcontext(),
+    ):
         if spec.startswith("torchvision:"):
             return _torchvision_model(spec.split(":", 1)[1], **{**optional, **kwargs})
         if ":" in spec:
@@ -443,7 +454,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            first = str(err).strip().splitlines()[0][:200]
+            first = first_line(err)
             raise CheckpointError(
                 f"{path}: refused: loading it would run code, not just read tensors ({first}); "
                 "only plain weights are loaded (torch.load weights_only=True): save a state_dict or use safetensors"

@@ -7,10 +7,11 @@ channels, the position applicable, the module that will hold each unit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from se_inject.config import InjectConfig
-from se_inject.errors import ConfigError, NoSitesError
+from se_inject.errors import ConfigError, NoSitesError, RewriteError
 from se_inject.graph.trace import module_scope
 from se_inject.placement.patterns.base import Insertion
 from se_inject.placement.sites import Analysis, Site, SiteSearch
@@ -124,11 +125,31 @@ def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def plan_units(analysis: Analysis, config: InjectConfig, widened: frozenset[str] = frozenset()) -> Plan:
+def _alone(owner: str) -> str | None:
+    return None
+
+
+def _rewritable_owner(owner: str, obstacle: Callable[[str], str | None]) -> str:
+    """``owner`` or its nearest ancestor that can be rewritten on its own."""
+    first, first_reason = owner, obstacle(owner)
+    reason = first_reason
+    while reason is not None:
+        if not owner:
+            hint = (
+                f"; nor can a module holding it: pass '{first}' in leaf_modules to leave it as it is" if first else ""
+            )
+            raise RewriteError(f"{first_reason}{hint}", first)
+        owner = _parent(owner)
+        reason = obstacle(owner)
+    return owner
+
+
+def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str], str | None] = _alone) -> Plan:
     """Check ``config`` against the sites of ``analysis`` and decide every unit; mutates nothing.
 
-    Units are held by the smallest module containing their site, except that a module listed in
-    ``widened`` (one that cannot be rewritten on its own) hands its units to its parent.
+    Units are held by the smallest module containing their site, except that a module for which
+    ``obstacle(name)`` gives a reason (one that cannot be rewritten on its own, see
+    ``surgery.rewrite.LocalTraces``) hands its units to its parent; the model's root is the last resort.
     """
     unit_type = unit_class(config.unit)
     search = analysis.select(config.position, config.existing)
@@ -163,8 +184,7 @@ def plan_units(analysis: Analysis, config: InjectConfig, widened: frozenset[str]
                 (site, f"module '{repeated}' is called more than once; the unit of its first call serves every call")
             )
             continue
-        while owner and owner in widened:
-            owner = _parent(owner)
+        owner = _rewritable_owner(owner, obstacle)
         planned.append((site, insertion, r, owner))
     if not planned:
         raise NoSitesError(

@@ -17,13 +17,14 @@ import copy
 import operator
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from se_inject.config import InjectConfig
-from se_inject.errors import RewriteError, SEInjectError, UntraceableModelError
+from se_inject.errors import RewriteError, SEInjectError, UntraceableModelError, first_line
 from se_inject.graph.abstract import shadow
 from se_inject.graph.flops import count_flops_by_module
 from se_inject.graph.memory import owns_its_memory
@@ -46,41 +47,44 @@ def make_unit(unit: PlannedUnit, config: InjectConfig, like: nn.Module) -> Chann
     )
 
 
-def map_nodes(whole: fx.Graph, local: fx.Graph, owner: str, exact: bool = False) -> dict[fx.Node, fx.Node]:
+@dataclass(frozen=True)
+class Mismatch:
+    """Why a module's own trace cannot stand in for its part of the whole-model graph."""
+
+    reason: str
+
+
+def match_nodes(whole: fx.Graph, local: fx.Graph, owner: str, exact: bool = False) -> dict[fx.Node, fx.Node] | Mismatch:
     """Map the nodes of the whole-model graph created inside ``owner`` onto its local trace.
 
     Inputs coming from outside ``owner`` map onto the local placeholders. ``exact`` also requires
     the same constant arguments and the same values leaving the module, so that ``local`` is known
     to compute what ``owner`` computes in the model even if it was traced from another instance.
+    A :class:`Mismatch` says why the two do not correspond.
     """
+    where = f"module '{owner or '<root>'}'"
     outer = [n for n in whole.nodes if n.op not in ("placeholder", "output") and node_in_scope(n, owner)]
     inner = [n for n in local.nodes if n.op not in ("placeholder", "output")]
     if len(outer) != len(inner):
-        raise RewriteError(
-            f"module '{owner or '<root>'}' traces to {len(inner)} nodes alone but {len(outer)} inside the "
-            "model (its forward depends on how it is called, or on train/eval mode): pass it in "
-            "leaf_modules to skip it",
-            owner,
+        return Mismatch(
+            f"{where} traces to {len(inner)} nodes alone but {len(outer)} inside the model (its forward "
+            "depends on how it is called, or on train/eval mode)"
         )
     prefix = f"{owner}." if owner else ""
     mapping: dict[fx.Node, fx.Node] = {}
     for w, twin in zip(outer, inner, strict=True):  # equal lengths: checked above
-        local_target = prefix + twin.target if twin.op in ("call_module", "get_attr") else twin.target
+        local_target = prefix + str(twin.target) if twin.op in ("call_module", "get_attr") else twin.target
         if w.op != twin.op or w.target != local_target:
-            raise RewriteError(
-                f"module '{owner or '<root>'}': node {w.format_node()} has no twin in its own trace", owner
-            )
+            return Mismatch(f"{where}: node {w.format_node()} has no twin in its own trace")
         mapping[w] = twin
         # same op and target, so the same inputs; a difference is caught by the twin check of that input
         for wi, li in zip(w.all_input_nodes, twin.all_input_nodes, strict=False):
             if mapping.setdefault(wi, li) is not li:  # one value, two local inputs: a defaulted argument
-                raise RewriteError(
-                    f"module '{owner or '<root>'}' reads {wi.name} through two of its inputs; its forward "
-                    "depends on how it is called",
-                    owner,
+                return Mismatch(
+                    f"{where} reads {wi.name} through two of its inputs; its forward depends on how it is called"
                 )
     if exact and not _same_computation(outer, mapping, local):
-        raise RewriteError(f"module '{owner or '<root>'}' computes otherwise than the graph given for it", owner)
+        return Mismatch(f"{where} computes otherwise than the graph given for it")
     return mapping
 
 
@@ -99,37 +103,83 @@ def _same_computation(outer: list[fx.Node], mapping: dict[fx.Node, fx.Node], loc
     return leaving == set(output.all_input_nodes)
 
 
-def _copy_graph(graph: fx.Graph, owner: nn.Module) -> fx.Graph:
+def _copy_graph(graph: fx.Graph, owner: nn.Module, val_map: dict[fx.Node, fx.Node] | None = None) -> fx.Graph:
     copied = fx.Graph(owning_module=owner)
-    copied.output(copied.graph_copy(graph, {}))
+    copied.output(copied.graph_copy(graph, val_map if val_map is not None else {}))
     return copied
 
 
-def local_graph(
-    module: nn.Module, owner: str, whole: fx.Graph, config: InjectConfig, traced: dict[type, list[fx.Graph]]
-) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
-    """The graph of ``module`` (at ``owner``) on its own, and the map of its nodes in ``whole``.
+@dataclass(frozen=True)
+class LocalTrace:
+    """A module's graph on its own, and where each of its nodes sits in the whole-model graph."""
 
-    Tracing a block costs more than its size suggests (fx patches every non-traceable function
-    in and out again), and the blocks of one class trace to a few graphs (with and without a
-    projection shortcut, say): ``traced`` keeps the graphs of each class, and one is reused for
-    another instance when it is exactly that instance's computation in ``whole`` (see
-    ``map_nodes(exact=True)``); otherwise the instance is traced itself.
+    graph: fx.Graph
+    mapping: dict[fx.Node, fx.Node]
+    traced: nn.Module
+
+    def copy_for(self, module: nn.Module) -> LocalTrace:
+        """A copy to rewrite in ``module``, another instance of the traced one (the rewrite edits
+        the graph; this trace stays as it was). Tensors that tracing stored on the traced module
+        (fx keeps a tensor created in ``forward`` as ``_tensor_constant0``) go along."""
+        val_map: dict[fx.Node, fx.Node] = {}
+        graph = _copy_graph(self.graph, module, val_map)
+        for node in graph.nodes:
+            name = str(node.target)
+            if node.op == "get_attr" and "." not in name and not hasattr(module, name):
+                setattr(module, name, getattr(self.traced, name))
+        return LocalTrace(graph, {w: val_map[local] for w, local in self.mapping.items()}, module)
+
+
+class LocalTraces:
+    """Which modules can be rewritten on their own, decided before anything is built.
+
+    A unit lives in the smallest module that holds its site, which needs that module's own trace
+    to compute exactly its part of the whole-model graph. :meth:`obstacle` says why not, or None;
+    the planner hands the units of such a module to its parent, and the rewrite reuses the traces
+    made here. Modules are traced in a shadow of ``model`` of their own: tracing runs a module's
+    Python forward, which must not touch the user's model, and stores the tensors a forward
+    creates on the traced module, which must not collide with those of the whole-model trace.
+
+    Tracing a block costs more than its size suggests (fx patches every non-traceable function in
+    and out again), and the blocks of one class trace to a few graphs (with and without a
+    projection shortcut, say): a graph of the same class is reused for another instance when it
+    is exactly that instance's computation in the whole graph (``match_nodes(exact=True)``).
     """
-    for candidate in traced.get(type(module), []):
-        graph = _copy_graph(candidate, module)
-        try:
-            return graph, map_nodes(whole, graph, owner, exact=True)
-        except RewriteError:
-            continue
-    try:  # a block is called with all its arguments: fixing defaulted ones would change it
-        graph = trace_graph(module, config.leaf_modules, fix_defaults=not owner)
-    except UntraceableModelError as err:
-        raise RewriteError(f"module '{owner}' cannot be traced on its own: {err}", owner) from err
-    normalize_inplace_adds(graph)
-    mapping = map_nodes(whole, graph, owner)
-    traced.setdefault(type(module), []).append(_copy_graph(graph, module))
-    return graph, mapping
+
+    def __init__(self, model: nn.Module, whole: fx.Graph, leaf_modules: Sequence[str] = ()) -> None:
+        self._root = shadow(model)
+        self._whole = whole
+        self._leaf_modules = tuple(leaf_modules)
+        self._by_owner: dict[str, LocalTrace | Mismatch] = {}
+        self._by_class: dict[type, list[fx.Graph]] = defaultdict(list)
+
+    def obstacle(self, owner: str) -> str | None:
+        """Why the module at ``owner`` cannot be rewritten on its own; None when it can."""
+        found = self.trace(owner)
+        return found.reason if isinstance(found, Mismatch) else None
+
+    def trace(self, owner: str) -> LocalTrace | Mismatch:
+        if owner not in self._by_owner:
+            self._by_owner[owner] = self._trace(owner)
+        return self._by_owner[owner]
+
+    def _trace(self, owner: str) -> LocalTrace | Mismatch:
+        module = self._root.get_submodule(owner)
+        for candidate in self._by_class[type(module)]:
+            graph = _copy_graph(candidate, module)
+            mapping = match_nodes(self._whole, graph, owner, exact=True)
+            if not isinstance(mapping, Mismatch):
+                return LocalTrace(graph, mapping, module)
+        try:  # a block is called with all its arguments: fixing defaulted ones would change it
+            graph = trace_graph(module, self._leaf_modules, fix_defaults=not owner)
+        except UntraceableModelError as err:
+            return Mismatch(f"module '{owner}' cannot be traced on its own: {err}")
+        normalize_inplace_adds(graph)
+        found = match_nodes(self._whole, graph, owner)
+        if isinstance(found, Mismatch):
+            return found
+        self._by_class[type(module)].append(_copy_graph(graph, module))
+        return LocalTrace(graph, found, module)
 
 
 def _insert(graph: fx.Graph, mapping: dict[fx.Node, fx.Node], unit: PlannedUnit) -> None:
@@ -176,42 +226,54 @@ def _graph_module_like(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
 
     GraphModule alone copies only what the graph references and flattens containers on the way
     (``downsample.0`` would hang off a bare Module); putting the originals back keeps every
-    state_dict key and every container type.
+    state_dict key and every container type. A tensor the graph reads that is no buffer of
+    ``module`` (a plain tensor attribute, or a constant fx made of a tensor created in ``forward``)
+    stays a non-persistent buffer, as GraphModule holds it: the state_dict keys do not change.
     """
     gm = fx.GraphModule(module, graph, type(module).__name__)
+    own_buffers = OrderedDict(module.named_buffers(recurse=False))
+    constants = {name: tensor for name, tensor in gm._buffers.items() if name not in own_buffers}
     gm._modules = OrderedDict(module.named_children())
     gm._parameters = OrderedDict(module.named_parameters(recurse=False))
-    gm._buffers = OrderedDict(module.named_buffers(recurse=False))
+    gm._buffers = own_buffers
     gm._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    for name, tensor in constants.items():
+        gm.register_buffer(name, tensor, persistent=False)
     gm.training = module.training
     return gm
 
 
-def build_injected(model: nn.Module, whole: fx.GraphModule, plan: Plan, config: InjectConfig) -> nn.Module:
-    """A deep copy of ``model`` with every planned unit inserted; ``model`` is never changed."""
+def build_injected(model: nn.Module, plan: Plan, traces: LocalTraces, config: InjectConfig) -> nn.Module:
+    """A deep copy of ``model`` with every planned unit inserted; ``model`` is never changed.
+
+    ``traces`` holds the local graph of every owner in ``plan`` (the planner asked it which
+    modules can be rewritten on their own, so each owner here has one).
+    """
     injected = copy.deepcopy(model)
     by_owner: dict[str, list[PlannedUnit]] = defaultdict(list)
     for unit in plan.units:
         by_owner[unit.owner].append(unit)
-    traced: dict[type, list[fx.Graph]] = {}
     aliases: dict[int, list[str]] = defaultdict(list)
     for name, module in injected.named_modules(remove_duplicate=False):
         aliases[id(module)].append(name)
     for owner, units in by_owner.items():
         module = injected.get_submodule(owner)
-        local, mapping = local_graph(module, owner, whole.graph, config, traced)
+        found = traces.trace(owner)
+        if isinstance(found, Mismatch):
+            raise RewriteError(f"the plan puts units in a module that cannot hold them: {found.reason}", owner)
+        local = found.copy_for(module)
         for unit in units:
             if hasattr(module, unit.name):
                 raise RewriteError(
                     f"module '{owner or '<root>'}' already has an attribute '{unit.name}': was this model injected before?"
                 )
             module.add_module(unit.name, make_unit(unit, config, module))
-            _insert(local, mapping, unit)
+            _insert(local.graph, local.mapping, unit)
         for unit in units:
-            _fuse_with_addition(local, unit.name)
-            _mark_overwritable(module, local, unit.name)
-        local.lint()
-        rewritten = _graph_module_like(module, local)
+            _fuse_with_addition(local.graph, unit.name)
+            _mark_overwritable(module, local.graph, unit.name)
+        local.graph.lint()
+        rewritten = _graph_module_like(module, local.graph)
         if owner:
             for alias in aliases.get(id(module), [owner]):  # a block registered under several names stays one block
                 injected.set_submodule(alias, rewritten)
@@ -244,8 +306,7 @@ def dry_run(injected: nn.Module, plan: Plan, input_shape: Sequence[int]) -> tupl
     except SEInjectError:
         raise
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise RewriteError(f"the injected model failed its dry run: {type(err).__name__}: {first}") from err
+        raise RewriteError(f"the injected model failed its dry run: {first_line(err, with_type=True)}") from err
     finally:
         for handle in handles:
             handle.remove()

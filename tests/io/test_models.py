@@ -197,3 +197,31 @@ def test_optional_constructor_arguments_reach_only_constructors_that_take_them(t
     assert load_model("resnet18", device="meta", optional_kwargs={"num_classes": 10}).fc.out_features == 10
     with pytest.raises(ModelSpecError, match="does not take num_classes"):  # a required argument stays required
         load_model(f"{tmp_path / 'nets.py'}:plain", num_classes=10)
+
+
+def test_a_constructor_reading_values_builds_on_meta_by_building_for_real(tmp_path):
+    source = tmp_path / "reads_values.py"
+    source.write_text(
+        "import torch, torch.nn as nn\n"
+        "def build():\n"
+        "    rates = torch.linspace(0, 0.1, 3).tolist()  # as timm's drop-path schedules do\n"
+        "    net = nn.Sequential(nn.Conv2d(3, 4, 3))\n"
+        "    net.scale = float(net[0].weight.abs().sum().item() > 0) + rates[0]\n"
+        "    return net\n"
+    )
+    model = load_model(f"{source}:build", device="meta")
+    assert model[0].weight.is_meta and model.scale == 1.0
+
+
+def test_a_constructor_failing_for_another_reason_on_meta_says_why(tmp_path):
+    source = tmp_path / "bad_shapes.py"
+    source.write_text(
+        "import torch, torch.nn as nn\n"
+        "def build():\n"
+        "    torch.ones(2, 3) @ torch.ones(2, 3)\n"
+        "    return nn.Conv2d(3, 4, 3)\n"
+    )
+    with pytest.raises(
+        ModelSpecError, match=r"build\(\) failed: RuntimeError: .*reduction dim"
+    ):
+        load_model(f"{source}:build", device="meta")

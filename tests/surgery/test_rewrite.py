@@ -4,15 +4,17 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, randomize_batchnorm, randomize_units, snapshot
 from tiny_models import FunctionalResNet, RootResidualNet
+from torch import nn
 
 import se_inject
 from se_inject.config import InjectConfig
 from se_inject.errors import RewriteError
+from se_inject.graph.abstract import shadow
 from se_inject.placement.plan import plan_units
 from se_inject.placement.sites import analyse
-from se_inject.surgery.rewrite import dry_run
+from se_inject.surgery.rewrite import LocalTraces, build_injected, dry_run
 from se_inject.units.se import SqueezeExcite
 
 
@@ -252,3 +254,95 @@ def test_blocks_of_one_class_share_a_trace_only_when_they_compute_the_same(monke
     with torch.no_grad():
         assert torch.equal(injected(x), model(x))
     assert all(torch.equal(injected[i](x), model[i](x)) for i in range(len(settings)))
+
+
+class FlaggedBlock(nn.Module):
+    """A residual block whose forward branches on a Python flag its parent passes: traced on its
+    own, the flag is a proxy and the branch cannot be decided, so the block cannot hold a unit itself."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor, double: bool = False) -> torch.Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if double:
+            out = out * 2
+        return F.relu(out + x)
+
+
+class UnflaggedBlock(FlaggedBlock):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+class FlaggedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stage = nn.Module()
+        self.stage.first = FlaggedBlock(8)
+        self.stage.second = UnflaggedBlock(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        # the parent of the blocks is a plain Module whose forward is this one: the root holds the units
+        return self.stage.second(self.stage.first(x, double=True))
+
+
+class ConstantScaleNet(FlaggedNet):
+    """The root's forward makes a tensor: fx keeps it on the traced module as ``_tensor_constant0``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x) * torch.tensor(0.5)
+        return self.stage.second(self.stage.first(x, double=True))
+
+
+def _flagged_reference(model: nn.Module, units: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The standard position by hand: each block's unit on its residual branch (after the flag's
+    doubling), before the addition."""
+    x = model.stem(x)
+    if isinstance(model, ConstantScaleNet):
+        x = x * 0.5
+    for block, unit, double in (
+        (model.stage.first, units.se_1_1, True),
+        (model.stage.second, units.se_1_2, False),
+    ):
+        out = block.bn2(block.conv2(F.relu(block.bn1(block.conv1(x)))))
+        x = F.relu(unit(out * 2 if double else out) + x)
+    return x
+
+
+@pytest.mark.parametrize("make", [FlaggedNet, ConstantScaleNet])
+def test_a_block_that_cannot_be_rewritten_alone_hands_its_units_to_its_parent(make):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(make().double()).eval()
+    analysis = analyse(shadow(model), input_size=8)
+    traces = LocalTraces(model, analysis.gm.graph)
+    assert "cannot be traced on its own" in traces.obstacle("stage.first")
+    assert traces.obstacle("stage.second") is None
+    plan = plan_units(analysis, InjectConfig(r=2), traces.obstacle)
+    # the root holds both: a rewrite of the root replaces its whole forward, nested rewrites included
+    assert {u.qualified_name for u in plan.units} == {"se_1_1", "se_1_2"}
+    before = snapshot(model)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    injected = se_inject.inject(model, r=2).eval()
+    torch.testing.assert_close(injected(x), model(x), rtol=0, atol=0)  # preserve: the identity at insertion
+    for init in ("preserve", "paper"):  # with units that do something, the wiring shows
+        injected = randomize_units(se_inject.inject(model, r=2, init=init)).eval()
+        got = injected(x)
+        assert not torch.allclose(got, model(x))
+        torch.testing.assert_close(got, _flagged_reference(model, injected, x), rtol=1e-12, atol=1e-12)
+    assert_unchanged(model, before)
+
+
+def test_a_plan_naming_an_owner_that_cannot_hold_units_is_refused():
+    model = FlaggedNet()
+    analysis = analyse(shadow(model), input_size=8)
+    traces = LocalTraces(model, analysis.gm.graph)
+    plan = plan_units(analysis, InjectConfig(r=2))  # no obstacle check: every block holds its own units
+    with pytest.raises(RewriteError, match="cannot hold them: module 'stage.first' cannot be traced on its own"):
+        build_injected(model, plan, traces, InjectConfig(r=2))
