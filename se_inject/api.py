@@ -27,7 +27,7 @@ from se_inject.errors import (
 from se_inject.graph.abstract import eval_mode, on_meta, shadow
 from se_inject.graph.channels import input_channels, recorded_input_size
 from se_inject.io.models import recorded_source
-from se_inject.io.recipe import SITE_KEYS, Recipe, versions
+from se_inject.io.recipe import SITE_KEYS, Recipe, attach_recipe, versions
 from se_inject.placement.plan import Plan, plan_units
 from se_inject.placement.rules import load_rules
 from se_inject.placement.sites import Analysis, analyse
@@ -107,9 +107,8 @@ def retrofit(
     report = build_report(
         model_name or type(model).__name__, config, analysis, plan, model, injected, flops_after, unit_flops, notes
     )
-    injected.se_inject_config = config  # lets later tools see what was injected, and how
     source, source_file = recorded_source(model_name)
-    injected.se_inject_recipe = Recipe(
+    recipe = Recipe(
         source=source,
         source_file=source_file,
         options=json.loads(json.dumps(asdict(config))),
@@ -117,6 +116,7 @@ def retrofit(
         sites=tuple({k: getattr(u, k) for k in SITE_KEYS} for u in report.sites),
         versions=versions(),
     )
+    attach_recipe(injected, recipe)  # lets later tools see what was injected, and how
     return Retrofit(injected, report, plan, config)
 
 
@@ -204,4 +204,4 @@ def _resolve_input_size(model: nn.Module, input_size: int | Sequence[int] | None
         raise ConfigError(
             f"input_size: {max(sizes)} is over the {MAX_INPUT_SIZE} pixels se_inject analyses at; give the size the model runs at"
         )
-    return input_size if isinstance(input_size, int) else tuple(sizes)
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])

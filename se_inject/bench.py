@@ -161,9 +161,10 @@ def bench(
     for model in models.values():
         model.to(device)
         if cuda:
-            model.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+            model.to(torch.bfloat16).to(memory_format=torch.channels_last)
     if compile:  # all of them: a compiled retrofit against an eager original would flatter the retrofit
-        models = {name: torch.compile(model) for name, model in models.items()}
+        for model in models.values():
+            model.compile()  # in place (these are copies): the module keeps train() and its type
         _inductor_freezing(True)  # inference graphs take the weights as constants: prepacked convolutions
     try:
         return _run(models, batches, size, repeats, warmup, train, device, compile, channels)

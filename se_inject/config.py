@@ -6,9 +6,10 @@ Each field carries its help text in ``metadata["help"]`` (the CLI reuses it), ch
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from os import PathLike, fspath
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from se_inject.errors import ConfigError
 
@@ -85,6 +86,12 @@ class InjectConfig:
         metadata={"help": "extra placement rule files (TOML); a rule named like a built-in one replaces it"},
     )
 
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> InjectConfig:
+        """The config of a mapping read from data (a recipe, a plan file): lists become tuples."""
+        values: dict[str, Any] = {name: tuple(v) if isinstance(v, list) else v for name, v in options.items()}
+        return cls(**values)
+
     def __post_init__(self) -> None:
         for name, choices in (
             ("position", POSITIONS),
@@ -131,7 +138,7 @@ def _string_tuple(value: object, name: str, what: str) -> tuple[str, ...]:
 
 
 def _validate_r(r: object) -> int | tuple[int, ...]:
-    if _is_int(r):
+    if isinstance(r, int) and _is_int(r):
         if r <= 0:
             raise ConfigError(f"r: the reduction ratio must be a positive integer, got {r}")
         return r

@@ -48,7 +48,8 @@ from se_inject.io.models import (
     load_state,
     spec_kind,
 )
-from se_inject.io.recipe import MAX_RECIPE_BYTES, SITE_KEYS, Recipe
+from se_inject.io.recipe import MAX_RECIPE_BYTES, SITE_KEYS, Recipe, attach_recipe, attached_recipe
+from se_inject.units.base import ChannelUnit
 from se_inject.units.se import ChannelScale
 
 
@@ -58,8 +59,8 @@ class SourceChangedWarning(UserWarning):
 
 def recipe_of(model: nn.Module) -> Recipe:
     """The recipe se_inject attached to a model it injected."""
-    recipe = getattr(model, "se_inject_recipe", None)
-    if not isinstance(recipe, Recipe):
+    recipe = attached_recipe(model)
+    if recipe is None:
         raise ArtifactError(
             f"{type(model).__name__} was not made by se_inject.inject/retrofit: there is no recipe to save"
         )
@@ -163,11 +164,14 @@ def apply(recipe: Recipe | str | Path, model: nn.Module) -> nn.Module:
             f"was the recipe made for another architecture?"
         )
     injected = result.model
-    injected.se_inject_recipe = replace(
-        recipe_of(injected),
-        source=recipe.source,
-        source_file=recipe.source_file,
-        model_kwargs=dict(recipe.model_kwargs),
+    attach_recipe(
+        injected,
+        replace(
+            recipe_of(injected),
+            source=recipe.source,
+            source_file=recipe.source_file,
+            model_kwargs=dict(recipe.model_kwargs),
+        ),
     )
     return injected
 
@@ -262,6 +266,7 @@ def load(
     _fit_recorded_head(injected, recipe, directory)
     for name in recipe.pruned:  # the scales themselves come with the weights
         unit = injected.get_submodule(name)
+        assert isinstance(unit, ChannelUnit)  # apply() made it from the recipe
         injected.set_submodule(name, ChannelScale(torch.ones(unit.channels)))
     try:
         state = load_file(str(weights), device=str(target))
@@ -270,5 +275,5 @@ def load(
             f"{weights}: cannot be read as safetensors ({err}); the file is damaged or truncated"
         ) from None
     load_state(injected, state, str(weights), ArtifactError)
-    injected.se_inject_recipe = replace(recipe_of(injected), head=recipe.head, pruned=list(recipe.pruned))
+    attach_recipe(injected, replace(recipe_of(injected), head=recipe.head, pruned=list(recipe.pruned)))
     return injected.eval()

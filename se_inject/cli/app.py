@@ -56,7 +56,7 @@ class SEInjectGroup(TyperGroup):
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         try:
-            result = super().main(*args, standalone_mode=False, **kwargs)
+            result = super().main(*args, **{**kwargs, "standalone_mode": False})
         except SEInjectError as err:
             _fail(str(err))
         except OSError as err:  # the file system said no (permissions, a full disk): not a bug to trace
@@ -165,12 +165,10 @@ def _head_kwargs(num_classes: int | None) -> dict[str, Any]:
 
 def _inject_config(position: str, r: str, stages: str | None, **options: Any) -> InjectConfig:
     """An InjectConfig from the options every command shares, as typed on the command line."""
-    return InjectConfig(
-        position=position,
-        r=parse_int_list(r, "r"),
-        stages=parse_int_list(stages, "stages") if stages else None,
-        **options,
-    )
+    given: dict[str, Any] = {"position": position, "r": parse_int_list(r, "r"), **options}
+    if stages:
+        given["stages"] = parse_int_list(stages, "stages")
+    return InjectConfig.from_dict(given)
 
 
 @app.command("inject")
@@ -395,7 +393,7 @@ def finetune_command(
 
     if nproc < 1:
         raise ConfigError(f"--nproc: expected 1 or more processes, got {nproc}")
-    config = FinetuneConfig(
+    settings: dict[str, Any] = dict(
         epochs=epochs,
         se_epochs=se_epochs,
         batch_size=batch_size,
@@ -412,6 +410,7 @@ def finetune_command(
         momentum=momentum,
         channels_last=channels_last,
     )
+    config = FinetuneConfig(**settings)
     if image_size is not None:
         check_image_size(image_size)
     if not Path(source).is_dir():

@@ -8,9 +8,9 @@ and runs so that nothing of the user's model changes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from copy import deepcopy
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -21,16 +21,16 @@ from torch._subclasses.fake_tensor import (
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from se_inject.errors import InvalidModelError, NeedsValuesError, ShapePropagationError, one_line
+from se_inject.errors import InvalidModelError, NeedsValuesError, ShapePropagationError, first_line, one_line
 
 aten = torch.ops.aten
 
 
 def _first_tensor(module: nn.Module) -> torch.Tensor | None:
-    for tensor in module.parameters():
-        return tensor
-    for tensor in module.buffers():
-        return tensor
+    for parameter in module.parameters():
+        return parameter
+    for buffer in module.buffers():
+        return buffer
     return None
 
 
@@ -103,26 +103,44 @@ def shadow(model: nn.Module) -> nn.Module:
 _VALUE_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
 
 
-def _needs_values(func: Any, args: tuple, kwargs: dict) -> bool:
-    """Whether ``func`` reads the values of a meta tensor among ``args``: a value-dependent op, or a
+def _reads_values(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether ``func`` always reads the values of a meta tensor among ``args``: ``.item()`` or a
     copy out of the meta device (``.tolist()``, ``.cpu()``)."""
+    if func is aten._local_scalar_dense.default:
+        return bool(args) and args[0].is_meta
     if func is aten._to_copy.default:
         device = kwargs.get("device")
         return bool(args) and args[0].is_meta and device is not None and torch.device(device).type != "meta"
-    if not any(tag in func.tags for tag in _VALUE_TAGS):
-        return False
-    return any(isinstance(a, torch.Tensor) and a.is_meta for a in args)
+    return False
+
+
+def _may_read_values(func: Any, args: tuple) -> bool:
+    """Whether ``func`` is one whose result can depend on values (torch's tags; ``index`` with a
+    boolean mask, ``nonzero``, ``equal``) and runs on meta tensors: its meta kernel may refuse."""
+    return any(tag in func.tags for tag in _VALUE_TAGS) and any(isinstance(a, torch.Tensor) and a.is_meta for a in args)
 
 
 class RefuseMetaValues(TorchDispatchMode):
-    """Raises :class:`NeedsValuesError`, naming the operation, before an operation reads the values of
-    meta tensors, instead of the mix of RuntimeError and NotImplementedError messages torch gives."""
+    """Raises :class:`NeedsValuesError`, naming the operation, where an operation needs the values of
+    meta tensors, instead of the mix of RuntimeError and NotImplementedError messages torch gives.
+
+    ``.item()`` and copies out of meta are refused before they run; an operation tagged as
+    value-dependent runs, and only its own failure is converted (``index`` with integer indices
+    has a meta kernel, with a boolean mask it has not).
+    """
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if _needs_values(func, args, kwargs):
+        if _reads_values(func, args, kwargs):
             raise NeedsValuesError(f"{func.name()} needs tensor values, which the meta device does not have")
-        return func(*args, **kwargs)
+        if not _may_read_values(func, args):
+            return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except (RuntimeError, NotImplementedError) as err:
+            raise NeedsValuesError(
+                f"{func.name()} needs tensor values, which the meta device does not have ({first_line(err)})"
+            ) from err
 
 
 class ShapeOnlyBatchNorm(RefuseMetaValues):
@@ -178,10 +196,13 @@ def _value_dependent(err: BaseException) -> bool:
     return isinstance(cause, (*_DATA_DEPENDENT, NeedsValuesError))
 
 
-def with_real_fallback(module: nn.Module, run: Any) -> int:
-    """``run(real=False)``; if the forward branches on tensor values, ``run(real=True)`` on real weights."""
+Result = TypeVar("Result")
+
+
+def with_real_fallback(module: nn.Module, run: Callable[[bool], Result]) -> Result:
+    """``run(False)`` on abstract tensors; if the forward reads tensor values, ``run(True)`` on real ones."""
     try:
-        return run(real=False)
+        return run(False)
     except Exception as err:
         if not _value_dependent(err):
             raise
@@ -191,4 +212,4 @@ def with_real_fallback(module: nn.Module, run: Any) -> int:
                 "forward depends on tensor values, which the meta device does not have; build the model with "
                 "real weights (API: pass the model itself) to analyse it"
             ) from err
-        return run(real=True)
+        return run(True)

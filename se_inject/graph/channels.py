@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from se_inject.graph.abstract import shadow
+from se_inject.graph.ops import module_of
 from se_inject.graph.trace import trace_graph
 
 
@@ -44,13 +45,13 @@ def input_channels(model: nn.Module, gm: fx.GraphModule | None = None) -> int:
 def _first_conv_channels(gm: fx.GraphModule) -> int:
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
+            mod = module_of(gm, node)
             if isinstance(mod, nn.modules.conv._ConvNd):
                 return mod.in_channels
         if node.op == "call_function" and node.target in (torch.conv2d, nn.functional.conv2d):
             weight = node.args[1]
             if isinstance(weight, fx.Node) and weight.op == "get_attr":
-                return _fetch_attr(gm, weight.target).shape[1]
+                return _fetch_attr(gm, str(weight.target)).shape[1]
     return 3
 
 

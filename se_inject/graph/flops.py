@@ -53,7 +53,7 @@ FLOP_FORMULAS: dict[Any, Any] = {
 
 def flop_counter() -> FlopCounterMode:
     """A silent FlopCounterMode with se_inject's extra formulas (see FLOP_FORMULAS)."""
-    return FlopCounterMode(display=False, depth=None, custom_mapping=FLOP_FORMULAS)
+    return FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)  # depth only shapes the printed table
 
 
 class ShapeFlopProp(fx.Interpreter):

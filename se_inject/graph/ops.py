@@ -13,6 +13,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from se_inject.errors import ShapePropagationError
+
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = {"add", "add_"}
 MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
@@ -112,18 +114,30 @@ def normalize_inplace_adds(graph: fx.Graph) -> None:
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        renamed[add_operands(new)[0]] = new
+        operands = add_operands(new)
+        assert operands is not None  # the same operands as the in-place add, which had them
+        renamed[operands[0]] = new
 
 
 # --- what a node is ----------------------------------------------------------------------------
 
 
-def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
+def module_of(gm: nn.Module, node: fx.Node) -> nn.Module | None:
+    """The module a ``call_module`` node calls; None for any other node."""
+    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    """The output shape shape propagation recorded for ``node``; None for a non-tensor output."""
     return node.meta.get("shape")
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...]:
+    """The shape of ``node``'s tensor output, for a node the caller knows outputs a tensor."""
+    shape = shape_of(node)
+    if shape is None:
+        raise ShapePropagationError(f"node {node.format_node()} has no tensor shape where one was expected")
+    return shape
 
 
 def is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -133,8 +147,9 @@ def is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def kernel_of(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...]:
-    if node.op == "call_module":
-        return tuple(module_of(gm, node).kernel_size)
+    module = module_of(gm, node)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return tuple(module.kernel_size)
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     shape = shape_of(weight) if isinstance(weight, fx.Node) else None
     return tuple(shape[2:]) if shape else ()
@@ -176,4 +191,4 @@ def is_select(node: fx.Node) -> bool:
 
 def is_feature_map(node: fx.Node) -> bool:
     shape = shape_of(node)
-    return bool(shape) and len(shape) == 4
+    return shape is not None and len(shape) == 4

@@ -128,7 +128,8 @@ def trace_graph(module: nn.Module, leaf_modules: Sequence[str] = (), fix_default
             graph = _trace(module, leaf_modules, concrete)
         except UntraceableModelError:
             raise first from None
-    graph.owning_module = module  # lint() and call_module() check targets against it
+    # lint() and call_module() check targets against it; any module serves, fx types it as a GraphModule
+    graph.owning_module = module  # type: ignore[assignment]
     return graph
 
 

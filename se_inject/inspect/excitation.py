@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from se_inject.errors import ConfigError
 from se_inject.graph.abstract import eval_mode
+from se_inject.io.recipe import attach_recipe, attached_recipe
 from se_inject.train.data import DataSplits
 from se_inject.units.base import ChannelUnit
 from se_inject.units.se import ChannelScale
@@ -77,9 +79,20 @@ def evaluated_on(model: nn.Module, device: str | torch.device) -> Iterator[None]
                 model.to(home)
 
 
+@runtime_checkable
+class ReadableGate(Protocol):
+    """A unit whose gate can be read: ``excitation(x)`` is the per-channel scale it applies to ``x``."""
+
+    channels: int
+
+    def excitation(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 def se_units(model: nn.Module) -> list[tuple[str, ChannelUnit]]:
-    """The model's units whose gate can be read (those with an ``excitation(x)`` method)."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, ChannelUnit) and hasattr(m, "excitation")]
+    """The model's units whose gate can be read (see :class:`ReadableGate`)."""
+    return [
+        (name, m) for name, m in model.named_modules() if isinstance(m, ChannelUnit) and isinstance(m, ReadableGate)
+    ]
 
 
 def _stage_block(name: str) -> tuple[int, int]:
@@ -106,7 +119,7 @@ def collect(
     labels_now: list[torch.Tensor] = []
 
     def hook(name: str):
-        def record(module: ChannelUnit, args: tuple) -> None:
+        def record(module: ReadableGate, args: tuple) -> None:
             gate = module.excitation(args[0]).detach().double()
             gate = gate.mean((2, 3)) if gate.dim() == 4 else gate  # NoSqueeze: per-position gates, averaged
             one_hot = torch.nn.functional.one_hot(labels_now[0], k).double().cpu()
@@ -182,13 +195,14 @@ def prune_units(
     saved, eq5 = 0, 0.0
     for name in names:
         unit = model.get_submodule(name)
+        assert isinstance(unit, ChannelUnit)  # in stats: se_units found it
         saved += sum(p.numel() for p in unit.parameters())
         eq5 += unit.expected_params()  # the unit's own closed form, as the report uses it
         mean = torch.tensor(stats[name].mean, dtype=next(unit.parameters()).dtype)
         model.set_submodule(name, ChannelScale(mean))
-    recipe = getattr(model, "se_inject_recipe", None)
+    recipe = attached_recipe(model)
     if recipe is not None:  # so that se_inject.load rebuilds the pruned model
-        model.se_inject_recipe = replace(recipe, pruned=sorted({*recipe.pruned, *names}))
+        attach_recipe(model, replace(recipe, pruned=sorted({*recipe.pruned, *names})))
     return PruneResult(model, list(names), saved, eq5)
 
 

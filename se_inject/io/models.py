@@ -17,8 +17,9 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -243,8 +244,8 @@ def load_model(
     *,
     pretrained: bool = False,
     checkpoint: str | Path | None = None,
-    optional_kwargs: dict[str, object] | None = None,
-    **model_kwargs: object,
+    optional_kwargs: Mapping[str, object] | None = None,
+    **model_kwargs: Any,
 ) -> nn.Module:
     """Build the model ``spec`` names, on ``device`` (``"meta"``: shapes only, no weight memory).
 
@@ -264,19 +265,19 @@ def load_model(
             raise ModelSpecError("pretrained and checkpoint both give weights: choose one")
         if str(device) == "meta":
             raise ModelSpecError("weights cannot be loaded on the meta device")
-        if pretrained:
+        if checkpoint is not None:
+            model = load_checkpoint(load_model(spec, optional_kwargs=optional_kwargs, **model_kwargs), checkpoint)
+        else:
             if ":" in spec:
                 raise ModelSpecError("pretrained applies to timm model names; pass the weights with checkpoint instead")
             model = _pretrained_model(spec, **{**(optional_kwargs or {}), **model_kwargs})
-        else:
-            model = load_checkpoint(load_model(spec, optional_kwargs=optional_kwargs, **model_kwargs), checkpoint)
         return model.to(device) if device is not None else model
     try:
         try:
-            return _build(spec, device, model_kwargs, optional_kwargs or {})
+            return _build(spec, device, model_kwargs, dict(optional_kwargs or {}))
         except NeedsValuesError:
             # some constructors read their own initial weights (.item(), .tolist()): build for real, then drop them
-            return _build(spec, "cpu", model_kwargs, optional_kwargs or {}).to("meta")
+            return _build(spec, "cpu", model_kwargs, dict(optional_kwargs or {})).to("meta")
     except ModelSpecError:
         raise
     except Exception as err:  # a timm/torchvision constructor refusing its arguments (num_classes=-1, ...)
@@ -445,7 +446,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            state = load_file(str(path))
+            state: Any = load_file(str(path))  # checked below, as torch.load's
         except (SafetensorError, OSError) as err:
             raise CheckpointError(
                 f"{path}: not a readable safetensors file ({err}); is it damaged or truncated?"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from se_inject.config import InjectConfig
 from se_inject.errors import ArtifactError, ConfigError, ModelSpecError, one_line
 from se_inject.io.layout import RECIPE_FILE
 from se_inject.io.models import RECIPE_MODEL_KWARGS, spec_kind
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FORMAT_VERSION = 2  # 2: head and source_file; version 1 recipes are read as well
 SITE_KEYS = ("name", "rule", "stage", "block", "channels", "hidden", "r")
@@ -46,7 +49,7 @@ class Recipe:
     format_version: int = FORMAT_VERSION
 
     def config(self) -> InjectConfig:
-        return InjectConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.options.items()})
+        return InjectConfig.from_dict(self.options)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -147,7 +150,7 @@ class _Checker:
         if unknown:
             raise self.fail(f"options.{unknown[0]}", f"not an injection option; options are {', '.join(sorted(known))}")
         try:
-            InjectConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+            InjectConfig.from_dict(value)
         except ConfigError as err:
             raise self.fail(f"options.{str(err).split(':')[0]}", str(err)) from None
         except TypeError as err:
@@ -220,6 +223,23 @@ class _Checker:
         if not isinstance(source, str) or not source.startswith(value["path"] + ":"):
             raise self.fail("source_file.path", "does not match the file named by 'source'")
         return dict(value)
+
+
+RECIPE_ATTRIBUTE = "se_inject_recipe"
+CONFIG_ATTRIBUTE = "se_inject_config"
+
+
+def attach_recipe(model: nn.Module, recipe: Recipe) -> None:
+    """Record on ``model`` how it was made: ``model.se_inject_recipe``, and its options as
+    ``model.se_inject_config`` (an InjectConfig), for the tools that save, train or inspect it."""
+    setattr(model, RECIPE_ATTRIBUTE, recipe)  # setattr: nn.Module's attribute types know only tensors and modules
+    setattr(model, CONFIG_ATTRIBUTE, recipe.config())
+
+
+def attached_recipe(model: nn.Module) -> Recipe | None:
+    """The recipe :func:`attach_recipe` recorded on ``model``; None for a model se_inject did not make."""
+    recipe = getattr(model, RECIPE_ATTRIBUTE, None)
+    return recipe if isinstance(recipe, Recipe) else None
 
 
 def versions() -> dict[str, str]:

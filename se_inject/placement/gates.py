@@ -11,7 +11,6 @@ from se_inject.graph.ops import (
     MUL_FUNCTIONS,
     MUL_METHODS,
     binary_operands,
-    is_feature_map,
     module_of,
     shape_of,
 )
@@ -31,12 +30,14 @@ class ChannelGate:
 
     @property
     def name(self) -> str:
-        return self.node.target if self.node.op == "call_module" else (self.scope[-1] if self.scope else self.node.name)
+        if self.node.op == "call_module":
+            return str(self.node.target)
+        return self.scope[-1] if self.scope else self.node.name
 
 
 def is_pooled(node: fx.Node) -> bool:
     shape = shape_of(node)
-    return bool(shape) and (len(shape) in (2, 3) or (len(shape) == 4 and shape[2] * shape[3] == 1))
+    return shape is not None and (len(shape) in (2, 3) or (len(shape) == 4 and shape[2] * shape[3] == 1))
 
 
 def find_channel_gates(gm: fx.GraphModule) -> list[ChannelGate]:
@@ -47,7 +48,8 @@ def find_channel_gates(gm: fx.GraphModule) -> list[ChannelGate]:
             gates.append(ChannelGate(node, module_scope(node)))
             continue
         operands = binary_operands(node, MUL_FUNCTIONS, MUL_METHODS)
-        if operands is None or not is_feature_map(node) or shape_of(node)[2] * shape_of(node)[3] == 1:
+        shape = shape_of(node)
+        if operands is None or shape is None or len(shape) != 4 or shape[2] * shape[3] == 1:
             continue
         for x, gate in (operands, operands[::-1]):
             between = ancestors(gate) - ancestors(x)

@@ -171,6 +171,7 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
             skipped.append((site, reasons[id(site)]))
             continue
         insertion = site.insertion
+        assert insertion is not None  # a site without one is among search.skipped, handled above
         r = stage_ratio(config, site.stage, stage_count, selected)
         if r > insertion.channels:
             raise ConfigError(

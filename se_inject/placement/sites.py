@@ -23,7 +23,7 @@ from torch import nn
 from se_inject.graph.abstract import eval_mode
 from se_inject.graph.channels import input_channels
 from se_inject.graph.flops import propagate
-from se_inject.graph.ops import add_operands, is_conv, normalize_inplace_adds
+from se_inject.graph.ops import add_operands, is_conv, module_of, normalize_inplace_adds
 from se_inject.graph.trace import module_scope, trace
 from se_inject.placement.gates import ChannelGate, find_channel_gates
 from se_inject.placement.patterns.base import PATTERNS, Candidate, Insertion, find_candidates
@@ -41,7 +41,7 @@ class Site:
     block: int = 0
 
     @property
-    def size(self) -> tuple[int, int]:
+    def size(self) -> tuple[int, ...]:
         return self.candidate.size
 
     @property
@@ -149,13 +149,12 @@ def _number_stages(sites: list[Site]) -> None:
 def _census(gm: fx.GraphModule) -> Counter:
     census: Counter = Counter()
     for node in gm.graph.nodes:
-        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        mod = module_of(gm, node)
         if mod is not None and not type(mod).__module__.startswith("torch.") and any(True for _ in mod.children()):
             census[f"leaf:{type(mod).__name__}"] += 1  # kept whole by a leaf list: not searched inside
         if is_conv(gm, node):
             census["convolutions"] += 1
-            mod = gm.get_submodule(node.target) if node.op == "call_module" else None
-            if mod is not None and mod.groups > 1 and mod.groups == mod.in_channels:
+            if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and mod.groups == mod.in_channels:
                 census["depthwise convolutions"] += 1
         elif add_operands(node) is not None:
             census["additions"] += 1

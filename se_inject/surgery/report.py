@@ -53,7 +53,7 @@ class UnitReport:
 @dataclass(frozen=True)
 class StageReport:
     stage: int
-    size: tuple[int, int]
+    size: tuple[int, ...]  # (height, width) of the stage's feature maps
     blocks: int  # N_s: blocks of the stage that carry a unit
     sites: int  # residual blocks in the stage
     channels: int | list[int]  # C_s (a list where the units of a stage differ, as with "pre")
@@ -157,7 +157,7 @@ def build_report(
         model=model_name,
         position=config.position,
         r=list(config.r) if isinstance(config.r, tuple) else config.r,
-        input_size=tuple(analysis.input_shape[2:4]),
+        input_size=(analysis.input_shape[2], analysis.input_shape[3]),
         sites=tuple(units),
         stages=stages,
         totals=totals,

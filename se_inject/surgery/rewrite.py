@@ -104,7 +104,7 @@ def _same_computation(outer: list[fx.Node], mapping: dict[fx.Node, fx.Node], loc
 
 
 def _copy_graph(graph: fx.Graph, owner: nn.Module, val_map: dict[fx.Node, fx.Node] | None = None) -> fx.Graph:
-    copied = fx.Graph(owning_module=owner)
+    copied = fx.Graph(owning_module=owner)  # type: ignore[arg-type]  # any module: see graph.trace
     copied.output(copied.graph_copy(graph, val_map if val_map is not None else {}))
     return copied
 
@@ -218,7 +218,9 @@ def _fuse_with_addition(graph: fx.Graph, name: str) -> None:
 def _mark_overwritable(module: nn.Module, graph: fx.Graph, name: str) -> None:
     """Let the unit write over its input when that input is memory the unit alone reads."""
     (se_node,) = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
-    module.get_submodule(name).overwrite_input = owns_its_memory(module, se_node.args[0])
+    unit = module.get_submodule(name)
+    assert isinstance(unit, ChannelUnit) and isinstance(se_node.args[0], fx.Node)
+    unit.overwrite_input = owns_its_memory(module, se_node.args[0])
 
 
 def _graph_module_like(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
@@ -231,7 +233,7 @@ def _graph_module_like(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     stays a non-persistent buffer, as GraphModule holds it: the state_dict keys do not change.
     """
     gm = fx.GraphModule(module, graph, type(module).__name__)
-    own_buffers = OrderedDict(module.named_buffers(recurse=False))
+    own_buffers: dict[str, torch.Tensor | None] = OrderedDict(module.named_buffers(recurse=False))
     constants = {name: tensor for name, tensor in gm._buffers.items() if name not in own_buffers}
     gm._modules = OrderedDict(module.named_children())
     gm._parameters = OrderedDict(module.named_parameters(recurse=False))

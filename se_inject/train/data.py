@@ -12,6 +12,7 @@ to ImageNet's values for a model that records none), see :func:`model_data_confi
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,27 @@ class DataSplits:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def train_size(self) -> int:
+        return _size(self.train, "train")
+
+    @property
+    def val_size(self) -> int:
+        return _size(self.val, "val")
+
+    def val_labels(self) -> list[int]:
+        """The validation labels (from ``targets`` where the dataset keeps them, else read sample by sample)."""
+        targets = getattr(self.val, "targets", None)
+        if targets is not None:
+            return [int(t) for t in targets]
+        return [int(self.val[i][1]) for i in range(self.val_size)]
+
+
+def _size(dataset: Dataset, split: str) -> int:
+    if not isinstance(dataset, Sized):  # samplers and the progress bar need it
+        raise DataError(f"data.{split}: {type(dataset).__name__} has no len(); give a map-style dataset")
+    return len(dataset)
 
 
 def check_image_size(image_size: object) -> int:

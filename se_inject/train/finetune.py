@@ -49,6 +49,7 @@ from se_inject.graph.abstract import eval_mode
 from se_inject.io.files import as_path, check_target, write_atomic, write_text_atomic
 from se_inject.io.layout import CHECKPOINT_FILE, METRICS_FILE, OWNED_FILES, RECIPE_FILE, WEIGHTS_FILE
 from se_inject.io.models import classifier, fit_head
+from se_inject.io.recipe import attached_recipe
 from se_inject.saving import write_model_files
 from se_inject.train.config import RESUMABLE_CHANGES, FinetuneConfig
 from se_inject.train.data import DataSplits
@@ -117,7 +118,7 @@ def _make_optimizer(config: FinetuneConfig, params: list[nn.Parameter], lr: floa
 
 def _make_scheduler(
     config: FinetuneConfig, optimizer: torch.optim.Optimizer, epochs: int
-) -> torch.optim.lr_scheduler.LRScheduler:
+) -> torch.optim.lr_scheduler.LambdaLR:
     """The decay of one phase of ``epochs`` epochs, in closed form of the epoch within the phase.
 
     A closed form (a plain function, which LambdaLR does not store in its state) lets a resumed
@@ -251,15 +252,15 @@ def run_fingerprint(model: nn.Module, data: DataSplits, config: FinetuneConfig) 
     """What a resumed run must share with the checkpoint: the model (every tensor's name and shape,
     which also fixes r, units and head), the data and every setting outside RESUMABLE_CHANGES."""
     shapes = ";".join(f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items())
-    recipe = getattr(model, "se_inject_recipe", None)
+    recipe = attached_recipe(model)
     return {
         "model": hashlib.sha256(shapes.encode()).hexdigest()[:16],
         "source": getattr(recipe, "source", None),
         "r": (getattr(recipe, "options", None) or {}).get("r"),
         "data": {
             "classes": list(data.classes),
-            "train": len(data.train),
-            "val": len(data.val),
+            "train": data.train_size,
+            "val": data.val_size,
             "image_size": data.image_size,
             "normalization": list(data.normalization),
         },
@@ -321,7 +322,7 @@ def _commit_epoch(model: nn.Module, out: Path, state: dict[str, Any], history: l
     repaired when it resumes (:func:`_repair_model_files`), so its model files are never stale.
     """
     try:
-        if hasattr(model, "se_inject_recipe"):
+        if attached_recipe(model) is not None:
             write_model_files(model, out, extra_metadata={"se_inject_epoch": f"{state['run_id']}:{state['epoch']}"})
         write_text_atomic(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
         write_atomic(out / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
@@ -331,7 +332,7 @@ def _commit_epoch(model: nn.Module, out: Path, state: dict[str, Any], history: l
 
 def _repair_model_files(model: nn.Module, out: Path, state: dict[str, Any]) -> None:
     """After a kill between an epoch's writes: model files and metrics as the checkpoint says."""
-    if not hasattr(model, "se_inject_recipe"):
+    if attached_recipe(model) is None:
         return
     if _model_epoch(out) != f"{state['run_id']}:{state['epoch']}":
         _commit_epoch(model, out, state, state["history"])
@@ -368,11 +369,11 @@ def _loader_for(dataset: Any, config: FinetuneConfig, sampler: Any, epoch: int, 
 
 
 def _check_data(data: DataSplits, world: int) -> None:
-    if len(data.train) < 2 * world:
+    if data.train_size < 2 * world:
         raise DataError(
-            f"the training set holds {len(data.train)} image(s): too few to train on ({2 * world} at least)"
+            f"the training set holds {data.train_size} image(s): too few to train on ({2 * world} at least)"
         )
-    if len(data.val) < 1:
+    if data.val_size < 1:
         raise DataError("the validation set is empty: accuracy cannot be measured")
 
 
@@ -380,7 +381,7 @@ def _chance_warning(accuracy: float | None, data: DataSplits) -> str | None:
     """A warning when ``accuracy`` is no better than guessing the most frequent class (2 sigma)."""
     if accuracy is None:
         return None
-    labels = [int(label) for _, label in data.val] if not hasattr(data.val, "targets") else list(data.val.targets)
+    labels = data.val_labels()
     counts = [labels.count(c) for c in set(labels)]
     chance, n = max(counts) / len(labels), len(labels)
     if accuracy > chance + 2 * math.sqrt(chance * (1 - chance) / n):
@@ -555,7 +556,9 @@ def _run(model, data, out, config, original, state, rank, world, device, show_pr
         start_epoch = _resume(run, state)
     else:
         _measure_start(run, original)
-    train_sampler = DistributedSampler(data.train, world, rank, shuffle=True, seed=config.seed) if world > 1 else None
+    train_sampler: DistributedSampler | None = (
+        DistributedSampler(data.train, world, rank, shuffle=True, seed=config.seed) if world > 1 else None
+    )
     current_phase = None
     for epoch in range(start_epoch, config.epochs):
         phase = config.phase(epoch)
@@ -566,7 +569,7 @@ def _run(model, data, out, config, original, state, rank, world, device, show_pr
             train_sampler.set_epoch(epoch)
         loader = _loader_for(data.train, config, train_sampler, epoch, world)
         title = f"epoch {epoch + 1}/{config.epochs} ({phase})"
-        with _progress(show_progress and rank == 0, console, title, len(loader.dataset) // world) as progress:
+        with _progress(show_progress and rank == 0, console, title, data.train_size // world) as progress:
             metrics = _train_epoch(ddp, loader, optimizer, device, config, phase, progress, epoch)
         lr_used = optimizer.param_groups[0]["lr"]
         scheduler.step()

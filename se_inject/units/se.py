@@ -166,19 +166,20 @@ class SqueezeExcite(ChannelUnit):
         super().__init__(channels, r, hidden_width(channels, r, rounding))
         self.squeeze = squeeze
         self.init = init
-        factory = {"device": device, "dtype": dtype}
+        self.fc1: nn.Conv2d | nn.Linear
+        self.fc2: nn.Conv2d | nn.Linear
         if squeeze == "none":
-            self.fc1 = nn.Conv2d(channels, self.hidden, 1, bias=bias, **factory)
-            self.fc2 = nn.Conv2d(self.hidden, channels, 1, bias=bias, **factory)
+            self.fc1 = nn.Conv2d(channels, self.hidden, 1, bias=bias, device=device, dtype=dtype)
+            self.fc2 = nn.Conv2d(self.hidden, channels, 1, bias=bias, device=device, dtype=dtype)
         else:
-            self.fc1 = nn.Linear(channels, self.hidden, bias=bias, **factory)
-            self.fc2 = nn.Linear(self.hidden, channels, bias=bias, **factory)
+            self.fc1 = nn.Linear(channels, self.hidden, bias=bias, device=device, dtype=dtype)
+            self.fc2 = nn.Linear(self.hidden, channels, bias=bias, device=device, dtype=dtype)
         self.act = act_layer()
         self.gate = create_gate(gate_layer, preserve=init == "preserve")
         if init == "preserve":
             with torch.no_grad():
                 nn.init.zeros_(self.fc2.weight)
-                if bias:
+                if self.fc2.bias is not None:
                     nn.init.zeros_(self.fc2.bias)
 
     @classmethod
@@ -265,6 +266,8 @@ class SqueezeExcite(ChannelUnit):
 
 class ChannelScale(nn.Module):
     """A pruned unit: its mean gate per channel as a fixed buffer, called like the unit it replaces."""
+
+    scale: torch.Tensor
 
     def __init__(self, scale: torch.Tensor) -> None:
         super().__init__()

@@ -221,7 +221,5 @@ def test_a_constructor_failing_for_another_reason_on_meta_says_why(tmp_path):
         "    torch.ones(2, 3) @ torch.ones(2, 3)\n"
         "    return nn.Conv2d(3, 4, 3)\n"
     )
-    with pytest.raises(
-        ModelSpecError, match=r"build\(\) failed: RuntimeError: .*reduction dim"
-    ):
+    with pytest.raises(ModelSpecError, match=r"build\(\) failed: RuntimeError: .*reduction dim"):
         load_model(f"{source}:build", device="meta")

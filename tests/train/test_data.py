@@ -74,3 +74,26 @@ def test_unreadable_images_and_mismatched_classes(tmp_path):
     (other / "val" / "dog").rename(other / "val" / "bird")
     with pytest.raises(DataError, match="train/ and val/ hold different class folders"):
         load_data(other)
+
+
+def test_splits_need_sized_datasets_and_read_labels_either_way():
+    from torch.utils.data import Dataset, IterableDataset, TensorDataset
+
+    from se_inject.train.data import DataSplits
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield torch.zeros(1, 4, 4), 0
+
+    class NoTargets(Dataset):  # labels only through __getitem__
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.zeros(1, 4, 4), i % 2
+
+    data = TensorDataset(torch.zeros(4, 1, 4, 4), torch.tensor([0, 1, 1, 0]))
+    splits = DataSplits(data, NoTargets(), ["a", "b"], 4)
+    assert (splits.train_size, splits.val_size, splits.val_labels()) == (4, 3, [0, 1, 0])
+    with pytest.raises(DataError, match=r"data.train: Stream has no len\(\)"):
+        _ = DataSplits(Stream(), data, ["a", "b"], 4).train_size

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from se_inject.errors import RuleError
-from se_inject.graph.ops import shape_of
+from se_inject.graph.ops import tensor_shape
 
 # --- candidates and the registry ------------------------------------------------------------------
 
@@ -23,11 +23,13 @@ class Insertion:
 
     @property
     def channels(self) -> int:
-        return shape_of(self.value)[1]
+        return tensor_shape(self.value)[1]
 
     @property
     def size(self) -> tuple[int, int]:
-        return tuple(shape_of(self.value)[2:4])
+        """(height, width) of the feature map the unit recalibrates."""
+        _, _, height, width = tensor_shape(self.value)  # units go on NCHW feature maps only
+        return height, width
 
 
 @dataclass(eq=False)
@@ -42,8 +44,8 @@ class Candidate:
     parts: dict[str, fx.Node] = field(default_factory=dict)  # named nodes, for tests and messages
 
     @property
-    def size(self) -> tuple[int, int]:
-        return tuple(shape_of(self.output)[2:4])
+    def size(self) -> tuple[int, ...]:  # (height, width) of a feature map
+        return tensor_shape(self.output)[2:4]
 
 
 Finder = Callable[[fx.GraphModule, dict[fx.Node, int]], list[Candidate]]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from se_inject.graph.ops import is_conv, is_spatial_conv, kernel_of, module_of, shape_of
+from se_inject.graph.ops import is_conv, is_spatial_conv, kernel_of, module_of, tensor_shape
 from se_inject.graph.walk import activation_between, follow_shape_keeping
 from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
 
@@ -51,7 +51,7 @@ def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candid
         end = follow_shape_keeping(gm, node)
         pointwise = pointwise_after(gm, end)
         pointwise_end = follow_shape_keeping(gm, pointwise) if pointwise is not None else None
-        reduces = pointwise is not None and shape_of(pointwise)[1] < shape_of(end)[1]
+        reduces = pointwise is not None and tensor_shape(pointwise)[1] < tensor_shape(end)[1]
         anchors = {
             "after_depthwise": Insertion(end, None, (end,)),
             "after_pointwise": Insertion(pointwise_end, None, (pointwise_end,)) if pointwise_end is not None else None,
