@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from se_inject._version import __version__
-from se_inject.config import POSITIONS, InjectConfig
+from se_inject.config import POSITIONS, InjectConfig, Style, register_style, styles
 from se_inject.errors import (
     AlreadyInjectedError,
     ArtifactError,
@@ -65,6 +65,7 @@ _LAZY: dict[str, str] = {
     "load_checkpoint": "se_inject.io.models",
     "load_data": "se_inject.train.data",
     "load_model": "se_inject.io.models",
+    "load_style_file": "se_inject.io.styles",
     "make_config": "se_inject.api",
     "prune": "se_inject.inspect.excitation",
     "report": "se_inject.api",
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
     from se_inject.inspect.excitation import PruneResult, prune
     from se_inject.io.models import load_checkpoint, load_model
     from se_inject.io.recipe import Recipe
+    from se_inject.io.styles import load_style_file
     from se_inject.placement.patterns.base import register_pattern
     from se_inject.saving import SourceChangedWarning, apply, load, save
     from se_inject.surgery.report import OverheadReport, StageReport, Totals, UnitReport
@@ -104,6 +106,10 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "POSITIONS",
+    "Style",
+    "load_style_file",
+    "register_style",
+    "styles",
     "ChannelUnit",
     "register_leaf_module",
     "register_pattern",

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from se_inject.config import InjectConfig
+from se_inject.config import STYLED_FIELDS, InjectConfig, style
 from se_inject.errors import (
     AlreadyInjectedError,
     ConfigError,
@@ -54,11 +54,19 @@ def make_config(config: InjectConfig | None = None, **options: Any) -> InjectCon
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: not an injection option; options are {', '.join(sorted(known))}")
-    if isinstance(options.get("r"), list):
-        options["r"] = tuple(options["r"])
-    if isinstance(options.get("stages"), list):
-        options["stages"] = tuple(options["stages"])
-    return replace(config, **options) if config is not None else InjectConfig(**options)
+    if config is None:
+        return InjectConfig.from_dict(options)
+    if "excitation" in options:  # gate's former name: on top of a config it replaces the gate
+        options["gate"] = options.pop("excitation")
+    if "style" in options:  # the config's own values are resolved already: a new style starts from the options
+        return InjectConfig.from_dict({**_unstyled(config), **options})
+    changes: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    return replace(config, **changes)
+
+
+def _unstyled(config: InjectConfig) -> dict[str, Any]:
+    """``config``'s options without those a style decides (they come from the new style)."""
+    return {f.name: getattr(config, f.name) for f in fields(InjectConfig) if f.name not in STYLED_FIELDS}
 
 
 def retrofit(
@@ -104,6 +112,10 @@ def retrofit(
         )
     if on_meta(model):
         notes.append("built on the meta device: shapes and counts only, no weights")
+    if config.style != "paper":
+        notes.append(f"style {config.style}: {style(config.style).description}")
+    for option, pattern, matched in plan.selection:
+        notes.append(f"{option} {pattern!r}: {matched} block(s) matched")
     report = build_report(
         model_name or type(model).__name__, config, analysis, plan, model, injected, flops_after, unit_flops, notes
     )
@@ -111,13 +123,23 @@ def retrofit(
     recipe = Recipe(
         source=source,
         source_file=source_file,
-        options=json.loads(json.dumps(asdict(config))),
+        options=_recordable(config),
         input_size=report.input_size,
         sites=tuple({k: getattr(u, k) for k in SITE_KEYS} for u in report.sites),
         versions=versions(),
     )
     attach_recipe(injected, recipe)  # lets later tools see what was injected, and how
     return Retrofit(injected, report, plan, config)
+
+
+def _recordable(config: InjectConfig) -> dict[str, Any]:
+    """``config`` as JSON data for the recipe; a module class given as act or gate is recorded by its
+    import path, which a recipe cannot rebuild (loading such a recipe says so)."""
+    options = asdict(config)
+    for name in ("act", "gate"):
+        if isinstance(options[name], type):
+            options[name] = f"{options[name].__module__}:{options[name].__qualname__}"
+    return json.loads(json.dumps(options))
 
 
 def _refuse_reinjection(model: nn.Module, config: InjectConfig) -> None:

@@ -6,26 +6,44 @@ Each field carries its help text in ``metadata["help"]`` (the CLI reuses it), ch
 
 from __future__ import annotations
 
+import tomllib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from functools import cache
+from importlib import resources
 from os import PathLike, fspath
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from se_inject.errors import ConfigError
 
 Position = Literal["standard", "pre", "post", "identity", "inner"]
 Squeeze = Literal["avg", "max", "none"]
-Excitation = Literal["sigmoid", "tanh", "relu"]
-Rounding = Literal["floor", "round", "ceil", "multiple8"]
+Gate = Literal["sigmoid", "hard_sigmoid", "tanh", "relu"]
+Act = Literal["relu", "relu6", "silu", "gelu", "hard_swish", "leaky_relu"]
+Rounding = Literal["floor", "ceil", "round", "round_even", "divisible8", "timm_se"]
+ReduceFrom = Literal["channels", "block_input"]
 Init = Literal["preserve", "paper"]
 Existing = Literal["skip", "stack"]
 
 POSITIONS: tuple[str, ...] = get_args(Position)
 SQUEEZES: tuple[str, ...] = get_args(Squeeze)
-EXCITATIONS: tuple[str, ...] = get_args(Excitation)
+GATES: tuple[str, ...] = get_args(Gate)
+EXCITATIONS = GATES  # the name of the gate option before it was `gate`
+ACTS: tuple[str, ...] = get_args(Act)
 ROUNDINGS: tuple[str, ...] = get_args(Rounding)
+REDUCE_FROMS: tuple[str, ...] = get_args(ReduceFrom)
 INITS: tuple[str, ...] = get_args(Init)
 EXISTINGS: tuple[str, ...] = get_args(Existing)
+
+# "multiple8" was described as timm's rounding but computed make_divisible's 90% rule (MobileNetV3's
+# round_channels), which differs from timm's SEModule in 46 of 1,024 (C, r) pairs: renamed for what it is
+RENAMED_ROUNDINGS = {"multiple8": "divisible8"}
+
+# None as a field default: "the style's value" (filled in by __post_init__; never None afterwards)
+FROM_STYLE: Any = None
+STYLED_FIELDS = ("position", "r", "act", "gate", "bias", "rounding", "reduce_from")
 
 
 @dataclass(frozen=True)
@@ -38,29 +56,68 @@ class InjectConfig:
     """
 
     position: Position = field(
-        default="standard",
-        metadata={"help": "where the unit goes in a residual block: " + ", ".join(POSITIONS)},
+        default=FROM_STYLE,
+        metadata={"help": "where the unit goes in a residual block: " + ", ".join(POSITIONS) + " (paper: standard)"},
     )
     r: int | tuple[int, ...] = field(
-        default=16,
-        metadata={"help": "reduction ratio: one int, or one per stage (all stages, or the selected ones)"},
+        default=FROM_STYLE,
+        metadata={"help": "reduction ratio: one int, or one per stage (all stages, or the selected ones); paper: 16"},
     )
     stages: tuple[int, ...] | None = field(
         default=None,
         metadata={"help": "stages (numbered from 1 over stages that hold sites) that get units; None: all"},
     )
+    include: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "only the blocks whose module name matches one of these fnmatch globs "
+            "(e.g. 'layer3.*', 'blocks.2.*'; the names the report lists); empty: every block"
+        },
+    )
+    exclude: tuple[str, ...] = field(
+        default=(), metadata={"help": "no unit in the blocks whose module name matches one of these globs"}
+    )
     squeeze: Squeeze = field(
         default="avg",
         metadata={"help": "squeeze operator: avg or max pooling, or none (the paper's NoSqueeze control)"},
     )
-    excitation: Excitation = field(
-        default="sigmoid", metadata={"help": "gating non-linearity of the excitation: " + ", ".join(EXCITATIONS)}
+    gate: Gate | type = field(
+        default=FROM_STYLE,
+        metadata={"help": "gate of the excitation: " + ", ".join(GATES) + ", or an nn.Module class (paper: sigmoid)"},
     )
-    bias: bool = field(default=False, metadata={"help": "bias on the two FC layers (off: the paper's ResNet setting)"})
+    excitation: Gate | type | None = field(
+        default=None, metadata={"help": "the former name of gate, still accepted (read into gate, then None)"}
+    )
+    act: Act | type = field(
+        default=FROM_STYLE,
+        metadata={"help": "activation between the two FC layers: " + ", ".join(ACTS) + ", or a class (paper: relu)"},
+    )
+    bias: bool = field(
+        default=FROM_STYLE, metadata={"help": "bias on the two FC layers (paper: off, its ResNet setting)"}
+    )
     rounding: Rounding = field(
-        default="floor",
+        default=FROM_STYLE,
         metadata={
-            "help": "hidden width when C/r is not whole: floor, round, ceil, or multiple8 (timm's); never below 1"
+            "help": "hidden width when C/r is not whole: floor (paper), ceil, round (halves up), round_even "
+            "(Python's round: EfficientNet, RegNetY), divisible8 (nearest multiple of 8, not below 90%: "
+            "MobileNetV3), timm_se (nearest multiple of 8, at least 8: timm's SEModule); never below 1"
+        },
+    )
+    reduce_from: ReduceFrom = field(
+        default=FROM_STYLE,
+        metadata={
+            "help": "what r divides: channels (those the unit sees; paper) or block_input (the block's input "
+            "channels: EfficientNet, RegNetY)"
+        },
+    )
+    hidden: int | None = field(
+        default=None, metadata={"help": "an absolute hidden width for every unit, instead of one computed from r"}
+    )
+    style: str = field(
+        default="paper",
+        metadata={
+            "help": "named conventions (rules/styles): paper, timm, efficientnet, mobilenetv3, regnety; "
+            "explicit options override the style's"
         },
     )
     init: Init = field(
@@ -93,20 +150,27 @@ class InjectConfig:
         return cls(**values)
 
     def __post_init__(self) -> None:
+        self._apply_style()
         for name, choices in (
             ("position", POSITIONS),
             ("squeeze", SQUEEZES),
-            ("excitation", EXCITATIONS),
             ("rounding", ROUNDINGS),
+            ("reduce_from", REDUCE_FROMS),
             ("init", INITS),
             ("existing", EXISTINGS),
         ):
             value = getattr(self, name)
             if value not in choices:
                 raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+        for name, choices in (("gate", GATES), ("act", ACTS)):
+            value = getattr(self, name)
+            if not (isinstance(value, str) and value in choices) and not isinstance(value, type):
+                raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}, nor a module class")
         object.__setattr__(self, "r", _validate_r(self.r))
         if self.stages is not None:
             object.__setattr__(self, "stages", _validate_stages(self.stages))
+        if self.hidden is not None and not (_is_int(self.hidden) and self.hidden >= 1):
+            raise ConfigError(f"hidden: expected a positive hidden width, got {self.hidden!r}")
         if not isinstance(self.unit, str) or not self.unit.isidentifier():
             raise ConfigError(f"unit: expected the name of a registered unit such as 'se', got {self.unit!r}")
         if not isinstance(self.bias, bool):
@@ -115,6 +179,26 @@ class InjectConfig:
             self, "leaf_modules", _string_tuple(self.leaf_modules, "leaf_modules", "class or module names")
         )
         object.__setattr__(self, "rules", _string_tuple(self.rules, "rules", "paths of rule files"))
+        for name in ("include", "exclude"):
+            object.__setattr__(self, name, _string_tuple(getattr(self, name), name, "module name globs"))
+
+    def _apply_style(self) -> None:
+        """Fill every option left unset from the style; ``excitation`` is ``gate``'s old name."""
+        if self.excitation is not None:
+            if self.gate is not None and self.gate != self.excitation:
+                raise ConfigError(f"gate: {self.gate!r} and excitation={self.excitation!r} disagree (one is enough)")
+            object.__setattr__(self, "gate", self.excitation)
+        if self.rounding in RENAMED_ROUNDINGS:
+            new = RENAMED_ROUNDINGS[self.rounding]
+            warnings.warn(f"rounding={self.rounding!r} is now called {new!r}", DeprecationWarning, stacklevel=4)
+            object.__setattr__(self, "rounding", new)
+        unset = [name for name in STYLED_FIELDS if getattr(self, name) is None]
+        if unset:
+            preset = style(self.style).options  # a style leaves out what it shares with the paper
+            for name in unset:
+                value = preset.get(name, _PAPER[name])
+                object.__setattr__(self, name, tuple(value) if isinstance(value, list) else value)
+        object.__setattr__(self, "excitation", None)  # read once into gate: replace(gate=...) stays consistent
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
@@ -160,3 +244,127 @@ def _validate_stages(stages: object) -> tuple[int, ...]:
     if len(set(stages)) != len(stages):
         raise ConfigError(f"stages: a stage is listed twice in {list(stages)}")
     return tuple(sorted(stages))
+
+
+# --- styles: SE conventions by name ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Style:
+    """A named set of InjectConfig options (``style="timm"``), read from a style file."""
+
+    name: str
+    options: dict[str, Any]
+    description: str = ""
+    source: str = ""
+
+
+_STYLE_KEYS = {"name", "description", "options"}
+
+
+def _style_error(source: str, name: str | None, field_name: str | None, problem: str) -> ConfigError:
+    where = source + (f": style '{name}'" if name else "") + (f": field '{field_name}'" if field_name else "")
+    return ConfigError(f"{where}: {problem}")
+
+
+def _parse_style(entry: object, index: int, source: str) -> Style:
+    if not isinstance(entry, dict):
+        raise _style_error(source, f"#{index + 1}", None, "a style must be a table ([[style]])")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise _style_error(source, f"#{index + 1}", "name", "every style needs a name such as 'my_se'")
+    unknown = sorted(set(entry) - _STYLE_KEYS)
+    if unknown:
+        raise _style_error(source, name, unknown[0], f"unknown field; fields are {', '.join(sorted(_STYLE_KEYS))}")
+    options = entry.get("options")
+    if not isinstance(options, dict) or not options:
+        raise _style_error(source, name, "options", 'expected a table of options, e.g. { r = 8, act = "silu" }')
+    for key in options:
+        if key not in STYLED_FIELDS:
+            raise _style_error(source, name, f"options.{key}", f"a style sets {', '.join(STYLED_FIELDS)}; not {key!r}")
+    try:  # every value checked as the option itself checks it
+        InjectConfig.from_dict({**{k: v for k, v in _PAPER.items() if k not in options}, **options})
+    except ConfigError as err:
+        raise _style_error(source, name, "options", str(err)) from None
+    description = entry.get("description", "")
+    if not isinstance(description, str):
+        raise _style_error(source, name, "description", f"expected a string, got {description!r}")
+    return Style(name, dict(options), description, source)
+
+
+def parse_styles(text: str, source: str) -> list[Style]:
+    """The styles of one TOML document (``source`` names it in errors); nothing is registered."""
+    try:
+        data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError) as err:
+        raise _style_error(source, None, None, f"not a valid style file: {err}") from None
+    unknown = sorted(set(data) - {"style"})
+    if unknown:
+        raise _style_error(source, None, unknown[0], "unknown top-level key; a style file holds [[style]] tables")
+    entries = data.get("style")
+    if not isinstance(entries, list) or not entries:
+        raise _style_error(source, None, "style", "no styles: expected one or more [[style]] tables")
+    styles = [_parse_style(entry, i, source) for i, entry in enumerate(entries)]
+    names = [s.name for s in styles]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise _style_error(source, duplicate, "name", "defined twice in this file")
+    return styles
+
+
+# the paper's options: the base every style starts from (and what validates a style on its own)
+_PAPER: dict[str, Any] = {
+    "position": "standard",
+    "r": 16,
+    "act": "relu",
+    "gate": "sigmoid",
+    "bias": False,
+    "rounding": "floor",
+    "reduce_from": "channels",
+}
+_USER_STYLES: dict[str, Style] = {}
+
+
+def builtin_data_dir() -> Path:
+    """The shipped rules and styles: inside the installed package, or the checkout's ``rules/``."""
+    packaged = Path(str(resources.files("se_inject"))) / "rules"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[1] / "rules"
+
+
+_PAPER_STYLE = Style("paper", dict(_PAPER), "Hu et al.: the defaults every other style starts from", "built in")
+
+
+@cache
+def _builtin_styles() -> dict[str, Style]:
+    found: dict[str, Style] = {"paper": _PAPER_STYLE}
+    for path in sorted((builtin_data_dir() / "styles").glob("*.toml")):
+        for entry in parse_styles(path.read_text(encoding="utf-8"), str(path)):
+            if entry.name in found:
+                raise ConfigError(f"{path}: style '{entry.name}' is defined twice among the built-in styles")
+            found[entry.name] = entry
+    return found
+
+
+def styles() -> dict[str, Style]:
+    """Every known style: ``paper``, the built-in ones, then those registered."""
+    return {**_builtin_styles(), **_USER_STYLES}
+
+
+def style(name: str) -> Style:
+    """The style called ``name``."""
+    if name == "paper":  # the base of every other: known without reading a file
+        return _PAPER_STYLE
+    known = styles()
+    if not isinstance(name, str) or name not in known:
+        raise ConfigError(f"style: {name!r} is not a style; styles are {', '.join(known)}")
+    return known[name]
+
+
+def register_style(entry: Style) -> Style:
+    """Make ``entry`` known by its name (``style=entry.name``); a name already known is refused."""
+    if entry.name in styles():
+        raise ConfigError(f"style: '{entry.name}' is already defined ({styles()[entry.name].source or 'built in'})")
+    _USER_STYLES[entry.name] = entry
+    return entry

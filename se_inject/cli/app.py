@@ -163,9 +163,20 @@ def _head_kwargs(num_classes: int | None) -> dict[str, Any]:
     return {"num_classes": num_classes}
 
 
-def _inject_config(position: str, r: str, stages: str | None, **options: Any) -> InjectConfig:
-    """An InjectConfig from the options every command shares, as typed on the command line."""
-    given: dict[str, Any] = {"position": position, "r": parse_int_list(r, "r"), **options}
+def _inject_config(
+    position: str | None, r: str | None, stages: str | None, styles: list[str] | None = None, **options: Any
+) -> InjectConfig:
+    """An InjectConfig from the options every command shares, as typed on the command line (an
+    option left out is None: its style's value, or the paper's)."""
+    from se_inject.io.styles import load_style_file
+
+    for path in styles or ():
+        load_style_file(path)
+    given: dict[str, Any] = {name: value for name, value in options.items() if value is not None}
+    if position is not None:
+        given["position"] = position
+    if r is not None:
+        given["r"] = parse_int_list(r, "r")
     if stages:
         given["stages"] = parse_int_list(stages, "stages")
     return InjectConfig.from_dict(given)
@@ -174,14 +185,24 @@ def _inject_config(position: str, r: str, stages: str | None, **options: Any) ->
 @app.command("inject")
 def inject_command(
     model: str = typer.Argument(..., help="timm name, torchvision:NAME, module.path:callable or file.py:callable"),
-    position: str = inject_option("position"),
-    r: str = inject_option("r"),
+    position: str | None = inject_option("position"),
+    r: str | None = inject_option("r"),
     stages: str | None = inject_option("stages"),
+    style: str = inject_option("style"),
+    styles: list[str] = typer.Option(
+        [], "--styles", help="a style file (TOML) whose styles --style can name (repeatable)"
+    ),
+    include: list[str] = inject_option("include"),
+    exclude: list[str] = inject_option("exclude"),
     squeeze: str = inject_option("squeeze"),
-    excitation: str = inject_option("excitation"),
-    bias: bool = inject_option("bias"),
+    gate: str | None = inject_option("gate"),
+    excitation: str | None = inject_option("excitation"),
+    act: str | None = inject_option("act"),
+    bias: bool | None = inject_option("bias"),
     init: str = inject_option("init"),
-    rounding: str = inject_option("rounding"),
+    rounding: str | None = inject_option("rounding"),
+    reduce_from: str | None = inject_option("reduce_from"),
+    hidden: int | None = inject_option("hidden"),
     input_size: int | None = typer.Option(
         None, "--input-size", min=1, help="spatial size FLOPs are counted at (default: the model's own, else 224)"
     ),
@@ -220,11 +241,19 @@ def inject_command(
         position,
         r,
         stages,
+        styles,
+        style=style,
+        include=tuple(include),
+        exclude=tuple(exclude),
         squeeze=squeeze,
+        gate=gate,
         excitation=excitation,
+        act=act,
         bias=bias,
         init=init,
         rounding=rounding,
+        reduce_from=reduce_from,
+        hidden=hidden,
         leaf_modules=tuple(leaf),
         existing=existing,
         rules=tuple(rules),
@@ -368,9 +397,10 @@ def finetune_command(
     ),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     nproc: int = typer.Option(1, "--nproc", help="launch N processes with torchrun (DistributedDataParallel)"),
-    position: str = inject_option("position"),
-    r: str = inject_option("r"),
+    position: str | None = inject_option("position"),
+    r: str | None = inject_option("r"),
     stages: str | None = inject_option("stages"),
+    style: str = inject_option("style"),
     init: str = inject_option("init"),
     checkpoint: str | None = typer.Option(None, "--checkpoint", help="trained weights for a model spec SOURCE"),
     pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights for SOURCE"),
@@ -431,7 +461,7 @@ def finetune_command(
             source, device="cpu", pretrained=pretrained, checkpoint=checkpoint, optional_kwargs=dataset_head, **given
         )
         splits = load_data(data, image_size, model_data_config(original), check=False)
-        inject_config = _inject_config(position, r, stages, init=init)
+        inject_config = _inject_config(position, r, stages, style=style, init=init)
         model = retrofit(original, inject_config, input_size=splits.image_size, model_name=source).model
     out_console = console()
     with warnings.catch_warnings():  # shown below as se-inject's own one-line warnings
@@ -534,9 +564,10 @@ def render_finetune(result, console: Console) -> None:
 @app.command("bench")
 def bench_command(
     model: str = typer.Argument(..., help="timm name, torchvision:NAME, module.path:callable or file.py:callable"),
-    position: str = inject_option("position"),
-    r: str = inject_option("r"),
+    position: str | None = inject_option("position"),
+    r: str | None = inject_option("r"),
     stages: str | None = inject_option("stages"),
+    style: str = inject_option("style"),
     batch: str = typer.Option("1,16", "--batch", help="batch sizes, e.g. 1,16 (CUDA default: 256)"),
     size: int = typer.Option(224, "--size", min=8, help="input size"),
     repeats: int = typer.Option(20, "--repeats", min=1, help="timed rounds (each model once per round)"),
@@ -557,7 +588,7 @@ def bench_command(
     if threads:
         torch.set_num_threads(threads)
     target = resolve_device(device)
-    config = _inject_config(position, r, stages)
+    config = _inject_config(position, r, stages, style=style)
     batches = parse_positive_list(batch, "--batch")
     batches = (256,) if target.type == "cuda" and batch == "1,16" else batches
     twin_name = twin_of(model)

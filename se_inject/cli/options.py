@@ -35,15 +35,19 @@ def inject_option(name: str, *flags: str, **extra: Any) -> Any:
             "r",
             "--r",
             "-r",
-            default=str(_field(InjectConfig, "r").default),
+            default=None,
             suffix=" (e.g. 16 or 8,16,16,32)",
         )
+    if name in ("include", "exclude"):  # repeatable on the command line
+        return _option(InjectConfig, name, f"--{name}", default=[], suffix=" (repeatable)")
     if name == "stages":
         return _option(InjectConfig, "stages", "--stages", suffix=" (e.g. 2,3 or 2-4)")
     if name == "position":
         return _option(InjectConfig, "position", "--position", "-p", **extra)
     if name == "bias":
         return _option(InjectConfig, "bias", "--bias/--no-bias")
+    if name == "excitation":
+        return _option(InjectConfig, "excitation", "--excitation", hidden=True)
     return _option(InjectConfig, name, *flags, **extra)
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from se_inject.config import InjectConfig
 from se_inject.errors import ConfigError, NoSitesError, RewriteError
+from se_inject.graph.ops import tensor_shape
 from se_inject.graph.trace import module_scope
 from se_inject.placement.patterns.base import Insertion
 from se_inject.placement.sites import Analysis, Site, SiteSearch
@@ -28,6 +30,8 @@ class PlannedUnit:
     hidden: int
     owner: str  # qualified name of the module rewritten to hold the unit ("" is the root)
     name: str  # child name of the unit in ``owner``, SE_stage_block as in the paper
+    reduced: int | None = None  # what r divides when not the unit's channels (reduce_from="block_input")
+    module: str = ""  # the block module the site is in (what include/exclude match), before any widening
 
     @property
     def stage(self) -> int:
@@ -55,6 +59,7 @@ class Plan:
     selected_stages: tuple[int, ...]
     skipped: tuple[tuple[Site, str], ...]  # sites of selected stages without a unit, and why
     search: SiteSearch
+    selection: tuple[tuple[str, str, int], ...] = ()  # (include|exclude, pattern, blocks it matched)
 
     @property
     def owners(self) -> tuple[str, ...]:
@@ -121,6 +126,45 @@ def _repeated_call(scope: str) -> str | None:
     return None
 
 
+def _block_module(site: Site) -> str:
+    """The module that holds the site (a residual block, usually): what include and exclude match."""
+    assert site.insertion is not None
+    return _common_scope(site.insertion.anchors)
+
+
+def _chosen(module: str, config: InjectConfig) -> bool:
+    included = not config.include or any(fnmatchcase(module, pattern) for pattern in config.include)
+    return included and not any(fnmatchcase(module, pattern) for pattern in config.exclude)
+
+
+def _check_selection(config: InjectConfig, modules: list[str]) -> tuple[tuple[str, str, int], ...]:
+    """How many blocks each include/exclude pattern matched; a pattern that matches none is an error."""
+    counts = []
+    for option in ("include", "exclude"):
+        for pattern in getattr(config, option):
+            matched = sum(fnmatchcase(m, pattern) for m in dict.fromkeys(modules))
+            if not matched:
+                names = ", ".join(list(dict.fromkeys(modules))[:6])
+                raise ConfigError(
+                    f"{option}: {pattern!r} matches none of the {len(set(modules))} blocks with a site "
+                    f"(e.g. {names}); patterns are fnmatch globs over these module names"
+                )
+            counts.append((option, pattern, matched))
+    return tuple(counts)
+
+
+def _reduced(site: Site, config: InjectConfig) -> int | None:
+    """What r divides for this site when it is not the unit's channels: the block's input channels."""
+    if config.reduce_from != "block_input":
+        return None
+    if site.candidate.block_input is None:
+        raise ConfigError(
+            f"reduce_from: the blocks of rule '{site.rule.name}' have no input se_inject can identify; "
+            "use reduce_from='channels'"
+        )
+    return tensor_shape(site.candidate.block_input)[1]
+
+
 def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
@@ -162,10 +206,12 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
         raise ConfigError(f"stages: stage {out_of_range[0]} does not exist; this model has stages 1-{stage_count}")
 
     reasons = {id(site): reason for site, reason in search.skipped}
+    in_stages = [site for site in search.sites if site.stage in selected]
+    selection = _check_selection(config, [_block_module(site) for site in in_stages])
     planned: list[tuple[Site, Insertion, int, str]] = []
     skipped: list[tuple[Site, str]] = []
-    for site in search.sites:
-        if site.stage not in selected:
+    for site in in_stages:
+        if not _chosen(_block_module(site), config):
             continue
         if id(site) in reasons:
             skipped.append((site, reasons[id(site)]))
@@ -173,23 +219,23 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
         insertion = site.insertion
         assert insertion is not None  # a site without one is among search.skipped, handled above
         r = stage_ratio(config, site.stage, stage_count, selected)
-        if r > insertion.channels:
+        divided = _reduced(site, config) or insertion.channels
+        if r > divided and config.hidden is None:
             raise ConfigError(
-                f"r: r={r} is wider than the {insertion.channels} channels the unit sees in stage "
-                f"{site.stage}, block {site.block}; use r <= {insertion.channels}"
+                f"r: r={r} is wider than the {divided} channels it divides in stage "
+                f"{site.stage}, block {site.block}; use r <= {divided}"
             )
-        owner = _common_scope(insertion.anchors)
+        owner = _block_module(site)
         repeated = _repeated_call(owner)
         if repeated:  # the same module object called again (shared weights): its first call's unit serves it
             skipped.append(
                 (site, f"module '{repeated}' is called more than once; the unit of its first call serves every call")
             )
             continue
-        owner = _rewritable_owner(owner, obstacle)
-        planned.append((site, insertion, r, owner))
+        planned.append((site, insertion, r, _rewritable_owner(owner, obstacle)))
     if not planned:
         raise NoSitesError(
-            f"none of the {sum(s.stage in selected for s in search.sites)} sites of stages {list(selected)} "
+            f"none of the {len(in_stages)} sites of stages {list(selected)} "
             f"takes a unit at position '{config.position}': {skipped[0][1] if skipped else search.describe()}"
         )
     outermost = _outermost_owners({owner for *_, owner in planned})
@@ -198,10 +244,12 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
             site=site,
             insertion=insertion,
             r=r,
-            hidden=unit_type.hidden_width(insertion.channels, r, config),
+            hidden=unit_type.hidden_width(insertion.channels, r, config, reduced=_reduced(site, config)),
             owner=outermost[owner],
             name=f"se_{site.stage}_{site.block}",
+            reduced=_reduced(site, config),
+            module=_block_module(site),
         )
         for site, insertion, r, owner in planned
     )
-    return Plan(units, stage_count, tuple(selected), tuple(skipped), search)
+    return Plan(units, stage_count, tuple(selected), tuple(skipped), search, selection)

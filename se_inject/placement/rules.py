@@ -23,10 +23,9 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
-from se_inject.config import POSITIONS
+from se_inject.config import POSITIONS, builtin_data_dir
 from se_inject.errors import RuleError
 from se_inject.io.files import read_text_file
 from se_inject.placement.patterns.base import PATTERNS, Candidate
@@ -63,10 +62,7 @@ class Rule:
 
 def builtin_rules_dir() -> Path:
     """The shipped rules: inside the installed package, or the checkout's ``rules/`` folder."""
-    packaged = Path(str(resources.files("se_inject"))) / "rules"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parents[2] / "rules"
+    return builtin_data_dir()
 
 
 def _fail(source: str, rule: str | None, field_name: str | None, problem: str) -> RuleError:

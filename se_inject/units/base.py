@@ -53,14 +53,19 @@ class ChannelUnit(nn.Module):
         r: int,
         config: InjectConfig,
         *,
+        reduced: int | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> ChannelUnit:
-        """The unit for one site, built as ``config`` says, on ``device`` in ``dtype``."""
+        """The unit for one site, built as ``config`` says, on ``device`` in ``dtype``.
+
+        ``reduced`` is what ``r`` divides where that is not ``channels`` (``reduce_from="block_input"``:
+        the block's input channels); a unit without a bottleneck ignores it.
+        """
         raise NotImplementedError(f"{cls.__name__} must implement from_config")
 
     @classmethod
-    def hidden_width(cls, channels: int, r: int, config: InjectConfig) -> int:
+    def hidden_width(cls, channels: int, r: int, config: InjectConfig, *, reduced: int | None = None) -> int:
         """The bottleneck width a unit for ``channels`` at ``r`` will have (0: none); the plan records it."""
         raise NotImplementedError(f"{cls.__name__} must implement hidden_width")
 

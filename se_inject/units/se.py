@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from se_inject.config import EXCITATIONS, INITS, ROUNDINGS, SQUEEZES
+from se_inject.config import ACTS, GATES, INITS, ROUNDINGS, SQUEEZES
 from se_inject.errors import ConfigError
 from se_inject.units.base import ChannelUnit, register_unit
 
@@ -32,28 +32,46 @@ if TYPE_CHECKING:
     from se_inject.config import InjectConfig
 
 
+def _nearest_multiple_of_8(exact: Fraction) -> int:
+    """timm's ``make_divisible(v, 8)`` core: the nearest multiple of 8 (halves up), at least 8."""
+    return max(8, math.floor(exact + 4) // 8 * 8)
+
+
 def hidden_width(channels: int, r: int, rounding: str = "floor") -> int:
-    """Width of the excitation bottleneck for ``channels`` at reduction ``r``.
+    """Width of the excitation bottleneck for ``channels`` at reduction ``r`` (``channels`` is what r
+    divides: the unit's own channels, or the block's input for ``reduce_from="block_input"``).
 
-    ``floor`` (default) gives exactly ``C/r`` whenever ``r`` divides ``C``, which is what Eq. 5
-    assumes; ``round`` and ``ceil`` are the other ways to round ``C/r``; ``multiple8`` is timm's
-    ``make_divisible(C/r, 8)``. The result is never below 1.
+    - ``floor`` (default): exactly ``C/r`` whenever ``r`` divides ``C``, which is what Eq. 5 assumes;
+    - ``ceil``; ``round``: halves up;
+    - ``round_even``: Python's ``round`` (halves to even), as EfficientNet's and RegNetY's SE;
+    - ``divisible8``: timm's ``make_divisible(C/r, 8)``: the nearest multiple of 8, at least 8,
+      raised by 8 where that falls more than 10% below ``C/r`` (MobileNetV3's ``round_channels``);
+    - ``timm_se``: timm's SEModule, ``make_divisible(C/r, 8, round_limit=0)``: the nearest
+      multiple of 8, at least 8, without the 10% correction.
 
-    >>> hidden_width(64, 16), hidden_width(64, 16, "multiple8"), hidden_width(10, 16)
+    The result is never below 1.
+
+    >>> hidden_width(64, 16), hidden_width(64, 16, "timm_se"), hidden_width(10, 16)
     (4, 8, 1)
+    >>> hidden_width(144, 16, "timm_se"), hidden_width(144, 16, "divisible8")
+    (8, 16)
     """
     if rounding not in ROUNDINGS:
         raise ConfigError(f"rounding: {rounding!r} is not one of {', '.join(ROUNDINGS)}")
-    exact = channels / r
+    exact = Fraction(channels, r)
     if rounding == "floor":
         width = channels // r
     elif rounding == "ceil":
         width = -(-channels // r)
     elif rounding == "round":
-        width = math.floor(exact + 0.5)
-    else:  # multiple8, as timm's make_divisible: never more than 10% below the exact width
-        width = max(8, int(exact + 4) // 8 * 8)
-        if width < 0.9 * exact:
+        width = math.floor(exact + Fraction(1, 2))
+    elif rounding == "round_even":
+        width = round(exact)
+    elif rounding == "timm_se":
+        width = _nearest_multiple_of_8(exact)
+    else:  # divisible8
+        width = _nearest_multiple_of_8(exact)
+        if width < Fraction(9, 10) * exact:
             width += 8
     return max(1, width)
 
@@ -63,6 +81,13 @@ class ScaledSigmoid(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return 2.0 * torch.sigmoid(x)
+
+
+class ScaledHardSigmoid(nn.Module):
+    """``2 * hard_sigmoid(x)``: MobileNetV3's gate made to equal 1 at 0 (range 0..2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * F.hardsigmoid(x)
 
 
 class ShiftedTanh(nn.Module):
@@ -82,27 +107,50 @@ class ShiftedReLU(nn.Module):
 # name -> (gate as published, gate with gate(0) == 1 for the preserve initialisation)
 _GATES: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module]]] = {
     "sigmoid": (nn.Sigmoid, ScaledSigmoid),
+    "hard_sigmoid": (nn.Hardsigmoid, ScaledHardSigmoid),
     "tanh": (nn.Tanh, ShiftedTanh),
     "relu": (nn.ReLU, ShiftedReLU),
 }
-assert set(_GATES) == set(EXCITATIONS)
+assert set(_GATES) == set(GATES)
+
+# name -> activation between the two FC layers (torch's own modules, as timm's create_act_layer gives them)
+_ACTS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "hard_swish": nn.Hardswish,
+    "leaky_relu": nn.LeakyReLU,
+}
+assert set(_ACTS) == set(ACTS)
 
 
 def create_gate(gate: str | type[nn.Module], preserve: bool) -> nn.Module:
-    """Build the excitation gate from a name (``sigmoid``, ``tanh``, ``relu``) or a module class.
+    """Build the excitation gate from a name (``sigmoid``, ``hard_sigmoid``, ``tanh``, ``relu``) or a class.
 
     With ``preserve`` a named gate is its variant that equals 1 at 0; a class must already do so.
     """
     if isinstance(gate, str):
         if gate not in _GATES:
-            raise ConfigError(f"excitation: {gate!r} is not one of {', '.join(EXCITATIONS)}")
+            raise ConfigError(f"gate: {gate!r} is not one of {', '.join(GATES)}")
         return _GATES[gate][1 if preserve else 0]()
     if isinstance(gate, type) and issubclass(gate, nn.Module):
         module = gate()
         if preserve and float(module(torch.zeros(1))) != 1.0:
-            raise ConfigError(f"excitation: {gate.__name__}(0) must equal 1 for init='preserve'")
+            raise ConfigError(f"gate: {gate.__name__}(0) must equal 1 for init='preserve'")
         return module
-    raise ConfigError(f"excitation: expected a name or an nn.Module class, got {gate!r}")
+    raise ConfigError(f"gate: expected a name or an nn.Module class, got {gate!r}")
+
+
+def create_act(act: str | type[nn.Module]) -> nn.Module:
+    """The activation between the FC layers, from a name (``relu``, ``silu``, ...) or a module class."""
+    if isinstance(act, str):
+        if act not in _ACTS:
+            raise ConfigError(f"act: {act!r} is not one of {', '.join(ACTS)}")
+        return _ACTS[act]()
+    if isinstance(act, type) and issubclass(act, nn.Module):
+        return act()
+    raise ConfigError(f"act: expected a name or an nn.Module class, got {act!r}")
 
 
 def _can_write_over(x: torch.Tensor, s: torch.Tensor, residual: torch.Tensor | None) -> bool:
@@ -115,10 +163,21 @@ def _can_write_over(x: torch.Tensor, s: torch.Tensor, residual: torch.Tensor | N
     )
 
 
-def eq5_params(channels: int, r: int, bias: bool = False) -> Fraction:
-    """Weights Eq. 5 predicts for one SE unit on ``channels`` at reduction ``r`` (with bias: + C/r + C)."""
-    weights = Fraction(2 * channels * channels, r)
-    return weights + Fraction(channels, r) + channels if bias else weights
+def eq5_params(channels: int, r: int, bias: bool = False, reduced: int | None = None) -> Fraction:
+    """Weights Eq. 5 predicts for one SE unit on ``channels`` at reduction ``r`` (with bias: + C/r + C).
+
+    ``reduced`` is what ``r`` divides when it is not ``channels`` (the block's input, for
+    ``reduce_from="block_input"``): the hidden width before rounding is ``reduced / r``, and the
+    term ``2 C^2 / r`` generalises to ``2 C reduced / r``.
+    """
+    width = Fraction(channels if reduced is None else reduced, r)
+    weights = 2 * channels * width
+    return weights + width + channels if bias else weights
+
+
+def unit_weights(channels: int, hidden: int, bias: bool = False) -> int:
+    """Weights one SE unit of hidden width ``hidden`` holds: the closed form the report checks."""
+    return 2 * channels * hidden + (hidden + channels if bias else 0)
 
 
 class SqueezeExcite(ChannelUnit):
@@ -126,13 +185,16 @@ class SqueezeExcite(ChannelUnit):
 
     Args:
         channels: C, channels of the feature map the unit recalibrates.
-        r: reduction ratio; the hidden width is ``hidden_width(C, r, rounding)``.
-        act_layer: non-linearity between the two FC layers (ReLU in the paper).
-        gate_layer: excitation gate, ``sigmoid`` (paper), ``tanh``, ``relu`` or a module class.
+        r: reduction ratio; the hidden width is ``hidden_width(reduced or C, r, rounding)``.
+        act_layer: non-linearity between the two FC layers: ``relu`` (paper), ``relu6``, ``silu``,
+            ``gelu``, ``hard_swish``, ``leaky_relu`` or a module class.
+        gate_layer: excitation gate, ``sigmoid`` (paper), ``hard_sigmoid``, ``tanh``, ``relu`` or a module class.
         squeeze: ``avg`` (paper), ``max``, or ``none``: the NoSqueeze control, where the FC layers
             become 1x1 convolutions of the same widths and the gate is computed per position.
         bias: bias on both FC layers (the paper's ResNets use none).
-        rounding: how ``C/r`` is rounded when it is not whole.
+        rounding: how ``C/r`` is rounded when it is not whole (see :func:`hidden_width`).
+        reduced: what ``r`` divides, when not ``channels`` (EfficientNet's and RegNetY's block input).
+        hidden: an absolute hidden width (then ``r`` and ``rounding`` only describe the unit).
         init: ``paper`` (PyTorch's default init, gate as published) or ``preserve`` (zero last
             layer and a gate equal to 1 at 0: the unit starts as the identity).
 
@@ -147,12 +209,14 @@ class SqueezeExcite(ChannelUnit):
         self,
         channels: int,
         r: int = 16,
-        act_layer: type[nn.Module] = nn.ReLU,
+        act_layer: str | type[nn.Module] = "relu",
         gate_layer: str | type[nn.Module] = "sigmoid",
         *,
         squeeze: str = "avg",
         bias: bool = False,
         rounding: str = "floor",
+        reduced: int | None = None,
+        hidden: int | None = None,
         init: str = "preserve",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -163,7 +227,12 @@ class SqueezeExcite(ChannelUnit):
             raise ConfigError(f"init: {init!r} is not one of {', '.join(INITS)}")
         if channels < 1 or r < 1:
             raise ConfigError(f"r: need channels >= 1 and r >= 1, got channels={channels}, r={r}")
-        super().__init__(channels, r, hidden_width(channels, r, rounding))
+        if reduced is not None and reduced < 1 or hidden is not None and hidden < 1:
+            raise ConfigError(f"hidden: need a positive width, got reduced={reduced}, hidden={hidden}")
+        width = hidden if hidden is not None else hidden_width(reduced or channels, r, rounding)
+        super().__init__(channels, r, width)
+        self.reduced = reduced  # what r divides, when not channels
+        self.absolute_hidden = hidden is not None
         self.squeeze = squeeze
         self.init = init
         self.fc1: nn.Conv2d | nn.Linear
@@ -174,7 +243,7 @@ class SqueezeExcite(ChannelUnit):
         else:
             self.fc1 = nn.Linear(channels, self.hidden, bias=bias, device=device, dtype=dtype)
             self.fc2 = nn.Linear(self.hidden, channels, bias=bias, device=device, dtype=dtype)
-        self.act = act_layer()
+        self.act = create_act(act_layer)
         self.gate = create_gate(gate_layer, preserve=init == "preserve")
         if init == "preserve":
             with torch.no_grad():
@@ -189,27 +258,36 @@ class SqueezeExcite(ChannelUnit):
         r: int,
         config: InjectConfig,
         *,
+        reduced: int | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> SqueezeExcite:
         return cls(
             channels,
             r,
-            gate_layer=config.excitation,
+            act_layer=config.act,
+            gate_layer=config.gate,
             squeeze=config.squeeze,
             bias=config.bias,
             rounding=config.rounding,
+            reduced=reduced,
+            hidden=config.hidden,
             init=config.init,
             device=device,
             dtype=dtype,
         )
 
     @classmethod
-    def hidden_width(cls, channels: int, r: int, config: InjectConfig) -> int:
-        return hidden_width(channels, r, config.rounding)
+    def hidden_width(cls, channels: int, r: int, config: InjectConfig, *, reduced: int | None = None) -> int:
+        if config.hidden is not None:
+            return config.hidden
+        return hidden_width(reduced or channels, r, config.rounding)
 
     def expected_params(self) -> Fraction:
-        return eq5_params(self.channels, self.r, bias=self.fc1.bias is not None)
+        bias = self.fc1.bias is not None
+        if self.absolute_hidden:  # no r to predict from: the closed form of the width asked for
+            return Fraction(unit_weights(self.channels, self.hidden, bias))
+        return eq5_params(self.channels, self.r, bias=bias, reduced=self.reduced)
 
     @property
     def starts_as_identity(self) -> bool:

@@ -42,6 +42,20 @@ def test_json_report():
     assert data["totals"]["params_added"] == data["totals"]["eq5_params"]
 
 
+def test_styles_and_block_choice_from_the_command_line(tmp_path):
+    result = invoke("resnet50", "--style", "timm", "--include", "layer4.*", "--exclude", "layer4.2", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [u["name"] for u in data["sites"]] == ["layer4.0.se_4_1", "layer4.1.se_4_2"]
+    assert {u["hidden"] for u in data["sites"]} == {128}
+    styles = tmp_path / "mine.toml"
+    styles.write_text('[[style]]\nname = "cli_style"\noptions = { r = 8, act = "silu", position = "inner" }\n')
+    result = invoke("resnet18", "--styles", str(styles), "--style", "cli_style", "--r", "4", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["position"], data["r"]) == ("inner", 4)  # the style's position, the explicit r
+
+
 def test_user_model_from_a_file(tmp_path):
     source = tmp_path / "net.py"
     source.write_text(
@@ -68,6 +82,10 @@ def test_user_model_from_a_file(tmp_path):
             "no place for an SE unit at position 'identity' (rules: residual): found 8 convolutions",
         ),
         (["resnet50", "--input-size", "0"], "--input-size"),
+        (["resnet50", "--style", "senet"], "style: 'senet' is not a style; styles are paper, timm, efficientnet"),
+        (["resnet50", "--include", "blocks.*"], "include: 'blocks.*' matches none of the 16 blocks"),
+        (["resnet50", "--gate", "softmax"], "gate: 'softmax' is not one of sigmoid, hard_sigmoid, tanh, relu"),
+        (["resnet50", "--styles", "missing.toml"], "missing.toml"),
         (["resnet50", "--bogus"], "No such option: --bogus"),
         (["inject"], "Missing argument 'model'"),
     ],

@@ -92,3 +92,30 @@ def test_owner_is_the_block_even_for_post_and_pre():
     for position in ("standard", "pre", "post", "identity", "inner"):
         plan = plan_units(analysis, InjectConfig(position=position, r=4))
         assert [u.owner for u in plan.units] == ["blocks.0", "blocks.1", "blocks.2"], position
+
+
+def test_blocks_chosen_by_name_and_each_pattern_counted(analysis):
+    plan = plan_units(analysis, InjectConfig(r=4, include=("stages.1.*", "stages.2.0"), exclude=("stages.1.1",)))
+    assert [u.qualified_name for u in plan.units] == ["stages.1.0.se_2_1", "stages.2.0.se_3_1"]
+    assert plan.selection == (("include", "stages.1.*", 2), ("include", "stages.2.0", 1), ("exclude", "stages.1.1", 1))
+    both = plan_units(analysis, InjectConfig(r=4, include=("stages.*",), stages=(1,)))  # with stages: both apply
+    assert [u.module for u in both.units] == ["stages.0.0", "stages.0.1"]
+
+
+@pytest.mark.parametrize("option", ["include", "exclude"])
+def test_a_pattern_matching_no_block_is_an_error_naming_blocks_that_exist(analysis, option):
+    with pytest.raises(ConfigError, match=rf"{option}: 'layer3.\*' matches none of the 5 blocks .*e.g. stages.0.0"):
+        plan_units(analysis, InjectConfig(r=4, **{option: ("layer3.*",)}))
+
+
+def test_widths_from_the_block_input_or_absolute(analysis):
+    # FunctionalResNet's downsampling blocks take 16 -> 32 and 32 -> 64 channels
+    plan = plan_units(analysis, InjectConfig(r=4, reduce_from="block_input"))
+    assert [(u.channels, u.reduced, u.hidden) for u in plan.units] == [
+        (16, 16, 4),
+        (16, 16, 4),
+        (32, 16, 4),
+        (32, 32, 8),
+        (64, 32, 8),
+    ]
+    assert {u.hidden for u in plan_units(analysis, InjectConfig(hidden=3)).units} == {3}

@@ -94,3 +94,22 @@ def test_json_has_the_documented_shape(model):
         data["totals"]
     )
     assert data["sites"][0]["name"] == "stages.0.0.se_1_1" and data["eq5_agrees"] is True
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"reduce_from": "block_input", "r": 4},
+        {"hidden": 5},
+        {"style": "timm"},
+        {"style": "efficientnet", "bias": False},
+    ],
+)
+def test_eq5_generalised_to_each_width_rule_matches_the_weights_added(options):
+    """Eq. 5's 2 C^2 / r becomes 2 C C_in / r when r divides the block input, and 2 C h for an absolute
+    width h; timm's widths round C/16 up to 8, so there Eq. 5 and the weights differ, and the report says so."""
+    report = se_inject.report(FunctionalResNet(), input_size=32, **options)
+    units = report.sites
+    bias = options.get("style") == "timm"
+    assert report.totals.params_added == sum(2 * u.channels * u.hidden + (u.hidden + u.channels) * bias for u in units)
+    assert report.eq5_agrees is (options.get("style") != "timm")

@@ -23,11 +23,11 @@ class LearnedScale(ChannelUnit):
         self.s = nn.Parameter(torch.zeros(channels, device=device, dtype=dtype))
 
     @classmethod
-    def from_config(cls, channels, r, config, *, device=None, dtype=None) -> LearnedScale:
+    def from_config(cls, channels, r, config, *, reduced=None, device=None, dtype=None) -> LearnedScale:
         return cls(channels, r, device=device, dtype=dtype)
 
     @classmethod
-    def hidden_width(cls, channels, r, config) -> int:
+    def hidden_width(cls, channels, r, config, *, reduced=None) -> int:
         return 0
 
     def expected_params(self) -> Fraction:

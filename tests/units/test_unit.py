@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import se_inject
 from se_inject.errors import ConfigError
 from se_inject.units.se import (
     ScaledSigmoid,
@@ -19,7 +20,7 @@ from se_inject.units.se import (
     "channels, r, rounding, expected",
     [
         (64, 16, "floor", 4),
-        (64, 16, "multiple8", 8),  # timm's rounding: breaks Eq. 5, so it is opt-in
+        (64, 16, "timm_se", 8),  # timm's rounding: breaks Eq. 5, so it is opt-in
         (100, 16, "floor", 6),
         (100, 16, "round", 6),
         (100, 16, "ceil", 7),
@@ -28,11 +29,32 @@ from se_inject.units.se import (
         (10, 16, "round", 1),
         (3, 4, "ceil", 1),
         (2048, 16, "floor", 128),
-        (2048, 16, "multiple8", 128),
+        (2048, 16, "timm_se", 128),
+        (144, 16, "timm_se", 8),  # timm's SEModule: the nearest multiple of 8
+        (144, 16, "divisible8", 16),  # make_divisible's 90% rule (MobileNetV3) lifts it to 16
+        (104, 16, "round_even", 6),  # 6.5: Python's round, as EfficientNet's and RegNetY's SE
+        (120, 16, "round_even", 8),  # 7.5
     ],
 )
 def test_hidden_width_rules(channels, r, rounding, expected):
     assert hidden_width(channels, r, rounding) == expected
+
+
+def test_widths_are_those_of_timms_own_rules_for_every_channel_count():
+    """Each named rounding is the rule of the network it names, checked against timm's functions."""
+    from timm.layers import make_divisible
+
+    for r in (2, 3, 4, 8, 16, 32):
+        for channels in range(1, 1025):
+            assert hidden_width(channels, r, "timm_se") == make_divisible(channels * (1 / r), 8, round_limit=0.0)
+            assert hidden_width(channels, r, "divisible8") == make_divisible(channels / r, 8)  # round_channels
+            assert hidden_width(channels, r, "round_even") == max(1, round(channels * (1 / r)))
+
+
+def test_the_old_rounding_name_is_read_as_what_it_computed():
+    with pytest.warns(DeprecationWarning, match="now called 'divisible8'"):
+        config = se_inject.InjectConfig(rounding="multiple8")
+    assert config.rounding == "divisible8"
 
 
 def test_hidden_width_refuses_unknown_rounding():
@@ -66,7 +88,7 @@ def test_paper_sigmoid_gate_is_strictly_between_0_and_1():
 
 @pytest.mark.parametrize(
     "squeeze, excitation, bias",
-    list(itertools.product(["avg", "max", "none"], ["sigmoid", "tanh", "relu"], [False, True])),
+    list(itertools.product(["avg", "max", "none"], ["sigmoid", "hard_sigmoid", "tanh", "relu"], [False, True])),
 )
 def test_preserve_init_is_the_exact_identity(squeeze, excitation, bias):
     torch.manual_seed(0)
@@ -112,9 +134,9 @@ def test_create_gate_from_name_and_class():
     assert isinstance(create_gate(nn.Hardsigmoid, preserve=False), nn.Hardsigmoid)
     with pytest.raises(ConfigError, match="must equal 1"):
         create_gate(nn.Sigmoid, preserve=True)  # sigmoid(0) = 0.5 would halve every channel
-    with pytest.raises(ConfigError, match="excitation"):
+    with pytest.raises(ConfigError, match="gate"):
         create_gate("softmax", preserve=False)
-    with pytest.raises(ConfigError, match="excitation"):
+    with pytest.raises(ConfigError, match="gate"):
         create_gate(42, preserve=False)
 
 

@@ -42,6 +42,8 @@ class Candidate:
     anchors: dict[str, Insertion | None]
     facts: dict[str, int | bool]
     parts: dict[str, fx.Node] = field(default_factory=dict)  # named nodes, for tests and messages
+    # the value entering the block (what EfficientNet's and RegNetY's SE widths are computed from)
+    block_input: fx.Node | None = None
 
     @property
     def size(self) -> tuple[int, ...]:  # (height, width) of a feature map

@@ -55,6 +55,7 @@ def find_branch_concats(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[C
                 },
                 facts={"inputs": len(inputs), "conv_inputs": len(conv_inputs), "passthrough_inputs": len(passthrough)},
                 parts={"fork": fork, "concat": node},
+                block_input=fork,
             )
         )
     return found

@@ -28,6 +28,7 @@ def find_conv_activations(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list
                 anchors={"after_activation": Insertion(end, None, (end,))},
                 facts={"kernel": max(kernel_of(gm, node) or (1,))},
                 parts={"conv": node},
+                block_input=node.all_input_nodes[0] if node.all_input_nodes else None,
             )
         )
     return found

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from se_inject.graph.ops import is_conv, is_spatial_conv, kernel_of, module_of, tensor_shape
+from se_inject.graph.ops import is_conv, is_spatial_conv, kernel_of, module_of, shape_of, tensor_shape
 from se_inject.graph.walk import activation_between, follow_shape_keeping
 from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
 
@@ -28,6 +28,29 @@ def walk_region(start: fx.Node, end: fx.Node) -> frozenset[fx.Node]:
         walk = next(iter(walk.users))
         region.add(walk)
     return frozenset(region)
+
+
+def block_input(gm: fx.GraphModule, depthwise: fx.Node) -> fx.Node | None:
+    """What enters a depthwise block: the input of the pointwise conv that expands channels for the
+    depthwise conv (an inverted residual), else the depthwise conv's own input (a separable block;
+    a conv found upstream that does not widen belongs to the previous block)."""
+    start = depthwise.all_input_nodes[0] if depthwise.all_input_nodes else None
+    walk = start
+    while walk is not None:
+        if is_conv(gm, walk):
+            if is_spatial_conv(gm, walk) or not walk.all_input_nodes:
+                return start
+            widens = tensor_shape(walk)[1] > tensor_shape(walk.all_input_nodes[0])[1]
+            return walk.all_input_nodes[0] if widens else start
+        # only the norm and activation between an expansion and the depthwise conv
+        if (
+            len(walk.users) != 1
+            or len(walk.all_input_nodes) != 1
+            or shape_of(walk) != shape_of(depthwise.all_input_nodes[0])
+        ):
+            return start
+        walk = walk.all_input_nodes[0]
+    return start
 
 
 def pointwise_after(gm: fx.GraphModule, end: fx.Node) -> fx.Node | None:
@@ -70,6 +93,7 @@ def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candid
                     "pointwise_reduces": reduces,
                 },
                 parts={"conv": node},
+                block_input=block_input(gm, node),
             )
         )
     return found

@@ -80,6 +80,7 @@ def find_residual_adds(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Ca
                     "branch_nodes": len(branch),
                 },
                 parts={"fork": fork, "add": node, "branch_output": branch_out, "shortcut_output": shortcut_out},
+                block_input=fork,
             )
         )
     return found
