@@ -67,6 +67,13 @@ class InjectConfig:
         default=None,
         metadata={"help": "stages (numbered from 1 over stages that hold sites) that get units; None: all"},
     )
+    at: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "put units on the outputs of these modules instead (qualified names or fnmatch globs, "
+            "e.g. 'layer1.0.conv1', 'stages.*.blocks.*.conv1'): insert after X; the placement rules are not used"
+        },
+    )
     include: tuple[str, ...] = field(
         default=(),
         metadata={
@@ -179,6 +186,7 @@ class InjectConfig:
             self, "leaf_modules", _string_tuple(self.leaf_modules, "leaf_modules", "class or module names")
         )
         object.__setattr__(self, "rules", _string_tuple(self.rules, "rules", "paths of rule files"))
+        object.__setattr__(self, "at", _string_tuple(self.at, "at", "module names or globs"))
         for name in ("include", "exclude"):
             object.__setattr__(self, name, _string_tuple(getattr(self, name), name, "module name globs"))
 

@@ -22,20 +22,27 @@ from torch import nn
 import se_inject
 from se_inject.units.base import ChannelUnit
 
-# twin -> (style, what the style reproduces)
-TWINS = {
-    "seresnet18": "timm",  # basic blocks: C/16 rounded to a multiple of 8, bias, ReLU, sigmoid
-    "seresnet50": "timm",  # bottlenecks, 256..2048 channels
-    "efficientnet_b0": "efficientnet",  # round(C_in / 4) of the block input, SiLU, on the expanded channels
-    "mobilenetv3_large_100": "mobilenetv3",  # hard sigmoid, divisible-by-8 widths, SE in 8 of 15 blocks
-    "regnety_002": "regnety",  # after the grouped 3x3 conv, round(C_in / 4), ReLU
+# twin -> the options that reproduce it from its plain sibling (the blocks come from the twin)
+TWINS: dict[str, dict] = {
+    "seresnet18": {"style": "timm"},  # basic blocks: C/16 rounded to a multiple of 8, bias, ReLU, sigmoid
+    "seresnet50": {"style": "timm"},  # bottlenecks, 256..2048 channels
+    "seresnext26d_32x4d": {"style": "timm"},  # grouped 3x3, deep stem
+    "seresnet152d": {"style": "timm"},  # 50 blocks, deep stem, average-pool shortcuts
+    "seresnet33ts": {"style": "timm", "position": "inner"},  # timm's ByoB blocks put SE after the 3x3
+    "legacy_seresnet18": {"bias": True},  # the original SENet code: floor(C/16), bias
+    "efficientnet_b0": {"style": "efficientnet"},  # round(C_in / 4) of the block input, SiLU, expanded channels
+    "semnasnet_100": {"style": "efficientnet", "act": "relu"},  # MnasNet's blocks are ReLU blocks
+    "mobilenetv3_large_100": {"style": "mobilenetv3"},  # hard sigmoid, divisible-by-8 widths, SE in 8 of 15 blocks
+    "regnety_002": {"style": "regnety"},  # after the grouped 3x3 conv, round(C_in / 4), ReLU
+    # DarkNet's SE follows the block's first conv (conv + norm + act): "insert after X" with at=
+    "sedarknet21": {"style": "timm", "act": "leaky_relu", "at": ["stages.*.blocks.*.conv1"]},
 }
 SIZE = 64
 
 
 def _se_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The twin's SE modules by name: timm's SEModule and EfficientNet's SqueezeExcite."""
-    kinds = (timm.layers.SqueezeExcite, timm.models._efficientnet_blocks.SqueezeExcite)
+    """The twin's SE modules by name: timm's SEModule, EfficientNet's SqueezeExcite, legacy SENet's."""
+    kinds = (timm.layers.SqueezeExcite, timm.models._efficientnet_blocks.SqueezeExcite, timm.models.senet.SEModule)
     return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
 
 
@@ -65,14 +72,15 @@ def _retrofit_with_twin_weights(name: str, **options) -> tuple[nn.Module, nn.Mod
     """The twin, its plain sibling and the sibling's retrofit holding the twin's SE weights."""
     twin, plain, se_modules = _twin_and_plain(name)
     blocks = sorted(se_name.rpartition(".")[0] for se_name in se_modules)
-    options = {"style": TWINS[name], "include": blocks, "init": "paper", "input_size": SIZE, **options}
+    options = {"include": blocks, "init": "paper", "input_size": SIZE, **TWINS[name], **options}
     result = se_inject.retrofit(plain, **options)
     injected = result.model.double().eval()
     units = {n: m for n, m in injected.named_modules() if isinstance(m, ChannelUnit)}
     assert sorted(n.rpartition(".")[0] for n in units) == blocks  # one unit in each block that has SE
     with torch.no_grad():
         for unit_name, unit in units.items():
-            reduce, expand = _reduce_expand(se_modules[unit_name.rpartition(".")[0] + ".se"])
+            (se,) = [m for n, m in se_modules.items() if n.rpartition(".")[0] == unit_name.rpartition(".")[0]]
+            reduce, expand = _reduce_expand(se)
             assert (unit.hidden, unit.channels) == (reduce.out_channels, reduce.in_channels), unit_name
             unit.fc1.weight.copy_(reduce.weight.flatten(1))
             unit.fc1.bias.copy_(reduce.bias)
@@ -82,35 +90,53 @@ def _retrofit_with_twin_weights(name: str, **options) -> tuple[nn.Module, nn.Mod
     return twin, plain, injected, blocks
 
 
-def _block_outputs(
-    model: nn.Module, blocks: list[str], x: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    outputs: dict[str, torch.Tensor] = {}
+def _block_inputs_outputs(model: nn.Module, blocks: list[str], x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The model's output, and each block's input and output in that forward."""
+    seen: dict[str, tuple[tuple, torch.Tensor]] = {}
     handles = [
-        model.get_submodule(block).register_forward_hook(lambda m, a, out, b=block: outputs.update({b: out}))
+        model.get_submodule(block).register_forward_hook(lambda m, args, out, b=block: seen.update({b: (args, out)}))
         for block in blocks
     ]
     try:
         with torch.no_grad():
-            return model(x), outputs
+            return model(x), seen
     finally:
         for handle in handles:
             handle.remove()
 
 
+def scaled_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got - expected| over the scale of ``expected`` (its largest magnitude, at least 1): float64
+    rounding grows with the values, which random weights make large in deep networks."""
+    assert got.shape == expected.shape
+    return ((got - expected).abs().max() / expected.abs().max().clamp(min=1.0)).item()
+
+
 X = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+
+def twin_differences(name: str) -> tuple[float, float, int]:
+    """(largest block difference, output difference, blocks): each block of the retrofit run on the
+    input the twin's block received (so no earlier rounding reaches it), scaled as scaled_difference."""
+    twin, plain, injected, blocks = _retrofit_with_twin_weights(name)
+    expected, twin_blocks = _block_inputs_outputs(twin, blocks, X)
+    with torch.no_grad():
+        got = injected(X)
+        per_block = [
+            scaled_difference(injected.get_submodule(block)(*args), out) for block, (args, out) in twin_blocks.items()
+        ]
+        assert not torch.allclose(plain(X), expected)  # the SE modules matter: the comparison could fail
+    assert len(per_block) == len(blocks)
+    return max(per_block), scaled_difference(got, expected), len(blocks)
 
 
 @pytest.mark.parametrize("name", list(TWINS))
 def test_the_retrofit_of_the_plain_sibling_is_the_twin(name):
-    twin, plain, injected, blocks = _retrofit_with_twin_weights(name)
-    expected, twin_blocks = _block_outputs(twin, blocks, X)
-    got, injected_blocks = _block_outputs(injected, blocks, X)
-    for block in blocks:
-        torch.testing.assert_close(injected_blocks[block], twin_blocks[block], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
-    with torch.no_grad():
-        assert not torch.allclose(plain(X), expected)  # the SE modules matter: the comparison could fail
+    worst_block, output, _ = twin_differences(name)
+    assert worst_block <= 1e-10
+    # end to end, float64 rounding is amplified block after block by the random weights (to about 6e-5
+    # of the output's scale through seresnet152d's 50 blocks); a misplaced or mis-built unit gives O(1)
+    assert output <= 1e-3
 
 
 @pytest.mark.parametrize(
@@ -127,12 +153,19 @@ def test_a_wrong_convention_of_the_same_shape_does_not_pass(name, wrong):
         assert not torch.allclose(injected(X), twin(X), rtol=1e-6, atol=1e-8)
 
 
+def test_the_plain_sibling_is_timms_plain_model():
+    """Removing the SE modules gives the network timm builds without them: regnety_002 is regnetx_002 plus SE."""
+    _, plain, _ = _twin_and_plain("regnety_002")
+    regnetx = timm.create_model("regnetx_002")
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in regnetx.state_dict().items()}
+
+
 def test_a_wrong_width_rule_fails_the_copy():
     with pytest.raises(AssertionError, match=r"s1.b1.se_1_1"):  # regnety_002's SE widths come from the block input
         _retrofit_with_twin_weights("regnety_002", reduce_from="channels")
 
 
-@pytest.mark.parametrize("style", ["paper", *sorted(set(TWINS.values()))])
+@pytest.mark.parametrize("style", ["paper", "timm", "efficientnet", "mobilenetv3", "regnety"])
 def test_every_style_starts_as_the_identity(style):
     """The preserve init under each style's act, gate, bias and widths: the model computes exactly
     what it did (float64, random BatchNorm statistics); with the gate's published start it does not."""

@@ -192,6 +192,7 @@ def inject_command(
     styles: list[str] = typer.Option(
         [], "--styles", help="a style file (TOML) whose styles --style can name (repeatable)"
     ),
+    at: list[str] = inject_option("at"),
     include: list[str] = inject_option("include"),
     exclude: list[str] = inject_option("exclude"),
     squeeze: str = inject_option("squeeze"),
@@ -243,6 +244,7 @@ def inject_command(
         stages,
         styles,
         style=style,
+        at=tuple(at),
         include=tuple(include),
         exclude=tuple(exclude),
         squeeze=squeeze,

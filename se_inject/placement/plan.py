@@ -196,7 +196,10 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
     ``surgery.rewrite.LocalTraces``) hands its units to its parent; the model's root is the last resort.
     """
     unit_type = unit_class(config.unit)
-    search = analysis.select(config.position, config.existing)
+    if config.at:
+        search = analysis.select_modules(config.at, config.existing)
+    else:
+        search = analysis.select(config.position, config.existing)
     if not search.placeable:
         raise _no_sites(search, config)
     stage_count = search.stage_count

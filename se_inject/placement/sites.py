@@ -16,14 +16,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 import torch.fx as fx
 from torch import nn
 
+from se_inject.errors import ConfigError
 from se_inject.graph.abstract import eval_mode
 from se_inject.graph.channels import input_channels
 from se_inject.graph.flops import propagate
-from se_inject.graph.ops import add_operands, is_conv, module_of, normalize_inplace_adds
+from se_inject.graph.ops import add_operands, is_conv, is_feature_map, module_of, normalize_inplace_adds
 from se_inject.graph.trace import module_scope, trace
 from se_inject.placement.gates import ChannelGate, find_channel_gates
 from se_inject.placement.patterns.base import PATTERNS, Candidate, Insertion, find_candidates
@@ -127,6 +129,65 @@ class Analysis:
                 skipped.append((site, f"no '{site.rule.positions[position]}' in this {site.rule.name} block"))
         supporting = tuple(r.name for r in self.rules if position in r.positions)
         return SiteSearch(position, sites, skipped, self.gates, self.census, supporting)
+
+    def select_modules(self, patterns: Sequence[str], existing: str = "skip") -> SiteSearch:
+        """Sites on the outputs of the modules ``patterns`` name (fnmatch globs over qualified names):
+        the general "insert after X" of ``at=``, outside the rules. A module whose output is not one
+        feature map (several values leave it, or a flat vector) is skipped with the reason."""
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        names = list(dict.fromkeys(name for n in self.gm.graph.nodes for name in (n.meta.get("nn_module_stack") or {})))
+        sites: list[Site] = []
+        skipped: list[tuple[Site, str]] = []
+        seen: set[fx.Node] = set()
+        for pattern in patterns:
+            matched = [name for name in names if fnmatchcase(name, pattern) and "@" not in name]
+            if not matched:
+                raise ConfigError(
+                    f"at: {pattern!r} names no module the forward runs (e.g. {', '.join(names[1:5])}); "
+                    "give qualified module names or fnmatch globs over them"
+                )
+            # a glob's * crosses dots: of the modules one pattern matches, the outermost are meant
+            outermost = [name for name in matched if not any(name.startswith(m + ".") for m in matched)]
+            for name in outermost:
+                output = module_output(self.gm, name)
+                if output is None or output in seen or not is_feature_map(output):
+                    continue
+                seen.add(output)
+                parent = name.rpartition(".")[0]
+                users = tuple(u for u in output.users if u.op != "output" and node_in_scope(u, parent))
+                candidate = Candidate(
+                    kind="module_output",
+                    output=output,
+                    region=frozenset({output}),
+                    # with its users in the caller: the module that calls the named one holds the unit
+                    # (where nothing there reads it, the named module does, at its end)
+                    anchors={"output": Insertion(output, None, (output, *users))},
+                    facts={},
+                    parts={"module": output},
+                    block_input=output.all_input_nodes[0] if output.all_input_nodes else None,
+                )
+                sites.append(Site(AT_RULE, candidate, candidate.anchors["output"]))
+        if not sites:
+            raise ConfigError(f"at: none of the modules {list(patterns)} names outputs a feature map to recalibrate")
+        sites.sort(key=lambda s: order[s.candidate.output])
+        _number_stages(sites)
+        if existing == "skip":
+            for site in sites:
+                if (gate := _gate_of(site, self.gates)) is not None:
+                    skipped.append((site, f"already recalibrated by the SE-like gate '{gate.name}'"))
+        return SiteSearch("at", sites, skipped, self.gates, self.census, ("at",))
+
+
+# the sites of at=: not a rule read from a file, but a Site needs one to say where it came from
+AT_RULE = Rule("at", "module_output", {}, description="the output of a module named in at=", source="at=")
+
+
+def module_output(gm: fx.GraphModule, name: str) -> fx.Node | None:
+    """The one value that leaves module ``name`` in ``gm`` (its output); None if several do."""
+    inside = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and node_in_scope(n, name)]
+    members = set(inside)
+    leaving = [n for n in inside if any(user not in members for user in n.users)]
+    return leaving[0] if len(leaving) == 1 else None
 
 
 def _gate_of(site: Site, gates: list[ChannelGate]) -> ChannelGate | None:

@@ -94,6 +94,8 @@ def _same_computation(outer: list[fx.Node], mapping: dict[fx.Node, fx.Node], loc
     leave ``outer`` for the rest of the model are exactly those ``local`` returns."""
     for w in outer:
         twin = mapping[w]
+        if any(i not in mapping for i in w.all_input_nodes):  # an input the local trace does not have
+            return False
         if fx.node.map_arg(w.args, mapping.__getitem__) != twin.args:
             return False
         if fx.node.map_arg(w.kwargs, mapping.__getitem__) != twin.kwargs:

@@ -54,6 +54,13 @@ def test_styles_and_block_choice_from_the_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert (data["position"], data["r"]) == ("inner", 4)  # the style's position, the explicit r
+    result = invoke("resnet18", "--at", "layer1.*.conv1", "--at", "layer4.1", "--json")
+    assert result.exit_code == 0, result.output
+    assert [u["name"] for u in json.loads(result.stdout)["sites"]] == [
+        "layer1.0.se_1_1",
+        "layer1.1.se_1_2",
+        "layer4.1.se_2_1",
+    ]
 
 
 def test_user_model_from_a_file(tmp_path):

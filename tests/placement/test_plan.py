@@ -119,3 +119,47 @@ def test_widths_from_the_block_input_or_absolute(analysis):
         (64, 32, 8),
     ]
     assert {u.hidden for u in plan_units(analysis, InjectConfig(hidden=3)).units} == {3}
+
+
+def test_units_after_named_modules(analysis):
+    plan = plan_units(analysis, InjectConfig(r=4, at=("stages.*.0.bn1", "stages.1.1")))
+    assert [(u.qualified_name, u.channels, u.owner) for u in plan.units] == [
+        ("stages.0.0.se_1_1", 16, "stages.0.0"),  # held by the block that calls bn1, not inside bn1
+        ("stages.1.0.se_2_1", 32, "stages.1.0"),
+        ("stages.1.1.se_2_2", 32, "stages.1.1"),  # read by no module of its caller: the block holds it
+        ("stages.2.0.se_3_1", 64, "stages.2.0"),
+    ]
+    assert plan.search.position == "at"
+
+
+def test_at_names_that_match_nothing_or_no_feature_map_are_errors(analysis):
+    with pytest.raises(ConfigError, match=r"at: 'layer1.\*' names no module the forward runs"):
+        plan_units(analysis, InjectConfig(at=("layer1.*",)))
+    with pytest.raises(ConfigError, match="outputs a feature map"):
+        plan_units(analysis, InjectConfig(at=("head",)))
+
+
+def test_units_after_named_modules_start_as_the_identity_and_run():
+    import torch
+    from conftest import randomize_batchnorm, randomize_units
+
+    import se_inject
+
+    model = randomize_batchnorm(FunctionalResNet()).eval()
+    injected = se_inject.inject(model, r=4, at=["stages.*.0.bn1", "stages.1.1"], input_size=32).eval()
+    assert se_inject.check_outputs(model, injected, input_size=32) == 0.0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(randomize_units(injected)(x), model(x))
+
+
+def test_densenet_gets_a_unit_per_dense_layer_through_at(zoo):
+    """DenseNet-121's 58 dense layers each add 32 channels that every later layer reads: a unit on
+    each layer's output recalibrates them once, for every reader (held by the dense block)."""
+    import se_inject
+
+    model = zoo("densenet121", "meta")
+    report = se_inject.report(model, at=["features.denseblock*.denselayer*"], input_size=64)
+    assert len(report.sites) == 58 and {u.channels for u in report.sites} == {32}
+    assert {u.owner for u in report.sites} == {f"features.denseblock{i}" for i in range(1, 5)}
+    assert report.eq5_agrees
