@@ -176,7 +176,7 @@ FAMILIES = {
     "vgg16_bn": ({"plain": 13}, 0, False),
     "torchvision:vgg16_bn": ({"plain": 13}, 0, False),
     "seresnet50": ({"residual": 16}, 16, False),
-    "efficientnet_b0": ({"residual": 9}, 16, True),
+    "efficientnet_b0": ({"inverted_residual": 16}, 16, True),  # stacked: each block keeps its own placement
     "regnety_002": ({"residual": 13}, 13, True),
     "ecaresnet26t": ({"residual": 8}, 8, False),
 }
@@ -237,7 +237,7 @@ def test_se_vgg16_puts_a_unit_after_every_conv(zoo):
 
 
 def test_untraceable_module_named_and_the_leaf_option_fixes_it():
-    from test_tracing import NetWithUntraceableChild
+    from tiny_models import NetWithUntraceableChild
 
     model = NetWithUntraceableChild()
     with pytest.raises(

@@ -374,3 +374,25 @@ FAMILY_MODELS = [
     FamilyCase("shufflenet_split_concat", ShuffleNetish, {"split_concat": 2}, [16, 16]),
     FamilyCase("partly_gated_residual", PartlyGatedNet, {"residual": 1}, [16]),
 ]
+
+
+class DataDependentGate(nn.Module):
+    """Branches on a tensor value: torch.fx cannot trace it, and shapes need real tensors."""
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a tensor value: torch.fx cannot trace this
+            return x
+        return -x
+
+
+class NetWithUntraceableChild(nn.Module):
+    """A residual whose branch ends in DataDependentGate: traceable only with it as a leaf."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), DataDependentGate())
+
+    def forward(self, x):
+        x = self.conv(x)
+        return x + self.body(x)

@@ -40,6 +40,31 @@ def is_pooled(node: fx.Node) -> bool:
     return shape is not None and (len(shape) in (2, 3) or (len(shape) == 4 and shape[2] * shape[3] == 1))
 
 
+def _is_gate_product(node: fx.Node, x: fx.Node) -> bool:
+    """Whether ``node`` multiplies ``x`` by a gate computed from ``x``'s own global pooling."""
+    operands = binary_operands(node, MUL_FUNCTIONS, MUL_METHODS)
+    if operands is None or x not in operands or shape_of(node) != shape_of(x):
+        return False
+    gate = operands[1] if operands[0] is x else operands[0]
+    between = ancestors(gate) - ancestors(x)
+    return x in ancestors(gate) and any(is_pooled(n) for n in between)
+
+
+def through_gate(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """``node``, or the output of the SE-like gate that recalibrates it (an existing gate inside a
+    block: a product with its own pooled gate, or a unit se_inject inserted), so that a walk along
+    a block continues past it. Only where the gate is what the block does with ``node`` next."""
+    users = list(node.users)
+    if len(users) == 1 and isinstance(module_of(gm, users[0]), ChannelUnit):
+        return users[0]
+    products = [u for u in users if _is_gate_product(u, node)]
+    if len(products) == 1:
+        feeding = ancestors(products[0])  # every other reader of node computes the gate
+        if all(u is products[0] or u in feeding for u in users):
+            return products[0]
+    return node
+
+
 def find_channel_gates(gm: fx.GraphModule) -> list[ChannelGate]:
     """Products of a feature map with a gate computed from its own global pooling, and SE units."""
     gates = []
@@ -51,9 +76,6 @@ def find_channel_gates(gm: fx.GraphModule) -> list[ChannelGate]:
         shape = shape_of(node)
         if operands is None or shape is None or len(shape) != 4 or shape[2] * shape[3] == 1:
             continue
-        for x, gate in (operands, operands[::-1]):
-            between = ancestors(gate) - ancestors(x)
-            if x in ancestors(gate) and any(is_pooled(n) for n in between):
-                gates.append(ChannelGate(node, module_scope(node)))
-                break
+        if any(_is_gate_product(node, x) for x in operands):
+            gates.append(ChannelGate(node, module_scope(node)))
     return gates

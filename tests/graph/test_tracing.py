@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from timm.layers import Conv2dSame
+from tiny_models import NetWithUntraceableChild
 from torch import nn
 
 from se_inject.errors import ShapePropagationError, UntraceableModelError
@@ -12,24 +13,6 @@ from se_inject.graph.channels import input_channels
 from se_inject.graph.flops import count_flops, count_flops_by_module, propagate
 from se_inject.graph.trace import SETracer, module_scope, register_leaf_module, trace
 from se_inject.units.se import SqueezeExcite
-
-
-class DataDependentGate(nn.Module):
-    def forward(self, x):
-        if x.sum() > 0:  # control flow on a tensor value: torch.fx cannot trace this
-            return x
-        return -x
-
-
-class NetWithUntraceableChild(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), DataDependentGate())
-
-    def forward(self, x):
-        x = self.conv(x)
-        return x + self.body(x)
 
 
 class UntraceableRoot(nn.Module):

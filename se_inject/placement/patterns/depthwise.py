@@ -7,7 +7,8 @@ import torch.fx as fx
 from torch import nn
 
 from se_inject.graph.ops import is_conv, is_spatial_conv, kernel_of, module_of, shape_of, tensor_shape
-from se_inject.graph.walk import activation_between, follow_shape_keeping
+from se_inject.graph.walk import activation_between, ancestors, follow_shape_keeping
+from se_inject.placement.gates import through_gate
 from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
 
 
@@ -53,6 +54,19 @@ def block_input(gm: fx.GraphModule, depthwise: fx.Node) -> fx.Node | None:
     return start
 
 
+def _past_existing_gate(gm: fx.GraphModule, node: fx.Node, activated: fx.Node) -> tuple[fx.Node, frozenset[fx.Node]]:
+    """Where the depthwise part of a block ends, and its nodes: past an SE-like gate that already
+    recalibrates it (EfficientNet's own SE, or a unit inserted before), so that a block with a gate
+    is recognised as the same block (``existing="stack"`` puts the new unit after the old one)."""
+    region = set(walk_region(node, activated))
+    gated = through_gate(gm, activated)
+    if gated is activated:
+        return activated, frozenset(region)
+    end = follow_shape_keeping(gm, gated)
+    region |= (ancestors(gated) - ancestors(activated)) | walk_region(gated, end)
+    return end, frozenset(region)
+
+
 def pointwise_after(gm: fx.GraphModule, end: fx.Node) -> fx.Node | None:
     if len(end.users) != 1:
         return None
@@ -71,7 +85,8 @@ def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candid
     for node in gm.graph.nodes:
         if not is_depthwise(gm, node):
             continue
-        end = follow_shape_keeping(gm, node)
+        activated = follow_shape_keeping(gm, node)
+        end, region = _past_existing_gate(gm, node, activated)
         pointwise = pointwise_after(gm, end)
         pointwise_end = follow_shape_keeping(gm, pointwise) if pointwise is not None else None
         reduces = pointwise is not None and tensor_shape(pointwise)[1] < tensor_shape(end)[1]
@@ -79,7 +94,8 @@ def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candid
             "after_depthwise": Insertion(end, None, (end,)),
             "after_pointwise": Insertion(pointwise_end, None, (pointwise_end,)) if pointwise_end is not None else None,
         }
-        region = walk_region(node, pointwise_end if pointwise_end is not None else end)
+        if pointwise_end is not None:
+            region |= walk_region(pointwise, pointwise_end)
         found.append(
             Candidate(
                 kind="depthwise",
@@ -87,7 +103,7 @@ def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candid
                 region=region,
                 anchors=anchors,
                 facts={
-                    "activation_after": activation_between(gm, node, end),
+                    "activation_after": activation_between(gm, node, activated),
                     "kernel": max(kernel_of(gm, node)),
                     "pointwise_after": pointwise is not None,
                     "pointwise_reduces": reduces,
