@@ -94,7 +94,7 @@ def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candid
             "after_depthwise": Insertion(end, None, (end,)),
             "after_pointwise": Insertion(pointwise_end, None, (pointwise_end,)) if pointwise_end is not None else None,
         }
-        if pointwise_end is not None:
+        if pointwise is not None and pointwise_end is not None:
             region |= walk_region(pointwise, pointwise_end)
         found.append(
             Candidate(
