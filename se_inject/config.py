@@ -44,6 +44,20 @@ RENAMED_ROUNDINGS = {"multiple8": "divisible8"}
 # None as a field default: "the style's value" (filled in by __post_init__; never None afterwards)
 FROM_STYLE: Any = None
 STYLED_FIELDS = ("position", "r", "act", "gate", "bias", "rounding", "reduce_from")
+# what a group of blocks may set for its own units (the unit's shape and conventions, not where units go)
+GROUP_FIELDS = ("r", "act", "gate", "bias", "rounding", "reduce_from", "hidden", "squeeze")
+
+
+@dataclass(frozen=True)
+class Group:
+    """Blocks that take their own unit options: ``Group(("layer4.*",), {"r": 32})``.
+
+    ``blocks`` are fnmatch globs over the block module names the report lists; ``options`` are
+    InjectConfig fields among GROUP_FIELDS. The first group whose globs match a block decides.
+    """
+
+    blocks: tuple[str, ...]
+    options: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -74,11 +88,25 @@ class InjectConfig:
             "e.g. 'layer1.0.conv1', 'stages.*.blocks.*.conv1'): insert after X; the placement rules are not used"
         },
     )
+    groups: tuple[Group, ...] = field(
+        default=(),
+        metadata={
+            "help": "blocks with their own unit options, e.g. ({'blocks': ['layer4.*'], 'r': 32},); the first "
+            "group matching a block decides (CLI: --group 'layer4.*:r=32,act=silu', repeatable)"
+        },
+    )
     include: tuple[str, ...] = field(
         default=(),
         metadata={
             "help": "only the blocks whose module name matches one of these fnmatch globs "
             "(e.g. 'layer3.*', 'blocks.2.*'; the names the report lists); empty: every block"
+        },
+    )
+    blocks: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "block ranges within stages, as STAGE:FIRST-LAST or STAGE:BLOCK (e.g. '3:2-4', '4:1'; "
+            "numbered as the report numbers them); empty: every block"
         },
     )
     exclude: tuple[str, ...] = field(
@@ -187,6 +215,12 @@ class InjectConfig:
         )
         object.__setattr__(self, "rules", _string_tuple(self.rules, "rules", "paths of rule files"))
         object.__setattr__(self, "at", _string_tuple(self.at, "at", "module names or globs"))
+        object.__setattr__(self, "groups", tuple(_group(g, i) for i, g in enumerate(self.groups)))
+        for group in self.groups:  # each group's options checked as the options themselves are
+            self.for_group(group)
+        object.__setattr__(
+            self, "blocks", tuple(_block_range(b) for b in _string_tuple(self.blocks, "blocks", "ranges"))
+        )
         for name in ("include", "exclude"):
             object.__setattr__(self, name, _string_tuple(getattr(self, name), name, "module name globs"))
 
@@ -208,6 +242,11 @@ class InjectConfig:
                 object.__setattr__(self, name, tuple(value) if isinstance(value, list) else value)
         object.__setattr__(self, "excitation", None)  # read once into gate: replace(gate=...) stays consistent
 
+    def for_group(self, group: Group) -> InjectConfig:
+        """The options of the units in ``group``'s blocks: these, with the group's own on top."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("groups", "excitation")}
+        return InjectConfig(**{**values, **group.options})
+
     @classmethod
     def field_help(cls) -> dict[str, str]:
         """Help text of every field, for the CLI and the docs."""
@@ -227,6 +266,48 @@ def _string_tuple(value: object, name: str, what: str) -> tuple[str, ...]:
         if not isinstance(item, str) or not item:
             raise ConfigError(f"{name}: expected {what}, got {item!r}")
     return items
+
+
+def parse_block_range(text: str) -> tuple[int, int, int]:
+    """``"3:2-4"`` -> (3, 2, 4), ``"4:1"`` -> (4, 1, 1): a stage and a range of its blocks, from 1."""
+    stage, colon, span = text.partition(":")
+    first, dash, last = span.partition("-")
+    try:
+        numbers = (int(stage), int(first), int(last) if dash else int(first))
+    except ValueError:
+        raise ConfigError(f"blocks: expected STAGE:FIRST-LAST or STAGE:BLOCK such as '3:2-4', got {text!r}") from None
+    if not colon or min(numbers) < 1 or numbers[2] < numbers[1]:
+        raise ConfigError(f"blocks: expected STAGE:FIRST-LAST with numbers from 1 and FIRST <= LAST, got {text!r}")
+    return numbers
+
+
+def _block_range(text: str) -> str:
+    parse_block_range(text)  # checked here, kept as written (recipes store it as data)
+    return text.replace(" ", "")
+
+
+def _group(value: object, index: int) -> Group:
+    """A Group from a Group or a mapping ``{"blocks": [...], "r": 32, ...}`` (recipes store
+    ``{"blocks": [...], "options": {...}}``); the field named in errors is ``groups[index]``."""
+    where = f"groups[{index}]"
+    blocks: object
+    if isinstance(value, Group):
+        blocks, options = value.blocks, dict(value.options)
+    elif isinstance(value, Mapping):
+        rest = {k: v for k, v in value.items() if k not in ("blocks", "options")}
+        nested = value.get("options", {})
+        if not isinstance(nested, Mapping):
+            raise ConfigError(f"{where}.options: expected a mapping of options, got {nested!r}")
+        blocks, options = value.get("blocks"), {**nested, **rest}
+    else:
+        raise ConfigError(f"{where}: expected {{'blocks': [...], option: value, ...}}, got {value!r}")
+    globs = _string_tuple(blocks, f"{where}.blocks", "block name globs")
+    unknown = sorted(set(options) - set(GROUP_FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: a group sets {', '.join(GROUP_FIELDS)}")
+    if not options:
+        raise ConfigError(f"{where}: no options; a group changes at least one of {', '.join(GROUP_FIELDS)}")
+    return Group(globs, {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
 
 
 def _validate_r(r: object) -> int | tuple[int, ...]:

@@ -129,6 +129,31 @@ def parse_int_list(text: str, option: str) -> int | tuple[int, ...]:
     return values[0] if is_single else tuple(values)
 
 
+def parse_group(text: str) -> dict[str, Any]:
+    """``"layer4.*:r=32,act=silu"`` -> ``{"blocks": ["layer4.*"], "r": 32, "act": "silu"}`` (globs
+    joined with ``|``: ``"layer3.*|layer4.*:r=32"``); the values are checked by InjectConfig."""
+    usage = f"--group: expected BLOCKS:OPTION=VALUE,... such as 'layer4.*:r=32,act=silu', got {text[:60]!r}"
+    blocks, colon, settings = text.partition(":")
+    if not colon or not blocks.strip() or not settings.strip():
+        raise ConfigError(usage)
+    group: dict[str, Any] = {"blocks": [b.strip() for b in blocks.split("|")]}
+    for setting in settings.split(","):
+        name, equals, value = (part.strip() for part in setting.partition("="))
+        if not equals or not name or not value:
+            raise ConfigError(usage)
+        if name == "r":
+            group[name] = parse_int_list(value, "--group r")
+        elif name == "hidden":
+            group[name] = parse_int_list(value, "--group hidden")
+        elif name == "bias":
+            if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                raise ConfigError(f"--group bias: expected true or false, got {value!r}")
+            group[name] = value.lower() in ("true", "yes", "1")
+        else:
+            group[name] = value
+    return group
+
+
 def parse_positive_list(text: str, option: str) -> tuple[int, ...]:
     """A list of positive integers (batch sizes and the like)."""
     values = parse_int_list(text, option)
@@ -193,8 +218,10 @@ def inject_command(
         [], "--styles", help="a style file (TOML) whose styles --style can name (repeatable)"
     ),
     at: list[str] = inject_option("at"),
+    group: list[str] = inject_option("groups", "--group"),
     include: list[str] = inject_option("include"),
     exclude: list[str] = inject_option("exclude"),
+    blocks: list[str] = inject_option("blocks"),
     squeeze: str = inject_option("squeeze"),
     gate: str | None = inject_option("gate"),
     excitation: str | None = inject_option("excitation"),
@@ -245,8 +272,10 @@ def inject_command(
         styles,
         style=style,
         at=tuple(at),
+        groups=tuple(parse_group(g) for g in group),
         include=tuple(include),
         exclude=tuple(exclude),
+        blocks=tuple(blocks),
         squeeze=squeeze,
         gate=gate,
         excitation=excitation,

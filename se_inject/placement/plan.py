@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from se_inject.config import InjectConfig
+from se_inject.config import InjectConfig, parse_block_range
 from se_inject.errors import ConfigError, NoSitesError, RewriteError
 from se_inject.graph.ops import tensor_shape
 from se_inject.graph.trace import module_scope
@@ -31,6 +31,7 @@ class PlannedUnit:
     owner: str  # qualified name of the module rewritten to hold the unit ("" is the root)
     name: str  # child name of the unit in ``owner``, SE_stage_block as in the paper
     reduced: int | None = None  # what r divides when not the unit's channels (reduce_from="block_input")
+    config: InjectConfig | None = None  # the unit's own options where a group gives them (else the call's)
     module: str = ""  # the block module the site is in (what include/exclude match), before any widening
 
     @property
@@ -132,24 +133,40 @@ def _block_module(site: Site) -> str:
     return _common_scope(site.insertion.anchors)
 
 
-def _chosen(module: str, config: InjectConfig) -> bool:
+def _chosen(site: Site, config: InjectConfig) -> bool:
+    module = _block_module(site)
     included = not config.include or any(fnmatchcase(module, pattern) for pattern in config.include)
-    return included and not any(fnmatchcase(module, pattern) for pattern in config.exclude)
+    in_range = not config.blocks or any(_in_range(site, text) for text in config.blocks)
+    return included and in_range and not any(fnmatchcase(module, pattern) for pattern in config.exclude)
+
+
+def _in_range(site: Site, text: str) -> bool:
+    stage, first, last = parse_block_range(text)
+    return site.stage == stage and first <= site.block <= last
+
+
+def _group_config(module: str, config: InjectConfig) -> InjectConfig:
+    """The options of the units in ``module``: the first group matching it, else the call's."""
+    for group in config.groups:
+        if any(fnmatchcase(module, pattern) for pattern in group.blocks):
+            return config.for_group(group)
+    return config
 
 
 def _check_selection(config: InjectConfig, modules: list[str]) -> tuple[tuple[str, str, int], ...]:
-    """How many blocks each include/exclude pattern matched; a pattern that matches none is an error."""
+    """How many blocks each include/exclude/group pattern matched; a pattern that matches none is an error."""
     counts = []
-    for option in ("include", "exclude"):
-        for pattern in getattr(config, option):
-            matched = sum(fnmatchcase(m, pattern) for m in dict.fromkeys(modules))
-            if not matched:
-                names = ", ".join(list(dict.fromkeys(modules))[:6])
-                raise ConfigError(
-                    f"{option}: {pattern!r} matches none of the {len(set(modules))} blocks with a site "
-                    f"(e.g. {names}); patterns are fnmatch globs over these module names"
-                )
-            counts.append((option, pattern, matched))
+    selections = [("include", p) for p in config.include] + [("exclude", p) for p in config.exclude]
+    selections += [(f"groups[{i}]", p) for i, g in enumerate(config.groups) for p in g.blocks]
+    blocks = list(dict.fromkeys(modules))
+    for option, pattern in selections:
+        matched = sum(fnmatchcase(m, pattern) for m in blocks)
+        if not matched:
+            raise ConfigError(
+                f"{option}: {pattern!r} matches none of the {len(blocks)} blocks with a site "
+                f"(e.g. {', '.join(blocks[:6])}); patterns are fnmatch globs over these module names"
+            )
+        counts.append((option, pattern, matched))
     return tuple(counts)
 
 
@@ -211,19 +228,25 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
     reasons = {id(site): reason for site, reason in search.skipped}
     in_stages = [site for site in search.sites if site.stage in selected]
     selection = _check_selection(config, [_block_module(site) for site in in_stages])
-    planned: list[tuple[Site, Insertion, int, str]] = []
+    for text in config.blocks:
+        matched = sum(_in_range(site, text) for site in in_stages)
+        if not matched:
+            raise ConfigError(f"blocks: {text!r} matches none of the sites of stages {list(selected)}")
+        selection += (("blocks", text, matched),)
+    planned: list[tuple[Site, Insertion, int, str, InjectConfig]] = []
     skipped: list[tuple[Site, str]] = []
     for site in in_stages:
-        if not _chosen(_block_module(site), config):
+        if not _chosen(site, config):
             continue
         if id(site) in reasons:
             skipped.append((site, reasons[id(site)]))
             continue
         insertion = site.insertion
         assert insertion is not None  # a site without one is among search.skipped, handled above
-        r = stage_ratio(config, site.stage, stage_count, selected)
-        divided = _reduced(site, config) or insertion.channels
-        if r > divided and config.hidden is None:
+        own = _group_config(_block_module(site), config)
+        r = stage_ratio(own, site.stage, stage_count, selected)
+        divided = _reduced(site, own) or insertion.channels
+        if r > divided and own.hidden is None:
             raise ConfigError(
                 f"r: r={r} is wider than the {divided} channels it divides in stage "
                 f"{site.stage}, block {site.block}; use r <= {divided}"
@@ -235,24 +258,25 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
                 (site, f"module '{repeated}' is called more than once; the unit of its first call serves every call")
             )
             continue
-        planned.append((site, insertion, r, _rewritable_owner(owner, obstacle)))
+        planned.append((site, insertion, r, _rewritable_owner(owner, obstacle), own))
     if not planned:
         raise NoSitesError(
             f"none of the {len(in_stages)} sites of stages {list(selected)} "
             f"takes a unit at position '{config.position}': {skipped[0][1] if skipped else search.describe()}"
         )
-    outermost = _outermost_owners({owner for *_, owner in planned})
+    outermost = _outermost_owners({owner for _, _, _, owner, _ in planned})
     units = tuple(
         PlannedUnit(
             site=site,
             insertion=insertion,
             r=r,
-            hidden=unit_type.hidden_width(insertion.channels, r, config, reduced=_reduced(site, config)),
+            hidden=unit_type.hidden_width(insertion.channels, r, own, reduced=_reduced(site, own)),
             owner=outermost[owner],
             name=f"se_{site.stage}_{site.block}",
-            reduced=_reduced(site, config),
+            reduced=_reduced(site, own),
             module=_block_module(site),
+            config=own if own is not config else None,
         )
-        for site, insertion, r, owner in planned
+        for site, insertion, r, owner, own in planned
     )
     return Plan(units, stage_count, tuple(selected), tuple(skipped), search, selection)

@@ -192,7 +192,7 @@ def _stage_report(
         blocks=len(planned),
         sites=len(sites),
         channels=widths[0] if len(set(widths)) == 1 else widths,
-        r=planned[0].r if planned else None,
+        r=planned[0].r if planned and len({u.r for u in planned}) == 1 else None,
         eq5_params=_number(sum((expected[u.qualified_name] for u in planned), Fraction(0))),
         added_params=sum(u.params for u in measured),
         flops_before=flops_before,

@@ -41,7 +41,7 @@ def make_unit(unit: PlannedUnit, config: InjectConfig, like: nn.Module) -> Chann
     return unit_class(config.unit).from_config(
         unit.channels,
         unit.r,
-        config,
+        unit.config or config,
         reduced=unit.reduced,
         device=reference.device if reference is not None else None,
         dtype=reference.dtype if reference is not None and reference.is_floating_point() else None,

@@ -204,3 +204,19 @@ def test_rules_lists_the_registries(tmp_path):
     assert {k["name"] for k in data["patterns"]} == {"residual_add", "branch_concat", "depthwise", "conv_act"}
     assert {r["name"] for r in data["rules"]} >= {"residual", "inception", "plain", "mine"}
     assert next(k for k in data["patterns"] if k["name"] == "conv_act")["facts"] == {"kernel": "int"}
+
+
+def test_groups_from_the_command_line():
+    result = invoke(
+        "resnet50", "--r", "8", "--group", "layer4.*:r=32,act=silu", "--group", "layer1.0|layer1.1:hidden=3", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    sites = json.loads(result.stdout)["sites"]
+    assert [(u["r"], u["hidden"]) for u in sites[:3]] == [(8, 3), (8, 3), (8, 32)]
+    assert {(u["r"], u["hidden"]) for u in sites if u["name"].startswith("layer4")} == {(32, 64)}
+    for bad, message in (
+        ("layer4.*", "--group: expected BLOCKS:OPTION=VALUE"),
+        ("layer4.*:bias=maybe", "--group bias"),
+    ):
+        result = invoke("resnet50", "--group", bad)
+        assert result.exit_code == 2 and message in result.stderr

@@ -184,3 +184,24 @@ def test_reinjection_is_detected(resnet18):
     injected = se_inject.inject(resnet18, r=16)
     with pytest.raises(se_inject.AlreadyInjectedError, match="already holds 8 SE units inserted by se_inject"):
         se_inject.inject(injected)
+
+
+def test_conventions_groups_and_at_survive_save_and_load(resnet18, tmp_path):
+    """A style, groups of blocks with their own options and at= are data in the recipe: load rebuilds
+    the same units (a gate, an activation or a width rebuilt otherwise would not load or not match)."""
+    options = {
+        "style": "mobilenetv3",
+        "groups": [{"blocks": ["layer4.*"], "r": 8, "act": "silu"}],
+        "exclude": ["layer1.1"],
+        "input_size": 64,
+        "model_name": "resnet18",
+    }
+    injected = _trained_like(se_inject.inject(resnet18, **options)).eval()
+    se_inject.save(injected, tmp_path / "styled")
+    loaded = se_inject.load(tmp_path / "styled").eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(loaded(x), injected(x))
+    assert type(loaded.layer4[0].se_4_1.act).__name__ == "SiLU" and type(loaded.layer2[0].se_2_1.act).__name__ == "ReLU"
+    at = se_inject.inject(resnet18, at=["layer2.*.conv1"], input_size=64, model_name="resnet18")
+    se_inject.save(_trained_like(at).eval(), tmp_path / "at")
+    assert torch.equal(se_inject.load(tmp_path / "at").eval()(x), at.eval()(x))

@@ -163,3 +163,52 @@ def test_densenet_gets_a_unit_per_dense_layer_through_at(zoo):
     assert len(report.sites) == 58 and {u.channels for u in report.sites} == {32}
     assert {u.owner for u in report.sites} == {f"features.denseblock{i}" for i in range(1, 5)}
     assert report.eq5_agrees
+
+
+def test_groups_of_blocks_take_their_own_options(analysis):
+    config = InjectConfig(
+        r=4,
+        groups=(
+            {"blocks": ["stages.1.*"], "r": 8, "act": "silu"},
+            {"blocks": ["stages.1.0", "stages.2.*"], "hidden": 3},
+        ),
+    )
+    plan = plan_units(analysis, config)
+    assert [(u.module, u.r, u.hidden) for u in plan.units] == [
+        ("stages.0.0", 4, 4),
+        ("stages.0.1", 4, 4),
+        ("stages.1.0", 8, 4),  # the first group that matches decides
+        ("stages.1.1", 8, 4),
+        ("stages.2.0", 4, 3),
+    ]
+    assert plan.units[2].config.act == "silu" and plan.units[0].config is None
+    assert ("groups[1]", "stages.2.*", 1) in plan.selection
+
+
+@pytest.mark.parametrize(
+    "groups, message",
+    [
+        (({"blocks": ["stages.*"], "position": "post"},), r"groups\[0\].position: a group sets r, act"),
+        (({"blocks": ["stages.*"]},), r"groups\[0\]: no options"),
+        (({"blocks": ["stages.*"], "r": 0},), "r: the reduction ratio must be a positive integer"),
+        (({"r": 8},), r"groups\[0\].blocks: expected block name globs"),
+        (("layer4.*",), r"groups\[0\]: expected \{'blocks'"),
+    ],
+)
+def test_bad_groups_name_the_group_and_the_field(groups, message):
+    with pytest.raises(ConfigError, match=message):
+        InjectConfig(groups=groups)
+
+
+def test_block_ranges_within_stages(analysis):
+    plan = plan_units(analysis, InjectConfig(r=4, blocks=("1:2", "2:1-2")))
+    assert [(u.stage, u.block) for u in plan.units] == [(1, 2), (2, 1), (2, 2)]
+    assert ("blocks", "2:1-2", 2) in plan.selection
+    with pytest.raises(ConfigError, match=r"blocks: '3:2-4' matches none of the sites"):
+        plan_units(analysis, InjectConfig(r=4, blocks=("3:2-4",)))
+
+
+@pytest.mark.parametrize("text", ["3", "3-4", "a:1", "2:3-1", "0:1"])
+def test_bad_block_ranges(text):
+    with pytest.raises(ConfigError, match="blocks: expected STAGE:FIRST-LAST"):
+        InjectConfig(blocks=(text,))
