@@ -357,6 +357,34 @@ class PartlyGatedNet(nn.Module):
         return self.blocks(self.stem(x))
 
 
+class DenseLayer(nn.Module):
+    """A DenseNet layer: new features from the concatenation of every earlier one."""
+
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, growth, 3, padding=1, bias=False)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.conv(F.relu(self.bn(torch.cat(features, 1))))
+
+
+class DenseNetish(nn.Module):
+    """One dense block of three layers (growth 8) and the concatenation of all their features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn_relu(3, 16)
+        self.layers = nn.ModuleList(DenseLayer(16 + 8 * i, 8) for i in range(3))
+        self.head = nn.Conv2d(40, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(features))
+        return self.head(torch.cat(features, 1))
+
+
 @dataclass(frozen=True)
 class FamilyCase:
     name: str
@@ -372,6 +400,7 @@ FAMILY_MODELS = [
     FamilyCase("inverted_residual", MobileNetV2ish, {"inverted_residual": 3}, [64, 64, 96]),
     FamilyCase("vgg_stack", VGGStack, {"plain": 4}, [16, 16, 32, 32]),
     FamilyCase("shufflenet_split_concat", ShuffleNetish, {"split_concat": 2}, [16, 16]),
+    FamilyCase("densenet_layers", DenseNetish, {"dense": 3}, [8, 8, 8]),
     FamilyCase("partly_gated_residual", PartlyGatedNet, {"residual": 1}, [16]),
 ]
 

@@ -201,7 +201,13 @@ def test_rules_lists_the_registries(tmp_path):
     extra = tmp_path / "mine.toml"
     extra.write_text('[[rule]]\nname = "mine"\npattern = "conv_act"\npositions = { post = "after_activation" }\n')
     data = json.loads(invoke("rules", "--rules", str(extra), "--json").stdout)
-    assert {k["name"] for k in data["patterns"]} == {"residual_add", "branch_concat", "depthwise", "conv_act"}
+    assert {k["name"] for k in data["patterns"]} == {
+        "residual_add",
+        "branch_concat",
+        "dense_concat",
+        "depthwise",
+        "conv_act",
+    }
     assert {r["name"] for r in data["rules"]} >= {"residual", "inception", "plain", "mine"}
     assert next(k for k in data["patterns"] if k["name"] == "conv_act")["facts"] == {"kernel": "int"}
 

@@ -153,16 +153,22 @@ def test_units_after_named_modules_start_as_the_identity_and_run():
         assert not torch.allclose(randomize_units(injected)(x), model(x))
 
 
-def test_densenet_gets_a_unit_per_dense_layer_through_at(zoo):
+@pytest.mark.parametrize("spec", ["densenet121", "torchvision:densenet121"])
+def test_densenet_gets_a_unit_per_dense_layer(zoo, spec):
     """DenseNet-121's 58 dense layers each add 32 channels that every later layer reads: a unit on
-    each layer's output recalibrates them once, for every reader (held by the dense block)."""
+    each layer's new features recalibrates them once, for every reader.
+    The dense rule finds them by structure; at= names the same places by module."""
     import se_inject
 
-    model = zoo("densenet121", "meta")
-    report = se_inject.report(model, at=["features.denseblock*.denselayer*"], input_size=64)
-    assert len(report.sites) == 58 and {u.channels for u in report.sites} == {32}
-    assert {u.owner for u in report.sites} == {f"features.denseblock{i}" for i in range(1, 5)}
-    assert report.eq5_agrees
+    model = zoo(spec, "meta")
+    report = se_inject.report(model, input_size=64)
+    assert len(report.sites) == 58 and {u.rule for u in report.sites} == {"dense"}
+    assert {u.channels for u in report.sites} == {32} and report.eq5_agrees
+    assert report.sites[0].owner == "features.denseblock1.denselayer1"  # each layer holds its unit, at its end
+    if spec == "densenet121":  # at= puts units on the same values, held by the blocks that call the layers
+        named = se_inject.report(model, at=["features.denseblock*.denselayer*"], input_size=64)
+        assert [u.name.rsplit(".", 1)[1] for u in named.sites] == [u.name.rsplit(".", 1)[1] for u in report.sites]
+        assert {u.owner for u in named.sites} == {f"features.denseblock{i}" for i in range(1, 5)}
 
 
 def test_groups_of_blocks_take_their_own_options(analysis):

@@ -20,7 +20,15 @@ ROOT = Path(__file__).parents[2]
 
 def test_builtin_rules_cover_every_family():
     rules = {r.name: r for r in load_rules()}
-    assert set(rules) == {"residual", "inception", "split_concat", "inverted_residual", "depthwise_separable", "plain"}
+    assert set(rules) == {
+        "residual",
+        "inception",
+        "split_concat",
+        "dense",
+        "inverted_residual",
+        "depthwise_separable",
+        "plain",
+    }
     assert rules["residual"].positions == {
         "standard": "branch_output",
         "pre": "branch_input",

@@ -9,13 +9,14 @@ with which anchor per position is decided by the rules in ``rules/*.toml``, not 
   more convolutions (then more nodes) is the branch F_tr; the other is the shortcut.
 - ``branch_concat``: a channel concatenation of paths that fork from one input (Inception modules;
   ShuffleNet's split / concatenate; DenseNet's concatenation of new features).
+- ``dense_concat``: DenseNet's concatenation of a dense layer's new features to those it read.
 - ``depthwise``: a depthwise convolution (groups == in_channels) with the norm and activation after it.
 - ``conv_act``: a convolution followed (through its norm) by a non-linearity (plain VGG stacks).
 
 Existing channel gates (``x * f(pool(x))``: SE, ECA, ...) are found by :func:`find_channel_gates`.
 """
 
-from se_inject.placement.patterns import concat, conv_act, depthwise, residual  # noqa: F401 - registers the kinds
+from se_inject.placement.patterns import concat, conv_act, dense, depthwise, residual  # noqa: F401 - registers the kinds
 from se_inject.placement.patterns.base import (
     PATTERNS,
     Candidate,
