@@ -155,9 +155,14 @@ def create_act(act: str | type[nn.Module]) -> nn.Module:
 
 def _can_write_over(x: torch.Tensor, s: torch.Tensor, residual: torch.Tensor | None) -> bool:
     """Whether the result may go into ``x``'s memory: autograd records nothing (no operand needs a
-    gradient: in an SE-only training phase ``x`` has none but the gate has) and the result has
-    ``x``'s dtype (under autocast the residual or the gate can be wider)."""
+    gradient: in an SE-only training phase ``x`` has none but the gate has), the result has ``x``'s
+    dtype (under autocast the residual or the gate can be wider), and ``x``'s layout (``residual + x``
+    takes the residual's strides: written into a channels-last ``x`` beside a contiguous residual,
+    the same values would reach the next layers in another layout, whose kernels round otherwise,
+    as CoAtNet's attention blocks showed)."""
     operands = (s,) if residual is None else (s, residual)
+    if residual is not None and residual.stride() != x.stride():
+        return False
     return not any(t.requires_grad for t in operands) and all(
         t.dtype == x.dtype or torch.promote_types(x.dtype, t.dtype) == x.dtype for t in operands
     )

@@ -201,3 +201,26 @@ def test_writing_over_the_input_never_narrows_the_result():
         out = se(x.clone(), residual)
     assert out.dtype == torch.float32
     assert torch.equal(out, torch.addcmul(residual, x, se.excitation(x)))
+
+
+@pytest.mark.parametrize(
+    "x_format, residual_format",
+    [
+        (torch.channels_last, torch.contiguous_format),
+        (torch.contiguous_format, torch.channels_last),
+        (torch.channels_last, torch.channels_last),
+    ],
+)
+def test_writing_over_the_input_keeps_the_layout_the_sum_would_have(x_format, residual_format):
+    """``residual + x`` takes the residual's strides; written into ``x`` in another layout, the same
+    values would reach the next layers in a layout whose kernels round otherwise (CoAtNet)."""
+    torch.manual_seed(0)
+    se = SqueezeExcite(16, r=4)  # preserve: the sum is exactly residual + x
+    se.overwrite_input = True
+    x = torch.randn(2, 16, 5, 5).contiguous(memory_format=x_format)
+    residual = torch.randn(2, 16, 5, 5).contiguous(memory_format=residual_format)
+    expected = residual + x
+    with torch.no_grad():
+        out = se(x, residual)
+    assert torch.equal(out, expected) and out.stride() == expected.stride()
+    assert (out.data_ptr() == x.data_ptr()) == (x_format == residual_format)
