@@ -160,6 +160,30 @@ def test_the_plain_sibling_is_timms_plain_model():
     assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in regnetx.state_dict().items()}
 
 
+DARKNET_RULE = """
+[[rule]]
+name = "darknet"
+pattern = "residual_add"
+priority = 25
+description = "DarkNet block: after the branch's first conv and its activation"
+positions = { standard = "after_first_conv" }
+when = { branch_convs = 2 }
+"""
+
+
+def test_darknet_as_a_rule_of_ones_own(tmp_path):
+    """The same placement as at=, by structure: a rule file naming the residual branch's
+    after_first_conv anchor for two-conv branches (DarkNet's 1x1 then 3x3)."""
+    rule = tmp_path / "darknet.toml"
+    rule.write_text(DARKNET_RULE)
+    twin, _, injected, blocks = _retrofit_with_twin_weights("sedarknet21", at=(), rules=[str(rule)])
+    expected, twin_blocks = _block_inputs_outputs(twin, blocks, X)
+    with torch.no_grad():
+        for block, (args, out) in twin_blocks.items():
+            assert scaled_difference(injected.get_submodule(block)(*args), out) <= 1e-10, block
+        assert scaled_difference(injected(X), expected) <= 1e-10
+
+
 def test_a_wrong_width_rule_fails_the_copy():
     with pytest.raises(AssertionError, match=r"s1.b1.se_1_1"):  # regnety_002's SE widths come from the block input
         _retrofit_with_twin_weights("regnety_002", reduce_from="channels")

@@ -28,7 +28,14 @@ def conv_count(gm: fx.GraphModule, nodes: frozenset[fx.Node]) -> int:
 
 @register_pattern(
     "residual_add",
-    anchors=("branch_output", "branch_input", "after_activation", "shortcut_output", "after_spatial_conv"),
+    anchors=(
+        "branch_output",
+        "branch_input",
+        "after_activation",
+        "shortcut_output",
+        "after_spatial_conv",
+        "after_first_conv",
+    ),
     facts={"branch_convs": int, "shortcut_convs": int, "branch_nodes": int},
 )
 def find_residual_adds(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candidate]:
@@ -61,6 +68,9 @@ def find_residual_adds(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Ca
                 post = user
         spatial = sorted((n for n in branch if is_spatial_conv(gm, n)), key=order.__getitem__)
         inner = follow_shape_keeping(gm, spatial[0], branch) if spatial else None
+        convs = sorted((n for n in branch if is_conv(gm, n)), key=order.__getitem__)
+        # DarkNet's SE follows the branch's first conv, its norm and its activation
+        first = follow_shape_keeping(gm, convs[0], branch) if convs else None
         branch_users = tuple(u for u in fork.users if u in branch)
         found.append(
             Candidate(
@@ -73,6 +83,7 @@ def find_residual_adds(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Ca
                     "after_activation": Insertion(post, None, (post, node)),
                     "shortcut_output": Insertion(shortcut_out, (node,), (node,)),
                     "after_spatial_conv": Insertion(inner, None, (inner, node)) if inner is not None else None,
+                    "after_first_conv": Insertion(first, None, (first, node)) if first is not None else None,
                 },
                 facts={
                     "branch_convs": conv_count(gm, branch),
