@@ -757,7 +757,8 @@ def rules_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="print the registries as JSON"),
 ) -> None:
-    """List the pattern kinds (with their anchors and facts) and the placement rules, from the registries."""
+    """List the pattern kinds (with their anchors and facts), the placement rules and the styles, from the registries."""
+    from se_inject.config import styles
     from se_inject.placement.patterns import PATTERNS
     from se_inject.placement.rules import load_rules
 
@@ -784,7 +785,11 @@ def rules_command(
             }
             for r in loaded
         ]
-        typer.echo(json.dumps({"patterns": kinds, "rules": listed}, indent=2))
+        named = [
+            {"name": s.name, "options": s.options, "description": s.description, "source": s.source}
+            for s in styles().values()
+        ]
+        typer.echo(json.dumps({"patterns": kinds, "rules": listed, "styles": named}, indent=2))
         return
     out = console()
     kinds_table = Table(title="Pattern kinds (placement.patterns)", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -803,6 +808,14 @@ def rules_command(
         priority = f"{rule.priority}{' (fallback)' if rule.fallback else ''}"
         rules_table.add_row(rule.name, rule.pattern, priority, positions, when, Path(rule.source).name)
     out.print(rules_table)
+    styles_table = Table(
+        title="Styles (style=NAME; options left out are the paper's)", box=box.SIMPLE_HEAD, pad_edge=False
+    )
+    for column in ("style", "options", "reproduces"):
+        styles_table.add_column(column)
+    for style in styles().values():
+        styles_table.add_row(style.name, ", ".join(f"{k}={v}" for k, v in style.options.items()), style.description)
+    out.print(styles_table)
 
 
 def main() -> None:

@@ -210,6 +210,9 @@ def test_rules_lists_the_registries(tmp_path):
     }
     assert {r["name"] for r in data["rules"]} >= {"residual", "inception", "plain", "mine"}
     assert next(k for k in data["patterns"] if k["name"] == "conv_act")["facts"] == {"kernel": "int"}
+    assert {s["name"] for s in data["styles"]} >= {"paper", "timm", "efficientnet", "mobilenetv3", "regnety"}
+    assert next(s for s in data["styles"] if s["name"] == "regnety")["options"]["position"] == "inner"
+    assert "efficientnet" in out and "round_even" in out  # the table lists the styles too
 
 
 def test_groups_from_the_command_line():
