@@ -451,9 +451,13 @@ def style(name: str) -> Style:
     return known[name]
 
 
-def register_style(entry: Style) -> Style:
-    """Make ``entry`` known by its name (``style=entry.name``); a name already known is refused."""
-    if entry.name in styles():
-        raise ConfigError(f"style: '{entry.name}' is already defined ({styles()[entry.name].source or 'built in'})")
-    _USER_STYLES[entry.name] = entry
-    return entry
+def register_style(*entries: Style) -> tuple[Style, ...]:
+    """Make ``entries`` known by their names (``style=entry.name``); if any name is already known,
+    none is registered."""
+    known = styles()
+    for entry in entries:
+        if entry.name in known:
+            raise ConfigError(f"style: '{entry.name}' is already defined ({known[entry.name].source or 'built in'})")
+    for entry in entries:
+        _USER_STYLES[entry.name] = entry
+    return entries

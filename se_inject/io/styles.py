@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from se_inject.config import Style, parse_styles, register_style, styles
+from se_inject.config import Style, parse_styles, register_style
 from se_inject.errors import ConfigError
 from se_inject.io.files import read_text_file
 
@@ -34,9 +34,8 @@ def load_style_file(path: str | Path) -> list[Style]:
     """
     text = read_text_file(path, limit=MAX_STYLE_FILE_BYTES, what="style file", error=ConfigError)
     found = parse_styles(text, str(path))
-    clash = next((entry.name for entry in found if entry.name in styles()), None)
-    if clash is not None:
-        raise ConfigError(f"{path}: style '{clash}' is already defined ({styles()[clash].source or 'built in'})")
-    for entry in found:
-        register_style(entry)
+    try:
+        register_style(*found)  # all or none
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     return found

@@ -8,7 +8,7 @@ channels, the position applicable, the module that will hold each unit.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 
 from se_inject.config import InjectConfig, parse_block_range
@@ -133,8 +133,7 @@ def _block_module(site: Site) -> str:
     return _common_scope(site.insertion.anchors)
 
 
-def _chosen(site: Site, config: InjectConfig) -> bool:
-    module = _block_module(site)
+def _chosen(site: Site, module: str, config: InjectConfig) -> bool:
     included = not config.include or any(fnmatchcase(module, pattern) for pattern in config.include)
     in_range = not config.blocks or any(_in_range(site, text) for text in config.blocks)
     return included and in_range and not any(fnmatchcase(module, pattern) for pattern in config.exclude)
@@ -153,12 +152,15 @@ def _group_config(module: str, config: InjectConfig) -> InjectConfig:
     return config
 
 
-def _check_selection(config: InjectConfig, modules: list[str]) -> tuple[tuple[str, str, int], ...]:
-    """How many blocks each include/exclude/group pattern matched; a pattern that matches none is an error."""
+def _check_selection(
+    config: InjectConfig, sites: list[Site], stages: tuple[int, ...]
+) -> tuple[tuple[str, str, int], ...]:
+    """How many blocks each include/exclude/group pattern and each block range matched; one that
+    matches none is an error."""
     counts = []
+    blocks = list(dict.fromkeys(_block_module(site) for site in sites))
     selections = [("include", p) for p in config.include] + [("exclude", p) for p in config.exclude]
     selections += [(f"groups[{i}]", p) for i, g in enumerate(config.groups) for p in g.blocks]
-    blocks = list(dict.fromkeys(modules))
     for option, pattern in selections:
         matched = sum(fnmatchcase(m, pattern) for m in blocks)
         if not matched:
@@ -167,6 +169,11 @@ def _check_selection(config: InjectConfig, modules: list[str]) -> tuple[tuple[st
                 f"(e.g. {', '.join(blocks[:6])}); patterns are fnmatch globs over these module names"
             )
         counts.append((option, pattern, matched))
+    for text in config.blocks:
+        matched = sum(_in_range(site, text) for site in sites)
+        if not matched:
+            raise ConfigError(f"blocks: {text!r} matches none of the sites of stages {list(stages)}")
+        counts.append(("blocks", text, matched))
     return tuple(counts)
 
 
@@ -227,56 +234,51 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
 
     reasons = {id(site): reason for site, reason in search.skipped}
     in_stages = [site for site in search.sites if site.stage in selected]
-    selection = _check_selection(config, [_block_module(site) for site in in_stages])
-    for text in config.blocks:
-        matched = sum(_in_range(site, text) for site in in_stages)
-        if not matched:
-            raise ConfigError(f"blocks: {text!r} matches none of the sites of stages {list(selected)}")
-        selection += (("blocks", text, matched),)
-    planned: list[tuple[Site, Insertion, int, str, InjectConfig]] = []
+    selection = _check_selection(config, in_stages, selected)
+    planned: list[PlannedUnit] = []  # owners before nesting is resolved
     skipped: list[tuple[Site, str]] = []
     for site in in_stages:
-        if not _chosen(site, config):
+        module = _block_module(site)
+        if not _chosen(site, module, config):
             continue
         if id(site) in reasons:
             skipped.append((site, reasons[id(site)]))
             continue
         insertion = site.insertion
         assert insertion is not None  # a site without one is among search.skipped, handled above
-        own = _group_config(_block_module(site), config)
+        own = _group_config(module, config)
         r = stage_ratio(own, site.stage, stage_count, selected)
-        divided = _reduced(site, own) or insertion.channels
+        reduced = _reduced(site, own)
+        divided = reduced or insertion.channels
         if r > divided and own.hidden is None:
             raise ConfigError(
                 f"r: r={r} is wider than the {divided} channels it divides in stage "
                 f"{site.stage}, block {site.block}; use r <= {divided}"
             )
-        owner = _block_module(site)
-        repeated = _repeated_call(owner)
+        repeated = _repeated_call(module)
         if repeated:  # the same module object called again (shared weights): its first call's unit serves it
             skipped.append(
                 (site, f"module '{repeated}' is called more than once; the unit of its first call serves every call")
             )
             continue
-        planned.append((site, insertion, r, _rewritable_owner(owner, obstacle), own))
+        planned.append(
+            PlannedUnit(
+                site=site,
+                insertion=insertion,
+                r=r,
+                hidden=unit_type.hidden_width(insertion.channels, r, own, reduced=reduced),
+                owner=_rewritable_owner(module, obstacle),
+                name=f"se_{site.stage}_{site.block}",
+                reduced=reduced,
+                module=module,
+                config=own if own is not config else None,
+            )
+        )
     if not planned:
         raise NoSitesError(
             f"none of the {len(in_stages)} sites of stages {list(selected)} "
             f"takes a unit at position '{config.position}': {skipped[0][1] if skipped else search.describe()}"
         )
-    outermost = _outermost_owners({owner for _, _, _, owner, _ in planned})
-    units = tuple(
-        PlannedUnit(
-            site=site,
-            insertion=insertion,
-            r=r,
-            hidden=unit_type.hidden_width(insertion.channels, r, own, reduced=_reduced(site, own)),
-            owner=outermost[owner],
-            name=f"se_{site.stage}_{site.block}",
-            reduced=_reduced(site, own),
-            module=_block_module(site),
-            config=own if own is not config else None,
-        )
-        for site, insertion, r, owner, own in planned
-    )
+    outermost = _outermost_owners({unit.owner for unit in planned})
+    units = tuple(replace(unit, owner=outermost[unit.owner]) for unit in planned)
     return Plan(units, stage_count, tuple(selected), tuple(skipped), search, selection)
