@@ -58,7 +58,9 @@ def make_config(config: InjectConfig | None = None, **options: Any) -> InjectCon
         return InjectConfig.from_dict(options)
     if "excitation" in options:  # gate's former name: on top of a config it replaces the gate
         options["gate"] = options.pop("excitation")
-    if "style" in options:  # the config's own values are resolved already: a new style starts from the options
+    if "style" in options or "unit" in options:
+        # the config's own values are resolved already: a new style (or a unit with conventions of its own)
+        # starts from the options
         return InjectConfig.from_dict({**_unstyled(config), **options})
     changes: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     return replace(config, **changes)

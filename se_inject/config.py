@@ -171,7 +171,17 @@ class InjectConfig:
     )
     unit: str = field(
         default="se",
-        metadata={"help": "the unit inserted: a name registered with se_inject.register_unit (built in: se)"},
+        metadata={
+            "help": "the unit inserted: se, ese, eca, ceca, gc, ge, cbam, lcbam, or a name registered with "
+            "se_inject.register_unit; a style named like the unit holds its published conventions"
+        },
+    )
+    unit_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "the unit's own options, e.g. {'kernel_size': 5} for eca, {'fusion': 'scale'} for gc "
+            "(CLI: --unit-option kernel_size=5, repeatable; se-inject units lists them)"
+        },
     )
     rules: tuple[str, ...] = field(
         default=(),
@@ -208,6 +218,9 @@ class InjectConfig:
             raise ConfigError(f"hidden: expected a positive hidden width, got {self.hidden!r}")
         if not isinstance(self.unit, str) or not self.unit.isidentifier():
             raise ConfigError(f"unit: expected the name of a registered unit such as 'se', got {self.unit!r}")
+        if not isinstance(self.unit_options, Mapping) or not all(isinstance(k, str) for k in self.unit_options):
+            raise ConfigError(f"unit_options: expected a mapping of option names to values, got {self.unit_options!r}")
+        object.__setattr__(self, "unit_options", dict(self.unit_options))  # checked against the unit by the planner
         if not isinstance(self.bias, bool):
             raise ConfigError(f"bias: expected True or False, got {self.bias!r}")
         object.__setattr__(
@@ -236,9 +249,12 @@ class InjectConfig:
             object.__setattr__(self, "rounding", new)
         unset = [name for name in STYLED_FIELDS if getattr(self, name) is None]
         if unset:
-            preset = style(self.style).options  # a style leaves out what it shares with the paper
+            # the paper's values, under the unit's published conventions (the style named like the
+            # unit, if any), under the chosen style: a style leaves out what it shares with the paper
+            chosen = style(self.style).options if self.style != "paper" else {}  # paper: the base itself
+            preset = {**_PAPER, **unit_conventions(self.unit), **chosen}
             for name in unset:
-                value = preset.get(name, _PAPER[name])
+                value = preset[name]
                 object.__setattr__(self, name, tuple(value) if isinstance(value, list) else value)
         object.__setattr__(self, "excitation", None)  # read once into gate: replace(gate=...) stays consistent
 
@@ -449,6 +465,15 @@ def style(name: str) -> Style:
     if not isinstance(name, str) or name not in known:
         raise ConfigError(f"style: {name!r} is not a style; styles are {', '.join(known)}")
     return known[name]
+
+
+def unit_conventions(unit: str) -> dict[str, Any]:
+    """The published conventions of ``unit``: the options of the style named like it (``ese``'s hard
+    sigmoid and bias, say), or none; explicit options and a chosen style override them."""
+    if unit == "se":  # the paper's own unit: its conventions are the paper's
+        return {}
+    found = styles().get(unit)
+    return dict(found.options) if found is not None else {}
 
 
 def register_style(*entries: Style) -> tuple[Style, ...]:

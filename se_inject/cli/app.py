@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tomllib
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -154,6 +156,21 @@ def parse_group(text: str) -> dict[str, Any]:
     return group
 
 
+def parse_unit_options(texts: list[str]) -> dict[str, Any]:
+    """``["kernel_size=5", "fusion=scale"]`` -> ``{"kernel_size": 5, "fusion": "scale"}``: each value read as
+    a TOML value (numbers, true/false), else kept as text; the unit checks names and types."""
+    options: dict[str, Any] = {}
+    for text in texts:
+        name, equals, value = (part.strip() for part in text.partition("="))
+        if not equals or not name.isidentifier() or not value:
+            raise ConfigError(f"--unit-option: expected NAME=VALUE such as 'kernel_size=5', got {text[:60]!r}")
+        try:
+            options[name] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[name] = value  # a bare word: a choice such as fusion=scale
+    return options
+
+
 def parse_positive_list(text: str, option: str) -> tuple[int, ...]:
     """A list of positive integers (batch sizes and the like)."""
     values = parse_int_list(text, option)
@@ -231,6 +248,8 @@ def inject_command(
     rounding: str | None = inject_option("rounding"),
     reduce_from: str | None = inject_option("reduce_from"),
     hidden: int | None = inject_option("hidden"),
+    unit: str = inject_option("unit"),
+    unit_option: list[str] = inject_option("unit_options", "--unit-option"),
     input_size: int | None = typer.Option(
         None, "--input-size", min=1, help="spatial size FLOPs are counted at (default: the model's own, else 224)"
     ),
@@ -285,6 +304,8 @@ def inject_command(
         rounding=rounding,
         reduce_from=reduce_from,
         hidden=hidden,
+        unit=unit,
+        unit_options=parse_unit_options(unit_option),
         leaf_modules=tuple(leaf),
         existing=existing,
         rules=tuple(rules),
@@ -331,8 +352,9 @@ def _gflops(n: int) -> str:
 def render_report(report: OverheadReport, show_sites: bool, console: Console) -> None:
     """The plan and the overhead report as rich tables."""
     r_text = ",".join(map(str, report.r)) if isinstance(report.r, list) else str(report.r)
+    kind = report.unit.upper()
     console.print(
-        f"[bold]{report.model}[/]: {len(report.sites)} SE units at position [bold]{report.position}[/], "
+        f"[bold]{report.model}[/]: {len(report.sites)} {kind} units at position [bold]{report.position}[/], "
         f"r={r_text}, input {report.input_size[0]}x{report.input_size[1]}"
     )
     if show_sites:
@@ -354,11 +376,12 @@ def render_report(report: OverheadReport, show_sites: bool, console: Console) ->
             )
         console.print(sites)
     table = Table(
-        title="Overhead: Eq. 5 vs. weights added; FLOPs at batch 1 (multiply-add = 2)",
+        title=f"Overhead: {report.formula} vs. weights added; FLOPs at batch 1 (multiply-add = 2)",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
     )
-    for column in ("stage", "size", "N_s", "C_s", "r", "Eq.5 params", "added", "GFLOPs", "GFLOPs+SE"):
+    predicted = "Eq.5 params" if report.unit == "se" else "predicted"
+    for column in ("stage", "size", "N_s", "C_s", "r", predicted, "added", "GFLOPs", f"GFLOPs+{kind}"):
         table.add_column(column, justify="right", no_wrap=True)
     for s in report.stages:
         channels = str(s.channels) if isinstance(s.channels, int) else ",".join(map(str, sorted(set(s.channels))))
@@ -393,7 +416,7 @@ def render_report(report: OverheadReport, show_sites: bool, console: Console) ->
         f"FLOPs {_gflops(t.flops_before)}G -> {_gflops(t.flops_after)}G (+{t.flops_increase:.2%})"
     )
     agreement = "[green]agrees exactly[/]" if report.eq5_agrees else "[yellow]differs (hidden widths were rounded)[/]"
-    console.print(f"Eq. 5 {agreement} with the weights added")
+    console.print(f"{report.formula} {agreement} with the weights added")
     if report.existing_gates:
         console.print(
             f"the model already has {len(report.existing_gates)} SE-like gates: {', '.join(report.existing_gates[:4])}"
@@ -433,6 +456,8 @@ def finetune_command(
     stages: str | None = inject_option("stages"),
     style: str = inject_option("style"),
     init: str = inject_option("init"),
+    unit: str = inject_option("unit"),
+    unit_option: list[str] = inject_option("unit_options", "--unit-option"),
     checkpoint: str | None = typer.Option(None, "--checkpoint", help="trained weights for a model spec SOURCE"),
     pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights for SOURCE"),
     num_classes: int | None = typer.Option(
@@ -492,7 +517,9 @@ def finetune_command(
             source, device="cpu", pretrained=pretrained, checkpoint=checkpoint, optional_kwargs=dataset_head, **given
         )
         splits = load_data(data, image_size, model_data_config(original), check=False)
-        inject_config = _inject_config(position, r, stages, style=style, init=init)
+        inject_config = _inject_config(
+            position, r, stages, style=style, init=init, unit=unit, unit_options=parse_unit_options(unit_option)
+        )
         model = retrofit(original, inject_config, input_size=splits.image_size, model_name=source).model
     out_console = console()
     with warnings.catch_warnings():  # shown below as se-inject's own one-line warnings
@@ -599,6 +626,8 @@ def bench_command(
     r: str | None = inject_option("r"),
     stages: str | None = inject_option("stages"),
     style: str = inject_option("style"),
+    unit: str = inject_option("unit"),
+    unit_option: list[str] = inject_option("unit_options", "--unit-option"),
     batch: str = typer.Option("1,16", "--batch", help="batch sizes, e.g. 1,16 (CUDA default: 256)"),
     size: int = typer.Option(224, "--size", min=8, help="input size"),
     repeats: int = typer.Option(20, "--repeats", min=1, help="timed rounds (each model once per round)"),
@@ -619,7 +648,7 @@ def bench_command(
     if threads:
         torch.set_num_threads(threads)
     target = resolve_device(device)
-    config = _inject_config(position, r, stages, style=style)
+    config = _inject_config(position, r, stages, style=style, unit=unit, unit_options=parse_unit_options(unit_option))
     batches = parse_positive_list(batch, "--batch")
     batches = (256,) if target.type == "cuda" and batch == "1,16" else batches
     twin_name = twin_of(model)
@@ -685,7 +714,10 @@ def inspect_command(
         False, "--trust-code", help="a recipe that names Python code may import and run it"
     ),
 ) -> None:
-    """Record what every SE unit's gate does over a dataset; write statistics, plots and pruning suggestions."""
+    """Record what every unit's gate does over a dataset; write statistics, plots and pruning suggestions.
+
+    SE, ESE, ECA, CECA, GE and GC (scale fusion) show their channel gate; CBAM shows its channel
+    gate only (the spatial gate after it is not shown, and it cannot be pruned)."""
     from se_inject.inspect.excitation import collect, plot, write_json
     from se_inject.saving import load
 
@@ -711,6 +743,8 @@ def inspect_command(
         )
     out_console = console()
     out_console.print(table)
+    for kind, shows in sorted({(u.kind, u.shows) for u in report.units if u.shows != "the channel gate"}):
+        out_console.print(f"{kind} units: the statistics describe {shows}")
     out_console.print(f"wrote {', '.join(str(f) for f in files)}")
     if suggested:
         out_console.print(
@@ -816,6 +850,26 @@ def rules_command(
     for style in styles().values():
         styles_table.add_row(style.name, ", ".join(f"{k}={v}" for k, v in style.options.items()), style.description)
     out.print(styles_table)
+
+
+@app.command("units")
+def units_command(as_json: bool = typer.Option(False, "--json", help="print the units as JSON")) -> None:
+    """List the unit types --unit can name: their paper, their own options (--unit-option NAME=VALUE)
+    and the conventions they bring (the style named like them)."""
+    from se_inject.units.base import describe_units
+
+    infos = describe_units()
+    if as_json:
+        typer.echo(json.dumps([asdict(info) for info in infos], indent=2, default=str))
+        return
+    table = Table(title="Units (--unit NAME)", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("unit", "paper", "uses r", "options (--unit-option NAME=VALUE)", "conventions"):
+        table.add_column(column)
+    for info in infos:
+        options = "\n".join(f"{name}={default!r}: {text}" for name, (default, text) in info.options.items())
+        conventions = ", ".join(f"{k}={v}" for k, v in info.conventions.items()) or "the paper's"
+        table.add_row(info.name, info.paper, "yes" if info.uses_r else "no", options or "-", conventions)
+    console().print(table)
 
 
 def main() -> None:

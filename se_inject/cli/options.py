@@ -38,7 +38,7 @@ def inject_option(name: str, *flags: str, **extra: Any) -> Any:
             default=None,
             suffix=" (e.g. 16 or 8,16,16,32)",
         )
-    if name in ("include", "exclude", "at", "groups", "blocks"):  # repeatable on the command line
+    if name in ("include", "exclude", "at", "groups", "blocks", "unit_options"):  # repeatable on the command line
         return _option(InjectConfig, name, *(flags or (f"--{name}",)), default=[], suffix=" (repeatable)")
     if name == "stages":
         return _option(InjectConfig, "stages", "--stages", suffix=" (e.g. 2,3 or 2-4)")

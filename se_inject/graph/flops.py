@@ -20,7 +20,9 @@ from se_inject.graph.abstract import abstract_tensors, with_real_fallback
 
 # FlopCounterMode counts 2 per multiply-add for conv/matmul and nothing for pooling and
 # elementwise products; the SE unit is mostly those, so they are registered here: one FLOP per
-# element read by a reduction, one per element written by a product.
+# element read by a reduction or a pooling window, one per element written by a product, three per
+# element of a softmax. Activations and gates (sigmoid), additions and normalisation count nothing,
+# in the units as in the host network.
 
 
 def _reduction_flops(x_shape: Sequence[int], *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
@@ -35,12 +37,24 @@ def _no_flops(*args: Any, **kwargs: Any) -> int:
     return 0
 
 
+def _softmax_flops(x_shape: Sequence[int], *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 3 * math.prod(x_shape)  # an exp, a sum and a division per element (GC's attention pooling)
+
+
+def _window_flops(
+    x_shape: Sequence[int], kernel_size: Sequence[int], *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
+    return math.prod(out_shape) * math.prod(kernel_size) if out_shape is not None else 0  # one per element read
+
+
 aten = torch.ops.aten
 FLOP_FORMULAS: dict[Any, Any] = {
     aten.mean: _reduction_flops,
     aten.amax: _reduction_flops,
     aten._adaptive_avg_pool2d: _reduction_flops,
     aten.adaptive_max_pool2d: _reduction_flops,
+    aten.avg_pool2d: _window_flops,  # each output averages its window (Gather-Excite's gather, ResNet-D shortcuts)
+    aten._softmax: _softmax_flops,
     aten.mul: _elementwise_flops,
     aten.mul_: _elementwise_flops,  # the unit's scale written over its input (inference)
     aten.addcmul: _elementwise_flops,  # the unit's scale fused with a residual add: the add is not counted, as elsewhere

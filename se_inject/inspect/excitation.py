@@ -25,7 +25,7 @@ from se_inject.errors import ConfigError
 from se_inject.graph.abstract import eval_mode
 from se_inject.io.recipe import attach_recipe, attached_recipe
 from se_inject.train.data import DataSplits
-from se_inject.units.base import ChannelUnit
+from se_inject.units.base import UNITS, ChannelUnit
 from se_inject.units.se import ChannelScale
 
 
@@ -43,6 +43,9 @@ class UnitStats:
     class_std: list[list[float]]  # K x C: spread within each class
     image_std: float  # mean over channels of the std over all images
     saturation: float  # 1 - image_std / (gate_range / 2): 1 means the gate is a constant
+    kind: str = "se"  # the unit type
+    shows: str = "the channel gate"  # what of the unit these statistics describe
+    prunable: bool = True  # whether a fixed per-channel scale can stand in for the whole unit
 
 
 @dataclass
@@ -52,8 +55,9 @@ class ExcitationReport:
     units: list[UnitStats] = field(default_factory=list)
 
     def suggestions(self, threshold: float = 0.95) -> list[str]:
-        """Units whose gate is nearly constant (saturation at or above ``threshold``)."""
-        return [u.name for u in self.units if u.saturation >= threshold]
+        """Units whose gate is nearly constant (saturation at or above ``threshold``) and that a fixed
+        scale can replace (not CBAM, whose spatial gate follows)."""
+        return [u.name for u in self.units if u.prunable and u.saturation >= threshold]
 
     def to_dict(self, threshold: float = 0.95) -> dict:
         return {
@@ -89,16 +93,24 @@ class ReadableGate(Protocol):
 
 
 def se_units(model: nn.Module) -> list[tuple[str, ChannelUnit]]:
-    """The model's units whose gate can be read (see :class:`ReadableGate`)."""
+    """The model's units whose gate can be read (see :class:`ReadableGate`; a GC block that only adds
+    its context has none)."""
     return [
-        (name, m) for name, m in model.named_modules() if isinstance(m, ChannelUnit) and isinstance(m, ReadableGate)
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, ChannelUnit) and isinstance(m, ReadableGate) and m.excitation_shows
     ]
 
 
+def _kind(unit: ChannelUnit) -> str:
+    """The registered name of ``unit``'s type (its class name if it was never registered)."""
+    return next((name for name, cls in UNITS.items() if cls is type(unit)), type(unit).__name__)
+
+
 def _stage_block(name: str) -> tuple[int, int]:
-    tail = name.rpartition(".")[2]
-    parts = tail.split("_")
-    return (int(parts[1]), int(parts[2])) if len(parts) == 3 and parts[0] == "se" else (0, 0)
+    """(stage, block) of a unit named UNIT_stage_block by the planner (``layer1.0.eca_1_1``); else (0, 0)."""
+    parts = name.rpartition(".")[2].rsplit("_", 2)
+    return (int(parts[1]), int(parts[2])) if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() else (0, 0)
 
 
 def collect(
@@ -111,7 +123,10 @@ def collect(
     """Run ``model`` (eval mode) over ``loader`` and record every unit's gate, per channel and class."""
     units = se_units(model)
     if not units:
-        raise ConfigError("the model holds no SE units to inspect; inject or load an injected model")
+        raise ConfigError(
+            "the model holds no units with a readable gate to inspect; inject or load an injected model "
+            "(a GC block with fusion='add' has no gate)"
+        )
     k = len(classes)
     sums = {n: torch.zeros(k, u.channels, dtype=torch.float64) for n, u in units}
     squares = {n: torch.zeros(k, u.channels, dtype=torch.float64) for n, u in units}
@@ -151,7 +166,7 @@ def collect(
         class_mean = sums[name] / counts.clamp_min(1)[:, None]
         class_var = (squares[name] / counts.clamp_min(1)[:, None] - class_mean.square()).clamp_min(0)
         class_mean[~present] = float("nan")
-        gate_range = 2.0 if type(unit.gate).__name__ in ("ScaledSigmoid", "ShiftedTanh") else 1.0
+        gate_range = unit.gate_range
         image_std = float(var_all.sqrt().mean())
         stage, block = _stage_block(name)
         report.units.append(
@@ -166,6 +181,9 @@ def collect(
                 class_var.sqrt().tolist(),
                 image_std,
                 max(0.0, 1.0 - image_std / (gate_range / 2)),
+                kind=_kind(unit),
+                shows=unit.excitation_shows,
+                prunable=unit.channel_gate,
             )
         )
     return report
@@ -192,6 +210,13 @@ def prune_units(
     unknown = [n for n in names if n not in stats]
     if unknown:
         raise ConfigError(f"units: {unknown[0]!r} is not an SE unit of the model; units are {', '.join(stats)}")
+    frozen = [n for n in names if not stats[n].prunable]
+    if frozen:
+        raise ConfigError(
+            f"units: {frozen[0]!r} ({stats[frozen[0]].kind}) is not a channel gate alone, so no fixed per-channel "
+            "scale can stand in for it; prune units whose whole effect is x * gate (se, ese, eca, ceca, ge, gc "
+            "with fusion='scale')"
+        )
     saved, eq5 = 0, 0.0
     for name in names:
         unit = model.get_submodule(name)

@@ -29,7 +29,7 @@ class PlannedUnit:
     r: int
     hidden: int
     owner: str  # qualified name of the module rewritten to hold the unit ("" is the root)
-    name: str  # child name of the unit in ``owner``, SE_stage_block as in the paper
+    name: str  # child name of the unit in ``owner``: UNIT_stage_block (se_2_3), SE_stage_block as in the paper
     reduced: int | None = None  # what r divides when not the unit's channels (reduce_from="block_input")
     config: InjectConfig | None = None  # the unit's own options where a group gives them (else the call's)
     module: str = ""  # the block module the site is in (what include/exclude match), before any widening
@@ -220,6 +220,7 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
     ``surgery.rewrite.LocalTraces``) hands its units to its parent; the model's root is the last resort.
     """
     unit_type = unit_class(config.unit)
+    unit_type.check_config(config)
     if config.at:
         search = analysis.select_modules(config.at, config.existing)
     else:
@@ -250,7 +251,9 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
         r = stage_ratio(own, site.stage, stage_count, selected)
         reduced = _reduced(site, own)
         divided = reduced or insertion.channels
-        if r > divided and own.hidden is None:
+        if own is not config:
+            unit_type.check_config(own)
+        if r > divided and own.hidden is None and unit_type.uses_r:
             raise ConfigError(
                 f"r: r={r} is wider than the {divided} channels it divides in stage "
                 f"{site.stage}, block {site.block}; use r <= {divided}"
@@ -268,7 +271,7 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
                 r=r,
                 hidden=unit_type.hidden_width(insertion.channels, r, own, reduced=reduced),
                 owner=_rewritable_owner(module, obstacle),
-                name=f"se_{site.stage}_{site.block}",
+                name=f"{config.unit}_{site.stage}_{site.block}",
                 reduced=reduced,
                 module=module,
                 config=own if own is not config else None,

@@ -1,10 +1,12 @@
-"""The overhead report: what the SE units cost, predicted by Eq. 5 and measured.
+"""The overhead report: what the units cost, predicted by Eq. 5 (or a unit's own closed form) and measured.
 
 Eq. 5 of Hu et al. gives the weights added by the FC layers of all units,
 ``(2 / r) * sum_s N_s * C_s**2``; with bias each unit adds ``C/r + C`` more. Here it is summed
 unit by unit (``2 * C**2 / r``), which is Eq. 5 when a stage's units share C and also covers the
 ``pre`` position, whose first unit of a stage sees the previous stage's width. The weights
 actually added are counted on the injected model; the two agree exactly whenever r divides C.
+Every other unit type predicts its own weights the same way (``ChannelUnit.expected_params``: ECA's
+kernel, GC's attention conv and LayerNorm, CBAM's spatial conv); the fields keep the name ``eq5``.
 
 FLOPs are counted by torch.utils.flop_counter on abstract tensors at batch 1: one multiply-add
 is 2 FLOPs (the paper's "GFLOPs" are multiply-adds, half these numbers), and se_inject adds one
@@ -95,6 +97,12 @@ class OverheadReport:
     totals: Totals
     existing_gates: tuple[str, ...] = ()  # SE-like gates the model already had
     notes: tuple[str, ...] = ()
+    unit: str = "se"  # the unit type inserted (its closed form is Eq. 5 for se)
+
+    @property
+    def formula(self) -> str:
+        """The name of the closed form the weights are predicted by: Eq. 5 for SE, the unit's own otherwise."""
+        return "Eq. 5" if self.unit == "se" else f"{self.unit}'s closed form"
 
     @property
     def eq5_agrees(self) -> bool:
@@ -163,6 +171,7 @@ def build_report(
         totals=totals,
         existing_gates=tuple(g.name for g in plan.search.gates),
         notes=tuple(notes),
+        unit=config.unit,
     )
 
 

@@ -43,6 +43,7 @@ def make_unit(unit: PlannedUnit, config: InjectConfig, like: nn.Module) -> Chann
         unit.r,
         unit.config or config,
         reduced=unit.reduced,
+        size=unit.insertion.size,
         device=reference.device if reference is not None else None,
         dtype=reference.dtype if reference is not None and reference.is_floating_point() else None,
     )

@@ -22,20 +22,48 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from se_inject.config import unit_conventions
 from se_inject.errors import ConfigError
 
 if TYPE_CHECKING:
     from se_inject.config import InjectConfig
 
 
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a unit that has none beyond the shared ones (r, act, gate, bias, rounding, init)."""
+
+
 class ChannelUnit(nn.Module):
-    """Base class of the units se_inject inserts; see the module docstring for the contract."""
+    """Base class of the units se_inject inserts; see the module docstring for the contract.
+
+    Class attributes a unit type sets:
+
+    - ``Options``: a frozen dataclass of the unit's own options (``unit_options``), each field with
+      its help in ``metadata["help"]``; :meth:`parse_options` checks a mapping against it.
+    - ``uses_r``: whether ``r`` shapes the unit (ECA and effective SE have no bottleneck).
+    - ``channel_gate``: whether the unit computes ``x * excitation(x)`` with a per-channel gate and
+      nothing else, so that pruning can freeze it to a fixed scale (an instance may set it).
+    - ``excitation_shows``: what the unit's ``excitation(x)`` returns, in words ("" where it has no
+      readable gate); inspection reads the gates of the units that have one.
+    """
+
+    Options: ClassVar[type] = NoOptions
+    paper: ClassVar[str] = ""  # where the unit was published, in a few words
+    uses_r: ClassVar[bool] = True
+    channel_gate: bool = False
+    excitation_shows: str = ""
 
     def __init__(self, channels: int, r: int, hidden: int) -> None:
         super().__init__()
@@ -54,13 +82,15 @@ class ChannelUnit(nn.Module):
         config: InjectConfig,
         *,
         reduced: int | None = None,
+        size: tuple[int, int] | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> ChannelUnit:
         """The unit for one site, built as ``config`` says, on ``device`` in ``dtype``.
 
         ``reduced`` is what ``r`` divides where that is not ``channels`` (``reduce_from="block_input"``:
-        the block's input channels); a unit without a bottleneck ignores it.
+        the block's input channels); a unit without a bottleneck ignores it. ``size`` is the (height,
+        width) of the feature map at the site, for a unit whose weights depend on it.
         """
         raise NotImplementedError(f"{cls.__name__} must implement from_config")
 
@@ -68,6 +98,23 @@ class ChannelUnit(nn.Module):
     def hidden_width(cls, channels: int, r: int, config: InjectConfig, *, reduced: int | None = None) -> int:
         """The bottleneck width a unit for ``channels`` at ``r`` will have (0: none); the plan records it."""
         raise NotImplementedError(f"{cls.__name__} must implement hidden_width")
+
+    @classmethod
+    def check_config(cls, config: InjectConfig) -> None:
+        """Raise a ConfigError if ``config`` cannot build this unit (its ``unit_options`` first); the
+        planner calls it before anything is built."""
+        cls.parse_options(config.unit_options)
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any]) -> Any:
+        """``options`` (``InjectConfig.unit_options``) as this unit's ``Options``; a ConfigError names
+        the field that is unknown or of the wrong type."""
+        return parse_options(cls.Options, options)
+
+    @property
+    def gate_range(self) -> float:
+        """The width of the range of the unit's gate (1 for a sigmoid); inspection measures saturation against it."""
+        return 1.0
 
     def expected_params(self) -> Fraction:
         """The closed-form count of the weights this unit adds (Eq. 5's term for SE), checked
@@ -105,3 +152,75 @@ def unit_class(unit: str | type[ChannelUnit] | Any) -> type[ChannelUnit]:
     if isinstance(unit, str) and unit in UNITS:
         return UNITS[unit]
     raise ConfigError(f"unit: {unit!r} is not a registered unit; units are {', '.join(sorted(UNITS))}")
+
+
+def _accepts(annotation: Any, value: object) -> bool:
+    """Whether ``value`` fits an Options field's annotation (int, float, bool, str, a Literal, X | None)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return value in typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_accepts(a, value) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(annotation, type) and isinstance(value, annotation)
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def parse_options(options_type: type, options: Mapping[str, Any]) -> Any:
+    """An ``options_type`` dataclass from a mapping, each value checked against its field's type."""
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"unit_options: expected a mapping of option names to values, got {options!r}")
+    hints = typing.get_type_hints(options_type)
+    known = {f.name: f for f in dataclasses.fields(options_type)}
+    for key, value in options.items():
+        if key not in known:
+            names = ", ".join(known) or "none"
+            raise ConfigError(f"unit_options.{key}: not an option of this unit; its options are {names}")
+        if not _accepts(hints[key], value):
+            raise ConfigError(f"unit_options.{key}: expected {_describe(hints[key])}, got {value!r}")
+    try:
+        return options_type(**options)
+    except (ValueError, TypeError) as err:  # an Options class's own cross-field check
+        raise ConfigError(f"unit_options: {err}") from None
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """What ``se-inject units`` lists about one registered unit type."""
+
+    name: str
+    cls: str  # import path of the class
+    paper: str
+    uses_r: bool
+    options: dict[str, tuple[Any, str]]  # option -> (default, help)
+    conventions: dict[str, Any]  # the options its style (named like it) sets
+
+
+def describe_units() -> list[UnitInfo]:
+    """Every registered unit type, with its paper, own options and published conventions.
+
+    >>> [u.name for u in describe_units()][:3]
+    ['cbam', 'ceca', 'eca']
+    """
+    return [
+        UnitInfo(
+            name,
+            f"{cls.__module__}.{cls.__qualname__}",
+            cls.paper,
+            cls.uses_r,
+            {f.name: (f.default, f.metadata.get("help", "")) for f in dataclasses.fields(cls.Options)},
+            unit_conventions(name),
+        )
+        for name, cls in sorted(UNITS.items())
+    ]

@@ -15,8 +15,6 @@ gate as a fixed per-channel scale (see ``se_inject.inspect.excitation``).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
@@ -24,148 +22,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from se_inject.config import ACTS, GATES, INITS, ROUNDINGS, SQUEEZES
+from se_inject.config import INITS, SQUEEZES
 from se_inject.errors import ConfigError
 from se_inject.units.base import ChannelUnit, register_unit
+from se_inject.units.parts import (  # noqa: F401 - the gates and widths are also this module's public names
+    ScaledHardSigmoid,
+    ScaledSigmoid,
+    ShiftedReLU,
+    ShiftedTanh,
+    bottleneck_params,
+    can_write_over,
+    create_act,
+    create_gate,
+    gate_range,
+    gated,
+    hidden_width,
+    reduced_width,
+)
 
 if TYPE_CHECKING:
     from se_inject.config import InjectConfig
-
-
-def _nearest_multiple_of_8(exact: Fraction) -> int:
-    """timm's ``make_divisible(v, 8)`` core: the nearest multiple of 8 (halves up), at least 8."""
-    return max(8, math.floor(exact + 4) // 8 * 8)
-
-
-def hidden_width(channels: int, r: int, rounding: str = "floor") -> int:
-    """Width of the excitation bottleneck for ``channels`` at reduction ``r`` (``channels`` is what r
-    divides: the unit's own channels, or the block's input for ``reduce_from="block_input"``).
-
-    - ``floor`` (default): exactly ``C/r`` whenever ``r`` divides ``C``, which is what Eq. 5 assumes;
-    - ``ceil``; ``round``: halves up;
-    - ``round_even``: Python's ``round`` (halves to even), as EfficientNet's and RegNetY's SE;
-    - ``divisible8``: timm's ``make_divisible(C/r, 8)``: the nearest multiple of 8, at least 8,
-      raised by 8 where that falls more than 10% below ``C/r`` (MobileNetV3's ``round_channels``);
-    - ``timm_se``: timm's SEModule, ``make_divisible(C/r, 8, round_limit=0)``: the nearest
-      multiple of 8, at least 8, without the 10% correction.
-
-    The result is never below 1.
-
-    >>> hidden_width(64, 16), hidden_width(64, 16, "timm_se"), hidden_width(10, 16)
-    (4, 8, 1)
-    >>> hidden_width(144, 16, "timm_se"), hidden_width(144, 16, "divisible8")
-    (8, 16)
-    """
-    if rounding not in ROUNDINGS:
-        raise ConfigError(f"rounding: {rounding!r} is not one of {', '.join(ROUNDINGS)}")
-    exact = Fraction(channels, r)
-    if rounding == "floor":
-        width = channels // r
-    elif rounding == "ceil":
-        width = -(-channels // r)
-    elif rounding == "round":
-        width = math.floor(exact + Fraction(1, 2))
-    elif rounding == "round_even":
-        width = round(exact)
-    elif rounding == "timm_se":
-        width = _nearest_multiple_of_8(exact)
-    else:  # divisible8
-        width = _nearest_multiple_of_8(exact)
-        if width < Fraction(9, 10) * exact:
-            width += 8
-    return max(1, width)
-
-
-class ScaledSigmoid(nn.Module):
-    """``2 * sigmoid(x)``: a sigmoid gate that equals 1 at 0 (range 0..2)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 2.0 * torch.sigmoid(x)
-
-
-class ScaledHardSigmoid(nn.Module):
-    """``2 * hard_sigmoid(x)``: MobileNetV3's gate made to equal 1 at 0 (range 0..2)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 2.0 * F.hardsigmoid(x)
-
-
-class ShiftedTanh(nn.Module):
-    """``1 + tanh(x)``: a tanh gate that equals 1 at 0 (range 0..2)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 1.0 + torch.tanh(x)
-
-
-class ShiftedReLU(nn.Module):
-    """``relu(1 + x)``: a ReLU gate that equals 1 at 0."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(1.0 + x)
-
-
-# name -> (gate as published, gate with gate(0) == 1 for the preserve initialisation)
-_GATES: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module]]] = {
-    "sigmoid": (nn.Sigmoid, ScaledSigmoid),
-    "hard_sigmoid": (nn.Hardsigmoid, ScaledHardSigmoid),
-    "tanh": (nn.Tanh, ShiftedTanh),
-    "relu": (nn.ReLU, ShiftedReLU),
-}
-assert set(_GATES) == set(GATES)
-
-# name -> activation between the two FC layers (torch's own modules, as timm's create_act_layer gives them)
-_ACTS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "relu6": nn.ReLU6,
-    "silu": nn.SiLU,
-    "gelu": nn.GELU,
-    "hard_swish": nn.Hardswish,
-    "leaky_relu": nn.LeakyReLU,
-}
-assert set(_ACTS) == set(ACTS)
-
-
-def create_gate(gate: str | type[nn.Module], preserve: bool) -> nn.Module:
-    """Build the excitation gate from a name (``sigmoid``, ``hard_sigmoid``, ``tanh``, ``relu``) or a class.
-
-    With ``preserve`` a named gate is its variant that equals 1 at 0; a class must already do so.
-    """
-    if isinstance(gate, str):
-        if gate not in _GATES:
-            raise ConfigError(f"gate: {gate!r} is not one of {', '.join(GATES)}")
-        return _GATES[gate][1 if preserve else 0]()
-    if isinstance(gate, type) and issubclass(gate, nn.Module):
-        module = gate()
-        if preserve and float(module(torch.zeros(1))) != 1.0:
-            raise ConfigError(f"gate: {gate.__name__}(0) must equal 1 for init='preserve'")
-        return module
-    raise ConfigError(f"gate: expected a name or an nn.Module class, got {gate!r}")
-
-
-def create_act(act: str | type[nn.Module]) -> nn.Module:
-    """The activation between the FC layers, from a name (``relu``, ``silu``, ...) or a module class."""
-    if isinstance(act, str):
-        if act not in _ACTS:
-            raise ConfigError(f"act: {act!r} is not one of {', '.join(ACTS)}")
-        return _ACTS[act]()
-    if isinstance(act, type) and issubclass(act, nn.Module):
-        return act()
-    raise ConfigError(f"act: expected a name or an nn.Module class, got {act!r}")
-
-
-def _can_write_over(x: torch.Tensor, s: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    """Whether the result may go into ``x``'s memory: autograd records nothing (no operand needs a
-    gradient: in an SE-only training phase ``x`` has none but the gate has), the result has ``x``'s
-    dtype (under autocast the residual or the gate can be wider), and ``x``'s layout (``residual + x``
-    takes the residual's strides: written into a channels-last ``x`` beside a contiguous residual,
-    the same values would reach the next layers in another layout, whose kernels round otherwise,
-    as CoAtNet's attention blocks showed)."""
-    operands = (s,) if residual is None else (s, residual)
-    if residual is not None and residual.stride() != x.stride():
-        return False
-    return not any(t.requires_grad for t in operands) and all(
-        t.dtype == x.dtype or torch.promote_types(x.dtype, t.dtype) == x.dtype for t in operands
-    )
 
 
 def eq5_params(channels: int, r: int, bias: bool = False, reduced: int | None = None) -> Fraction:
@@ -175,14 +51,12 @@ def eq5_params(channels: int, r: int, bias: bool = False, reduced: int | None = 
     ``reduce_from="block_input"``): the hidden width before rounding is ``reduced / r``, and the
     term ``2 C^2 / r`` generalises to ``2 C reduced / r``.
     """
-    width = Fraction(channels if reduced is None else reduced, r)
-    weights = 2 * channels * width
-    return weights + width + channels if bias else weights
+    return bottleneck_params(channels, reduced_width(channels, r, reduced, None), bias)
 
 
 def unit_weights(channels: int, hidden: int, bias: bool = False) -> int:
     """Weights one SE unit of hidden width ``hidden`` holds: the closed form the report checks."""
-    return 2 * channels * hidden + (hidden + channels if bias else 0)
+    return int(bottleneck_params(channels, hidden, bias))
 
 
 class SqueezeExcite(ChannelUnit):
@@ -209,6 +83,10 @@ class SqueezeExcite(ChannelUnit):
         >>> se(torch.randn(2, 64, 8, 8)).shape
         torch.Size([2, 64, 8, 8])
     """
+
+    paper = "Squeeze-and-Excitation Networks, Hu et al., CVPR 2018 (arXiv:1709.01507)"
+    channel_gate = True
+    excitation_shows = "the channel gate"
 
     def __init__(
         self,
@@ -264,6 +142,7 @@ class SqueezeExcite(ChannelUnit):
         config: InjectConfig,
         *,
         reduced: int | None = None,
+        size: tuple[int, int] | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> SqueezeExcite:
@@ -297,6 +176,10 @@ class SqueezeExcite(ChannelUnit):
     @property
     def starts_as_identity(self) -> bool:
         return self.init == "preserve"
+
+    @property
+    def gate_range(self) -> float:
+        return gate_range(self.gate)
 
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
         """The per-channel (per-position for NoSqueeze) gate, shaped to broadcast against ``x``."""
@@ -337,11 +220,7 @@ class SqueezeExcite(ChannelUnit):
         positions), which saves writing and re-reading a full feature map per block.
         """
         s, scale = self._gate(x)
-        gate = s * scale if residual is None and scale != 1.0 else s
-        if self.overwrite_input and _can_write_over(x, s, residual):
-            # inference on an intermediate nobody else reads: write the result over it, no allocation
-            return x.mul_(gate) if residual is None else torch.addcmul(residual, x, s, value=scale, out=x)
-        return x * gate if residual is None else torch.addcmul(residual, x, s, value=scale)
+        return gated(x, s, residual, self.overwrite_input, scale)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, r={self.r}, hidden={self.hidden}, squeeze={self.squeeze}"

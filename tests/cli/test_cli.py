@@ -229,3 +229,41 @@ def test_groups_from_the_command_line():
     ):
         result = invoke("resnet50", "--group", bad)
         assert result.exit_code == 2 and message in result.stderr
+
+
+def test_unit_and_its_options_from_the_command_line():
+    result = invoke(
+        "resnet50", "--unit", "gc", "--unit-option", "fusion=scale", "--unit-option", "pooling=avg", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["unit"] == "gc" and data["eq5_agrees"]
+    # avg pooling, one transform of 2 C (C/16) + C/16 + C (biases) + 2 C/16 (LayerNorm) per block
+    expected = sum(2 * c * (c // 16) + 3 * (c // 16) + c for c in [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3)
+    assert data["totals"]["params_added"] == expected
+    out = invoke("resnet18", "--unit", "eca", "--unit-option", "kernel_size=5").stdout
+    assert "resnet18: 8 ECA units" in out and "eca's closed form agrees exactly" in out and "40" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--unit", "nope"), "unit: 'nope' is not a registered unit"),
+        (("--unit", "eca", "--unit-option", "kernel=3"), "unit_options.kernel: not an option of this unit"),
+        (("--unit", "eca", "--unit-option", "kernel_size"), "--unit-option: expected NAME=VALUE"),
+        (("--unit", "ge", "--unit-option", "mlp=false"), "cannot start as the identity"),
+    ],
+)
+def test_a_bad_unit_is_one_line_and_exit_code_2(args, message):
+    result = invoke("resnet18", *args)
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_units_lists_every_unit_with_its_paper_and_options():
+    data = json.loads(invoke("units", "--json").stdout)
+    assert [u["name"] for u in data] == ["cbam", "ceca", "eca", "ese", "gc", "ge", "lcbam", "se"]
+    eca = next(u for u in data if u["name"] == "eca")
+    assert "1910.03151" in eca["paper"] and set(eca["options"]) == {"kernel_size", "gamma", "beta"}
+    assert next(u for u in data if u["name"] == "ese")["conventions"] == {"gate": "hard_sigmoid", "bias": True}
+    assert "Units (--unit NAME)" in invoke("units").stdout

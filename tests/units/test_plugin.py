@@ -23,7 +23,7 @@ class LearnedScale(ChannelUnit):
         self.s = nn.Parameter(torch.zeros(channels, device=device, dtype=dtype))
 
     @classmethod
-    def from_config(cls, channels, r, config, *, reduced=None, device=None, dtype=None) -> LearnedScale:
+    def from_config(cls, channels, r, config, *, reduced=None, size=None, device=None, dtype=None) -> LearnedScale:
         return cls(channels, r, device=device, dtype=dtype)
 
     @classmethod
@@ -55,7 +55,8 @@ def test_the_registry_refuses_a_name_twice_and_what_is_not_a_unit():
     with pytest.raises(TypeError, match="not a subclass"):
         se_inject.register_unit("linear", nn.Linear)
     with pytest.raises(
-        se_inject.ConfigError, match="unit: 'nope' is not a registered unit; units are learned_scale, se"
+        se_inject.ConfigError,
+        match="unit: 'nope' is not a registered unit; units are cbam, ceca, eca, ese, gc, ge, lcbam, learned_scale, se",
     ):
         se_inject.inject(FunctionalResNet(), unit="nope", input_size=16)
 

@@ -1,0 +1,116 @@
+"""What each unit adds to ResNet-50: weights, FLOPs and measured CPU latency, as the README's units table.
+
+Every unit is retrofitted at the standard position (r = 16 where r applies, each unit's own
+conventions and default options, preserve start) into one ResNet-50 with random weights, and all
+nine models (the original and eight retrofits) are timed interleaved in this process with
+``se_inject.bench.time_interleaved`` (the order rotates every round). A unit's latency figure is
+the median over rounds of its time divided by the original's time in the same round, with the
+25th-75th percentile of those per-round ratios as its spread.
+
+    python benchmarks/units.py --out benchmarks/units.json            # batch 1 and 16, about 2 minutes
+    python benchmarks/units.py --batches 1 --repeats 60 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import se_inject
+from se_inject.bench import time_interleaved
+from se_inject.units.base import UNITS
+
+ORDER = ["se", "ese", "eca", "ceca", "gc", "ge", "cbam", "lcbam"]
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
+
+
+def _inference(model: torch.nn.Module, x: torch.Tensor):
+    def run():
+        with torch.no_grad():
+            return model(x)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--repeats", type=int, default=0, help="rounds per batch (default: 40 at batch 1, 12 above)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    assert set(ORDER) == set(UNITS), "a unit is missing from the benchmark"
+    torch.manual_seed(0)
+    original = timm.create_model(args.model).eval()
+    results = {}
+    models = {"original": original}
+    for unit in ORDER:
+        retrofit = se_inject.retrofit(original, unit=unit, model_name=args.model)
+        totals = retrofit.report.totals
+        results[unit] = {
+            "params_added": totals.params_added,
+            "params_increase": totals.params_increase,
+            "flops_added": totals.flops_after - totals.flops_before,
+            "flops_increase": totals.flops_increase,
+            "closed_form_agrees": retrofit.report.eq5_agrees,
+            "latency": {},
+        }
+        models[unit] = retrofit.model.eval()
+    started = time.perf_counter()
+    for batch in (int(b) for b in args.batches.split(",")):
+        x = torch.randn(batch, 3, 224, 224)
+        repeats = args.repeats or (40 if batch == 1 else 12)
+
+        steps = {n: _inference(m, x) for n, m in models.items()}
+        seconds = time_interleaved(steps, repeats, warmup=3, device=torch.device("cpu"))
+        base = seconds["original"]
+        for unit in ORDER:
+            ratios = [t / b for t, b in zip(seconds[unit], base, strict=True)]
+            q1, median, q3 = quartiles(ratios)
+            results[unit]["latency"][str(batch)] = {
+                "ratio_median": median,
+                "ratio_q1": q1,
+                "ratio_q3": q3,
+                "unit_ms": statistics.median(seconds[unit]) * 1e3,
+                "original_ms": statistics.median(base) * 1e3,
+                "rounds": repeats,
+            }
+        print(f"batch {batch}: original {statistics.median(base) * 1e3:.1f} ms", flush=True)
+    summary = {
+        "model": args.model,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "units": results,
+    }
+    for unit in ORDER:
+        r = results[unit]
+        cells = [
+            f"{unit:6s}",
+            f"+{r['params_added']:>10,} ({r['params_increase']:.2%})",
+            f"+{r['flops_added'] / 1e9:.3f} GFLOPs ({r['flops_increase']:.2%})",
+        ]
+        for batch, lat in r["latency"].items():
+            cells.append(f"b{batch} {lat['ratio_median']:.3f} [{lat['ratio_q1']:.3f}, {lat['ratio_q3']:.3f}]")
+        print("  ".join(cells))
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Efficient Channel Attention (ECA) and its circular variant (CECA).
+
+Paper: `ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networks`, Wang, Wu, Zhu,
+Li, Zuo, Hu (CVPR 2020), https://arxiv.org/abs/1910.03151. SE's bottleneck is replaced by a 1-D
+convolution of kernel ``k`` across the pooled channels, no reduction: ``k`` weights per unit. The
+paper chooses ``k`` from C: ``t = int(|log2(C) + b| / gamma)``, the odd number at or above t
+(gamma 2, b 1), at least 3 as timm's ``EcaModule`` has it; ``kernel_size`` fixes it instead.
+CECA (timm's ``CecaModule``) pads the channel axis circularly, so the first and last channels
+are neighbours.
+
+``init="preserve"`` zeroes the kernel and uses ``2 * sigmoid``: the unit starts as the identity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from se_inject.units.base import register_unit
+from se_inject.units.parts import GatedUnit
+
+
+def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int:
+    """ECA-Net's adaptive kernel size for ``channels`` (odd, at least 3).
+
+    >>> eca_kernel_size(64), eca_kernel_size(256), eca_kernel_size(2048)
+    (3, 5, 7)
+    """
+    t = int(abs(math.log(channels, 2) + beta) / gamma)
+    return max(t if t % 2 else t + 1, 3)
+
+
+@dataclass(frozen=True)
+class EcaOptions:
+    kernel_size: int | None = field(
+        default=None, metadata={"help": "a fixed odd kernel size; None: ECA-Net's adaptive size from C"}
+    )
+    gamma: float = field(default=2.0, metadata={"help": "gamma of the adaptive kernel size (paper: 2)"})
+    beta: float = field(default=1.0, metadata={"help": "b of the adaptive kernel size (paper: 1)"})
+
+    def __post_init__(self) -> None:
+        if self.kernel_size is not None and (self.kernel_size < 1 or self.kernel_size % 2 == 0):
+            raise ValueError(f"kernel_size: expected an odd size of at least 1, got {self.kernel_size}")
+        if self.gamma <= 0:
+            raise ValueError(f"gamma: expected a positive number, got {self.gamma}")
+
+
+class EfficientChannelAttention(GatedUnit):
+    """``x * gate(conv1d(mean(x)))``, the 1-D conv running across channels (timm's ``EcaModule`` layout).
+
+    Example::
+
+        >>> eca = EfficientChannelAttention(256)
+        >>> eca.conv.kernel_size, eca(torch.randn(2, 256, 8, 8)).shape
+        ((5,), torch.Size([2, 256, 8, 8]))
+    """
+
+    paper = "ECA-Net, Wang et al., CVPR 2020 (arXiv:1910.03151)"
+    Options = EcaOptions
+    uses_r = False
+    circular = False
+
+    def __init__(
+        self,
+        channels: int,
+        r: int = 16,
+        gate_layer: str | type[nn.Module] = "sigmoid",
+        *,
+        kernel_size: int | None = None,
+        gamma: float = 2.0,
+        beta: float = 1.0,
+        bias: bool = False,
+        init: str = "preserve",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(channels, r, gate_layer, init, bottleneck=False)
+        size = kernel_size if kernel_size is not None else eca_kernel_size(channels, gamma, beta)
+        self.padding = (size - 1) // 2
+        self.conv = nn.Conv1d(1, 1, size, padding=0, bias=bias, device=device, dtype=dtype)
+        if init == "preserve":
+            with torch.no_grad():
+                nn.init.zeros_(self.conv.weight)
+                if self.conv.bias is not None:
+                    nn.init.zeros_(self.conv.bias)
+
+    @property
+    def kernel_size(self) -> int:
+        return self.conv.kernel_size[0]
+
+    def expected_params(self) -> Fraction:
+        """``k`` weights of the 1-D kernel, ``+ 1`` with a bias."""
+        return Fraction(self.kernel_size + (1 if self.conv.bias is not None else 0))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels = x.shape[0], x.shape[1]
+        y = x.mean((2, 3)).view(batch, 1, channels)
+        if self.circular:
+            y = F.pad(y, (self.padding, self.padding), mode="circular")
+            y = F.conv1d(y, self.conv.weight, self.conv.bias)
+        else:
+            y = F.conv1d(y, self.conv.weight, self.conv.bias, padding=self.padding)
+        return y.view(batch, channels, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, kernel_size={self.kernel_size}, circular={self.circular}"
+
+
+class CircularEfficientChannelAttention(EfficientChannelAttention):
+    """ECA with the channel axis padded circularly (timm's ``CecaModule``)."""
+
+    paper = "ECA-Net (arXiv:1910.03151) with circular padding, timm's CecaModule"
+    circular = True
+
+
+register_unit("eca", EfficientChannelAttention)
+register_unit("ceca", CircularEfficientChannelAttention)

@@ -1,0 +1,344 @@
+"""The parts the units share: bottleneck widths, gates, activations, and the gated product.
+
+A unit's gate is built by :func:`create_gate`: the published gate, or, for the ``preserve`` start,
+its variant that equals 1 at 0 (so a unit whose last layer is zero multiplies every channel by
+exactly 1.0). :func:`gated` writes ``x * s`` (or ``residual + x * s``) as the SE unit does, in place
+when the rewrite found that nothing else reads ``x``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from se_inject.config import ACTS, GATES, INITS, ROUNDINGS
+from se_inject.errors import ConfigError
+from se_inject.units.base import ChannelUnit
+
+if TYPE_CHECKING:
+    from se_inject.config import InjectConfig
+
+
+def _nearest_multiple_of_8(exact: Fraction) -> int:
+    """timm's ``make_divisible(v, 8)`` core: the nearest multiple of 8 (halves up), at least 8."""
+    return max(8, math.floor(exact + 4) // 8 * 8)
+
+
+def hidden_width(channels: int, r: int, rounding: str = "floor") -> int:
+    """Width of the excitation bottleneck for ``channels`` at reduction ``r`` (``channels`` is what r
+    divides: the unit's own channels, or the block's input for ``reduce_from="block_input"``).
+
+    - ``floor`` (default): exactly ``C/r`` whenever ``r`` divides ``C``, which is what Eq. 5 assumes;
+    - ``ceil``; ``round``: halves up;
+    - ``round_even``: Python's ``round`` (halves to even), as EfficientNet's and RegNetY's SE;
+    - ``divisible8``: timm's ``make_divisible(C/r, 8)``: the nearest multiple of 8, at least 8,
+      raised by 8 where that falls more than 10% below ``C/r`` (MobileNetV3's ``round_channels``);
+    - ``timm_se``: timm's SEModule, ``make_divisible(C/r, 8, round_limit=0)``: the nearest
+      multiple of 8, at least 8, without the 10% correction.
+
+    The result is never below 1.
+
+    >>> hidden_width(64, 16), hidden_width(64, 16, "timm_se"), hidden_width(10, 16)
+    (4, 8, 1)
+    >>> hidden_width(144, 16, "timm_se"), hidden_width(144, 16, "divisible8")
+    (8, 16)
+    """
+    if rounding not in ROUNDINGS:
+        raise ConfigError(f"rounding: {rounding!r} is not one of {', '.join(ROUNDINGS)}")
+    exact = Fraction(channels, r)
+    if rounding == "floor":
+        width = channels // r
+    elif rounding == "ceil":
+        width = -(-channels // r)
+    elif rounding == "round":
+        width = math.floor(exact + Fraction(1, 2))
+    elif rounding == "round_even":
+        width = round(exact)
+    elif rounding == "timm_se":
+        width = _nearest_multiple_of_8(exact)
+    else:  # divisible8
+        width = _nearest_multiple_of_8(exact)
+        if width < Fraction(9, 10) * exact:
+            width += 8
+    return max(1, width)
+
+
+class ScaledSigmoid(nn.Module):
+    """``2 * sigmoid(x)``: a sigmoid gate that equals 1 at 0 (range 0..2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * torch.sigmoid(x)
+
+
+class ScaledHardSigmoid(nn.Module):
+    """``2 * hard_sigmoid(x)``: MobileNetV3's gate made to equal 1 at 0 (range 0..2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * F.hardsigmoid(x)
+
+
+class ShiftedTanh(nn.Module):
+    """``1 + tanh(x)``: a tanh gate that equals 1 at 0 (range 0..2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 1.0 + torch.tanh(x)
+
+
+class ShiftedReLU(nn.Module):
+    """``relu(1 + x)``: a ReLU gate that equals 1 at 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(1.0 + x)
+
+
+# name -> (gate as published, gate with gate(0) == 1 for the preserve initialisation)
+_GATES: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module]]] = {
+    "sigmoid": (nn.Sigmoid, ScaledSigmoid),
+    "hard_sigmoid": (nn.Hardsigmoid, ScaledHardSigmoid),
+    "tanh": (nn.Tanh, ShiftedTanh),
+    "relu": (nn.ReLU, ShiftedReLU),
+}
+assert set(_GATES) == set(GATES)
+
+# name -> activation between the two FC layers (torch's own modules, as timm's create_act_layer gives them)
+_ACTS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "hard_swish": nn.Hardswish,
+    "leaky_relu": nn.LeakyReLU,
+}
+assert set(_ACTS) == set(ACTS)
+
+
+def create_gate(gate: str | type[nn.Module], preserve: bool) -> nn.Module:
+    """Build the excitation gate from a name (``sigmoid``, ``hard_sigmoid``, ``tanh``, ``relu``) or a class.
+
+    With ``preserve`` a named gate is its variant that equals 1 at 0; a class must already do so.
+    """
+    if isinstance(gate, str):
+        if gate not in _GATES:
+            raise ConfigError(f"gate: {gate!r} is not one of {', '.join(GATES)}")
+        return _GATES[gate][1 if preserve else 0]()
+    if isinstance(gate, type) and issubclass(gate, nn.Module):
+        module = gate()
+        if preserve and float(module(torch.zeros(1))) != 1.0:
+            raise ConfigError(f"gate: {gate.__name__}(0) must equal 1 for init='preserve'")
+        return module
+    raise ConfigError(f"gate: expected a name or an nn.Module class, got {gate!r}")
+
+
+def create_act(act: str | type[nn.Module]) -> nn.Module:
+    """The activation between the FC layers, from a name (``relu``, ``silu``, ...) or a module class."""
+    if isinstance(act, str):
+        if act not in _ACTS:
+            raise ConfigError(f"act: {act!r} is not one of {', '.join(ACTS)}")
+        return _ACTS[act]()
+    if isinstance(act, type) and issubclass(act, nn.Module):
+        return act()
+    raise ConfigError(f"act: expected a name or an nn.Module class, got {act!r}")
+
+
+def can_write_over(x: torch.Tensor, s: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether the result may go into ``x``'s memory: autograd records nothing (no operand needs a
+    gradient: in an SE-only training phase ``x`` has none but the gate has), the result has ``x``'s
+    dtype (under autocast the residual or the gate can be wider), and ``x``'s layout (``residual + x``
+    takes the residual's strides: written into a channels-last ``x`` beside a contiguous residual,
+    the same values would reach the next layers in another layout, whose kernels round otherwise,
+    as CoAtNet's attention blocks showed)."""
+    operands = (s,) if residual is None else (s, residual)
+    if residual is not None and residual.stride() != x.stride():
+        return False
+    return not any(t.requires_grad for t in operands) and all(
+        t.dtype == x.dtype or torch.promote_types(x.dtype, t.dtype) == x.dtype for t in operands
+    )
+
+
+# the width of a gate's range: how far a constant gate is from one that spans it (inspect's saturation)
+_GATE_RANGES: dict[type[nn.Module], float] = {
+    nn.Sigmoid: 1.0,
+    nn.Hardsigmoid: 1.0,
+    nn.Tanh: 2.0,
+    ScaledSigmoid: 2.0,
+    ScaledHardSigmoid: 2.0,
+    ShiftedTanh: 2.0,
+}
+
+
+def gate_range(gate: nn.Module) -> float:
+    """The width of ``gate``'s range (2 for the preserve start's ``2 * sigmoid``); 1 for an unbounded
+    or unknown gate, whose saturation is then read against a sigmoid's range."""
+    return _GATE_RANGES.get(type(gate), 1.0)
+
+
+def gated(
+    x: torch.Tensor, s: torch.Tensor, residual: torch.Tensor | None, overwrite: bool, scale: float = 1.0
+) -> torch.Tensor:
+    """``x * s * scale``, or ``residual + x * s * scale`` in one pass (addcmul); written over ``x``
+    when ``overwrite`` (the rewrite found nothing else reads it) and :func:`can_write_over` allows."""
+    if overwrite and can_write_over(x, s, residual):
+        if residual is None:
+            return x.mul_(s * scale if scale != 1.0 else s)
+        return torch.addcmul(residual, x, s, value=scale, out=x)
+    if residual is None:
+        return x * (s * scale if scale != 1.0 else s)
+    return torch.addcmul(residual, x, s, value=scale)
+
+
+def bottleneck_params(channels: int, hidden: Fraction | int, bias: bool) -> Fraction:
+    """Weights of a two-layer bottleneck ``C -> h -> C`` (two FC or 1x1 conv layers): ``2 C h``,
+    plus ``h + C`` with biases: the term SE's Eq. 5 sums, and the core of its descendants' cost."""
+    weights = 2 * channels * Fraction(hidden)
+    return weights + Fraction(hidden) + channels if bias else weights
+
+
+def reduced_width(channels: int, r: int, reduced: int | None, absolute: int | None) -> Fraction:
+    """The bottleneck width a closed form predicts: ``reduced / r`` (``C / r`` unless the block's input
+    is what r divides), unrounded, as Eq. 5 has it; or the absolute width asked for."""
+    return Fraction(absolute) if absolute is not None else Fraction(channels if reduced is None else reduced, r)
+
+
+def bottleneck_width(channels: int, r: int, config: InjectConfig, reduced: int | None = None) -> int:
+    """The hidden width of a unit's bottleneck: ``config.hidden``, else ``reduced or channels`` over
+    ``r``, rounded as ``config.rounding`` says (see :func:`hidden_width`)."""
+    return config.hidden if config.hidden is not None else hidden_width(reduced or channels, r, config.rounding)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map (timm's ``LayerNorm2d``: eps 1e-6), as GCNet normalises
+    its context transform."""
+
+    def __init__(self, channels: int, eps: float = 1e-6, **factory: Any) -> None:
+        super().__init__(channels, eps=eps, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+class ConvMlp(nn.Module):
+    """``fc2(act(norm(fc1(x))))`` with 1x1 convolutions ``C -> hidden -> C`` (timm's ``ConvMlp`` layout:
+    the state_dict keys ``fc1``, ``norm``, ``fc2`` match it)."""
+
+    def __init__(
+        self,
+        channels: int,
+        hidden: int,
+        act: str | type[nn.Module],
+        bias: bool,
+        norm: bool = False,
+        **factory: Any,
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias, **factory)
+        self.norm = LayerNorm2d(hidden, **factory) if norm else nn.Identity()
+        self.act = create_act(act)
+        self.fc2 = nn.Conv2d(hidden, channels, 1, bias=bias, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.norm(self.fc1(x))))
+
+    def zero_last(self) -> None:
+        """Zero the last layer: the transform then outputs exactly 0 (a gate(0) == 1 start)."""
+        with torch.no_grad():
+            nn.init.zeros_(self.fc2.weight)
+            if self.fc2.bias is not None:
+                nn.init.zeros_(self.fc2.bias)
+
+
+class GatedUnit(ChannelUnit):
+    """A unit that multiplies its input by a gate it computes from it: ``x * gate(logits(x))``.
+
+    Subclasses compute :meth:`logits`; the product (fused with a residual addition, written in place
+    when allowed) is the SE unit's. ``init="preserve"`` gives the gate its variant equal to 1 at 0.
+    A unit with a bottleneck (``uses_r``) gets its width here, from ``hidden`` or ``reduced or C``
+    over ``r`` rounded as ``rounding`` says; :meth:`from_config` passes the shared options and the
+    unit's own ``Options`` fields to the constructor by name.
+    """
+
+    channel_gate = True
+    excitation_shows = "the channel gate"
+    needs_size: ClassVar[bool] = False  # whether the constructor takes the feature map's size
+
+    def __init__(
+        self,
+        channels: int,
+        r: int,
+        gate_layer: str | type[nn.Module],
+        init: str,
+        *,
+        rounding: str = "floor",
+        reduced: int | None = None,
+        hidden: int | None = None,
+        bottleneck: bool = True,
+    ) -> None:
+        if init not in INITS:
+            raise ConfigError(f"init: {init!r} is not one of {', '.join(INITS)}")
+        width = 0
+        if bottleneck:
+            width = hidden if hidden is not None else hidden_width(reduced or channels, r, rounding)
+        super().__init__(channels, r, width)
+        self.init = init
+        self.reduced = reduced  # what r divides, when not channels
+        self.absolute_hidden = hidden is not None
+        self.gate = create_gate(gate_layer, preserve=init == "preserve")
+
+    @classmethod
+    def from_config(
+        cls,
+        channels: int,
+        r: int,
+        config: InjectConfig,
+        *,
+        reduced: int | None = None,
+        size: tuple[int, int] | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ChannelUnit:
+        shared: dict[str, Any] = {"gate_layer": config.gate, "bias": config.bias, "init": config.init}
+        shared |= {"device": device, "dtype": dtype}
+        if cls.uses_r:
+            shared |= {
+                "act_layer": config.act,
+                "rounding": config.rounding,
+                "reduced": reduced,
+                "hidden": config.hidden,
+            }
+        if cls.needs_size:
+            shared["size"] = size
+        options = dataclasses.asdict(cls.parse_options(config.unit_options))  # named as the constructor's arguments
+        return cls(channels, r, **shared, **options)
+
+    @classmethod
+    def hidden_width(cls, channels: int, r: int, config: InjectConfig, *, reduced: int | None = None) -> int:
+        return bottleneck_width(channels, r, config, reduced) if cls.uses_r else 0
+
+    def exact_hidden(self) -> Fraction:
+        """The bottleneck width a closed form counts: ``reduced / r`` unrounded, or the absolute width."""
+        return reduced_width(self.channels, self.r, self.reduced, self.hidden if self.absolute_hidden else None)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError(f"{type(self).__name__} must implement logits")
+
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate the unit multiplies ``x`` by, shaped to broadcast against it."""
+        return self.gate(self.logits(x))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return gated(x, self.excitation(x), residual, self.overwrite_input)
+
+    @property
+    def starts_as_identity(self) -> bool:
+        return self.init == "preserve"
+
+    @property
+    def gate_range(self) -> float:
+        return gate_range(self.gate)
