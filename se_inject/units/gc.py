@@ -27,6 +27,7 @@ from se_inject.units.parts import (
     ConvMlp,
     GatedUnit,
     bottleneck_params,
+    can_write_over,
     gated,
 )
 
@@ -115,14 +116,15 @@ class GlobalContext(GatedUnit):
     def context(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled context, (B, C, 1, 1): attention-weighted over positions, or the mean.
 
-        The attention conv (C -> 1, 1x1) is computed as a matrix-vector product over the flattened
-        map: the same sums, about five times faster on CPU than a one-channel convolution.
+        The attention conv (C -> 1, 1x1) is computed as a batched matrix-vector product over the
+        flattened map: the same sums, on CPU about a fifth of a one-channel convolution's time (bmm, not
+        matmul: torch.matmul broadcasting a weight that requires grad was twenty times slower here).
         """
         if self.conv_attn is None:
             return x.mean((2, 3), keepdim=True)
         batch, channels, height, width = x.shape
         flat = x.reshape(batch, channels, height * width)
-        logits = torch.matmul(self.conv_attn.weight.view(1, channels), flat)  # (B, 1, HW)
+        logits = torch.bmm(self.conv_attn.weight.view(1, 1, channels).expand(batch, 1, channels), flat)  # (B, 1, HW)
         if self.conv_attn.bias is not None:
             logits = logits + self.conv_attn.bias.view(1, 1, 1)
         attn = F.softmax(logits, dim=-1)
@@ -138,9 +140,14 @@ class GlobalContext(GatedUnit):
         if self.mlp_add is None:  # scale alone: SE's product
             assert self.mlp_scale is not None
             return gated(x, self.gate(self.mlp_scale(context)), residual, self.overwrite_input)
-        y = x if self.mlp_scale is None else x * self.gate(self.mlp_scale(context))
-        y = y + self.mlp_add(context)
-        return y if residual is None else y + residual
+        added = self.mlp_add(context)
+        if self.mlp_scale is not None:
+            y = (x * self.gate(self.mlp_scale(context))).add_(added)
+        elif self.overwrite_input and can_write_over(x, added, residual):
+            y = x.add_(added)  # inference on memory nothing else reads
+        else:
+            y = x + added
+        return y if residual is None else y.add_(residual)  # y is the unit's own memory: no allocation
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, r={self.r}, hidden={self.hidden}, fusion={self.fusion}"

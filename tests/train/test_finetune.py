@@ -59,6 +59,27 @@ def test_the_se_phase_trains_only_the_units_and_keeps_batchnorm_statistics(data,
     assert changed and all(".se_" in k for k in changed)  # running_mean/var of BN unchanged too
 
 
+@pytest.mark.parametrize(
+    "unit, options, zero_start",
+    [
+        ("eca", {}, "conv.weight"),
+        ("gc", {"fusion": "both"}, "mlp_add.fc2.weight"),
+        ("cbam", {}, "spatial.conv.bn.weight"),
+    ],
+)
+def test_the_unit_phase_trains_any_units_weights_and_nothing_else(data, tmp_path, unit, options, zero_start):
+    """Every unit type trains through the same phases: here the first (units only), whose gradients
+    reach the units that start as the identity (their first layers are random, the last zero)."""
+    torch.manual_seed(0)
+    model = se_inject.inject(FunctionalResNet(num_classes=10), unit=unit, unit_options=options, r=4, input_size=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    finetune(model, data, tmp_path / "run", FinetuneConfig(epochs=1, se_epochs=1, lr=0.1))
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(f".{unit}_" in k for k in changed)
+    assert any(k.endswith(zero_start) for k in changed)  # a weight the preserve start zeroed has moved
+
+
 def test_the_head_is_fitted_to_the_classes_and_decay_spares_biases_and_norms():
     model = FunctionalResNet(num_classes=1000)
     new = fit_head(model, 10)
