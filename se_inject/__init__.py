@@ -52,6 +52,9 @@ _LAZY: dict[str, str] = {
     "apply": "se_inject.saving",
     "bench": "se_inject.bench",
     "check_outputs": "se_inject.api",
+    "compare": "se_inject.compare",
+    "candidates": "se_inject.compare",
+    "Comparison": "se_inject.compare",
     "eq5_params": "se_inject.units.se",
     "ChannelUnit": "se_inject.units.base",
     "register_unit": "se_inject.units.base",
@@ -77,6 +80,7 @@ _LAZY: dict[str, str] = {
 if TYPE_CHECKING:
     from se_inject.api import Retrofit, check_outputs, inject, make_config, report, retrofit
     from se_inject.bench import BenchReport, bench, twin_of
+    from se_inject.compare import Comparison, candidates, compare
     from se_inject.graph.trace import register_leaf_module
     from se_inject.inspect.excitation import PruneResult, prune
     from se_inject.io.models import load_checkpoint, load_model
@@ -105,6 +109,9 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Comparison",
+    "candidates",
+    "compare",
     "POSITIONS",
     "Style",
     "load_style_file",

@@ -9,9 +9,10 @@ and a forward+backward training step, in bf16 and channels_last.
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from se_inject.api import retrofit
 from se_inject.config import InjectConfig
+from se_inject.errors import ConfigError
 from se_inject.graph.channels import input_channels
 
 
@@ -30,6 +32,37 @@ def twin_of(name: str | None) -> str | None:
         return None
     candidate = f"se{name.split('.')[0]}"
     return candidate if timm.is_model(candidate) else None
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A ratio of two models' times: the median over rounds of the per-round ratio, and its
+    interquartile range (each round times both models back to back, so drift cancels in the ratio)."""
+
+    median: float
+    q1: float
+    q3: float
+
+    @classmethod
+    def of(cls, ratios: Sequence[float]) -> Spread:
+        if len(ratios) == 1:
+            return cls(ratios[0], ratios[0], ratios[0])
+        q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        return cls(median, q1, q3)
+
+    @classmethod
+    def paired(cls, times: Sequence[float], baseline: Sequence[float]) -> Spread:
+        return cls.of([t / b for t, b in zip(times, baseline, strict=True)])
+
+    @property
+    def width(self) -> float:
+        return self.q3 - self.q1
+
+    def overlaps(self, other: Spread) -> bool:
+        return self.q1 <= other.q3 and other.q1 <= self.q3
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f} [{self.q1:.3f}, {self.q3:.3f}]"
 
 
 @dataclass(frozen=True)
@@ -51,26 +84,29 @@ class BenchReport:
     size: int
     compiled: bool
     timings: list[Timing] = field(default_factory=list)
+    # (mode, batch, "injected/original" or "injected/twin") -> the paired ratio and its spread
+    spreads: dict[tuple[str, int, str], Spread] = field(default_factory=dict)
 
     def median(self, model: str, mode: str, batch: int) -> float | None:
         return next((t.median_ms for t in self.timings if (t.model, t.mode, t.batch) == (model, mode, batch)), None)
 
     def ratios(self) -> list[dict]:
+        """Per mode and batch: each ratio's median over rounds, and its quartiles (``..._q1``, ``..._q3``)."""
         rows = []
         for mode, batch in dict.fromkeys((t.mode, t.batch) for t in self.timings):
-            injected, original, twin = (self.median(m, mode, batch) for m in ("injected", "original", "twin"))
-            rows.append(
-                {
-                    "mode": mode,
-                    "batch": batch,
-                    "injected/original": injected / original if injected and original else None,
-                    "injected/twin": injected / twin if injected and twin else None,
-                }
-            )
+            row: dict = {"mode": mode, "batch": batch}
+            for name in ("injected/original", "injected/twin"):
+                spread = self.spreads.get((mode, batch, name))
+                row[name] = spread.median if spread else None
+                row[f"{name}_q1"] = spread.q1 if spread else None
+                row[f"{name}_q3"] = spread.q3 if spread else None
+            rows.append(row)
         return rows
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ratios": self.ratios()}
+        data = asdict(self)
+        data.pop("spreads")  # tuple keys: the same numbers are in "ratios"
+        return {**data, "ratios": self.ratios()}
 
 
 def _sync(device: torch.device) -> None:
@@ -79,9 +115,14 @@ def _sync(device: torch.device) -> None:
 
 
 def time_interleaved(
-    steps: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
+    steps: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    on_round: Callable[[int], None] | None = None,
 ) -> dict[str, list[float]]:
-    """Run each step ``warmup`` times, then ``repeats`` rounds of A B C ...; seconds per call."""
+    """Run each step ``warmup`` times, then ``repeats`` rounds of A B C ...; seconds per call.
+    ``on_round(n)`` is called after the n-th round (a progress bar)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -97,7 +138,27 @@ def time_interleaved(
             step()
             _sync(device)
             times[name].append(time.perf_counter() - start)
+        if on_round is not None:
+            on_round(round_ + 1)
     return times
+
+
+# rounds per batch size when none are asked for: with these, two runs of `se-inject bench resnet50`
+# on an idle 2-core machine gave ratios within 2% of each other (README, Performance)
+DEFAULT_ROUNDS_BATCH_1 = 50
+DEFAULT_ROUNDS = 30
+
+
+def rounds_per_batch(repeats: int | Mapping[int, int] | None, batches: Sequence[int]) -> dict[int, int]:
+    """Timed rounds for each batch size: ``repeats`` as given (one number for all, or per batch), or
+    the defaults (more rounds at batch 1, whose calls are short)."""
+    if repeats is None:
+        return {b: DEFAULT_ROUNDS_BATCH_1 if b == 1 else DEFAULT_ROUNDS for b in batches}
+    if isinstance(repeats, int):
+        if repeats < 2:
+            raise ConfigError(f"repeats: at least 2 rounds are needed for a spread, got {repeats}")
+        return dict.fromkeys(batches, repeats)
+    return {b: int(repeats[b]) for b in batches}
 
 
 def _inference(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -108,7 +169,7 @@ def _inference(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, device: torch.device) -> Callable[[], object]:
+def train_step(model: nn.Module, x: torch.Tensor, device: torch.device) -> Callable[[], object]:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     target = torch.zeros(x.shape[0], dtype=torch.long, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -131,18 +192,21 @@ def bench(
     twin: nn.Module | None = None,
     batches: Sequence[int] = (1, 16),
     size: int = 224,
-    repeats: int = 20,
+    repeats: int | Mapping[int, int] | None = None,
     warmup: int = 3,
     train: bool | None = None,
     device: str | torch.device = "cpu",
     compile: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
     **options,
 ) -> BenchReport:
     """Time ``original``, its injection with ``config``/``options`` and an optional ``twin``, interleaved.
 
     On CUDA the models run in bf16 and channels_last and ``train`` (default: on) adds a training
     step. ``compile`` runs every model under torch.compile (inductor, weights frozen for inference),
-    so the ratios compare compiled with compiled. Nothing of ``original`` changes.
+    so the ratios compare compiled with compiled. Each ratio is the median of per-round ratios, with
+    its interquartile range (``report.spreads``); ``progress(what, done, total)`` is called after every
+    round. Nothing of ``original`` changes.
 
     Example::
 
@@ -167,7 +231,8 @@ def bench(
             model.compile()  # in place (these are copies): the module keeps train() and its type
         _inductor_freezing(True)  # inference graphs take the weights as constants: prepacked convolutions
     try:
-        return _run(models, batches, size, repeats, warmup, train, device, compile, channels)
+        rounds = rounds_per_batch(repeats, batches)
+        return _run(models, batches, size, rounds, warmup, train, device, compile, channels, progress)
     finally:
         if compile:
             _inductor_freezing(False)
@@ -179,22 +244,72 @@ def _inductor_freezing(enabled: bool) -> None:
     inductor_config.freezing = enabled
 
 
-def _run(models, batches, size, repeats, warmup, train, device, compile, channels: int) -> BenchReport:
+def _run(models, batches, size, rounds, warmup, train, device, compile, channels: int, progress=None) -> BenchReport:
     cuda = device.type == "cuda"
     report = BenchReport(str(device), torch.get_num_threads(), size, compile)
+    done, total = 0, sum(rounds.values()) * (2 if train else 1)
     dtype = torch.bfloat16 if cuda else torch.float32
     for batch in batches:
         x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        plans = [("inference", {n: _inference(m, x) for n, m in models.items()})]
-        if train:
-            plans.append(("train step", {n: _train_step(m, x, device) for n, m in models.items()}))
-        for mode, steps in plans:
+        for mode in ("inference", "train step") if train else ("inference",):
             for m in models.values():
                 m.train(mode == "train step")
-            seconds = time_interleaved(steps, repeats, warmup, device)
+            tick = None if progress is None else progress_ticker(progress, f"{mode}, batch {batch}", done, total)
+            if mode == "inference":
+                seconds = time_relaid(models, x, rounds[batch], warmup, device, relayout=not compile, on_round=tick)
+            else:
+                steps = {n: train_step(m, x, device) for n, m in models.items()}
+                seconds = time_interleaved(steps, rounds[batch], warmup, device, on_round=tick)
+            done += rounds[batch]
             for name, values in seconds.items():
                 median = statistics.median(values)
                 report.timings.append(Timing(name, mode, batch, median * 1e3, batch / median, len(values)))
+            for other in ("original", "twin"):
+                if other in seconds:
+                    spread = Spread.paired(seconds["injected"], seconds[other])
+                    report.spreads[(mode, batch, f"injected/{other}")] = spread
     return report
+
+
+RELAYOUT_EVERY = 10  # rounds between fresh copies of the timed models
+
+
+def time_relaid(
+    models: dict[str, nn.Module],
+    x: torch.Tensor,
+    rounds: int,
+    warmup: int,
+    device: torch.device,
+    *,
+    relayout: bool = True,
+    on_round: Callable[[int], None] | None = None,
+) -> dict[str, list[float]]:
+    """Inference timed interleaved, in blocks of RELAYOUT_EVERY rounds, each block on fresh deep copies
+    of the models (``relayout``). Where a model's weights and buffers happen to lie in memory is fixed
+    for a process and shifts a ratio by a few percent from one run to the next, however many rounds
+    it has; fresh copies average over several layouts. Compiled models are timed as they are."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    done = 0
+    current = models
+    while done < rounds:
+        block = min(RELAYOUT_EVERY, rounds - done) if relayout else rounds
+        steps = {n: _inference(m, x) for n, m in current.items()}
+        tick = None if on_round is None else functools.partial(_shifted, on_round, done)
+        for name, values in time_interleaved(steps, block, warmup if done == 0 else 1, device, tick).items():
+            times[name].extend(values)
+        done += block
+        if relayout and done < rounds:
+            current = {n: copy.deepcopy(m) for n, m in models.items()}
+    return times
+
+
+def _shifted(on_round: Callable[[int], None], offset: int, round_: int) -> None:
+    on_round(offset + round_)
+
+
+def progress_ticker(
+    progress: Callable[[str, int, int], None], what: str, start: int, total: int
+) -> Callable[[int], None]:
+    return lambda round_: progress(what, start + round_, total)

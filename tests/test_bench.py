@@ -61,7 +61,7 @@ def test_compile_compiles_every_model_it_times(monkeypatch):
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda model, *args, **kwargs: compiled.append(model))
     report = bench(
-        FunctionalResNet(), twin=FunctionalResNet(), batches=(1,), size=32, repeats=1, warmup=0, compile=True, r=4
+        FunctionalResNet(), twin=FunctionalResNet(), batches=(1,), size=32, repeats=2, warmup=0, compile=True, r=4
     )
     assert len(compiled) == 3 and len({id(m) for m in compiled}) == 3 and report.compiled
     assert any(isinstance(m, se_inject.SqueezeExcite) for m in compiled[1].modules())

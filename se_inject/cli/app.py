@@ -5,11 +5,13 @@ A user mistake prints one line on stderr and exits with code 2; there is no trac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tomllib
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -415,6 +417,12 @@ def render_report(report: OverheadReport, show_sites: bool, console: Console) ->
         f"params {t.params_before:,} -> {t.params_after:,} (+{t.params_increase:.2%}); "
         f"FLOPs {_gflops(t.flops_before)}G -> {_gflops(t.flops_after)}G (+{t.flops_increase:.2%})"
     )
+    if t.macs_before:
+        console.print(
+            f"of which multiply-adds of conv/FC layers (the paper's GFLOPs) {_gflops(t.macs_before)}G -> "
+            f"{_gflops(t.macs_after)}G (+{t.macs_increase:.2%}); elementwise FLOPs (pooling, scaling, gating) "
+            f"{t.elementwise_before / 1e6:.1f}M -> {t.elementwise_after / 1e6:.1f}M"
+        )
     agreement = "[green]agrees exactly[/]" if report.eq5_agrees else "[yellow]differs (hidden widths were rounded)[/]"
     console.print(f"{report.formula} {agreement} with the weights added")
     if report.existing_gates:
@@ -630,7 +638,12 @@ def bench_command(
     unit_option: list[str] = inject_option("unit_options", "--unit-option"),
     batch: str = typer.Option("1,16", "--batch", help="batch sizes, e.g. 1,16 (CUDA default: 256)"),
     size: int = typer.Option(224, "--size", min=8, help="input size"),
-    repeats: int = typer.Option(20, "--repeats", min=1, help="timed rounds (each model once per round)"),
+    repeats: int | None = typer.Option(
+        None,
+        "--repeats",
+        min=2,
+        help="timed rounds per batch size, each model once per round (default: 50 at batch 1, 30 above)",
+    ),
     warmup: int = typer.Option(3, "--warmup", min=0, help="untimed calls per model first"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
@@ -652,22 +665,41 @@ def bench_command(
     batches = parse_positive_list(batch, "--batch")
     batches = (256,) if target.type == "cuda" and batch == "1,16" else batches
     twin_name = twin_of(model)
-    report = bench(
-        load_model(model),
-        config,
-        twin=load_model(twin_name) if twin_name else None,
-        batches=batches,
-        size=size,
-        repeats=repeats,
-        warmup=warmup,
-        train=train,
-        device=target,
-        compile=compile,
-    )
+    with timing_progress(as_json) as progress:
+        report = bench(
+            load_model(model),
+            config,
+            twin=load_model(twin_name) if twin_name else None,
+            batches=batches,
+            size=size,
+            repeats=repeats,
+            warmup=warmup,
+            train=train,
+            device=target,
+            compile=compile,
+            progress=progress,
+        )
     if as_json:
         typer.echo(json.dumps({"model": model, "twin": twin_name, **report.to_dict()}, indent=2))
         return
     render_bench(model, twin_name, report, console())
+
+
+@contextlib.contextmanager
+def timing_progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar over timed rounds on stderr (none when ``quiet`` or stderr is no terminal);
+    yields the ``progress(what, done, total)`` callback the bench and compare APIs take."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    err = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True, disable=quiet or not err.is_terminal) as bar:
+        task = bar.add_task("building the models", total=None)
+
+        def advance(what: str, done: int, total: int) -> None:
+            bar.update(task, description=f"timing {what}", completed=done, total=total)
+
+        yield advance
 
 
 def render_bench(model: str, twin_name: str | None, report, console: Console) -> None:
@@ -682,9 +714,8 @@ def render_bench(model: str, twin_name: str | None, report, console: Console) ->
     for t in report.timings:
         table.add_row(t.mode, str(t.batch), t.model, f"{t.median_ms:.2f}", f"{t.images_per_s:,.1f}")
     console.print(table)
-    for row in report.ratios():
-        parts = [f"{k} {v:.3f}" for k, v in row.items() if k.startswith("injected") and v is not None]
-        console.print(f"{row['mode']}, batch {row['batch']}: " + "; ".join(parts))
+    for (mode, batch, name), spread in report.spreads.items():
+        console.print(f"{mode}, batch {batch}: {name} {spread} (median of per-round ratios [25%, 75%])")
 
 
 def _val_loader(data: str, image_size: int | None, model: nn.Module, batch_size: int = 128):
@@ -694,6 +725,154 @@ def _val_loader(data: str, image_size: int | None, model: nn.Module, batch_size:
 
     splits = load_data(data, image_size, model_data_config(model))
     return splits, DataLoader(splits.val, batch_size=batch_size)
+
+
+def parse_candidate(text: str) -> dict[str, Any]:
+    """``"position=pre,r=8,include=layer3.*|layer4.*"`` -> injection options (lists joined with ``|``);
+    the values are checked by InjectConfig when the candidate is built."""
+    usage = f"--candidate: expected OPTION=VALUE,... such as 'position=pre,r=8', got {text[:60]!r}"
+    options: dict[str, Any] = {}
+    for setting in text.split(","):
+        name, equals, value = (part.strip() for part in setting.partition("="))
+        if not equals or not name.isidentifier() or not value:
+            raise ConfigError(usage)
+        if name in ("r", "hidden", "stages"):
+            options[name] = parse_int_list(value, f"--candidate {name}")
+        elif name in ("include", "exclude", "blocks", "at"):
+            options[name] = [v.strip() for v in value.split("|")]
+        elif name == "bias":
+            options[name] = value.lower() in ("true", "yes", "1")
+        else:
+            options[name] = value
+    return options
+
+
+@app.command("compare")
+def compare_command(
+    model: str = typer.Argument(..., help="timm name, torchvision:NAME, module.path:callable or file.py:callable"),
+    positions: str | None = typer.Option(None, "--positions", help="positions to compare, e.g. standard,pre,post"),
+    r: str | None = typer.Option(None, "--r", "-r", help="reduction ratios to compare, e.g. 8,16,32"),
+    units: str | None = typer.Option(None, "--units", help="units to compare, e.g. se,eca,gc"),
+    styles: str | None = typer.Option(None, "--styles", help="styles to compare, e.g. paper,timm"),
+    candidate: list[str] = typer.Option(
+        [], "--candidate", help="one more candidate as OPTION=VALUE,... (e.g. 'include=layer4.*,r=8'; repeatable)"
+    ),
+    batch: str = typer.Option("1,16", "--batch", help="batch sizes, e.g. 1,16"),
+    size: int = typer.Option(224, "--size", min=8, help="input size"),
+    repeats: int | None = typer.Option(
+        None, "--repeats", min=2, help="timed rounds per batch size (default: 50 at batch 1, 30 above)"
+    ),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="untimed calls per model first"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    train: bool = typer.Option(False, "--train", help="also time a training step"),
+    as_json: bool = typer.Option(False, "--json", help="print the comparison as JSON"),
+    plot_file: str | None = typer.Option(None, "--plot", help="write added latency against added weights (PNG)"),
+) -> None:
+    """Measure candidate retrofits of MODEL (positions x r x units x styles, and --candidate) against
+    the original, interleaved: weights, FLOPs, latency with its spread, throughput, memory."""
+    import torch
+
+    from se_inject.compare import Candidate, candidates, compare
+    from se_inject.io.models import load_model
+    from se_inject.train.finetune import resolve_device
+
+    chosen = candidates(
+        positions=parse_names(positions, "--positions") or (),
+        rs=_as_tuple(parse_int_list(r, "--r")) if r else (),
+        units=parse_names(units, "--units") or (),
+        styles=parse_names(styles, "--styles") or (),
+    )
+    chosen += [Candidate(text, parse_candidate(text)) for text in candidate]
+    if plot_file is not None:
+        from se_inject.compare import check_plot_target
+
+        check_plot_target(plot_file)  # before any work is done
+    if threads:
+        torch.set_num_threads(threads)
+    target = resolve_device(device)
+    network = load_model(model, device="cpu")
+    with timing_progress(as_json) as advance:
+        result = compare(
+            network,
+            chosen,
+            model_name=model,
+            batches=parse_positive_list(batch, "--batch"),
+            size=size,
+            repeats=repeats,
+            warmup=warmup,
+            train=train,
+            device=target,
+            progress=advance,
+        )
+    if plot_file is not None:
+        from se_inject.compare import plot
+
+        plot(result, plot_file)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    render_comparison(result, console())
+    if plot_file is not None:
+        console().print(f"wrote {plot_file}")
+
+
+def _as_tuple(value: int | tuple[int, ...]) -> tuple[int, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def render_comparison(result: Any, out: Console) -> None:
+    """The comparison as two rich tables (what each candidate adds; how long it takes, as ratios to the
+    original with their interquartile range), then the verdicts."""
+    measured = result.measured()
+    cost = Table(title=f"{result.model}: what each candidate adds", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ["candidate", "units", "params", "MACs", "FLOPs", *[f"memory b{b}" for b in result.batches]]:
+        cost.add_column(column, justify="left" if column == "candidate" else "right")
+    memory = [f"{result.original_memory[b] / 2**20:.1f} MiB" for b in result.batches]
+    cost.add_row("original", "-", "-", "-", "-", *memory, style="bold")
+    for r in measured:
+        cost.add_row(
+            r.label,
+            str(r.units),
+            f"+{r.params_added:,} ({r.params_increase:+.2%})",
+            f"{r.macs_increase:+.2%}",
+            f"{r.flops_increase:+.2%}",
+            *[f"{r.memory[b]:.3f}" for b in result.batches],
+        )
+    out.print(cost)
+    timed = Table(
+        title=f"time on {result.device} ({result.threads} threads, {result.size}x{result.size}): ratio to the "
+        "original, median [25%, 75%] over interleaved rounds; images/s",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    training = any(r.train for r in measured)
+    columns = ["candidate"]
+    for b in result.batches:
+        columns += [f"b{b} inference", f"b{b} img/s"] + ([f"b{b} train step"] if training else [])
+    for column in columns:
+        timed.add_column(column, justify="left" if column == "candidate" else "right", no_wrap=column != "candidate")
+    original = ["original"]
+    for b in result.batches:
+        original += [f"{result.original_ms[b]:.1f} ms", f"{result.original_images_per_s[b]:.1f}"] + (
+            [""] if training else []
+        )
+    timed.add_row(*original, style="bold")
+    for r in measured:
+        cells = [r.label]
+        for b in result.batches:
+            cells += [str(r.latency[b]), f"{r.images_per_s[b]:.1f}"] + ([str(r.train[b])] if training else [])
+        timed.add_row(*cells)
+    out.print(timed)
+    for r in result.results:
+        if r.error is not None:
+            out.print(f"[red]not built[/]: {r.label}: {r.error}")
+    out.print(f"memory: ratio of {result.memory_kind}")
+    for b in result.batches:
+        out.print(result.verdict(b))
+    if training:
+        for b in result.batches:
+            out.print("training step, " + result.verdict(b, "train"))
 
 
 @app.command("inspect")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,6 +66,35 @@ FLOP_FORMULAS: dict[Any, Any] = {
 }
 
 
+_ELEMENTWISE_OPS = frozenset(getattr(op, "overloadpacket", op) for op in FLOP_FORMULAS)
+
+
+def multiply_add_flops(counts: dict[Any, int]) -> int:
+    """The FLOPs of ``counts`` (one FlopCounterMode entry: op -> FLOPs) that torch's own formulas
+    count: convolutions and matrix products, 2 per multiply-add. The rest are se_inject's formulas
+    for pooling, products and softmax (elementwise work, 1 per element)."""
+    return sum(v for op, v in counts.items() if getattr(op, "overloadpacket", op) not in _ELEMENTWISE_OPS)
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs of one forward, with the multiply-adds of convolutions and matrix products apart: the
+    paper's "GFLOPs" are those multiply-adds (``macs``); the remainder is elementwise work."""
+
+    total: int
+    macs: int
+
+    @property
+    def elementwise(self) -> int:
+        return self.total - 2 * self.macs
+
+
+def flop_count(counter: FlopCounterMode, module_key: str = "Global") -> FlopCount:
+    """The FlopCount of one entry of a finished counter (``Global``, or a module's key)."""
+    counts = counter.get_flop_counts().get(module_key, {})
+    return FlopCount(sum(counts.values()), multiply_add_flops(counts) // 2)
+
+
 def flop_counter() -> FlopCounterMode:
     """A silent FlopCounterMode with se_inject's extra formulas (see FLOP_FORMULAS)."""
     return FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)  # depth only shapes the printed table
@@ -96,39 +126,39 @@ class ShapeFlopProp(fx.Interpreter):
         return result
 
 
-def propagate(gm: fx.GraphModule, input_shape: Sequence[int]) -> int:
-    """Annotate every node of ``gm`` with its output shape and FLOPs; return the total FLOPs."""
+def propagate(gm: fx.GraphModule, input_shape: Sequence[int]) -> FlopCount:
+    """Annotate every node of ``gm`` with its output shape and FLOPs; return the model's FLOPs."""
 
-    def run(real: bool) -> int:
+    def run(real: bool) -> FlopCount:
         with abstract_tensors(gm, real) as make, flop_counter() as counter:
             try:
                 ShapeFlopProp(gm, counter, input_shape).run(make(tuple(input_shape)))
             except ShapePropagationError as err:  # drop the "While executing ..." fx appends on the way out
                 raise ShapePropagationError(first_line(err, limit=10_000)) from err.__cause__
-        return counter.get_total_flops()
+        return flop_count(counter)
 
     return with_real_fallback(gm, run)
 
 
 def count_flops(module: nn.Module, input_shape: Sequence[int]) -> int:
     """FLOPs of one forward of ``module`` on an input of ``input_shape`` (no real arithmetic if it can)."""
-    return count_flops_by_module(module, input_shape)[0]
+    return count_flops_by_module(module, input_shape)[0].total
 
 
-def count_flops_by_module(module: nn.Module, input_shape: Sequence[int]) -> tuple[int, dict[str, int]]:
+def count_flops_by_module(module: nn.Module, input_shape: Sequence[int]) -> tuple[FlopCount, dict[str, FlopCount]]:
     """FLOPs of one forward of ``module``, in total and per submodule (qualified name, "" is the root).
 
     A submodule's count includes its children's; one called twice counts twice.
     """
 
-    def run(real: bool) -> tuple[int, dict[str, int]]:
+    def run(real: bool) -> tuple[FlopCount, dict[str, FlopCount]]:
         with abstract_tensors(module, real) as make, flop_counter() as counter:
             module(make(tuple(input_shape)))
         per_module = {
-            key.partition(".")[2]: sum(counts.values())  # keys are "RootClass.qualified.name"
-            for key, counts in counter.get_flop_counts().items()
+            key.partition(".")[2]: flop_count(counter, key)  # keys are "RootClass.qualified.name"
+            for key in counter.get_flop_counts()
             if key != "Global"
         }
-        return counter.get_total_flops(), per_module
+        return flop_count(counter), per_module
 
     return with_real_fallback(module, run)

@@ -104,6 +104,7 @@ class Analysis:
     census: Counter
     input_shape: tuple[int, ...]
     flops: int
+    macs: int = 0  # multiply-adds of convolutions and matrix products (the paper's "FLOPs")
 
     def select(self, position: str, existing: str = "skip") -> SiteSearch:
         """The sites for ``position`` (see the module docstring for how overlaps are settled)."""
@@ -249,11 +250,11 @@ def analyse(
     normalize_inplace_adds(gm.graph)
     gm.recompile()
     shape = input_shape_for(model, gm, input_size)
-    flops = propagate(gm, shape)
+    count = propagate(gm, shape)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     candidates = {kind: find_candidates(PATTERNS[kind], gm, order) for kind in {r.pattern for r in rules}}
     matches = [(rule, c) for rule in rules for c in candidates[rule.pattern] if rule.matches(c)]
-    return Analysis(gm, rules, matches, find_channel_gates(gm), _census(gm), shape, flops)
+    return Analysis(gm, rules, matches, find_channel_gates(gm), _census(gm), shape, count.total, count.macs)
 
 
 def node_in_scope(node: fx.Node, owner: str) -> bool:

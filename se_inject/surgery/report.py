@@ -9,8 +9,10 @@ Every other unit type predicts its own weights the same way (``ChannelUnit.expec
 kernel, GC's attention conv and LayerNorm, CBAM's spatial conv); the fields keep the name ``eq5``.
 
 FLOPs are counted by torch.utils.flop_counter on abstract tensors at batch 1: one multiply-add
-is 2 FLOPs (the paper's "GFLOPs" are multiply-adds, half these numbers), and se_inject adds one
-FLOP per element for pooling and for the channel scaling, which the counter leaves out.
+is 2 FLOPs, and se_inject adds one FLOP per element for pooling and for the channel scaling, which
+the counter leaves out. The paper's "GFLOPs" are multiply-adds of conv and FC layers only; they are
+reported apart (``macs``), as is the elementwise rest, which is most of what SE adds (its pooling and
+scaling touch every element of a feature map, its FC layers only C x C/r weights).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fractions import Fraction
 from torch import nn
 
 from se_inject.config import InjectConfig
+from se_inject.graph.flops import FlopCount
 from se_inject.placement.plan import Plan, PlannedUnit
 from se_inject.placement.sites import Analysis
 from se_inject.units.base import ChannelUnit
@@ -50,6 +53,7 @@ class UnitReport:
     size: tuple[int, int]
     params: int
     flops: int
+    macs: int = 0  # multiply-adds of its FC/conv layers; the rest of its FLOPs is elementwise
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,21 @@ class Totals:
     eq5_params: int | float
     flops_before: int
     flops_after: int
+    macs_before: int = 0  # multiply-adds of conv and FC layers: the paper's "GFLOPs"
+    macs_after: int = 0
+
+    @property
+    def elementwise_before(self) -> int:
+        """FLOPs that are no multiply-add: pooling, scaling, gating (1 per element), softmax."""
+        return self.flops_before - 2 * self.macs_before
+
+    @property
+    def elementwise_after(self) -> int:
+        return self.flops_after - 2 * self.macs_after
+
+    @property
+    def macs_increase(self) -> float:
+        return (self.macs_after - self.macs_before) / self.macs_before if self.macs_before else 0.0
 
     @property
     def params_increase(self) -> float:
@@ -113,6 +132,9 @@ class OverheadReport:
         data = asdict(self)
         data["totals"]["params_increase"] = self.totals.params_increase
         data["totals"]["flops_increase"] = self.totals.flops_increase
+        data["totals"]["macs_increase"] = self.totals.macs_increase
+        data["totals"]["elementwise_before"] = self.totals.elementwise_before
+        data["totals"]["elementwise_after"] = self.totals.elementwise_after
         data["eq5_agrees"] = self.eq5_agrees
         return data
 
@@ -127,8 +149,8 @@ def build_report(
     plan: Plan,
     original: nn.Module,
     injected: nn.Module,
-    flops_after: int,
-    unit_flops: dict[str, int],
+    flops_after: FlopCount,
+    unit_flops: dict[str, FlopCount],
     notes: Sequence[str] = (),
 ) -> OverheadReport:
     """Assemble the report from the plan and what was measured on both models."""
@@ -145,7 +167,8 @@ def build_report(
             r=u.r,
             size=u.insertion.size,
             params=count_params(injected.get_submodule(u.qualified_name)),
-            flops=unit_flops[u.qualified_name],
+            flops=unit_flops[u.qualified_name].total,
+            macs=unit_flops[u.qualified_name].macs,
         )
         for u in plan.units
     ]
@@ -159,7 +182,9 @@ def build_report(
         params_added=params_after - params_before,
         eq5_params=_number(sum(expected.values(), Fraction(0))),
         flops_before=analysis.flops,
-        flops_after=flops_after,
+        flops_after=flops_after.total,
+        macs_before=analysis.macs,
+        macs_after=flops_after.macs,
     )
     return OverheadReport(
         model=model_name,

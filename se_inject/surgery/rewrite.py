@@ -26,7 +26,7 @@ from torch import nn
 from se_inject.config import InjectConfig
 from se_inject.errors import RewriteError, SEInjectError, UntraceableModelError, first_line
 from se_inject.graph.abstract import shadow
-from se_inject.graph.flops import count_flops_by_module
+from se_inject.graph.flops import FlopCount, count_flops_by_module
 from se_inject.graph.memory import owns_its_memory
 from se_inject.graph.ops import add_operands, normalize_inplace_adds
 from se_inject.graph.trace import trace_graph
@@ -295,7 +295,7 @@ def _record_call(seen: set[str], name: str):
     return hook
 
 
-def dry_run(injected: nn.Module, plan: Plan, input_shape: Sequence[int]) -> tuple[int, dict[str, int]]:
+def dry_run(injected: nn.Module, plan: Plan, input_shape: Sequence[int]) -> tuple[FlopCount, dict[str, FlopCount]]:
     """Run ``injected`` once on abstract tensors: total FLOPs and each unit's own FLOPs (what it
     computes inside the model: a unit fused with an addition counts the fused product).
 
@@ -319,4 +319,5 @@ def dry_run(injected: nn.Module, plan: Plan, input_shape: Sequence[int]) -> tupl
     missing = [u.qualified_name for u in plan.units if u.qualified_name not in seen]
     if missing:
         raise RewriteError(f"inserted units never ran in a forward pass: {', '.join(missing)}")
-    return total, {u.qualified_name: per_module.get(u.qualified_name, 0) for u in plan.units}
+    nothing = FlopCount(0, 0)
+    return total, {u.qualified_name: per_module.get(u.qualified_name, nothing) for u in plan.units}

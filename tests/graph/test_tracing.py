@@ -98,7 +98,8 @@ def test_propagate_records_shapes_and_flops_on_fake_tensors():
     shapes = {n.target: n.meta["shape"] for n in gm.graph.nodes if n.op == "call_module"}
     assert shapes == {"0": (2, 8, 10, 10), "1": (2, 8, 10, 10), "2": (2, 16, 10, 10)}
     conv_macs = 2 * 100 * 8 * 3 * 9 + 2 * 100 * 16 * 8
-    assert total == 2 * conv_macs  # flop_counter's convention: 2 FLOPs per multiply-add
+    assert total.total == 2 * conv_macs  # flop_counter's convention: 2 FLOPs per multiply-add
+    assert total.macs == conv_macs and total.elementwise == 0  # the BatchNorm counts nothing
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
@@ -107,7 +108,7 @@ def test_meta_models_are_analysed_without_allocating_weights():
         model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64))
     assert on_meta(model)
     gm = trace(model)
-    assert propagate(gm, (1, 3, 32, 32)) > 0
+    assert propagate(gm, (1, 3, 32, 32)).total > 0
     assert all(p.is_meta for p in model.parameters())
 
 
@@ -150,7 +151,7 @@ def test_in_channels_come_from_the_first_convolution():
 def test_value_dependent_leaves_fall_back_to_real_tensors_but_not_on_meta():
     model = NetWithUntraceableChild()
     gm = trace(model, leaf_modules=["DataDependentGate"])
-    assert propagate(gm, (1, 3, 8, 8)) > 0
+    assert propagate(gm, (1, 3, 8, 8)).total > 0
     assert {n.target: n.meta["shape"] for n in gm.graph.nodes if n.op == "call_module"}["body.1"] == (1, 8, 8, 8)
     with torch.device("meta"):
         meta_model = NetWithUntraceableChild()
@@ -196,6 +197,7 @@ def test_training_batch_norm_runs_its_real_kernel_under_shape_only():
 def test_flops_by_module_add_up_to_the_total():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1))
     total, per_module = count_flops_by_module(model, (1, 3, 10, 10))
-    assert total == count_flops(model, (1, 3, 10, 10)) == per_module[""]
-    assert per_module["0"] == 2 * 100 * 8 * 3 * 9 and per_module["2"] == 2 * 100 * 16 * 8
-    assert per_module["0"] + per_module["2"] == total and "1" not in per_module
+    assert total.total == count_flops(model, (1, 3, 10, 10)) == per_module[""].total
+    assert per_module["0"].total == 2 * 100 * 8 * 3 * 9 and per_module["2"].total == 2 * 100 * 16 * 8
+    assert per_module["2"].macs == 100 * 16 * 8
+    assert per_module["0"].total + per_module["2"].total == total.total and "1" not in per_module

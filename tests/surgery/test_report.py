@@ -113,3 +113,17 @@ def test_eq5_generalised_to_each_width_rule_matches_the_weights_added(options):
     bias = options.get("style") == "timm"
     assert report.totals.params_added == sum(2 * u.channels * u.hidden + (u.hidden + u.channels) * bias for u in units)
     assert report.eq5_agrees is (options.get("style") != "timm")
+
+
+def test_multiply_adds_and_elementwise_work_are_reported_apart(zoo):
+    """The paper's GFLOPs are multiply-adds of conv and FC layers: SE's FC layers add one per weight
+    (at batch 1, no bias); its pooling and fused scaling add one FLOP per element each, the rest."""
+    report = se_inject.report(zoo("resnet50"), model_name="resnet50")
+    t = report.totals
+    assert t.macs_before == 4_089_184_256  # timm's ResNet-50: 4.1 GMACs at 224x224
+    assert t.macs_after - t.macs_before == t.params_added == 2_514_944
+    maps = sum(2 * s.channels * s.size[0] * s.size[1] for s in report.sites)
+    assert t.elementwise_after - t.elementwise_before == maps
+    assert t.flops_after == 2 * t.macs_after + t.elementwise_after
+    assert all(s.flops == 2 * s.macs + 2 * s.channels * s.size[0] * s.size[1] for s in report.sites)
+    assert {"macs_before", "macs_after", "macs_increase", "elementwise_after"} <= set(report.to_dict()["totals"])
