@@ -70,8 +70,7 @@ def candidates(
     found = []
     for combination in itertools.product(*(values for _, values in axes)):
         options = dict(zip((name for name, _ in axes), combination, strict=True))
-        label = " ".join(f"{k}={v}" for k, v in options.items()) or "default"
-        found.append(Candidate(label, {**(base or {}), **options}))
+        found.append(Candidate(_label(options), {**(base or {}), **options}))
     return found
 
 

@@ -175,8 +175,7 @@ def parse_unit_options(texts: list[str]) -> dict[str, Any]:
 
 def parse_positive_list(text: str, option: str) -> tuple[int, ...]:
     """A list of positive integers (batch sizes and the like)."""
-    values = parse_int_list(text, option)
-    values = values if isinstance(values, tuple) else (values,)
+    values = _as_tuple(parse_int_list(text, option))
     bad = [v for v in values if v < 1]
     if bad or not values:
         raise ConfigError(f"{option}: expected positive integers, got {text[:40]!r}")

@@ -22,9 +22,9 @@ from torch import nn
 
 from se_inject.units.base import register_unit
 from se_inject.units.parts import (
+    ConvMlp,
     GatedUnit,
     bottleneck_params,
-    create_act,
     gated,
 )
 
@@ -36,19 +36,6 @@ class CbamOptions:
     def __post_init__(self) -> None:
         if self.spatial_kernel < 1 or self.spatial_kernel % 2 == 0:
             raise ValueError(f"spatial_kernel: expected an odd size of at least 1, got {self.spatial_kernel}")
-
-
-class _ChannelMlp(nn.Module):
-    """The channel gate's shared bottleneck (keys ``fc1``, ``fc2`` as timm's ``ChannelAttn``)."""
-
-    def __init__(self, channels: int, hidden: int, act: str | type[nn.Module], bias: bool, **factory: Any) -> None:
-        super().__init__()
-        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias, **factory)
-        self.act = create_act(act)
-        self.fc2 = nn.Conv2d(hidden, channels, 1, bias=bias, **factory)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class _ConvNorm(nn.Module):
@@ -103,14 +90,13 @@ class Cbam(GatedUnit):
     ) -> None:
         super().__init__(channels, r, gate_layer, init, rounding=rounding, reduced=reduced, hidden=hidden)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.channel = _ChannelMlp(channels, self.hidden, act_layer, bias, **factory)
+        self.channel = ConvMlp(channels, self.hidden, act_layer, bias, **factory)  # keys fc1, fc2 as timm's ChannelAttn
         self.spatial = _Spatial(1 if self.light else 2, spatial_kernel, **factory)
         if init == "preserve":
             with torch.no_grad():
-                for p in (self.channel.fc2.weight, self.channel.fc2.bias, self.spatial.conv.bn.weight):
-                    if p is not None:
-                        nn.init.zeros_(p)
+                nn.init.zeros_(self.spatial.conv.bn.weight)
                 nn.init.zeros_(self.spatial.conv.bn.bias)
+            self.channel.zero_last()
 
     def expected_params(self) -> Fraction:
         """The bottleneck's ``2 C h`` (+ ``h + C`` with bias, ``h = C/r`` unrounded), the spatial conv's

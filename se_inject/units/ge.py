@@ -53,9 +53,13 @@ class GatherExciteOptions:
         if self.extent < 0 or self.extent and (self.extent & (self.extent - 1) or self.extent < 2):
             raise ValueError(f"extent: expected 0 (global) or a power of two from 2, got {self.extent}")
 
-    @property
-    def has_params(self) -> bool:
-        return self.extra_params or self.mlp
+    def check_start(self, init: str) -> None:
+        """GE-theta-minus (no gather parameters, no MLP) has nothing to start as the identity from."""
+        if init == "preserve" and not (self.extra_params or self.mlp):
+            raise ConfigError(
+                "init: the parameter-free Gather-Excite (extra_params=false, mlp=false) cannot start as the "
+                "identity; use init='paper' (CLI: --init paper), or mlp=true / extra_params=true"
+            )
 
 
 class GatherExcite(GatedUnit):
@@ -91,12 +95,7 @@ class GatherExcite(GatedUnit):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        options = GatherExciteOptions(extent, extra_params, mlp)
-        if init == "preserve" and not options.has_params:
-            raise ConfigError(
-                "init: the parameter-free Gather-Excite (extra_params=false, mlp=false) has nothing to start "
-                "as the identity from; use init='paper', or mlp=true / extra_params=true"
-            )
+        GatherExciteOptions(extent, extra_params, mlp).check_start(init)
         super().__init__(
             channels, r, gate_layer, init, rounding=rounding, reduced=reduced, hidden=hidden, bottleneck=mlp
         )
@@ -143,11 +142,7 @@ class GatherExcite(GatedUnit):
     @classmethod
     def check_config(cls, config: InjectConfig) -> None:
         options: GatherExciteOptions = cls.parse_options(config.unit_options)
-        if config.init == "preserve" and not options.has_params:
-            raise ConfigError(
-                "init: the parameter-free Gather-Excite (extra_params=false, mlp=false) cannot start as the "
-                "identity; use init='paper' (CLI: --init paper), or mlp=true / extra_params=true"
-            )
+        options.check_start(config.init)
 
     @classmethod
     def hidden_width(cls, channels: int, r: int, config: InjectConfig, *, reduced: int | None = None) -> int:

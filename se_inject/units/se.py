@@ -31,6 +31,7 @@ from se_inject.units.parts import (  # noqa: F401 - the gates and widths are als
     ShiftedReLU,
     ShiftedTanh,
     bottleneck_params,
+    bottleneck_width,
     can_write_over,
     create_act,
     create_gate,
@@ -163,9 +164,7 @@ class SqueezeExcite(ChannelUnit):
 
     @classmethod
     def hidden_width(cls, channels: int, r: int, config: InjectConfig, *, reduced: int | None = None) -> int:
-        if config.hidden is not None:
-            return config.hidden
-        return hidden_width(reduced or channels, r, config.rounding)
+        return bottleneck_width(channels, r, config, reduced)
 
     def expected_params(self) -> Fraction:
         bias = self.fc1.bias is not None
