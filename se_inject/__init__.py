@@ -71,6 +71,8 @@ _LAZY: dict[str, str] = {
     "load_style_file": "se_inject.io.styles",
     "make_config": "se_inject.api",
     "prune": "se_inject.inspect.excitation",
+    "optimize_for_inference": "se_inject.surgery.optimize",
+    "optimized_units": "se_inject.surgery.optimize",
     "report": "se_inject.api",
     "retrofit": "se_inject.api",
     "save": "se_inject.saving",
@@ -88,6 +90,7 @@ if TYPE_CHECKING:
     from se_inject.io.styles import load_style_file
     from se_inject.placement.patterns.base import register_pattern
     from se_inject.saving import SourceChangedWarning, apply, load, save
+    from se_inject.surgery.optimize import optimize_for_inference, optimized_units
     from se_inject.surgery.report import OverheadReport, StageReport, Totals, UnitReport
     from se_inject.train.data import load_data
     from se_inject.train.finetune import FinetuneConfig, FinetuneResult, finetune
@@ -167,6 +170,8 @@ __all__ = [
     "load_model",
     "make_config",
     "prune",
+    "optimize_for_inference",
+    "optimized_units",
     "report",
     "retrofit",
     "save",

@@ -22,6 +22,7 @@ from se_inject.api import retrofit
 from se_inject.config import InjectConfig
 from se_inject.errors import ConfigError
 from se_inject.graph.channels import input_channels
+from se_inject.surgery.optimize import optimize_for_inference
 
 
 def twin_of(name: str | None) -> str | None:
@@ -65,6 +66,16 @@ class Spread:
         return f"{self.median:.3f} [{self.q1:.3f}, {self.q3:.3f}]"
 
 
+# the ratios a bench reports, where both models ran ("optimized": the retrofit after optimize_for_inference)
+RATIOS = (
+    "injected/original",
+    "injected/twin",
+    "optimized/original",
+    "optimized/injected",
+    "optimized/twin",
+)
+
+
 @dataclass(frozen=True)
 class Timing:
     model: str
@@ -84,7 +95,7 @@ class BenchReport:
     size: int
     compiled: bool
     timings: list[Timing] = field(default_factory=list)
-    # (mode, batch, "injected/original" or "injected/twin") -> the paired ratio and its spread
+    # (mode, batch, "A/B", one of RATIOS) -> the paired ratio and its spread
     spreads: dict[tuple[str, int, str], Spread] = field(default_factory=dict)
 
     def median(self, model: str, mode: str, batch: int) -> float | None:
@@ -95,7 +106,7 @@ class BenchReport:
         rows = []
         for mode, batch in dict.fromkeys((t.mode, t.batch) for t in self.timings):
             row: dict = {"mode": mode, "batch": batch}
-            for name in ("injected/original", "injected/twin"):
+            for name in RATIOS:
                 spread = self.spreads.get((mode, batch, name))
                 row[name] = spread.median if spread else None
                 row[f"{name}_q1"] = spread.q1 if spread else None
@@ -197,6 +208,7 @@ def bench(
     train: bool | None = None,
     device: str | torch.device = "cpu",
     compile: bool = False,
+    optimize: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     **options,
 ) -> BenchReport:
@@ -204,7 +216,9 @@ def bench(
 
     On CUDA the models run in bf16 and channels_last and ``train`` (default: on) adds a training
     step. ``compile`` runs every model under torch.compile (inductor, weights frozen for inference),
-    so the ratios compare compiled with compiled. Each ratio is the median of per-round ratios, with
+    so the ratios compare compiled with compiled. ``optimize`` also times the retrofit after
+    :func:`~se_inject.surgery.optimize.optimize_for_inference` (inference only: in training mode it
+    computes what the retrofit computes). Each ratio is the median of per-round ratios, with
     its interquartile range (``report.spreads``); ``progress(what, done, total)`` is called after every
     round. Nothing of ``original`` changes.
 
@@ -220,6 +234,8 @@ def bench(
     channels = input_channels(base)
     injected = retrofit(base, config, input_size=size, **options).model.eval()
     models = {"original": base, "injected": injected}
+    if optimize:
+        models["optimized"] = optimize_for_inference(injected)
     if twin is not None:
         models["twin"] = copy.deepcopy(twin).eval()
     for model in models.values():
@@ -259,17 +275,17 @@ def _run(models, batches, size, rounds, warmup, train, device, compile, channels
             tick = None if progress is None else progress_ticker(progress, f"{mode}, batch {batch}", done, total)
             if mode == "inference":
                 seconds = time_relaid(models, x, rounds[batch], warmup, device, relayout=not compile, on_round=tick)
-            else:
-                steps = {n: train_step(m, x, device) for n, m in models.items()}
+            else:  # an optimized retrofit trains as the retrofit does
+                steps = {n: train_step(m, x, device) for n, m in models.items() if n != "optimized"}
                 seconds = time_interleaved(steps, rounds[batch], warmup, device, on_round=tick)
             done += rounds[batch]
             for name, values in seconds.items():
                 median = statistics.median(values)
                 report.timings.append(Timing(name, mode, batch, median * 1e3, batch / median, len(values)))
-            for other in ("original", "twin"):
-                if other in seconds:
-                    spread = Spread.paired(seconds["injected"], seconds[other])
-                    report.spreads[(mode, batch, f"injected/{other}")] = spread
+            for name in RATIOS:
+                first, second = name.split("/")
+                if first in seconds and second in seconds:
+                    report.spreads[(mode, batch, name)] = Spread.paired(seconds[first], seconds[second])
     return report
 
 

@@ -37,6 +37,7 @@ from se_inject.bench import Spread, progress_ticker, rounds_per_batch, time_inte
 from se_inject.errors import ConfigError, SEInjectError, first_line
 from se_inject.graph.channels import input_channels
 from se_inject.io.files import as_path
+from se_inject.surgery.optimize import optimize_for_inference, optimized_units
 
 Progress = Callable[[str, int, int], None]  # (what is running, done, total)
 
@@ -70,7 +71,7 @@ def candidates(
     found = []
     for combination in itertools.product(*(values for _, values in axes)):
         options = dict(zip((name for name, _ in axes), combination, strict=True))
-        found.append(Candidate(_label(options), {**(base or {}), **options}))
+        found.append(Candidate(label_of(options), {**(base or {}), **options}))
     return found
 
 
@@ -90,6 +91,7 @@ class CandidateResult:
     train: dict[int, Spread] = field(default_factory=dict)  # batch -> training step time ratio
     images_per_s: dict[int, float] = field(default_factory=dict)  # batch -> inference throughput
     memory: dict[int, float] = field(default_factory=dict)  # batch -> peak memory ratio
+    optimized_units: int = 0  # units that squeeze before their block's last 1x1 conv (compare(optimize=True))
 
 
 @dataclass
@@ -103,6 +105,7 @@ class Comparison:
     batches: tuple[int, ...]
     repeats: dict[int, int]  # batch -> rounds
     memory_kind: str
+    optimized: bool = False  # candidates measured after optimize_for_inference where they fold
     original_ms: dict[int, float] = field(default_factory=dict)
     original_images_per_s: dict[int, float] = field(default_factory=dict)
     original_memory: dict[int, int] = field(default_factory=dict)  # batch -> peak bytes
@@ -209,6 +212,7 @@ def compare(
     warmup: int = 3,
     train: bool = False,
     device: str | torch.device = "cpu",
+    optimize: bool = False,
     progress: Progress | None = None,
 ) -> Comparison:
     """Measure ``model`` and each candidate retrofit of it, interleaved, as ratios to ``model``.
@@ -216,8 +220,10 @@ def compare(
     A candidate is a :class:`Candidate` or a mapping of injection options (labelled by them). One
     that cannot be injected (an r wider than the channels, say) is reported with its error and the
     others are measured. ``repeats`` is the rounds per batch size (default: 50 at batch 1, 30 above);
-    ``train`` adds a training step per model; ``progress(what, done, total)`` is called after every
-    round. Nothing of ``model`` changes.
+    ``train`` adds a training step per model; ``optimize`` measures each candidate after
+    :func:`~se_inject.surgery.optimize.optimize_for_inference` where it has units to fold
+    (``optimized_units`` counts them); ``progress(what, done, total)`` is called after every round.
+    Nothing of ``model`` changes.
 
     Example::
 
@@ -227,7 +233,7 @@ def compare(
     """
     target = torch.device(device)
     cuda = target.type == "cuda"
-    chosen = [c if isinstance(c, Candidate) else Candidate(_label(c), dict(c)) for c in candidates]
+    chosen = [c if isinstance(c, Candidate) else Candidate(label_of(c), dict(c)) for c in candidates]
     if not chosen:
         raise ConfigError("candidates: nothing to compare; give positions, r values, units, styles or candidates")
     if not batches or any(b < 1 for b in batches):
@@ -242,18 +248,17 @@ def compare(
             results.append(CandidateResult(candidate.label, candidate.options, error=first_line(err)))
             continue
         totals = built.report.totals
-        results.append(
-            CandidateResult(
-                candidate.label,
-                candidate.options,
-                units=len(built.report.sites),
-                params_added=totals.params_added,
-                params_increase=totals.params_increase,
-                flops_increase=totals.flops_increase,
-                macs_increase=totals.macs_increase,
-            )
+        result = CandidateResult(
+            candidate.label,
+            candidate.options,
+            units=len(built.report.sites),
+            params_added=totals.params_added,
+            params_increase=totals.params_increase,
+            flops_increase=totals.flops_increase,
+            macs_increase=totals.macs_increase,
         )
-        models[candidate.label] = built.model.eval()
+        results.append(result)
+        models[candidate.label] = _optimized(built.model, result) if optimize else built.model.eval()
     if len(models) == 1:
         raise ConfigError(f"candidates: none could be injected: {results[0].error}")
     for m in models.values():
@@ -271,6 +276,7 @@ def compare(
         "CUDA allocator peak over one inference forward"
         if cuda
         else "peak bytes of tensors alive during one inference forward (tracked at torch's dispatcher; weights excluded)",
+        optimized=optimize,
         results=results,
     )
     by_label = {r.label: r for r in results if r.error is None}
@@ -307,7 +313,18 @@ def compare(
     return comparison
 
 
-def _label(options: Mapping[str, Any]) -> str:
+def _optimized(model: nn.Module, result: CandidateResult) -> nn.Module:
+    """``model`` after optimize_for_inference, or as it is when none of its units can fold."""
+    try:
+        optimized = optimize_for_inference(model)
+    except ConfigError:  # no unit reads BatchNorm of a 1x1 conv: measured as built
+        return model.eval()
+    result.optimized_units = len(optimized_units(optimized))
+    return optimized
+
+
+def label_of(options: Mapping[str, Any]) -> str:
+    """A candidate's label: its options as ``name=value`` words ("default" for none)."""
     return " ".join(f"{k}={v}" for k, v in options.items()) or "default"
 
 

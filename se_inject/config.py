@@ -24,7 +24,7 @@ Gate = Literal["sigmoid", "hard_sigmoid", "tanh", "relu"]
 Act = Literal["relu", "relu6", "silu", "gelu", "hard_swish", "leaky_relu"]
 Rounding = Literal["floor", "ceil", "round", "round_even", "divisible8", "timm_se"]
 ReduceFrom = Literal["channels", "block_input"]
-Init = Literal["preserve", "paper"]
+Init = Literal["preserve", "paper", "zero"]
 Existing = Literal["skip", "stack"]
 
 POSITIONS: tuple[str, ...] = get_args(Position)
@@ -158,7 +158,8 @@ class InjectConfig:
     init: Init = field(
         default="preserve",
         metadata={
-            "help": "preserve: the model computes exactly what it did at insertion; paper: standard init, sigmoid gate"
+            "help": "preserve: the model computes exactly what it did at insertion; paper: standard init, sigmoid gate; "
+            "zero: last layer zero under the published gate (a sigmoid gate starts at exactly 0.5)"
         },
     )
     leaf_modules: tuple[str, ...] = field(

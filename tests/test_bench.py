@@ -66,3 +66,12 @@ def test_compile_compiles_every_model_it_times(monkeypatch):
     assert len(compiled) == 3 and len({id(m) for m in compiled}) == 3 and report.compiled
     assert any(isinstance(m, se_inject.SqueezeExcite) for m in compiled[1].modules())
     assert inductor_config.freezing is False  # weight freezing is switched off again afterwards
+
+
+def test_the_cli_says_in_one_line_when_there_is_nothing_to_optimize():
+    from pathlib import Path
+
+    spec = f"{Path(__file__).parent / 'tiny_models.py'}:FunctionalResNet"  # basic blocks end with a 3x3 conv
+    result = CliRunner().invoke(app, ["bench", spec, "--r", "4", "--size", "32", "--batch", "2", "--optimize"])
+    assert result.exit_code == 2 and "nothing to fold" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output

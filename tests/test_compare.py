@@ -132,3 +132,21 @@ def test_the_compare_command(tmp_path):
     assert bad.exit_code == 2 and "--candidate: expected OPTION=VALUE" in bad.output
     bad = runner.invoke(app, ["compare", SPEC, "--units", "se", "--plot", str(tmp_path / "x.jpg")])
     assert bad.exit_code == 2 and "expected a .png" in bad.output
+
+
+def test_optimize_measures_each_candidate_optimized_where_its_units_fold():
+    from tiny_models import InplaceResNet
+
+    chosen = candidates(positions=["standard", "pre"]) + candidates(units=["eca"])
+    result = compare(InplaceResNet(), chosen, batches=(2,), size=32, repeats=2, warmup=1, optimize=True)
+    folded = {r.label: (r.optimized_units, r.units) for r in result.measured()}
+    # standard: every unit reads BN(1x1 conv); pre: the block input; ECA is not an SE unit: measured as built
+    assert folded == {"position=standard": (4, 4), "position=pre": (0, 4), "unit=eca": (0, 4)}
+    assert result.optimized and json.loads(json.dumps(result.to_dict(), default=str))["optimized"] is True
+    out = CliRunner().invoke(
+        app,
+        ["compare", f"{Path(__file__).parent / 'tiny_models.py'}:InplaceResNet", "--positions", "standard",
+         "--batch", "2", "--size", "32", "--repeats", "2", "--optimize"],
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert "optimized for inference (units that squeeze before the last 1x1 conv): position=standard 4/4" in out.stdout

@@ -647,6 +647,11 @@ def bench_command(
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     compile: bool = typer.Option(False, "--compile", help="run every model under torch.compile (inductor)"),
+    optimize: bool = typer.Option(
+        False,
+        "--optimize",
+        help="also time the retrofit after optimize_for_inference (squeeze before the last 1x1 conv)",
+    ),
     train: bool | None = typer.Option(None, "--train/--no-train", help="also time a training step (CUDA default)"),
     as_json: bool = typer.Option(False, "--json", help="print the timings as JSON"),
 ) -> None:
@@ -676,6 +681,7 @@ def bench_command(
             train=train,
             device=target,
             compile=compile,
+            optimize=optimize,
             progress=progress,
         )
     if as_json:
@@ -765,6 +771,9 @@ def compare_command(
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     train: bool = typer.Option(False, "--train", help="also time a training step"),
+    optimize: bool = typer.Option(
+        False, "--optimize", help="measure each candidate after optimize_for_inference, where its units can fold"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the comparison as JSON"),
     plot_file: str | None = typer.Option(None, "--plot", help="write added latency against added weights (PNG)"),
 ) -> None:
@@ -802,6 +811,7 @@ def compare_command(
             warmup=warmup,
             train=train,
             device=target,
+            optimize=optimize,
             progress=advance,
         )
     if plot_file is not None:
@@ -866,6 +876,9 @@ def render_comparison(result: Any, out: Console) -> None:
     for r in result.results:
         if r.error is not None:
             out.print(f"[red]not built[/]: {r.label}: {r.error}")
+    if result.optimized:
+        folded = ", ".join(f"{r.label} {r.optimized_units}/{r.units}" for r in measured)
+        out.print(f"optimized for inference (units that squeeze before the last 1x1 conv): {folded}")
     out.print(f"memory: ratio of {result.memory_kind}")
     for b in result.batches:
         out.print(result.verdict(b))

@@ -78,3 +78,48 @@ class FinetuneConfig:
 
     def phase(self, epoch: int) -> str:
         return "se" if epoch < self.se_epochs else "full"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """How an experiment runs its arms, besides the fine-tuning each arm gets (a :class:`FinetuneConfig`
+    shared by all arms; its ``seed`` is replaced by each of ``seeds``).
+
+    Example::
+
+        ExperimentConfig(seeds=(0, 1, 2, 3, 4), base_epochs=2, latency_batch=16)
+    """
+
+    seeds: tuple[int, ...] = field(
+        default=(0, 1, 2, 3, 4), metadata={"help": "seeds: each arm runs once per seed, the control with the same ones"}
+    )
+    base_epochs: int = field(
+        default=0,
+        metadata={"help": "first train the given model this many epochs without units (0: it is already trained)"},
+    )
+    base_lr: float = field(default=0.05, metadata={"help": "learning rate of the base training"})
+    base_seed: int = field(default=0, metadata={"help": "seed of the base training"})
+    latency_batch: int = field(
+        default=16, metadata={"help": "batch size at which each arm's inference time is measured (0: not measured)"}
+    )
+    latency_repeats: int = field(default=20, metadata={"help": "timed rounds of the latency measurement"})
+    level: float = field(default=0.95, metadata={"help": "confidence level of the intervals over seeds"})
+
+    def __post_init__(self) -> None:
+        seeds = self.seeds
+        if (
+            not isinstance(seeds, tuple)
+            or not seeds
+            or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds)
+        ):
+            raise ConfigError(f"seeds: expected a non-empty tuple of whole numbers, got {seeds!r}")
+        if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"seeds: expected distinct seeds from 0, got {list(seeds)}")
+        for name, low in (("base_epochs", 0), ("base_seed", 0), ("latency_batch", 0), ("latency_repeats", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name}: expected a whole number of at least {low}, got {value!r}")
+        if isinstance(self.base_lr, bool) or not isinstance(self.base_lr, (int, float)) or not self.base_lr > 0:
+            raise ConfigError(f"base_lr: expected a positive number, got {self.base_lr!r}")
+        if not 0 < self.level < 1:
+            raise ConfigError(f"level: expected a confidence level between 0 and 1, got {self.level!r}")

@@ -12,6 +12,7 @@ to ImageNet's values for a model that records none), see :func:`model_data_confi
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sized
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,3 +234,28 @@ def load_data(
     if str(spec) == "digits":
         return digits(image_size or DIGITS_SIZE, config=config)
     return image_folder(spec, image_size, config, check=check)
+
+
+class SeededSamples(Dataset):
+    """``dataset`` with sample ``i`` of ``epoch`` drawn under torch's and Python's RNGs seeded from
+    ``(seed, epoch, i)``: a random augmentation then depends on nothing else, not on what a model drew
+    from the RNGs before (dropout, a unit's initialisation) nor on which worker process loads it, so
+    every arm of an experiment sees the same augmented images for a seed. The RNG states around the
+    call are restored."""
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return _size(self.dataset, "train")
+
+    def __getitem__(self, index: int) -> Any:
+        sample_seed = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**63
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)

@@ -52,7 +52,7 @@ from se_inject.io.models import classifier, fit_head
 from se_inject.io.recipe import attached_recipe
 from se_inject.saving import write_model_files
 from se_inject.train.config import RESUMABLE_CHANGES, FinetuneConfig
-from se_inject.train.data import DataSplits
+from se_inject.train.data import DataSplits, SeededSamples
 from se_inject.units.base import ChannelUnit
 
 
@@ -186,14 +186,34 @@ def evaluate(
     return loss_sum / max(total, 1), correct / max(total, 1)
 
 
-def _train_epoch(model, loader, optimizer, device, config, phase, progress, epoch) -> dict[str, float]:
+# the metrics of an epoch with nothing to train
+_IDLE_EPOCH: dict[str, Any] = {
+    "trained": False,
+    "train_loss": None,
+    "train_acc": None,
+    "images_per_s": None,
+    "seconds": 0.0,
+    "data_digest": None,
+}
+DIGEST_STRIDE = 61  # every 61st value of each batch of images enters the digest: cheap, and any change of order,
+# augmentation or normalisation changes it
+
+
+def _digest_batch(digest: Any, images: torch.Tensor, labels: torch.Tensor) -> None:
+    digest.update(labels.detach().cpu().numpy().tobytes())
+    digest.update(images.detach().flatten()[::DIGEST_STRIDE].cpu().numpy().tobytes())
+
+
+def _train_epoch(model, loader, optimizer, device, config, phase, progress, epoch) -> dict[str, Any]:
     model.train()
+    digest = hashlib.blake2b(digest_size=16)  # what the epoch was fed: experiments compare it across arms
     with _frozen_norms(model, phase == "se"):
         seen, correct, loss_sum, start = 0, 0, 0.0, time.perf_counter()
         scaler = torch.amp.GradScaler(
             "cuda", enabled=device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
         )
         for step, (images, labels) in enumerate(loader, 1):
+            _digest_batch(digest, images, labels)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if device.type == "cuda" and config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -216,10 +236,12 @@ def _train_epoch(model, loader, optimizer, device, config, phase, progress, epoc
             progress(labels.numel(), loss_sum / seen, correct / seen, seen / (time.perf_counter() - start))
     seconds = time.perf_counter() - start
     return {
+        "trained": True,
         "train_loss": loss_sum / max(seen, 1),
         "train_acc": correct / max(seen, 1),
         "images_per_s": seen / seconds if seconds else 0.0,
         "seconds": seconds,
+        "data_digest": digest.hexdigest(),
     }
 
 
@@ -353,12 +375,13 @@ def _check_out(out: Path, resume: bool, force: bool) -> None:
 
 
 def _loader_for(dataset: Any, config: FinetuneConfig, sampler: Any, epoch: int, world: int) -> DataLoader:
-    """The training batches of ``epoch``: order a function of (seed, epoch); a last batch of a single
-    image is dropped, since BatchNorm cannot normalise one value per channel in training."""
+    """The training batches of ``epoch``: order a function of (seed, epoch), each sample's random
+    augmentation a function of (seed, epoch, index) (:class:`SeededSamples`), whatever the model
+    draws from the RNG in between; a last batch of a single image is dropped, since BatchNorm cannot normalise one value per channel in training."""
     per_process = len(dataset) // world if world > 1 else len(dataset)
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
     return DataLoader(
-        dataset,
+        SeededSamples(dataset, config.seed, epoch),
         batch_size=config.batch_size,
         sampler=sampler,
         shuffle=sampler is None,
@@ -407,6 +430,7 @@ def finetune(
     force: bool = False,
     show_progress: bool = False,
     console: Any = None,
+    control: bool = False,
 ) -> FinetuneResult:
     """Fine-tune an injected ``model`` (in place) on ``data``, writing checkpoints, metrics and the model to ``out``.
 
@@ -414,6 +438,9 @@ def finetune(
     evaluated on a copy and never changed. Resuming needs ``out`` to hold a checkpoint of the same
     run: another model, data or setting is refused (:data:`RESUMABLE_CHANGES` may differ). An
     existing ``out`` holding a saved model or run is started over only with ``force``.
+    ``control`` marks an experiment's control arm, a model without units trained on the retrofit
+    arms' schedule: its SE phase trains what theirs trains besides the units (a resized head), or
+    nothing, and such epochs are recorded with ``trained: false``.
 
     Example::
 
@@ -431,7 +458,7 @@ def finetune(
     out = as_path(out, "out")
     _check_out(out, resume, force)
     _check_data(data, world)
-    if config.se_epochs and not se_parameters(model):
+    if config.se_epochs and not se_parameters(model) and not control:
         raise ConfigError("se_epochs: the model holds no SE units to train on their own; set se_epochs=0")
     state = read_checkpoint(out / CHECKPOINT_FILE) if resume else None
     with _restored_flags(model):
@@ -569,8 +596,11 @@ def _run(model, data, out, config, original, state, rank, world, device, show_pr
             train_sampler.set_epoch(epoch)
         loader = _loader_for(data.train, config, train_sampler, epoch, world)
         title = f"epoch {epoch + 1}/{config.epochs} ({phase})"
-        with _progress(show_progress and rank == 0, console, title, data.train_size // world) as progress:
-            metrics = _train_epoch(ddp, loader, optimizer, device, config, phase, progress, epoch)
+        if any(p.requires_grad for p in model.parameters()):
+            with _progress(show_progress and rank == 0, console, title, data.train_size // world) as progress:
+                metrics = _train_epoch(ddp, loader, optimizer, device, config, phase, progress, epoch)
+        else:  # a control arm's SE phase with its head kept: nothing to train (see finetune's control)
+            metrics = _IDLE_EPOCH
         lr_used = optimizer.param_groups[0]["lr"]
         scheduler.step()
         val_loss, val_acc = run.evaluate(model)

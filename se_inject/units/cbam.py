@@ -26,6 +26,7 @@ from se_inject.units.parts import (
     GatedUnit,
     bottleneck_params,
     gated,
+    zeroes_last,
 )
 
 
@@ -92,7 +93,7 @@ class Cbam(GatedUnit):
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.channel = ConvMlp(channels, self.hidden, act_layer, bias, **factory)  # keys fc1, fc2 as timm's ChannelAttn
         self.spatial = _Spatial(1 if self.light else 2, spatial_kernel, **factory)
-        if init == "preserve":
+        if zeroes_last(init):
             with torch.no_grad():
                 nn.init.zeros_(self.spatial.conv.bn.weight)
                 nn.init.zeros_(self.spatial.conv.bn.bias)

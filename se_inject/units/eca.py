@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from se_inject.units.base import register_unit
-from se_inject.units.parts import GatedUnit
+from se_inject.units.parts import GatedUnit, zeroes_last
 
 
 def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int:
@@ -83,7 +83,7 @@ class EfficientChannelAttention(GatedUnit):
         size = kernel_size if kernel_size is not None else eca_kernel_size(channels, gamma, beta)
         self.padding = (size - 1) // 2
         self.conv = nn.Conv1d(1, 1, size, padding=0, bias=bias, device=device, dtype=dtype)
-        if init == "preserve":
+        if zeroes_last(init):
             with torch.no_grad():
                 nn.init.zeros_(self.conv.weight)
                 if self.conv.bias is not None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from se_inject.units.base import register_unit
-from se_inject.units.parts import GatedUnit
+from se_inject.units.parts import GatedUnit, zeroes_last
 
 
 class EffectiveSE(GatedUnit):
@@ -46,7 +46,7 @@ class EffectiveSE(GatedUnit):
     ) -> None:
         super().__init__(channels, r, gate_layer, init, bottleneck=False)
         self.fc = nn.Conv2d(channels, channels, 1, bias=bias, device=device, dtype=dtype)
-        if init == "preserve":
+        if zeroes_last(init):
             with torch.no_grad():
                 nn.init.zeros_(self.fc.weight)
                 if self.fc.bias is not None:

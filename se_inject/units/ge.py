@@ -33,6 +33,7 @@ from se_inject.units.parts import (
     GatedUnit,
     bottleneck_params,
     create_act,
+    zeroes_last,
 )
 
 if TYPE_CHECKING:
@@ -55,10 +56,10 @@ class GatherExciteOptions:
 
     def check_start(self, init: str) -> None:
         """GE-theta-minus (no gather parameters, no MLP) has nothing to start as the identity from."""
-        if init == "preserve" and not (self.extra_params or self.mlp):
+        if zeroes_last(init) and not (self.extra_params or self.mlp):
             raise ConfigError(
-                "init: the parameter-free Gather-Excite (extra_params=false, mlp=false) cannot start as the "
-                "identity; use init='paper' (CLI: --init paper), or mlp=true / extra_params=true"
+                f"init: the parameter-free Gather-Excite (extra_params=false, mlp=false) has no last layer to start "
+                f"at zero (init={init!r}); use init='paper' (CLI: --init paper), or mlp=true / extra_params=true"
             )
 
 
@@ -106,7 +107,7 @@ class GatherExcite(GatedUnit):
         self.mlp = ConvMlp(channels, width, act_layer, bias, **factory) if mlp else None
         self.channel_gate = extent == 0  # a windowed gather gates each region: no per-channel scale to freeze
         self.excitation_shows = "the channel gate" if extent == 0 else "the gate, averaged over positions"
-        if init == "preserve":
+        if zeroes_last(init):
             self._zero_last()
 
     @staticmethod

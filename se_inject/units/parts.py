@@ -136,6 +136,13 @@ def create_gate(gate: str | type[nn.Module], preserve: bool) -> nn.Module:
     raise ConfigError(f"gate: expected a name or an nn.Module class, got {gate!r}")
 
 
+def zeroes_last(init: str) -> bool:
+    """Whether ``init`` starts the unit's last learned layer at zero: ``preserve`` (under the gate variant
+    equal to 1 at 0: the identity) and ``zero`` (under the published gate: a sigmoid gate of exactly 0.5,
+    which halves every channel). ``paper`` is each paper's own init."""
+    return init in ("preserve", "zero")
+
+
 def create_act(act: str | type[nn.Module]) -> nn.Module:
     """The activation between the FC layers, from a name (``relu``, ``silu``, ...) or a module class."""
     if isinstance(act, str):

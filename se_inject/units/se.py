@@ -39,6 +39,7 @@ from se_inject.units.parts import (  # noqa: F401 - the gates and widths are als
     gated,
     hidden_width,
     reduced_width,
+    zeroes_last,
 )
 
 if TYPE_CHECKING:
@@ -89,6 +90,10 @@ class SqueezeExcite(ChannelUnit):
     channel_gate = True
     excitation_shows = "the channel gate"
 
+    # buffers of squeeze_through: fc1, the block's conv and BatchNorm folded into one matrix
+    fold_weight: torch.Tensor
+    fold_bias: torch.Tensor
+
     def __init__(
         self,
         channels: int,
@@ -129,7 +134,9 @@ class SqueezeExcite(ChannelUnit):
             self.fc2 = nn.Linear(self.hidden, channels, bias=bias, device=device, dtype=dtype)
         self.act = create_act(act_layer)
         self.gate = create_gate(gate_layer, preserve=init == "preserve")
-        if init == "preserve":
+        # the block's (conv, norm) folded into the squeeze by squeeze_through: not children, not saved
+        self._through: tuple[nn.Conv2d, nn.BatchNorm2d] | None = None
+        if zeroes_last(init):
             with torch.no_grad():
                 nn.init.zeros_(self.fc2.weight)
                 if self.fc2.bias is not None:
@@ -180,22 +187,76 @@ class SqueezeExcite(ChannelUnit):
     def gate_range(self) -> float:
         return gate_range(self.gate)
 
+    def squeeze_through(self, conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
+        """Squeeze before ``conv`` (1x1, stride 1, one group) and ``norm`` (BatchNorm in eval mode),
+        which produce the unit's input: called with ``source=`` (the conv's input), the unit in eval
+        mode pools ``source`` and applies one matrix that folds ``conv``, ``norm``'s affine map and
+        ``fc1`` together. The mean over positions commutes with all three, so the result is the
+        usual one up to float rounding; see ``se_inject.optimize_for_inference``.
+
+        ``conv`` and ``norm`` stay the block's modules (not children of the unit). The folded matrix
+        is computed now and again whenever the unit returns to eval mode (``eval()``).
+        """
+        if self.squeeze != "avg":
+            raise ConfigError(
+                f"squeeze: only an average squeeze commutes with a convolution, this unit's is {self.squeeze!r}"
+            )
+        self._through = (conv, norm)
+        self._fold()
+
+    @property
+    def squeezes_through(self) -> bool:
+        """Whether :meth:`squeeze_through` folded a conv and BatchNorm into the squeeze."""
+        return self._through is not None
+
+    def _fold(self) -> None:
+        """``fold_weight``/``fold_bias``: ``fc1(a * (W m + c) + b) = fold_weight m + fold_bias`` for the pooled
+        conv input ``m``, with BatchNorm's affine map ``a, b`` from its running statistics (in float64)."""
+        assert self._through is not None
+        conv, norm = self._through
+        assert norm.running_mean is not None and norm.running_var is not None  # checked by optimize_for_inference
+        with torch.no_grad():
+            wide = torch.float64
+            a = torch.rsqrt(norm.running_var.to(wide) + norm.eps)
+            if norm.weight is not None:
+                a = a * norm.weight.to(wide)
+            b = -norm.running_mean.to(wide) * a + (norm.bias.to(wide) if norm.bias is not None else 0.0)
+            if conv.bias is not None:
+                b = b + a * conv.bias.to(wide)
+            w1 = self.fc1.weight.to(wide)
+            weight = w1 @ (a[:, None] * conv.weight.to(wide).flatten(1))
+            bias = w1 @ b + (self.fc1.bias.to(wide) if self.fc1.bias is not None else 0.0)
+        dtype = self.fc1.weight.dtype
+        self.register_buffer("fold_weight", weight.to(dtype), persistent=False)
+        self.register_buffer("fold_bias", bias.to(dtype), persistent=False)
+
+    def train(self, mode: bool = True) -> SqueezeExcite:
+        super().train(mode)
+        if not mode and self.squeezes_through:  # weights may have changed while training: fold them again
+            self._fold()
+        return self
+
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
         """The per-channel (per-position for NoSqueeze) gate, shaped to broadcast against ``x``."""
-        s, scale = self._gate(x)
+        s, scale = self._gate(self._first(x, None))
         return s * scale if scale != 1.0 else s
 
-    def _gate(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The gate up to a constant factor (the preserve sigmoid's 2), and that factor.
+    def _first(self, x: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        """fc1's output: on the squeezed ``x``, or (folded, in eval mode) on the pooled ``source``.
 
-        Functional calls on the unit's own weights: at batch 1 the per-call cost of four module
-        calls is a visible share of a block's time. The factor goes into the final product.
+        Functional calls on the unit's own weights: at batch 1 the per-call cost of module calls is
+        a visible share of a block's time.
         """
         if self.squeeze == "none":
-            h = F.conv2d(x, self.fc1.weight, self.fc1.bias)
-        else:
-            z = x.mean((2, 3), keepdim=True) if self.squeeze == "avg" else x.amax((2, 3), keepdim=True)
-            h = F.linear(z.flatten(1), self.fc1.weight, self.fc1.bias)
+            return F.conv2d(x, self.fc1.weight, self.fc1.bias)
+        if source is not None and not self.training and self.squeezes_through:
+            return F.linear(source.mean((2, 3)), self.fold_weight, self.fold_bias)
+        z = x.mean((2, 3), keepdim=True) if self.squeeze == "avg" else x.amax((2, 3), keepdim=True)
+        return F.linear(z.flatten(1), self.fc1.weight, self.fc1.bias)
+
+    def _gate(self, h: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The gate from fc1's output ``h``, up to a constant factor (the preserve sigmoid's 2), and that
+        factor, which goes into the final product."""
         # in place on fc1's output, which nothing else holds and whose backward needs only fc1's input
         # (sigmoid_ is not used below: on meta tensors it is a Python kernel, ten times sigmoid's cost)
         h = h.relu_() if type(self.act) is nn.ReLU else self.act(h)
@@ -212,13 +273,17 @@ class SqueezeExcite(ChannelUnit):
             s, scale = self.gate(s), 1.0
         return (s if self.squeeze == "none" else s.view(s.shape[0], s.shape[1], 1, 1)), scale
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, source: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``x * s``; with ``residual``, ``residual + x * s`` in one pass over memory (addcmul).
 
         The rewrite passes the residual when the unit feeds an addition (standard and identity
         positions), which saves writing and re-reading a full feature map per block.
+        ``source`` is the input of the conv that produced ``x``, given by
+        ``se_inject.optimize_for_inference`` (see :meth:`squeeze_through`).
         """
-        s, scale = self._gate(x)
+        s, scale = self._gate(self._first(x, source))
         return gated(x, s, residual, self.overwrite_input, scale)
 
     def extra_repr(self) -> str:

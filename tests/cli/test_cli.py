@@ -251,7 +251,7 @@ def test_unit_and_its_options_from_the_command_line():
         (("--unit", "nope"), "unit: 'nope' is not a registered unit"),
         (("--unit", "eca", "--unit-option", "kernel=3"), "unit_options.kernel: not an option of this unit"),
         (("--unit", "eca", "--unit-option", "kernel_size"), "--unit-option: expected NAME=VALUE"),
-        (("--unit", "ge", "--unit-option", "mlp=false"), "cannot start as the identity"),
+        (("--unit", "ge", "--unit-option", "mlp=false"), "has no last layer to start at zero"),
     ],
 )
 def test_a_bad_unit_is_one_line_and_exit_code_2(args, message):

@@ -82,6 +82,26 @@ def test_the_published_start_is_not_the_identity_except_gcnets_additive_block(un
         assert torch.equal(injected.eval()(x), model(x)) == additive_gc
 
 
+@pytest.mark.parametrize("unit, options", CASES, ids=IDS)
+def test_the_zero_start_is_a_zero_last_layer_under_the_published_gate(unit, options):
+    """init="zero": every channel gate is exactly sigmoid(0) = 0.5 whatever the input (the third start
+    an experiment compares); an additive GC block still adds nothing."""
+    model = _host()
+    injected = se_inject.inject(model, unit=unit, unit_options=options, init="zero", r=4, input_size=16).double()
+    units = [m for m in injected.modules() if isinstance(m, ChannelUnit)]
+    assert units and not any(m.starts_as_identity for m in units)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        for unit_module in units:
+            if unit_module.channel_gate and unit_module.excitation_shows:
+                features = torch.randn(2, unit_module.channels, 16, 16, dtype=torch.float64)
+                assert torch.equal(
+                    unit_module.excitation(features), torch.full_like(unit_module.excitation(features), 0.5)
+                )
+        additive_gc = unit == "gc" and options.get("fusion", "add") == "add"
+        assert torch.equal(injected.eval()(x), model(x)) == additive_gc
+
+
 MODELS = [FunctionalResNet, InplaceResNet, InceptionNet, MobileNetV2ish, DenseNetish]
 
 
@@ -231,7 +251,7 @@ def test_eca_kernel_sizes_follow_the_paper():
         ("eca", {"kernel_size": "5"}, r"unit_options.kernel_size: expected int or None, got '5'"),
         ("gc", {"fusion": "mul"}, r"unit_options.fusion: expected one of 'add', 'scale', 'both', got 'mul'"),
         ("ge", {"extent": 3}, r"extent: expected 0 \(global\) or a power of two"),
-        ("ge", {"mlp": False}, r"init: the parameter-free Gather-Excite .* cannot start as the identity"),
+        ("ge", {"mlp": False}, r"init: the parameter-free Gather-Excite .* has no last layer to start at zero"),
         ("cbam", {"spatial_kernel": 6}, r"spatial_kernel: expected an odd size"),
         ("se", {"kernel_size": 3}, r"unit_options.kernel_size: not an option of this unit; its options are none"),
     ],

@@ -1,0 +1,129 @@
+"""Inference optimisation of a retrofitted model: the squeeze taken before the block's last 1x1 conv.
+
+Where an SE unit's input is BatchNorm (eval) of a stride-1 1x1 convolution, the last conv of every
+bottleneck and inverted residual, the squeeze (the mean over positions) commutes with both and with
+the unit's first FC layer: ``fc1(mean(BN(W h + c))) = fc1(a * (W mean(h) + c) + b)``, with BN's
+affine map ``a, b`` from its running statistics. The unit then pools ``h``, which is 4x (bottleneck)
+to 6x (inverted residual) narrower than its own input, and applies one matrix ``W1 diag(a) W``
+(``hidden x narrow``, also smaller than ``fc1``). No hand-built SE network does this: its SE module
+sees only its own input.
+
+The values are the usual ones up to float rounding (the sums are taken in another order);
+``tests/surgery/test_optimize.py`` checks that in float64 on every bottleneck family of the suite.
+Under ``torch.compile`` the narrow pooling fuses into the kernel that writes ``h`` (the activation
+after the middle conv), so the squeeze costs almost no memory traffic; in eager mode it is a
+separate pass either way. The README's "Performance" section has the measured ratios.
+
+In training mode BatchNorm normalises with the batch's statistics, so a unit then pools its own
+input as before; the folded matrix is recomputed when the unit returns to eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch.fx as fx
+from torch import nn
+
+from se_inject.errors import ConfigError, InvalidModelError
+from se_inject.units.se import SqueezeExcite
+
+
+def _affine_batch_norm(module: nn.Module) -> bool:
+    """BatchNorm2d, or timm's BatchNormAct2d with its activation and dropout off (the last norm of a
+    timm ConvNormAct block before an addition): modules that compute BatchNorm's affine map alone,
+    from running statistics."""
+    if not isinstance(module, nn.BatchNorm2d) or module.running_mean is None or module.running_var is None:
+        return False
+    if type(module) is nn.BatchNorm2d:
+        return True
+    from timm.layers import BatchNormAct2d
+
+    return type(module) is BatchNormAct2d and all(isinstance(m, nn.Identity) for m in module.children())
+
+
+def _pointwise_conv(module: nn.Module) -> bool:
+    """A dense 1x1 convolution with stride 1 and no padding: the mean over positions commutes with it."""
+    ones = (1, 1)
+    return (
+        type(module) is nn.Conv2d
+        and module.kernel_size == ones
+        and module.stride == ones
+        and module.dilation == ones
+        and module.groups == 1
+        and module.padding in ((0, 0), "valid")
+    )
+
+
+def _sole_module_input(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, fx.Node] | None:
+    """The module ``node`` calls and its input node, when ``node`` is a module call whose output only
+    one node reads (so that folding it into the squeeze changes nothing else)."""
+    if node.op != "call_module" or len(node.users) != 1 or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    return gm.get_submodule(str(node.target)), node.args[0]
+
+
+def _squeezable(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Conv2d, nn.BatchNorm2d, fx.Node] | None:
+    """The conv, the BatchNorm and the conv's input when ``node`` (a unit's input) is BN(1x1 conv(h)),
+    through identities (timm's ``drop_path`` and ``attn_last`` placeholders in eval mode)."""
+    found = _sole_module_input(gm, node)
+    while found is not None and isinstance(found[0], nn.Identity):
+        found = _sole_module_input(gm, found[1])
+    if found is None or not _affine_batch_norm(found[0]):
+        return None
+    norm, conv_node = found
+    inner = _sole_module_input(gm, conv_node)
+    if inner is None or not _pointwise_conv(inner[0]):
+        return None
+    assert isinstance(norm, nn.BatchNorm2d) and isinstance(inner[0], nn.Conv2d)  # checked above
+    return inner[0], norm, inner[1]
+
+
+def optimize_for_inference(model: nn.Module) -> nn.Module:
+    """A copy of the retrofitted ``model``, in eval mode, whose SE units squeeze before the last 1x1 conv.
+
+    Every average-squeeze SE unit whose input is BatchNorm of a stride-1 1x1 conv (read by nothing
+    else) pools that conv's narrower input instead, through one folded matrix; the outputs are the
+    same up to float rounding. Other units are left as they are; :func:`optimized_units` lists the
+    changed ones. ``model`` is not changed.
+
+    Example::
+
+        model = se_inject.inject(timm.create_model("resnet50"), r=16)
+        fast = se_inject.optimize_for_inference(model)
+        se_inject.optimized_units(fast)   # ['layer1.0.se_1_1', ...]: 16 units
+        torch.compile(fast)(x)            # where it pays: see the README's measured ratios
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidModelError(f"model: expected an nn.Module, got {type(model).__name__}")
+    optimized = copy.deepcopy(model).eval()
+    changed = 0
+    for graph_module in [m for m in optimized.modules() if isinstance(m, fx.GraphModule)]:
+        found_here = 0
+        for node in graph_module.graph.nodes:
+            if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+                continue
+            unit = graph_module.get_submodule(str(node.target))
+            if not isinstance(unit, SqueezeExcite) or unit.squeeze != "avg" or "source" in node.kwargs:
+                continue
+            found = _squeezable(graph_module, node.args[0])
+            if found is None:
+                continue
+            conv, norm, source = found
+            unit.squeeze_through(conv, norm)
+            node.kwargs = {**node.kwargs, "source": source}
+            found_here += 1
+        if found_here:
+            graph_module.recompile()
+            changed += found_here
+    if not changed:
+        raise ConfigError(
+            "optimize_for_inference: no SE unit of this model reads BatchNorm of a 1x1 conv with an average "
+            "squeeze, so there is nothing to fold; use the model as it is"
+        )
+    return optimized
+
+
+def optimized_units(model: nn.Module) -> list[str]:
+    """The names of ``model``'s units that squeeze before their block's last 1x1 conv."""
+    return [name for name, m in model.named_modules() if isinstance(m, SqueezeExcite) and m.squeezes_through]

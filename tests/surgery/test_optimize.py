@@ -1,0 +1,104 @@
+"""optimize_for_inference: the squeeze taken before the block's last 1x1 conv computes what the plain
+retrofit computes (float64, random BatchNorm statistics and unit weights, both starts), on every
+bottleneck family of the suite, and changes nothing of the model it is given."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from conftest import assert_unchanged, randomize_batchnorm, randomize_units, snapshot
+from tiny_models import FunctionalResNet, InplaceResNet
+
+import se_inject
+from se_inject.bench import bench
+from se_inject.errors import ConfigError, InvalidModelError
+from se_inject.surgery.optimize import optimize_for_inference, optimized_units
+from se_inject.units.se import SqueezeExcite
+
+# every bottleneck family the suite has: the last conv of each block is 1x1, so every unit folds
+BOTTLENECKS = {
+    "tiny torchvision-style (out += identity, shared inplace ReLU)": (InplaceResNet, 32),
+    "timm resnet26 (Bottleneck)": (lambda: timm.create_model("resnet26", num_classes=10), 64),
+    "timm resnet26d (avg-pool shortcut)": (lambda: timm.create_model("resnet26d", num_classes=10), 64),
+    "timm resnext26ts (byobnet, BatchNormAct2d without act)": (lambda: timm.create_model("resnext26ts"), 64),
+    "torchvision resnext50_32x4d": (lambda: torchvision.models.resnext50_32x4d(num_classes=10), 64),
+}
+
+
+def _retrofit(build, init: str) -> torch.nn.Module:
+    model = randomize_batchnorm(build().double().eval())
+    return randomize_units(se_inject.inject(model, r=4, init=init)).eval()
+
+
+@pytest.mark.parametrize("init", ["preserve", "paper"])
+@pytest.mark.parametrize("family", list(BOTTLENECKS))
+def test_the_optimized_retrofit_computes_what_the_retrofit_computes(family, init):
+    build, size = BOTTLENECKS[family]
+    retrofitted = _retrofit(build, init)
+    units = [name for name, m in retrofitted.named_modules() if isinstance(m, SqueezeExcite)]
+    optimized = optimize_for_inference(retrofitted)
+    assert optimized_units(optimized) == units  # every bottleneck unit folds
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = retrofitted(x), optimized(x)
+    assert (got - expected).abs().max() <= 1e-9 * expected.abs().max()
+    # the folded path is the one that runs: a wrong folded matrix changes the outputs
+    unit = optimized.get_submodule(units[-1])
+    with torch.no_grad():
+        unit.fold_weight.mul_(1.5)
+        assert not torch.allclose(optimized(x), expected, rtol=1e-6, atol=0)
+
+
+def test_the_model_given_is_not_changed_and_training_mode_computes_the_retrofit():
+    retrofitted = _retrofit(InplaceResNet, "paper")
+    before, code = snapshot(retrofitted), [m.code for m in retrofitted.modules() if hasattr(m, "code")]
+    optimized = optimize_for_inference(retrofitted)
+    assert_unchanged(retrofitted, before)
+    assert [m.code for m in retrofitted.modules() if hasattr(m, "code")] == code
+    assert not any(m.training for m in optimized.modules())
+    assert optimized.state_dict().keys() == retrofitted.state_dict().keys()  # the folded matrices are not saved
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    optimized.train()
+    retrofitted.train()
+    with torch.no_grad():  # batch statistics: the units pool their own input again
+        torch.testing.assert_close(optimized(x), retrofitted(x), rtol=0, atol=0)
+
+
+def test_weights_changed_in_training_are_folded_again_at_eval():
+    retrofitted = _retrofit(InplaceResNet, "paper")
+    optimized = optimize_for_inference(retrofitted)
+    optimized.train()
+    with torch.no_grad():  # what a training step would do: new unit and BatchNorm weights
+        for model in (optimized, retrofitted):
+            randomize_units(model, seed=7)
+            randomize_batchnorm(model, seed=8)
+    optimized.eval()
+    retrofitted.eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = retrofitted(x)
+        assert (optimized(x) - expected).abs().max() <= 1e-9 * expected.abs().max()
+
+
+def test_models_with_nothing_to_fold_are_refused_in_one_line():
+    basic = se_inject.inject(FunctionalResNet(), r=4)  # 3x3 convs end its blocks
+    with pytest.raises(ConfigError, match="no SE unit of this model reads BatchNorm of a 1x1 conv"):
+        optimize_for_inference(basic)
+    max_squeeze = se_inject.inject(InplaceResNet(), r=4, squeeze="max")  # a max does not commute with a conv
+    with pytest.raises(ConfigError, match="nothing to fold"):
+        optimize_for_inference(max_squeeze)
+    with pytest.raises(InvalidModelError, match="expected an nn.Module"):
+        optimize_for_inference("resnet50")  # type: ignore[arg-type]
+
+
+def test_bench_times_the_optimized_retrofit_beside_the_others():
+    report = bench(
+        InplaceResNet(), batches=(2,), size=32, repeats=2, warmup=1, train=True, r=4, optimize=True
+    )
+    timed = {(t.model, t.mode) for t in report.timings}
+    assert ("optimized", "inference") in timed and ("optimized", "train step") not in timed  # it trains as the retrofit
+    inference = next(row for row in report.ratios() if row["mode"] == "inference")
+    assert inference["optimized/original"] > 0 and inference["optimized/injected"] > 0
+    assert inference["optimized/twin"] is None
