@@ -62,6 +62,10 @@ _LAZY: dict[str, str] = {
     "register_pattern": "se_inject.placement.patterns.base",
     "register_leaf_module": "se_inject.graph.trace",
     "finetune": "se_inject.train.finetune",
+    "experiment": "se_inject.train.experiment",
+    "arms": "se_inject.train.experiment",
+    "ExperimentConfig": "se_inject.train.config",
+    "ExperimentResult": "se_inject.train.experiment",
     "hidden_width": "se_inject.units.se",
     "inject": "se_inject.api",
     "load": "se_inject.saving",
@@ -92,7 +96,9 @@ if TYPE_CHECKING:
     from se_inject.saving import SourceChangedWarning, apply, load, save
     from se_inject.surgery.optimize import optimize_for_inference, optimized_units
     from se_inject.surgery.report import OverheadReport, StageReport, Totals, UnitReport
+    from se_inject.train.config import ExperimentConfig
     from se_inject.train.data import load_data
+    from se_inject.train.experiment import ExperimentResult, arms, experiment
     from se_inject.train.finetune import FinetuneConfig, FinetuneResult, finetune
     from se_inject.units.base import ChannelUnit, register_unit, unit_class
     from se_inject.units.se import SqueezeExcite, eq5_params, hidden_width
@@ -170,6 +176,10 @@ __all__ = [
     "load_model",
     "make_config",
     "prune",
+    "experiment",
+    "arms",
+    "ExperimentConfig",
+    "ExperimentResult",
     "optimize_for_inference",
     "optimized_units",
     "report",

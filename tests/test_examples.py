@@ -25,13 +25,13 @@ def test_example_runs(path, capsys, monkeypatch, tmp_path):
     if path.name == "train_digits_base.py":
         assert float(out.split("val acc ")[1].split("%")[0]) > 50 and (tmp_path / "base.pth").is_file()  # chance: 10%
     if path.name == "finetune_digits.py":
-        assert "(max |output change| 0)" in out
-        before, after = (
-            float(line.split("val acc ")[1].split("%")[0])
-            for line in out.splitlines()
-            if line.startswith(("1. trained", "3. epoch 2"))
-        )
-        assert after > 50 and before > 50  # chance is 10%
+        lines = out.splitlines()
+        assert [line.split()[0] for line in lines[1:4]] == ["control", "r=8", "r=8"]
+        assert sum(line.startswith("r=8 init=") and "control" in line for line in lines) == 2  # the verdicts
+        start = next(line for line in lines if line.startswith("right after injection"))
+        preserve, base = (part.split()[-1] for part in start.split(","))
+        assert preserve == base  # the preserve start computes what the base computes
+        assert float(base.rstrip("%")) > 50  # chance is 10%
 
 
 README = Path(__file__).parent.parent / "README.md"

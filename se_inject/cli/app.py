@@ -25,7 +25,7 @@ from typer.core import TyperGroup
 # Only what parsing needs is imported here: torch and the pipeline load inside the command that
 # runs, so `se-inject --help` and `--version` answer at once.
 from se_inject._version import __version__
-from se_inject.cli.options import finetune_option, inject_option
+from se_inject.cli.options import experiment_option, finetune_config, finetune_option, inject_option
 from se_inject.config import InjectConfig
 from se_inject.errors import ConfigError, SEInjectError, first_line
 from se_inject.io.files import as_path, check_target
@@ -482,28 +482,11 @@ def finetune_command(
     from se_inject.io.models import load_model, spec_kind
     from se_inject.saving import load
     from se_inject.train.data import check_image_size, data_classes, load_data, model_data_config
-    from se_inject.train.finetune import FinetuneConfig, UntrainedModelWarning, finetune
+    from se_inject.train.finetune import UntrainedModelWarning, finetune
 
     if nproc < 1:
         raise ConfigError(f"--nproc: expected 1 or more processes, got {nproc}")
-    settings: dict[str, Any] = dict(
-        epochs=epochs,
-        se_epochs=se_epochs,
-        batch_size=batch_size,
-        lr=lr,
-        full_lr_scale=full_lr_scale,
-        optimizer=optimizer,
-        schedule=schedule,
-        label_smoothing=label_smoothing,
-        weight_decay=weight_decay,
-        device=device,
-        amp=amp,
-        seed=seed,
-        workers=workers,
-        momentum=momentum,
-        channels_last=channels_last,
-    )
-    config = FinetuneConfig(**settings)
+    config = finetune_config(locals())
     if image_size is not None:
         check_image_size(image_size)
     if not Path(source).is_dir():
@@ -1070,3 +1053,215 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds 5`` (seeds 0-4) or ``--seeds 0,3,7``."""
+    values = parse_positive_list(text.replace(" ", ""), "--seeds") if "," not in text else None
+    if values is not None:
+        return tuple(range(values[0]))
+    try:
+        seeds = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--seeds: expected a number of seeds (5) or a list of seeds (0,1,2), got {text!r}") from None
+    return seeds
+
+
+@app.command("experiment")
+def experiment_command(
+    model: str = typer.Argument(..., help="timm name, torchvision:NAME, module.path:callable or file.py:callable"),
+    data: str = typer.Option(..., "--data", help="digits, or a folder with train/ and val/ class folders"),
+    out: str = typer.Option(
+        ..., "--out", help="experiment directory: experiment.json, base/ and one run per arm and seed"
+    ),
+    checkpoint: str | None = typer.Option(None, "--checkpoint", help="trained weights of MODEL (.safetensors, .pth)"),
+    pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights (needs a network)"),
+    num_classes: int | None = typer.Option(
+        None, "--num-classes", help="classes of MODEL's head as --checkpoint has it (default: the dataset's)"
+    ),
+    seeds: str = typer.Option("5", "--seeds", help="seeds per arm: a count (5: seeds 0-4) or a list (0,1,2)"),
+    base_epochs: int = experiment_option("base_epochs"),
+    base_lr: float = experiment_option("base_lr"),
+    base_seed: int = experiment_option("base_seed"),
+    latency_batch: int = experiment_option("latency_batch"),
+    latency_repeats: int = experiment_option("latency_repeats"),
+    positions: str | None = typer.Option(None, "--positions", help="positions to try, e.g. standard,post"),
+    r: str | None = typer.Option(None, "--r", "-r", help="reduction ratios to try, e.g. 8,16"),
+    units: str | None = typer.Option(None, "--units", help="units to try, e.g. se,eca"),
+    inits: str | None = typer.Option(None, "--inits", help="starts to try: preserve, paper, zero"),
+    styles: str | None = typer.Option(None, "--styles", help="styles to try, e.g. paper,timm"),
+    candidate: list[str] = typer.Option(
+        [], "--candidate", help="one more arm as OPTION=VALUE,... (e.g. 'include=layer4.*,r=8'; repeatable)"
+    ),
+    reference_data: str | None = typer.Option(
+        None, "--reference-data", help="the original task's data: each arm's final model is scored on it (forgetting)"
+    ),
+    epochs: int = finetune_option("epochs"),
+    se_epochs: int = finetune_option("se_epochs"),
+    batch_size: int = finetune_option("batch_size"),
+    lr: float = finetune_option("lr"),
+    full_lr_scale: float = finetune_option("full_lr_scale"),
+    optimizer: str = finetune_option("optimizer"),
+    schedule: str = finetune_option("schedule"),
+    label_smoothing: float = finetune_option("label_smoothing"),
+    weight_decay: float = finetune_option("weight_decay"),
+    momentum: float = finetune_option("momentum"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    amp: bool = finetune_option("amp"),
+    channels_last: bool = finetune_option("channels_last"),
+    workers: int = finetune_option("workers"),
+    image_size: int | None = typer.Option(None, "--image-size", help="image size (digits: 32, folders: the model's)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the experiment in --out where it stopped"),
+    force: bool = typer.Option(False, "--force", help="start over in an --out that holds an experiment"),
+    nproc: int = typer.Option(
+        1, "--nproc", help="launch N processes with torchrun; each trains every N-th run alone (one GPU each)"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    plot_file: str | None = typer.Option(None, "--plot", help="write accuracy vs added latency, with intervals (PNG)"),
+) -> None:
+    """Fine-tune a control (no units) and retrofit arms of MODEL over several seeds, on the same
+    batches; report accuracy, its difference to the control with an interval, cost and speed."""
+    from se_inject.io.models import load_model
+    from se_inject.train.config import ExperimentConfig
+    from se_inject.train.data import check_image_size, data_classes, load_data, model_data_config
+    from se_inject.train.experiment import arms, experiment
+    from se_inject.train.finetune import UntrainedModelWarning
+
+    tuning = finetune_config(locals())  # each run's seed is one of --seeds
+    config = ExperimentConfig(
+        seeds=parse_seeds(seeds),
+        base_epochs=base_epochs,
+        base_lr=base_lr,
+        base_seed=base_seed,
+        latency_batch=latency_batch,
+        latency_repeats=latency_repeats,
+    )
+    chosen = arms(
+        positions=parse_names(positions, "--positions") or (),
+        rs=_as_tuple(parse_int_list(r, "--r")) if r else (),
+        units=parse_names(units, "--units") or (),
+        inits=parse_names(inits, "--inits") or (),
+        styles=parse_names(styles, "--styles") or (),
+        candidates=[parse_candidate(text) for text in candidate],
+    )
+    if plot_file is not None:
+        from se_inject.compare import check_plot_target
+
+        check_plot_target(plot_file)
+    if image_size is not None:
+        check_image_size(image_size)
+    if nproc < 1:
+        raise ConfigError(f"--nproc: expected 1 or more processes, got {nproc}")
+    classes = data_classes(data)  # checked completely before any model is built
+    if reference_data is not None:
+        data_classes(reference_data)
+    if nproc > 1:  # everything that can be checked once is checked before the workers start
+        raise typer.Exit(_launch_torchrun(nproc, device))
+    given = _head_kwargs(num_classes)
+    dataset_head = {} if (given or checkpoint or pretrained) else {"num_classes": len(classes)}
+    import torch
+
+    torch.manual_seed(base_seed)  # an untrained MODEL is built the same way again when the experiment resumes
+    network = load_model(
+        model, device="cpu", pretrained=pretrained, checkpoint=checkpoint, optional_kwargs=dataset_head, **given
+    )
+    splits = load_data(data, image_size, model_data_config(network), check=False)
+    reference = None
+    if reference_data is not None:
+        reference = load_data(reference_data, splits.image_size, model_data_config(network), check=False)
+    out_console = console()
+    with warnings.catch_warnings(record=True) as caught:  # an untrained base is said once, below
+        warnings.simplefilter("always", UntrainedModelWarning)
+        result = experiment(
+            network,
+            splits,
+            out,
+            chosen,
+            tuning,
+            config,
+            reference=reference,
+            model_name=model,
+            resume=resume,
+            force=force,
+            show_progress=not as_json,
+            console=Console(stderr=True) if as_json else out_console,
+        )
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process reports
+        return
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UntrainedModelWarning)):
+        typer.echo(f"se-inject: warning: {message}", err=True)
+    if plot_file is not None:
+        from se_inject.train.experiment import plot
+
+        plot(result, plot_file)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    render_experiment(result, out_console)
+    if plot_file is not None:
+        out_console.print(f"wrote {plot_file}")
+
+
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.2f}"
+
+
+def render_experiment(result: Any, out: Console) -> None:
+    """The arms as a rich table (accuracy over seeds, the difference to the control with its interval,
+    cost, speed, forgetting), then one verdict per arm."""
+    level = f"{result.level:.0%}"
+    table = Table(
+        title=f"{result.model}: {len(result.seeds)} seeds per arm, accuracy on the validation set "
+        f"(base {'-' if result.base_accuracy is None else f'{result.base_accuracy:.2%}'})",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    forgetting = any(a.forgetting is not None for a in result.arms)
+    columns = ["arm", "accuracy", "sd", f"vs control [{level}]", "start", "+weights", "+FLOPs"]
+    columns += [f"time b{result.latency_batch}"] if result.latency_batch else []
+    columns += ["img/s"] + (["forgetting"] if forgetting else [])
+    for column in columns:
+        table.add_column(column, justify="left" if column == "arm" else "right", no_wrap=True)
+    for arm in result.arms:
+        if arm.error is not None:
+            continue
+        d = arm.difference
+        interval = (
+            "-"
+            if d is None
+            else f"{_points(d.mean)} [{_points(d.low)}, {_points(d.high)}]"
+            if d.low is not None
+            else _points(d.mean)
+        )
+        cells = [
+            arm.label,
+            f"{arm.accuracy.mean:.2%}",
+            "-" if arm.accuracy.std is None else f"{100 * arm.accuracy.std:.2f}",
+            interval,
+            f"{arm.start_accuracy.mean:.2%}",
+            "-" if arm.options is None else f"+{arm.params_added:,}",
+            "-" if arm.options is None else f"{arm.flops_increase:+.2%}",
+        ]
+        if result.latency_batch:
+            cells.append("-" if arm.latency is None else str(arm.latency))
+        cells.append("-" if arm.images_per_s is None else f"{arm.images_per_s:,.0f}")
+        if forgetting:
+            cells.append("-" if arm.forgetting is None else _points(arm.forgetting.mean))
+        table.add_row(*cells, style="bold" if arm.options is None else None)
+    out.print(table)
+    out.print(
+        f"accuracy: mean over seeds, sd in points; vs control: mean of the per-seed differences in points, {level} t "
+        "interval; start: right after injection; "
+        + (
+            f"time b{result.latency_batch}: inference time over the base's, median [25%, 75%]; "
+            if result.latency_batch
+            else ""
+        )
+        + "img/s: training speed in the epochs that train everything"
+    )
+    for arm in result.arms:
+        if arm.error is not None:
+            out.print(f"[red]not built[/]: {arm.label}: {arm.error}")
+    for line in result.verdicts():
+        out.print(line)
+    out.print(f"runs in {result.out}; {result.seconds:.0f} s")

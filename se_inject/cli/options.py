@@ -1,6 +1,7 @@
 """Command-line options made from the config dataclasses: each option's default and help text is
-declared once, on the field of :class:`~se_inject.config.InjectConfig` or
-:class:`~se_inject.train.config.FinetuneConfig`, and every command that takes it builds it here."""
+declared once, on the field of :class:`~se_inject.config.InjectConfig`,
+:class:`~se_inject.train.config.FinetuneConfig` or :class:`~se_inject.train.config.ExperimentConfig`,
+and every command that takes it builds it here."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import typer
 
 from se_inject.config import InjectConfig
-from se_inject.train.config import FinetuneConfig
+from se_inject.train.config import ExperimentConfig, FinetuneConfig
 
 
 def _field(config: type, name: str) -> Field[Any]:
@@ -51,9 +52,20 @@ def inject_option(name: str, *flags: str, **extra: Any) -> Any:
     return _option(InjectConfig, name, *flags, **extra)
 
 
+def finetune_config(values: dict[str, Any]) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` of a command's parsed options (its ``locals()``): every field the
+    command has an option for, the defaults for the others."""
+    return FinetuneConfig(**{f.name: values[f.name] for f in fields(FinetuneConfig) if f.name in values})
+
+
 def finetune_option(name: str, *flags: str, **extra: Any) -> Any:
     """The option for ``FinetuneConfig.<name>``."""
     if isinstance(_field(FinetuneConfig, name).default, bool):
         flag = name.replace("_", "-")
         return _option(FinetuneConfig, name, f"--{flag}/--no-{flag}", **extra)
     return _option(FinetuneConfig, name, *flags, **extra)
+
+
+def experiment_option(name: str) -> Any:
+    """The option for ``ExperimentConfig.<name>``."""
+    return _option(ExperimentConfig, name)

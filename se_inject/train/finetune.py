@@ -431,6 +431,7 @@ def finetune(
     show_progress: bool = False,
     console: Any = None,
     control: bool = False,
+    distributed: bool = True,
 ) -> FinetuneResult:
     """Fine-tune an injected ``model`` (in place) on ``data``, writing checkpoints, metrics and the model to ``out``.
 
@@ -440,7 +441,8 @@ def finetune(
     existing ``out`` holding a saved model or run is started over only with ``force``.
     ``control`` marks an experiment's control arm, a model without units trained on the retrofit
     arms' schedule: its SE phase trains what theirs trains besides the units (a resized head), or
-    nothing, and such epochs are recorded with ``trained: false``.
+    nothing, and such epochs are recorded with ``trained: false``. With ``distributed=False`` this
+    process trains alone even under torchrun (an experiment spreads its runs over the processes).
 
     Example::
 
@@ -453,7 +455,7 @@ def finetune(
         raise ConfigError(f"config: expected a FinetuneConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module) or (original is not None and not isinstance(original, nn.Module)):
         raise InvalidModelError("model and original: expected nn.Module objects")
-    rank, world = _distributed()
+    rank, world = _distributed() if distributed else (0, 1)
     device = resolve_device(config.device)
     out = as_path(out, "out")
     _check_out(out, resume, force)
@@ -602,7 +604,8 @@ def _run(model, data, out, config, original, state, rank, world, device, show_pr
         else:  # a control arm's SE phase with its head kept: nothing to train (see finetune's control)
             metrics = _IDLE_EPOCH
         lr_used = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+        if metrics["trained"]:  # an idle phase has no schedule to follow
+            scheduler.step()
         val_loss, val_acc = run.evaluate(model)
         run.history.append(
             {

@@ -94,9 +94,7 @@ def test_models_with_nothing_to_fold_are_refused_in_one_line():
 
 
 def test_bench_times_the_optimized_retrofit_beside_the_others():
-    report = bench(
-        InplaceResNet(), batches=(2,), size=32, repeats=2, warmup=1, train=True, r=4, optimize=True
-    )
+    report = bench(InplaceResNet(), batches=(2,), size=32, repeats=2, warmup=1, train=True, r=4, optimize=True)
     timed = {(t.model, t.mode) for t in report.timings}
     assert ("optimized", "inference") in timed and ("optimized", "train step") not in timed  # it trains as the retrofit
     inference = next(row for row in report.ratios() if row["mode"] == "inference")

@@ -1,0 +1,620 @@
+"""Controlled retrofit experiments: does SE help this model on this data?
+
+A retrofit's accuracy means little without a control. :func:`experiment` takes a trained model (or
+first trains it for a stated budget), then fine-tunes
+
+- a **control** arm: the same model without units, on exactly the retrofit arms' schedule, and
+- **retrofit** arms: positions, r values, units, starts (``init``), styles, block selections,
+
+each once per seed. Arm and control with one seed see the same data order (a function of the seed
+and epoch), the same augmentation (each sample's drawn under RNGs seeded from seed, epoch and index)
+and the same new head; the runs record a digest of every batch they were fed and the result says
+whether the arms' digests equal the control's. Per arm it reports the accuracy over seeds (mean,
+standard deviation), the difference to the control paired by seed with a t interval, the cost
+(weights, FLOPs, inference time measured interleaved by :func:`se_inject.compare`), training
+images/s and, given the original task's validation data, how much of it was forgotten.
+
+Every run is a :func:`~se_inject.train.finetune.finetune` run in its own directory, checkpointed
+every epoch; ``experiment.json`` records each finished run. ``resume=True`` continues a killed
+experiment where it stopped: finished runs are read back, the interrupted one resumes from its
+checkpoint, bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from se_inject.api import retrofit
+from se_inject.bench import Spread
+from se_inject.compare import Candidate, compare, label_of
+from se_inject.errors import ConfigError, DataError, ResumeMismatchError, SEInjectError, first_line
+from se_inject.io.files import as_path, read_text_file, write_text_atomic
+from se_inject.io.layout import CHECKPOINT_FILE
+from se_inject.io.models import classifier
+from se_inject.train.config import ExperimentConfig, FinetuneConfig
+from se_inject.train.data import DataSplits
+from se_inject.train.finetune import _distributed, evaluate, finetune, resolve_device, run_fingerprint
+from se_inject.train.stats import Summary, paired_difference
+
+EXPERIMENT_FILE = "experiment.json"
+RECORD_FILE = "record.json"  # in each run's directory: the finished run (read back on resume)
+CONTROL = "control"
+MAX_EXPERIMENT_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: a label and the injection options (``se_inject.inject``'s keywords); ``None`` for the control."""
+
+    label: str
+    options: dict[str, Any] | None
+
+    @property
+    def is_control(self) -> bool:
+        return self.options is None
+
+
+def arms(
+    *,
+    positions: Sequence[str] = (),
+    rs: Sequence[int] = (),
+    units: Sequence[str] = (),
+    inits: Sequence[str] = (),
+    styles: Sequence[str] = (),
+    candidates: Sequence[Mapping[str, Any]] = (),
+    base: Mapping[str, Any] | None = None,
+) -> list[Arm]:
+    """The control, then every combination of the values given (an axis left empty keeps the default),
+    then each of ``candidates``; with nothing given, one arm with the default retrofit.
+
+    >>> [a.label for a in arms(inits=["preserve", "paper"])]
+    ['control', 'init=preserve', 'init=paper']
+    """
+    axes = [
+        (name, list(values))
+        for name, values in (("position", positions), ("r", rs), ("unit", units), ("init", inits), ("style", styles))
+        if values
+    ]
+    found = [Arm(CONTROL, None)]
+    if axes or not candidates:
+        for combination in itertools.product(*(values for _, values in axes)):
+            options = dict(zip((name for name, _ in axes), combination, strict=True))
+            found.append(Arm(label_of(options), {**(base or {}), **options}))
+    found += [Arm(label_of(c), {**(base or {}), **c}) for c in candidates]
+    return found
+
+
+@dataclass
+class RunRecord:
+    """What one finished run (an arm with a seed) left: read back when an experiment resumes."""
+
+    accuracy: float
+    start_accuracy: float  # right after injection (the control: the base itself)
+    images_per_s: float | None  # mean over the epochs that trained everything (else over those that trained)
+    seconds: float
+    digests: list[str | None]  # per epoch, what it was fed (None: nothing trained that epoch)
+    reference_accuracy: float | None = None
+    process: int = 0  # which process trained it (under torchrun: its rank)
+
+
+@dataclass
+class ArmResult:
+    """One arm over all seeds. Accuracies are fractions; the difference is to the control, seed by seed."""
+
+    label: str
+    options: dict[str, Any] | None
+    seeds: list[int]
+    accuracies: list[float]
+    accuracy: Summary
+    start_accuracy: Summary
+    difference: Summary | None  # None for the control
+    same_data: bool  # every epoch both trained was fed the same batches as the control's
+    images_per_s: float | None
+    seconds: float  # training time, all seeds
+    params_added: int = 0
+    params_increase: float = 0.0
+    flops_increase: float = 0.0
+    latency: Spread | None = None  # inference time over the base's at ExperimentConfig.latency_batch
+    reference_accuracy: Summary | None = None
+    forgetting: Summary | None = None  # base accuracy on the reference set minus the arm's, per seed
+    error: str | None = None  # the arm could not be injected
+
+
+@dataclass
+class ExperimentResult:
+    """The control and the arms. ``to_dict()`` is the JSON form; :meth:`verdicts` says what the seeds show."""
+
+    model: str
+    device: str
+    seeds: list[int]
+    level: float
+    base_accuracy: float | None  # None: the base's head had another number of classes
+    base_reference_accuracy: float | None
+    latency_batch: int
+    arms: list[ArmResult]
+    out: Path
+    finetune: dict[str, Any]
+    seconds: float
+
+    @property
+    def control(self) -> ArmResult:
+        return self.arms[0]
+
+    def verdicts(self) -> list[str]:
+        """One line per retrofit arm: its difference to the control and whether the seeds resolve it."""
+        lines = []
+        n = len(self.seeds)
+        for arm in self.arms[1:]:
+            if arm.error is not None or arm.difference is None:
+                continue
+            d = arm.difference
+            text = f"{arm.label}: {100 * d.mean:+.2f} points vs the control"
+            if d.low is None or d.high is None:
+                lines.append(text + " (one seed: no interval; run more seeds)")
+            elif d.std == 0 and d.mean == 0:
+                lines.append(f"{arm.label}: the control's accuracy with every one of the {n} seeds")
+            elif d.excludes_zero:
+                better = "better" if d.mean > 0 else "worse"
+                lines.append(text + f", {self.level:.0%} interval [{100 * d.low:+.2f}, {100 * d.high:+.2f}]: {better}")
+            else:
+                lines.append(
+                    text + f", {self.level:.0%} interval [{100 * d.low:+.2f}, {100 * d.high:+.2f}] includes 0: "
+                    f"{n} seeds do not resolve a difference"
+                )
+            if not arm.same_data:
+                lines.append(
+                    f"{arm.label}: WARNING its batches differed from the control's: the comparison is not paired"
+                )
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        data["verdicts"] = self.verdicts()
+        return data
+
+
+# --- the experiment's file --------------------------------------------------------------------------
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """A digest of every tensor of ``model``: an experiment resumes only from the same base."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        if not tensor.is_meta:
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _spec(
+    model: nn.Module, data: DataSplits, chosen: list[Arm], tuning: FinetuneConfig, config: ExperimentConfig
+) -> dict:
+    """What a resumed experiment must share with the one in ``out``."""
+    fingerprint = run_fingerprint(model, data, tuning)
+    return {
+        "model": fingerprint["model"],
+        "weights": _weights_digest(model),
+        "data": fingerprint["data"],
+        "arms": [{"label": a.label, "options": a.options} for a in chosen],
+        "finetune": {k: v for k, v in asdict(tuning).items() if k not in ("seed", "workers", "device")},
+        "experiment": {k: v for k, v in asdict(config).items() if k not in ("latency_repeats",)},
+    }
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(read_text_file(path, limit=MAX_EXPERIMENT_BYTES, what="experiment file"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not an se_inject experiment file ({err.msg}); start over with --force") from None
+    if not isinstance(state, dict) or not {"spec", "runs"} <= set(state):
+        raise DataError(f"{path}: not an se_inject experiment file (no spec or runs); start over with --force")
+    return state
+
+
+def _check_spec(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
+    saved = json.loads(json.dumps(saved))
+    now = json.loads(json.dumps(now))  # tuples as lists, as the file has them
+    differences = [key for key in now if saved.get(key) != now[key]]
+    if differences:
+        raise ResumeMismatchError(
+            f"{path}: cannot resume this experiment with another {', '.join(differences)}; only the number of "
+            "workers and the device may change; start over with --force or choose another --out"
+        )
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)[:80] or "arm"
+
+
+def _run_dir(out: Path, arm: Arm, index: int, seed: int) -> Path:
+    return out / "runs" / f"{index:02d}_{_slug(arm.label)}" / f"seed{seed}"
+
+
+# --- running ------------------------------------------------------------------------------------------
+
+
+def _check_arms(chosen: Sequence[Arm]) -> list[Arm]:
+    chosen = list(chosen)
+    if not chosen or not chosen[0].is_control:
+        raise ConfigError("arms: the first arm must be the control (options None); build them with se_inject.arms()")
+    if not any(not a.is_control for a in chosen):
+        raise ConfigError("arms: nothing but the control; give positions, r values, units, inits, styles or candidates")
+    labels = [a.label for a in chosen]
+    if len(set(labels)) != len(labels) or any(a.is_control for a in chosen[1:]):
+        raise ConfigError(f"arms: expected one control and distinct labels, got {labels}")
+    return chosen
+
+
+def _check_out(out: Path, resume: bool, force: bool) -> None:
+    """Refuse, before anything is written, an ``out`` that holds another experiment or other files."""
+    state_path = out / EXPERIMENT_FILE
+    if resume and not state_path.is_file():
+        raise DataError(f"{state_path}: no experiment to resume")
+    if not resume and state_path.exists() and not force:
+        raise DataError(
+            f"{out} already holds an experiment; pass resume=True (--resume), force=True (--force), or another --out"
+        )
+    if not resume and not force and out.exists() and any(out.iterdir()):
+        raise DataError(f"{out}: not empty; choose a new --out (or --force to write into it)")
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A run still to do: an arm with a seed, in its directory."""
+
+    key: str  # "LABEL|SEED" in experiment.json
+    arm: Arm
+    seed: int
+    directory: Path
+
+
+def _loader(data: DataSplits, batch_size: int) -> DataLoader:
+    return DataLoader(data.val, batch_size=batch_size)
+
+
+def experiment(
+    model: nn.Module,
+    data: DataSplits,
+    out: str | Path,
+    arms: Sequence[Arm],
+    finetune_config: FinetuneConfig | None = None,
+    config: ExperimentConfig | None = None,
+    *,
+    reference: DataSplits | None = None,
+    model_name: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    show_progress: bool = False,
+    console: Any = None,
+    on_run: Callable[[str, int, RunRecord], None] | None = None,
+) -> ExperimentResult:
+    """Fine-tune a control and retrofit ``arms`` of ``model`` on ``data``, each once per seed; compare.
+
+    ``model`` is trained (or trained first for ``config.base_epochs``) and never changed: every run
+    starts from a copy. Every arm is injected before anything trains, so a bad arm stops the
+    experiment at once; each run is a fine-tuning run in ``out/runs/ARM/seedN``. ``reference`` is the
+    original task's data: each final model is scored on its validation set (forgetting).
+    ``on_run(label, seed, record)`` is called after each run.
+
+    Example::
+
+        data = se_inject.load_data("digits")
+        chosen = se_inject.arms(inits=["preserve", "paper", "zero"])
+        result = se_inject.experiment(model, data, "runs/exp", chosen, FinetuneConfig(epochs=2, se_epochs=0))
+        result.verdicts()   # ['init=preserve: +0.31 points vs the control, 95% interval [-0.4, +1.0] includes 0: ...']
+    """
+    tuning = finetune_config or FinetuneConfig()
+    config = config or ExperimentConfig()
+    if not isinstance(tuning, FinetuneConfig) or not isinstance(config, ExperimentConfig):
+        raise ConfigError("finetune_config and config: expected a FinetuneConfig and an ExperimentConfig")
+    chosen = _check_arms(arms)
+    out = as_path(out, "out")
+    state_path = out / EXPERIMENT_FILE
+    _check_out(out, resume, force)
+    if reference is not None and reference.num_classes != data.num_classes:
+        raise ConfigError(
+            f"reference: the original task's data has {reference.num_classes} classes and the fine-tuning data "
+            f"{data.num_classes}; forgetting is measured with one head, so they must match"
+        )
+    started = time.perf_counter()
+    rank, world = _distributed()
+    base = copy.deepcopy(model).cpu()
+    costs = _inject_all(base, chosen, data, model_name)
+    spec = _spec(base, data, chosen, tuning, config)
+    state: dict[str, Any] = {"spec": spec, "runs": {}, "base": {}, "latency": {}}
+    if resume:
+        state = _read_state(state_path)
+        _check_spec(state["spec"], spec, state_path)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # the first process alone writes the experiment's file
+        if rank == 0:
+            write_text_atomic(state_path, json.dumps(state, indent=1))
+
+    save()
+    device = resolve_device(tuning.device)
+    base = _trained_base(base, data, out, tuning, config, resume, force, show_progress, console)
+    if "accuracy" not in state["base"]:
+        state["base"] = _score_base(base, data, reference, tuning, device)
+        save()
+    pending = [
+        _Pending(key, arm, seed, _run_dir(out, arm, index, seed))
+        for index, arm in enumerate(chosen)
+        if "error" not in costs.get(arm.label, {})
+        for seed in config.seeds
+        if (key := f"{arm.label}|{seed}") not in state["runs"]
+    ]
+    # under torchrun each process takes every world-th run and trains it alone (one GPU per process)
+    for run in pending[rank::world]:
+        record = _read_record(run.directory) if resume else None
+        if record is None:
+            again = resume and (run.directory / CHECKPOINT_FILE).is_file()
+            record = _run_arm(
+                base, run, again, data, tuning, reference, model_name, show_progress and rank == 0, console
+            )
+            record.process = rank
+            write_text_atomic(run.directory / RECORD_FILE, json.dumps(asdict(record)))
+        state["runs"][run.key] = asdict(record)
+        save()
+        if on_run is not None:
+            on_run(run.arm.label, run.seed, record)
+    if world > 1:  # every process reads what the others finished
+        torch.distributed.barrier()
+        for run in pending:
+            found = _read_record(run.directory)
+            assert found is not None, run.directory  # written by the process that ran it, before the barrier
+            state["runs"][run.key] = asdict(found)
+        save()
+    if config.latency_batch and not state["latency"] and rank == 0:
+        state["latency"] = _latency(base, chosen, costs, data, config, tuning, model_name)
+        save()
+    return _result(state, chosen, costs, config, tuning, model_name or type(model).__name__, str(device), out, started)
+
+
+def _score_base(base: nn.Module, data: DataSplits, reference: DataSplits | None, tuning, device) -> dict:
+    """The base's accuracy on the data (and the reference data); ``None`` where its head has another
+    number of classes (each run then fits a new head, seeded as the run is)."""
+    found = classifier(base)
+    if found is not None and getattr(found[1], "out_features", None) != data.num_classes:
+        return {"accuracy": None, "reference_accuracy": None}
+    scores: dict[str, float | None] = {"reference_accuracy": None}
+    batch = tuning.batch_size * 2
+    scores["accuracy"] = evaluate(copy.deepcopy(base).to(device), _loader(data, batch), device)[1]
+    if reference is not None:
+        scores["reference_accuracy"] = evaluate(copy.deepcopy(base).to(device), _loader(reference, batch), device)[1]
+    return scores
+
+
+def _inject_all(base: nn.Module, chosen: list[Arm], data: DataSplits, model_name: str | None) -> dict[str, dict]:
+    """Every retrofit arm injected once, before anything trains: its cost, or its one-line error."""
+    costs: dict[str, dict] = {}
+    for arm in chosen[1:]:
+        assert arm.options is not None
+        try:
+            report = retrofit(base, input_size=data.image_size, model_name=model_name, **arm.options).report
+        except SEInjectError as err:
+            costs[arm.label] = {"error": first_line(err)}
+            continue
+        totals = report.totals
+        costs[arm.label] = {
+            "params_added": totals.params_added,
+            "params_increase": totals.params_increase,
+            "flops_increase": totals.flops_increase,
+        }
+    if all("error" in c for c in costs.values()):
+        raise ConfigError(f"arms: none could be injected: {next(iter(costs.values()))['error']}")
+    return costs
+
+
+def _trained_base(base, data, out, tuning, config, resume, force, show_progress, console) -> nn.Module:
+    """The base every arm starts from: ``base`` itself, or after ``config.base_epochs`` of plain training
+    (a fine-tuning run without units in ``out/base``, resumed like the arms' runs)."""
+    if not config.base_epochs:
+        return base
+    base_dir = out / "base"
+    trained = copy.deepcopy(base)
+    base_tuning = replace(
+        tuning, epochs=config.base_epochs, se_epochs=0, lr=config.base_lr, full_lr_scale=1.0, seed=config.base_seed
+    )
+    again = resume and (base_dir / CHECKPOINT_FILE).is_file()
+    finetune(
+        trained,
+        data,
+        base_dir,
+        base_tuning,
+        resume=again,
+        force=not again,
+        show_progress=show_progress,
+        console=console,
+    )
+    return trained.cpu()
+
+
+def _read_record(run_dir: Path) -> RunRecord | None:
+    """The record a finished run left in its directory (``None``: it did not finish)."""
+    path = run_dir / RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        return RunRecord(**json.loads(read_text_file(path, limit=2**20, what="run record")))
+    except (json.JSONDecodeError, TypeError):
+        return None  # a torn or foreign file: the run is trained again from its checkpoint
+
+
+def _run_arm(base, run: _Pending, again, data, tuning, reference, model_name, show_progress, console) -> RunRecord:
+    """One arm with one seed: a fine-tuning run in its directory, resumed from its checkpoint when ``again``."""
+    arm, seed, run_dir = run.arm, run.seed, run.directory
+    torch.manual_seed(seed)  # a unit's random start (init="paper") differs by seed
+    model = copy.deepcopy(base)
+    if arm.options is not None:
+        model = retrofit(model, input_size=data.image_size, model_name=model_name, **arm.options).model
+    result = finetune(
+        model,
+        data,
+        run_dir,
+        replace(tuning, seed=seed),
+        resume=again,
+        force=not again,
+        show_progress=show_progress,
+        console=console,
+        control=arm.is_control,
+        distributed=False,  # alone in its process, also under torchrun
+    )
+    trained = [h for h in result.history if h.get("trained", True)]
+    # the speed of the epochs that train everything: the same work in every arm (an SE phase trains units only)
+    timed = [h for h in trained if h["phase"] == "full"] or trained
+    reference_accuracy = None
+    if reference is not None:
+        device = resolve_device(tuning.device)
+        reference_accuracy = evaluate(model, _loader(reference, tuning.batch_size * 2), device)[1]
+    accuracy = result.accuracy["after fine-tuning"]
+    assert accuracy is not None  # at least one epoch ran
+    return RunRecord(
+        accuracy=accuracy,
+        start_accuracy=result.accuracy["after injection"] or 0.0,
+        images_per_s=statistics.fmean(h["images_per_s"] for h in timed) if timed else None,
+        seconds=sum(h["seconds"] for h in result.history),
+        digests=[h.get("data_digest") for h in result.history],
+        reference_accuracy=reference_accuracy,
+    )
+
+
+def _latency(base, chosen, costs, data, config, tuning, model_name) -> dict[str, list[float]]:
+    """Each built arm's inference time over the base's, measured interleaved by compare()."""
+    candidates = [Candidate(a.label, dict(a.options or {})) for a in chosen[1:] if "error" not in costs[a.label]]
+    device = resolve_device(tuning.device)
+    measured = compare(
+        base,
+        candidates,
+        model_name=model_name,
+        batches=(config.latency_batch,),
+        size=data.image_size,
+        repeats=config.latency_repeats,
+        device=device,
+    )
+    return {
+        r.label: [
+            r.latency[config.latency_batch].median,
+            r.latency[config.latency_batch].q1,
+            r.latency[config.latency_batch].q3,
+        ]
+        for r in measured.measured()
+    }
+
+
+def _same_data(arm: list[list[str | None]], control: list[list[str | None]]) -> bool:
+    """Whether, seed by seed, every epoch both trained was fed the same batches."""
+    for mine, theirs in zip(arm, control, strict=True):
+        for a, b in zip(mine, theirs, strict=False):
+            if a is not None and b is not None and a != b:
+                return False
+    return True
+
+
+def _result(state, chosen, costs, config, tuning, name, device, out, started) -> ExperimentResult:
+    seeds = list(config.seeds)
+    runs = {key: RunRecord(**value) for key, value in state["runs"].items()}
+    control = [runs[f"{CONTROL}|{s}"] for s in seeds]
+    base_reference = state["base"].get("reference_accuracy")
+    results = []
+    for arm in chosen:
+        cost = costs.get(arm.label, {})
+        if "error" in cost:
+            empty = Summary(0, 0.0, None, None, None, config.level)
+            results.append(
+                ArmResult(arm.label, arm.options, seeds, [], empty, empty, None, True, None, 0.0, error=cost["error"])
+            )
+            continue
+        mine = [runs[f"{arm.label}|{s}"] for s in seeds]
+        accuracies = [r.accuracy for r in mine]
+        speeds = [r.images_per_s for r in mine if r.images_per_s is not None]
+        references = [r.reference_accuracy for r in mine if r.reference_accuracy is not None]
+        latency = state["latency"].get(arm.label)
+        results.append(
+            ArmResult(
+                arm.label,
+                arm.options,
+                seeds,
+                accuracies,
+                Summary.of(accuracies, config.level),
+                Summary.of([r.start_accuracy for r in mine], config.level),
+                None if arm.is_control else paired_difference(accuracies, [c.accuracy for c in control], config.level),
+                _same_data([r.digests for r in mine], [c.digests for c in control]),
+                statistics.fmean(speeds) if speeds else None,
+                sum(r.seconds for r in mine),
+                params_added=cost.get("params_added", 0),
+                params_increase=cost.get("params_increase", 0.0),
+                flops_increase=cost.get("flops_increase", 0.0),
+                latency=Spread(*latency) if latency else None,
+                reference_accuracy=Summary.of(references, config.level) if references else None,
+                forgetting=Summary.of([base_reference - v for v in references], config.level)
+                if references and base_reference is not None
+                else None,
+            )
+        )
+    return ExperimentResult(
+        name,
+        device,
+        seeds,
+        config.level,
+        state["base"]["accuracy"],
+        base_reference,
+        config.latency_batch,
+        results,
+        out,
+        {k: v for k, v in asdict(tuning).items() if k != "seed"},
+        time.perf_counter() - started,
+    )
+
+
+def plot(result: ExperimentResult, path: str | Path) -> Path:
+    """Accuracy difference to the control (points, with the interval over seeds as error bars) against
+    the added inference time where it was measured, else the added weights; one point per arm."""
+    from se_inject.compare import check_plot_target
+
+    target = check_plot_target(path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [a for a in result.arms[1:] if a.error is None and a.difference is not None]
+    by_latency = all(a.latency is not None for a in measured)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm in measured:
+        d = arm.difference
+        assert d is not None
+        x: float = arm.params_added
+        xerr = None
+        if by_latency and arm.latency:  # the latency's interquartile range as horizontal bars
+            x = 100 * (arm.latency.median - 1)
+            xerr = [[x - 100 * (arm.latency.q1 - 1)], [100 * (arm.latency.q3 - 1) - x]]
+        low = 100 * (d.mean - d.low) if d.low is not None else 0
+        high = 100 * (d.high - d.mean) if d.high is not None else 0
+        ax.errorbar([x], [100 * d.mean], yerr=[[low], [high]], xerr=xerr, fmt="o", capsize=4, label=arm.label)
+    ax.axhline(0, color="grey", linewidth=1, linestyle="--")
+    ax.margins(x=0.25, y=0.15)
+    ax.legend(fontsize=8)
+    ax.set_xlabel(f"added inference time at batch {result.latency_batch} (%)" if by_latency else "added weights")
+    ax.set_ylabel(f"accuracy - control (points), {result.level:.0%} interval over {len(result.seeds)} seeds")
+    ax.set_title(f"{result.model}: retrofit arms against the control")
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+    return target
