@@ -361,9 +361,12 @@ def experiment(
         if (key := f"{arm.label}|{seed}") not in state["runs"]
     ]
     # under torchrun each process takes every world-th run and trains it alone (one GPU per process)
-    for run in pending[rank::world]:
+    mine = pending[rank::world]
+    for number, run in enumerate(mine, 1):
         record = _read_record(run.directory) if resume else None
         if record is None:
+            if show_progress and rank == 0 and console is not None:  # which run the bars below belong to
+                console.print(f"[bold]{run.arm.label}[/], seed {run.seed} (run {number} of {len(mine)})")
             again = resume and (run.directory / CHECKPOINT_FILE).is_file()
             record = _run_arm(
                 base, run, again, data, tuning, reference, model_name, show_progress and rank == 0, console

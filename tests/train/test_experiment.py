@@ -243,3 +243,18 @@ def test_two_processes_spread_the_runs(tmp_path):
     assert sorted(r["process"] for r in state["runs"].values()) == [0, 0, 1, 1]
     for metrics in out.glob("runs/*/seed*/metrics.jsonl"):
         assert all(json.loads(line)["world_size"] == 1 for line in metrics.read_text().splitlines())
+
+
+def test_a_new_head_trains_in_every_se_phase_and_the_model_given_is_not_changed(tmp_path):
+    from conftest import assert_unchanged, snapshot
+
+    torch.manual_seed(0)
+    model = FunctionalResNet(num_classes=10)  # the data has 3 classes: every run fits a new head
+    before = snapshot(model)
+    tuning = FinetuneConfig(epochs=1, se_epochs=1, batch_size=16)
+    result = experiment(model, _data(), tmp_path / "exp", arms(), tuning, ExperimentConfig(seeds=(0,), latency_batch=0))
+    assert_unchanged(model, before)
+    assert result.base_accuracy is None  # a 10-class head cannot be scored on 3 classes
+    state = json.loads((tmp_path / "exp" / EXPERIMENT_FILE).read_text())
+    control, arm = state["runs"]["control|0"]["digests"], state["runs"]["default|0"]["digests"]
+    assert control[0] is not None and control == arm  # the control's SE phase trains its new head, on the same batches
