@@ -97,7 +97,7 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"model: expected an nn.Module, got {type(model).__name__}")
     optimized = copy.deepcopy(model).eval()
-    changed = 0
+    changed, already = 0, len(optimized_units(optimized))
     for graph_module in [m for m in optimized.modules() if isinstance(m, fx.GraphModule)]:
         found_here = 0
         for node in graph_module.graph.nodes:
@@ -116,6 +116,10 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
         if found_here:
             graph_module.recompile()
             changed += found_here
+    if not changed and already:
+        raise ConfigError(
+            f"optimize_for_inference: the model is already optimised ({already} units fold); use it as it is"
+        )
     if not changed:
         raise ConfigError(
             "optimize_for_inference: no SE unit of this model reads BatchNorm of a 1x1 conv with an average "

@@ -89,6 +89,8 @@ def test_models_with_nothing_to_fold_are_refused_in_one_line():
     max_squeeze = se_inject.inject(InplaceResNet(), r=4, squeeze="max")  # a max does not commute with a conv
     with pytest.raises(ConfigError, match="nothing to fold"):
         optimize_for_inference(max_squeeze)
+    with pytest.raises(ConfigError, match=r"already optimised \(4 units fold\)"):
+        optimize_for_inference(optimize_for_inference(se_inject.inject(InplaceResNet(), r=4)))
     with pytest.raises(InvalidModelError, match="expected an nn.Module"):
         optimize_for_inference("resnet50")  # type: ignore[arg-type]
 
