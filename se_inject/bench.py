@@ -8,11 +8,12 @@ and a forward+backward training step, in bf16 and channels_last.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -242,22 +243,31 @@ def bench(
         model.to(device)
         if cuda:
             model.to(torch.bfloat16).to(memory_format=torch.channels_last)
-    if compile:  # all of them: a compiled retrofit against an eager original would flatter the retrofit
-        for model in models.values():
-            model.compile()  # in place (these are copies): the module keeps train() and its type
-        _inductor_freezing(True)  # inference graphs take the weights as constants: prepacked convolutions
-    try:
+    with compiled(models.values(), compile):
         rounds = rounds_per_batch(repeats, batches)
         return _run(models, batches, size, rounds, warmup, train, device, compile, channels, progress)
-    finally:
-        if compile:
-            _inductor_freezing(False)
 
 
-def _inductor_freezing(enabled: bool) -> None:
+@contextlib.contextmanager
+def compiled(models: Iterable[nn.Module], enabled: bool = True) -> Iterator[None]:
+    """Every one of ``models`` compiled in place (inductor), with weight freezing on while inside.
+
+    All of them: a compiled retrofit timed against an eager original would flatter the retrofit.
+    In place (callers pass copies): a module keeps ``train()`` and its type. Freezing makes the
+    inference graphs take the weights as constants (prepacked convolutions); it is switched off again.
+    """
+    if not enabled:
+        yield
+        return
     import torch._inductor.config as inductor_config
 
-    inductor_config.freezing = enabled
+    for model in models:
+        model.compile()
+    inductor_config.freezing = True
+    try:
+        yield
+    finally:
+        inductor_config.freezing = False
 
 
 def _run(models, batches, size, rounds, warmup, train, device, compile, channels: int, progress=None) -> BenchReport:

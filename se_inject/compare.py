@@ -33,7 +33,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from se_inject.api import retrofit
-from se_inject.bench import Spread, progress_ticker, rounds_per_batch, time_interleaved, time_relaid, train_step
+from se_inject.bench import (
+    Spread,
+    compiled,
+    progress_ticker,
+    rounds_per_batch,
+    time_interleaved,
+    time_relaid,
+    train_step,
+)
 from se_inject.errors import ConfigError, SEInjectError, first_line
 from se_inject.graph.channels import input_channels
 from se_inject.io.files import as_path
@@ -106,6 +114,7 @@ class Comparison:
     repeats: dict[int, int]  # batch -> rounds
     memory_kind: str
     optimized: bool = False  # candidates measured after optimize_for_inference where they fold
+    compiled: bool = False  # every model timed under torch.compile
     original_ms: dict[int, float] = field(default_factory=dict)
     original_images_per_s: dict[int, float] = field(default_factory=dict)
     original_memory: dict[int, int] = field(default_factory=dict)  # batch -> peak bytes
@@ -213,6 +222,7 @@ def compare(
     train: bool = False,
     device: str | torch.device = "cpu",
     optimize: bool = False,
+    compile: bool = False,
     progress: Progress | None = None,
 ) -> Comparison:
     """Measure ``model`` and each candidate retrofit of it, interleaved, as ratios to ``model``.
@@ -222,7 +232,9 @@ def compare(
     others are measured. ``repeats`` is the rounds per batch size (default: 50 at batch 1, 30 above);
     ``train`` adds a training step per model; ``optimize`` measures each candidate after
     :func:`~se_inject.surgery.optimize.optimize_for_inference` where it has units to fold
-    (``optimized_units`` counts them); ``progress(what, done, total)`` is called after every round.
+    (``optimized_units`` counts them); ``compile`` times every model under torch.compile (inductor,
+    weights frozen; memory is tracked before, in eager mode); ``progress(what, done, total)`` is
+    called after every round.
     Nothing of ``model`` changes.
 
     Example::
@@ -277,25 +289,44 @@ def compare(
         if cuda
         else "peak bytes of tensors alive during one inference forward (tracked at torch's dispatcher; weights excluded)",
         optimized=optimize,
+        compiled=compile,
         results=results,
     )
     by_label = {r.label: r for r in results if r.error is None}
-    total = sum(rounds[b] * (2 if train else 1) for b in batches)
-    done = 0
     channels = input_channels(original)
-    for batch in batches:
-        x = torch.randn(batch, channels, size, size, device=target, dtype=torch.bfloat16 if cuda else torch.float32)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+    inputs = {batch: _input(batch, channels, size, target) for batch in batches}
+    for batch, x in inputs.items():  # eager, before anything is compiled: the tracking mode sees every op
+        comparison.original_memory[batch] = peak_memory(original, x)
+        for label, result in by_label.items():
+            result.memory[batch] = peak_memory(models[label], x) / max(1, comparison.original_memory[batch])
+    with compiled(models.values(), compile):
+        _time_all(models, inputs, rounds, warmup, train, target, compile, comparison, progress)
+    return comparison
+
+
+def _input(batch: int, channels: int, size: int, device: torch.device) -> torch.Tensor:
+    """A random batch as the models run it: bf16 and channels_last on CUDA."""
+    cuda = device.type == "cuda"
+    x = torch.randn(batch, channels, size, size, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    return x.contiguous(memory_format=torch.channels_last) if cuda else x
+
+
+def _time_all(models, inputs, rounds, warmup, train, device, compile, comparison, progress) -> None:
+    """Time every model interleaved at each batch size (and a training step with ``train``), and put
+    each candidate's ratios to the original, and the throughputs, into ``comparison``."""
+    by_label = {r.label: r for r in comparison.measured()}
+    total = sum(rounds[b] * (2 if train else 1) for b in inputs)
+    done = 0
+    for batch, x in inputs.items():
         for mode in ("inference", "train") if train else ("inference",):
             for m in models.values():
                 m.train(mode == "train")
             tick = None if progress is None else progress_ticker(progress, f"{mode}, batch {batch}", done, total)
-            if mode == "inference":  # on fresh copies every few rounds, as bench does
-                seconds = time_relaid(models, x, rounds[batch], warmup, target, on_round=tick)
+            if mode == "inference":  # on fresh copies every few rounds, as bench does (compiled: as they are)
+                seconds = time_relaid(models, x, rounds[batch], warmup, device, relayout=not compile, on_round=tick)
             else:
-                steps = {n: train_step(m, x, target) for n, m in models.items()}
-                seconds = time_interleaved(steps, rounds[batch], warmup, target, on_round=tick)
+                steps = {n: train_step(m, x, device) for n, m in models.items()}
+                seconds = time_interleaved(steps, rounds[batch], warmup, device, on_round=tick)
             done += rounds[batch]
             for label, result in by_label.items():
                 (result.latency if mode == "inference" else result.train)[batch] = _paired(seconds, label)
@@ -307,10 +338,6 @@ def compare(
                     result.images_per_s[batch] = batch / statistics.median(seconds[label])
         for m in models.values():
             m.eval()
-        comparison.original_memory[batch] = peak_memory(original, x)
-        for label, result in by_label.items():
-            result.memory[batch] = peak_memory(models[label], x) / max(1, comparison.original_memory[batch])
-    return comparison
 
 
 def _optimized(model: nn.Module, result: CandidateResult) -> nn.Module:

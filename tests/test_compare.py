@@ -150,3 +150,19 @@ def test_optimize_measures_each_candidate_optimized_where_its_units_fold():
     )  # fmt: skip
     assert out.exit_code == 0, out.output
     assert "optimized for inference (units that squeeze before the last 1x1 conv): position=standard 4/4" in out.stdout
+
+
+def test_compile_compiles_every_model_and_tracks_memory_before(monkeypatch):
+    """Compiled against compiled, as bench does; the memory tracking runs on the eager models first."""
+    import torch._inductor.config as inductor_config
+
+    compiled, tracked = [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda model, *args, **kwargs: compiled.append(model))
+    real_peak = compare_module.peak_memory
+    monkeypatch.setattr(compare_module, "peak_memory", lambda m, x: tracked.append(len(compiled)) or real_peak(m, x))
+    result = compare(FunctionalResNet(), candidates(positions=["standard", "post"]), batches=(1,), size=16,
+                     repeats=2, warmup=0, compile=True)  # fmt: skip
+    assert len(compiled) == 3 and len({id(m) for m in compiled}) == 3 and result.compiled
+    assert tracked == [0, 0, 0]  # every model's memory was tracked before any was compiled
+    assert inductor_config.freezing is False
+    assert all(r.latency[1].median > 0 for r in result.measured())

@@ -757,6 +757,7 @@ def compare_command(
     optimize: bool = typer.Option(
         False, "--optimize", help="measure each candidate after optimize_for_inference, where its units can fold"
     ),
+    compile: bool = typer.Option(False, "--compile", help="time every model under torch.compile (inductor)"),
     as_json: bool = typer.Option(False, "--json", help="print the comparison as JSON"),
     plot_file: str | None = typer.Option(None, "--plot", help="write added latency against added weights (PNG)"),
 ) -> None:
@@ -795,6 +796,7 @@ def compare_command(
             train=train,
             device=target,
             optimize=optimize,
+            compile=compile,
             progress=advance,
         )
     if plot_file is not None:
@@ -833,8 +835,9 @@ def render_comparison(result: Any, out: Console) -> None:
         )
     out.print(cost)
     timed = Table(
-        title=f"time on {result.device} ({result.threads} threads, {result.size}x{result.size}): ratio to the "
-        "original, median [25%, 75%] over interleaved rounds; images/s",
+        title=f"time on {result.device} ({result.threads} threads, {result.size}x{result.size}"
+        + (", all compiled" if result.compiled else "")
+        + "): ratio to the original, median [25%, 75%] over interleaved rounds; images/s",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
     )
