@@ -229,8 +229,7 @@ def bench(
         report.ratios()   # [{'mode': 'inference', 'batch': 1, 'injected/original': 1.03, 'injected/twin': 0.99}, ...]
     """
     device = torch.device(device)
-    cuda = device.type == "cuda"
-    train = cuda if train is None else train
+    train = device.type == "cuda" if train is None else train
     base = copy.deepcopy(original).eval()
     channels = input_channels(base)
     injected = retrofit(base, config, input_size=size, **options).model.eval()
@@ -239,10 +238,7 @@ def bench(
         models["optimized"] = optimize_for_inference(injected)
     if twin is not None:
         models["twin"] = copy.deepcopy(twin).eval()
-    for model in models.values():
-        model.to(device)
-        if cuda:
-            model.to(torch.bfloat16).to(memory_format=torch.channels_last)
+    place(models.values(), device)
     with compiled(models.values(), compile):
         rounds = rounds_per_batch(repeats, batches)
         return _run(models, batches, size, rounds, warmup, train, device, compile, channels, progress)
@@ -271,32 +267,78 @@ def compiled(models: Iterable[nn.Module], enabled: bool = True) -> Iterator[None
 
 
 def _run(models, batches, size, rounds, warmup, train, device, compile, channels: int, progress=None) -> BenchReport:
-    cuda = device.type == "cuda"
     report = BenchReport(str(device), torch.get_num_threads(), size, compile)
-    done, total = 0, sum(rounds.values()) * (2 if train else 1)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    for batch in batches:
-        x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        for mode in ("inference", "train step") if train else ("inference",):
+    inputs = {batch: example_input(batch, channels, size, device) for batch in batches}
+    timed = time_batches(
+        models,
+        inputs,
+        rounds,
+        warmup,
+        device,
+        train=train,
+        compile=compile,
+        progress=progress,
+        untrained=("optimized",),
+    )  # an optimized retrofit trains as the retrofit does
+    for batch, mode, seconds in timed:
+        for name, values in seconds.items():
+            median = statistics.median(values)
+            report.timings.append(Timing(name, mode, batch, median * 1e3, batch / median, len(values)))
+        for name in RATIOS:
+            first, second = name.split("/")
+            if first in seconds and second in seconds:
+                report.spreads[(mode, batch, name)] = Spread.paired(seconds[first], seconds[second])
+    return report
+
+
+def place(models: Iterable[nn.Module], device: torch.device) -> None:
+    """Move the timed models to ``device``, in place; on CUDA in bf16 and channels_last, as they run there."""
+    for model in models:
+        model.to(device)
+        if device.type == "cuda":
+            model.to(torch.bfloat16).to(memory_format=torch.channels_last)
+
+
+def example_input(batch: int, channels: int, size: int, device: torch.device) -> torch.Tensor:
+    """A random batch as the timed models run it: bf16 and channels_last on CUDA."""
+    cuda = device.type == "cuda"
+    x = torch.randn(batch, channels, size, size, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    return x.contiguous(memory_format=torch.channels_last) if cuda else x
+
+
+def time_batches(
+    models: dict[str, nn.Module],
+    inputs: Mapping[int, torch.Tensor],
+    rounds: Mapping[int, int],
+    warmup: int,
+    device: torch.device,
+    *,
+    train: bool,
+    compile: bool,
+    progress: Callable[[str, int, int], None] | None = None,
+    train_label: str = "train step",
+    untrained: Sequence[str] = (),
+) -> Iterator[tuple[int, str, dict[str, list[float]]]]:
+    """Every model timed interleaved at each batch size: inference (on fresh copies every
+    RELAYOUT_EVERY rounds; compiled models as they are), then with ``train`` a training step of every
+    model but those named in ``untrained``. Yields ``(batch, mode, seconds per model)``, the mode
+    being "inference" or ``train_label``; ``progress(what, done, total)`` counts rounds over all of
+    them. The models are left in eval mode."""
+    done, total = 0, sum(rounds[b] for b in inputs) * (2 if train else 1)
+    for batch, x in inputs.items():
+        for mode in ("inference", train_label) if train else ("inference",):
             for m in models.values():
-                m.train(mode == "train step")
+                m.train(mode != "inference")
             tick = None if progress is None else progress_ticker(progress, f"{mode}, batch {batch}", done, total)
             if mode == "inference":
                 seconds = time_relaid(models, x, rounds[batch], warmup, device, relayout=not compile, on_round=tick)
-            else:  # an optimized retrofit trains as the retrofit does
-                steps = {n: train_step(m, x, device) for n, m in models.items() if n != "optimized"}
+            else:
+                steps = {n: train_step(m, x, device) for n, m in models.items() if n not in untrained}
                 seconds = time_interleaved(steps, rounds[batch], warmup, device, on_round=tick)
             done += rounds[batch]
-            for name, values in seconds.items():
-                median = statistics.median(values)
-                report.timings.append(Timing(name, mode, batch, median * 1e3, batch / median, len(values)))
-            for name in RATIOS:
-                first, second = name.split("/")
-                if first in seconds and second in seconds:
-                    report.spreads[(mode, batch, name)] = Spread.paired(seconds[first], seconds[second])
-    return report
+            yield batch, mode, seconds
+        for m in models.values():
+            m.eval()
 
 
 RELAYOUT_EVERY = 10  # rounds between fresh copies of the timed models

@@ -33,15 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from se_inject.api import retrofit
-from se_inject.bench import (
-    Spread,
-    compiled,
-    progress_ticker,
-    rounds_per_batch,
-    time_interleaved,
-    time_relaid,
-    train_step,
-)
+from se_inject.bench import Spread, compiled, example_input, place, rounds_per_batch, time_batches
 from se_inject.errors import ConfigError, SEInjectError, first_line
 from se_inject.graph.channels import input_channels
 from se_inject.io.files import as_path
@@ -273,10 +265,7 @@ def compare(
         models[candidate.label] = _optimized(built.model, result) if optimize else built.model.eval()
     if len(models) == 1:
         raise ConfigError(f"candidates: none could be injected: {results[0].error}")
-    for m in models.values():
-        m.to(target)
-        if cuda:
-            m.to(torch.bfloat16).to(memory_format=torch.channels_last)
+    place(models.values(), target)
     rounds = rounds_per_batch(repeats, batches)
     comparison = Comparison(
         model_name or type(model).__name__,
@@ -294,7 +283,7 @@ def compare(
     )
     by_label = {r.label: r for r in results if r.error is None}
     channels = input_channels(original)
-    inputs = {batch: _input(batch, channels, size, target) for batch in batches}
+    inputs = {batch: example_input(batch, channels, size, target) for batch in batches}
     for batch, x in inputs.items():  # eager, before anything is compiled: the tracking mode sees every op
         comparison.original_memory[batch] = peak_memory(original, x)
         for label, result in by_label.items():
@@ -304,40 +293,22 @@ def compare(
     return comparison
 
 
-def _input(batch: int, channels: int, size: int, device: torch.device) -> torch.Tensor:
-    """A random batch as the models run it: bf16 and channels_last on CUDA."""
-    cuda = device.type == "cuda"
-    x = torch.randn(batch, channels, size, size, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
-    return x.contiguous(memory_format=torch.channels_last) if cuda else x
-
-
 def _time_all(models, inputs, rounds, warmup, train, device, compile, comparison, progress) -> None:
-    """Time every model interleaved at each batch size (and a training step with ``train``), and put
-    each candidate's ratios to the original, and the throughputs, into ``comparison``."""
+    """Time every model (``bench.time_batches``) and put each candidate's ratios to the original, and
+    the throughputs, into ``comparison``."""
     by_label = {r.label: r for r in comparison.measured()}
-    total = sum(rounds[b] * (2 if train else 1) for b in inputs)
-    done = 0
-    for batch, x in inputs.items():
-        for mode in ("inference", "train") if train else ("inference",):
-            for m in models.values():
-                m.train(mode == "train")
-            tick = None if progress is None else progress_ticker(progress, f"{mode}, batch {batch}", done, total)
-            if mode == "inference":  # on fresh copies every few rounds, as bench does (compiled: as they are)
-                seconds = time_relaid(models, x, rounds[batch], warmup, device, relayout=not compile, on_round=tick)
-            else:
-                steps = {n: train_step(m, x, device) for n, m in models.items()}
-                seconds = time_interleaved(steps, rounds[batch], warmup, device, on_round=tick)
-            done += rounds[batch]
+    timed = time_batches(
+        models, inputs, rounds, warmup, device, train=train, compile=compile, progress=progress, train_label="train"
+    )
+    for batch, mode, seconds in timed:
+        for label, result in by_label.items():
+            (result.latency if mode == "inference" else result.train)[batch] = _paired(seconds, label)
+        if mode == "inference":
+            median = statistics.median(seconds["original"])
+            comparison.original_ms[batch] = median * 1e3
+            comparison.original_images_per_s[batch] = batch / median
             for label, result in by_label.items():
-                (result.latency if mode == "inference" else result.train)[batch] = _paired(seconds, label)
-            if mode == "inference":
-                median = statistics.median(seconds["original"])
-                comparison.original_ms[batch] = median * 1e3
-                comparison.original_images_per_s[batch] = batch / median
-                for label, result in by_label.items():
-                    result.images_per_s[batch] = batch / statistics.median(seconds[label])
-        for m in models.values():
-            m.eval()
+                result.images_per_s[batch] = batch / statistics.median(seconds[label])
 
 
 def _optimized(model: nn.Module, result: CandidateResult) -> nn.Module:
