@@ -37,7 +37,7 @@ from se_inject.bench import Spread, compiled, example_input, place, rounds_per_b
 from se_inject.errors import ConfigError, SEInjectError, first_line
 from se_inject.graph.channels import input_channels
 from se_inject.io.files import as_path
-from se_inject.surgery.optimize import optimize_for_inference, optimized_units
+from se_inject.surgery.optimize import fold_squeezes
 
 Progress = Callable[[str, int, int], None]  # (what is running, done, total)
 
@@ -262,7 +262,9 @@ def compare(
             macs_increase=totals.macs_increase,
         )
         results.append(result)
-        models[candidate.label] = _optimized(built.model, result) if optimize else built.model.eval()
+        models[candidate.label] = built.model.eval()
+        if optimize:  # in place: the candidate is compare's own model; one with nothing to fold is measured as built
+            result.optimized_units = fold_squeezes(built.model)
     if len(models) == 1:
         raise ConfigError(f"candidates: none could be injected: {results[0].error}")
     place(models.values(), target)
@@ -309,16 +311,6 @@ def _time_all(models, inputs, rounds, warmup, train, device, compile, comparison
             comparison.original_images_per_s[batch] = batch / median
             for label, result in by_label.items():
                 result.images_per_s[batch] = batch / statistics.median(seconds[label])
-
-
-def _optimized(model: nn.Module, result: CandidateResult) -> nn.Module:
-    """``model`` after optimize_for_inference, or as it is when none of its units can fold."""
-    try:
-        optimized = optimize_for_inference(model)
-    except ConfigError:  # no unit reads BatchNorm of a 1x1 conv: measured as built
-        return model.eval()
-    result.optimized_units = len(optimized_units(optimized))
-    return optimized
 
 
 def label_of(options: Mapping[str, Any]) -> str:

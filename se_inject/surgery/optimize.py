@@ -97,8 +97,26 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"model: expected an nn.Module, got {type(model).__name__}")
     optimized = copy.deepcopy(model).eval()
-    changed, already = 0, len(optimized_units(optimized))
-    for graph_module in [m for m in optimized.modules() if isinstance(m, fx.GraphModule)]:
+    already = len(optimized_units(optimized))
+    changed = fold_squeezes(optimized)
+    if not changed and already:
+        raise ConfigError(
+            f"optimize_for_inference: the model is already optimised ({already} units fold); use it as it is"
+        )
+    if not changed:
+        raise ConfigError(
+            "optimize_for_inference: no SE unit of this model reads BatchNorm of a 1x1 conv with an average "
+            "squeeze, so there is nothing to fold; use the model as it is"
+        )
+    return optimized
+
+
+def fold_squeezes(model: nn.Module) -> int:
+    """Fold, in place, every unit of ``model`` that can squeeze before its block's last 1x1 conv and does
+    not yet (see :func:`optimize_for_inference`, which does this on a copy and checks the result);
+    how many were folded. ``model`` should be in eval mode, where the folded path runs."""
+    changed = 0
+    for graph_module in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
         found_here = 0
         for node in graph_module.graph.nodes:
             if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
@@ -116,16 +134,7 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
         if found_here:
             graph_module.recompile()
             changed += found_here
-    if not changed and already:
-        raise ConfigError(
-            f"optimize_for_inference: the model is already optimised ({already} units fold); use it as it is"
-        )
-    if not changed:
-        raise ConfigError(
-            "optimize_for_inference: no SE unit of this model reads BatchNorm of a 1x1 conv with an average "
-            "squeeze, so there is nothing to fold; use the model as it is"
-        )
-    return optimized
+    return changed
 
 
 def optimized_units(model: nn.Module) -> list[str]:
