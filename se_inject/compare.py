@@ -55,17 +55,19 @@ def candidates(
     positions: Sequence[str] = (),
     rs: Sequence[int] = (),
     units: Sequence[str] = (),
+    inits: Sequence[str] = (),
     styles: Sequence[str] = (),
     base: Mapping[str, Any] | None = None,
 ) -> list[Candidate]:
     """Every combination of the values given (an axis left empty keeps the default), on top of ``base``.
+    A start (``inits``) costs the same as another; experiments compare them.
 
     >>> [c.label for c in candidates(positions=["standard", "pre"], units=["se", "eca"])]
     ['position=standard unit=se', 'position=standard unit=eca', 'position=pre unit=se', 'position=pre unit=eca']
     """
     axes = [
         (name, list(values))
-        for name, values in (("position", positions), ("r", rs), ("unit", units), ("style", styles))
+        for name, values in (("position", positions), ("r", rs), ("unit", units), ("init", inits), ("style", styles))
         if values
     ]
     found = []

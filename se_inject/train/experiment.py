@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import itertools
 import json
 import re
 import statistics
@@ -41,6 +40,7 @@ from torch.utils.data import DataLoader
 from se_inject.api import retrofit
 from se_inject.bench import Spread
 from se_inject.compare import Candidate, compare, label_of
+from se_inject.compare import candidates as option_candidates
 from se_inject.errors import ConfigError, DataError, ResumeMismatchError, SEInjectError, first_line
 from se_inject.io.files import as_path, read_text_file, write_text_atomic
 from se_inject.io.layout import CHECKPOINT_FILE
@@ -84,16 +84,10 @@ def arms(
     >>> [a.label for a in arms(inits=["preserve", "paper"])]
     ['control', 'init=preserve', 'init=paper']
     """
-    axes = [
-        (name, list(values))
-        for name, values in (("position", positions), ("r", rs), ("unit", units), ("init", inits), ("style", styles))
-        if values
-    ]
     found = [Arm(CONTROL, None)]
-    if axes or not candidates:
-        for combination in itertools.product(*(values for _, values in axes)):
-            options = dict(zip((name for name, _ in axes), combination, strict=True))
-            found.append(Arm(label_of(options), {**(base or {}), **options}))
+    if any((positions, rs, units, inits, styles)) or not candidates:  # with nothing given: the default retrofit
+        product = option_candidates(positions=positions, rs=rs, units=units, inits=inits, styles=styles, base=base)
+        found += [Arm(c.label, c.options) for c in product]
     found += [Arm(label_of(c), {**(base or {}), **c}) for c in candidates]
     return found
 
