@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from se_inject.api import retrofit
 from se_inject.bench import Spread
@@ -47,7 +46,15 @@ from se_inject.io.layout import CHECKPOINT_FILE
 from se_inject.io.models import classifier
 from se_inject.train.config import ExperimentConfig, FinetuneConfig
 from se_inject.train.data import DataSplits
-from se_inject.train.finetune import _distributed, evaluate, finetune, resolve_device, run_fingerprint
+from se_inject.train.finetune import (
+    evaluate,
+    evaluation_options,
+    finetune,
+    rank_and_world,
+    resolve_device,
+    run_fingerprint,
+    validation_loader,
+)
 from se_inject.train.stats import Summary, paired_difference
 
 EXPERIMENT_FILE = "experiment.json"
@@ -277,8 +284,9 @@ class _Pending:
     directory: Path
 
 
-def _loader(data: DataSplits, batch_size: int) -> DataLoader:
-    return DataLoader(data.val, batch_size=batch_size)
+def _accuracy(model: nn.Module, data: DataSplits, tuning: FinetuneConfig, device: torch.device) -> float:
+    """``model``'s accuracy on ``data``'s validation set, evaluated as a fine-tuning run evaluates."""
+    return evaluate(model, validation_loader(data.val, tuning), device, **evaluation_options(tuning, device))[1]
 
 
 def experiment(
@@ -326,7 +334,7 @@ def experiment(
             f"{data.num_classes}; forgetting is measured with one head, so they must match"
         )
     started = time.perf_counter()
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     base = copy.deepcopy(model).cpu()
     costs = _inject_all(base, chosen, data, model_name)
     spec = _spec(base, data, chosen, tuning, config)
@@ -391,10 +399,9 @@ def _score_base(base: nn.Module, data: DataSplits, reference: DataSplits | None,
     if found is not None and getattr(found[1], "out_features", None) != data.num_classes:
         return {"accuracy": None, "reference_accuracy": None}
     scores: dict[str, float | None] = {"reference_accuracy": None}
-    batch = tuning.batch_size * 2
-    scores["accuracy"] = evaluate(copy.deepcopy(base).to(device), _loader(data, batch), device)[1]
+    scores["accuracy"] = _accuracy(copy.deepcopy(base).to(device), data, tuning, device)
     if reference is not None:
-        scores["reference_accuracy"] = evaluate(copy.deepcopy(base).to(device), _loader(reference, batch), device)[1]
+        scores["reference_accuracy"] = _accuracy(copy.deepcopy(base).to(device), reference, tuning, device)
     return scores
 
 
@@ -479,7 +486,7 @@ def _run_arm(base, run: _Pending, again, data, tuning, reference, model_name, sh
     reference_accuracy = None
     if reference is not None:
         device = resolve_device(tuning.device)
-        reference_accuracy = evaluate(model, _loader(reference, tuning.batch_size * 2), device)[1]
+        reference_accuracy = _accuracy(model, reference, tuning, device)
     accuracy = result.accuracy["after fine-tuning"]
     assert accuracy is not None  # at least one epoch ran
     return RunRecord(

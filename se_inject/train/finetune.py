@@ -72,7 +72,7 @@ class UntrainedModelWarning(UserWarning):
 # --- distributed ---------------------------------------------------------------------------------
 
 
-def _distributed() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     """(rank, world size); joins the process group when launched by torchrun."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
         return 0, 1
@@ -202,6 +202,16 @@ DIGEST_STRIDE = 61  # every 61st value of each batch of images enters the digest
 def _digest_batch(digest: Any, images: torch.Tensor, labels: torch.Tensor) -> None:
     digest.update(labels.detach().cpu().numpy().tobytes())
     digest.update(images.detach().flatten()[::DIGEST_STRIDE].cpu().numpy().tobytes())
+
+
+def validation_loader(dataset: Any, config: FinetuneConfig) -> DataLoader:
+    """Batches of a validation set as a run evaluates them (twice the training batch: no gradients kept)."""
+    return DataLoader(dataset, batch_size=config.batch_size * 2, num_workers=config.workers)
+
+
+def evaluation_options(config: FinetuneConfig, device: torch.device) -> dict[str, bool]:
+    """:func:`evaluate`'s options for a run: its mixed precision and memory format, on CUDA."""
+    return {"amp": config.amp, "channels_last": config.channels_last} if device.type == "cuda" else {}
 
 
 def _train_epoch(model, loader, optimizer, device, config, phase, progress, epoch) -> dict[str, Any]:
@@ -455,7 +465,7 @@ def finetune(
         raise ConfigError(f"config: expected a FinetuneConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module) or (original is not None and not isinstance(original, nn.Module)):
         raise InvalidModelError("model and original: expected nn.Module objects")
-    rank, world = _distributed() if distributed else (0, 1)
+    rank, world = rank_and_world() if distributed else (0, 1)
     device = resolve_device(config.device)
     out = as_path(out, "out")
     _check_out(out, resume, force)
@@ -504,8 +514,8 @@ def _prepare(model, data, out, config, state, rank, world, device) -> _Run:
     model.to(device)
     if device.type == "cuda" and config.channels_last:
         model.to(memory_format=torch.channels_last)
-    val_loader = DataLoader(data.val, batch_size=config.batch_size * 2, num_workers=config.workers)
-    cuda_opts = {"amp": config.amp, "channels_last": config.channels_last} if device.type == "cuda" else {}
+    val_loader = validation_loader(data.val, config)
+    cuda_opts = evaluation_options(config, device)
     return _Run(model, data, out, config, device, rank, world, head_params, val_loader, cuda_opts)
 
 
