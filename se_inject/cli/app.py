@@ -1059,15 +1059,10 @@ if __name__ == "__main__":
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
-    """``--seeds 5`` (seeds 0-4) or ``--seeds 0,3,7``."""
-    values = parse_positive_list(text.replace(" ", ""), "--seeds") if "," not in text else None
-    if values is not None:
-        return tuple(range(values[0]))
-    try:
-        seeds = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--seeds: expected a number of seeds (5) or a list of seeds (0,1,2), got {text!r}") from None
-    return seeds
+    """``--seeds 5`` (seeds 0-4), or a list of seeds as other lists are written: ``0,3,7`` or ``0-2``."""
+    if "," in text or "-" in text.strip():
+        return _as_tuple(parse_int_list(text, "--seeds"))
+    return tuple(range(parse_positive_list(text, "--seeds")[0]))
 
 
 @app.command("experiment")
@@ -1082,7 +1077,7 @@ def experiment_command(
     num_classes: int | None = typer.Option(
         None, "--num-classes", help="classes of MODEL's head as --checkpoint has it (default: the dataset's)"
     ),
-    seeds: str = typer.Option("5", "--seeds", help="seeds per arm: a count (5: seeds 0-4) or a list (0,1,2)"),
+    seeds: str = typer.Option("5", "--seeds", help="seeds per arm: a count (5: seeds 0-4) or a list (0,3,7 or 0-2)"),
     base_epochs: int = experiment_option("base_epochs"),
     base_lr: float = experiment_option("base_lr"),
     base_seed: int = experiment_option("base_seed"),
@@ -1191,7 +1186,11 @@ def experiment_command(
         )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process reports
         return
-    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UntrainedModelWarning)):
+    untrained = [w for w in caught if issubclass(w.category, UntrainedModelWarning)]
+    for w in caught:  # every other warning as Python would have shown it
+        if w not in untrained:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    for message in dict.fromkeys(str(w.message) for w in untrained):
         typer.echo(f"se-inject: warning: {message}", err=True)
     if plot_file is not None:
         from se_inject.train.experiment import plot

@@ -387,7 +387,8 @@ def _check_out(out: Path, resume: bool, force: bool) -> None:
 def _loader_for(dataset: Any, config: FinetuneConfig, sampler: Any, epoch: int, world: int) -> DataLoader:
     """The training batches of ``epoch``: order a function of (seed, epoch), each sample's random
     augmentation a function of (seed, epoch, index) (:class:`SeededSamples`), whatever the model
-    draws from the RNG in between; a last batch of a single image is dropped, since BatchNorm cannot normalise one value per channel in training."""
+    draws from the RNG in between; a last batch of a single image is dropped, since BatchNorm
+    cannot normalise one value per channel in training."""
     per_process = len(dataset) // world if world > 1 else len(dataset)
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
     return DataLoader(

@@ -55,7 +55,7 @@ class GatherExciteOptions:
             raise ValueError(f"extent: expected 0 (global) or a power of two from 2, got {self.extent}")
 
     def check_start(self, init: str) -> None:
-        """GE-theta-minus (no gather parameters, no MLP) has nothing to start as the identity from."""
+        """GE-theta-minus (no gather parameters, no MLP) has no last layer for ``init`` to start at zero."""
         if zeroes_last(init) and not (self.extra_params or self.mlp):
             raise ConfigError(
                 f"init: the parameter-free Gather-Excite (extra_params=false, mlp=false) has no last layer to start "
