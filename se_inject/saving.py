@@ -29,6 +29,7 @@ from se_inject.errors import (
     ConfigError,
     RecipeMismatchError,
     UntrustedCodeError,
+    one_line,
 )
 from se_inject.io.files import (
     as_path,
@@ -49,6 +50,7 @@ from se_inject.io.models import (
     spec_kind,
 )
 from se_inject.io.recipe import MAX_RECIPE_BYTES, SITE_KEYS, Recipe, attach_recipe, attached_recipe
+from se_inject.io.tied import restore_tied, retie, savable_state, tied_names
 from se_inject.units.base import ChannelUnit
 from se_inject.units.se import ChannelScale
 
@@ -74,7 +76,7 @@ def current_recipe(model: nn.Module) -> Recipe:
     kwargs = dict(recipe.model_kwargs)
     if head is not None and recipe.source and spec_kind(recipe.source) in ("timm", "torchvision"):
         kwargs["num_classes"] = head["out_features"]
-    return replace(recipe, head=head, model_kwargs=kwargs)
+    return replace(recipe, head=head, model_kwargs=kwargs, tied=tied_names(model))
 
 
 def save(model: nn.Module, directory: str | Path, *, force: bool = False) -> Path:
@@ -108,14 +110,24 @@ def _check_savable(model: nn.Module) -> Recipe:
 
 
 def write_model_files(model: nn.Module, directory: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
-    """Write the weights and the recipe into an existing ``directory``, each file replaced atomically."""
-    from safetensors.torch import save_model
+    """Write the weights and the recipe into an existing ``directory``, each file replaced atomically.
+
+    A tensor registered under several names (tied weights) is written once; the recipe records the
+    other names (see ``se_inject.io.tied``). A write the file system refuses (a full disk) is an
+    ArtifactError; the file it would have replaced is left as it was.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
 
     _check_savable(model)
     recipe = current_recipe(model)
     directory = Path(directory)
     metadata = {"format": "pt", "se_inject": recipe.versions.get("se_inject", ""), **(extra_metadata or {})}
-    write_atomic(directory / WEIGHTS_FILE, lambda tmp: save_model(model, str(tmp), metadata=metadata))
+    tensors = savable_state(model, recipe.tied)
+    try:
+        write_atomic(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    except SafetensorError as err:
+        raise ArtifactError(f"cannot write the weights ({WEIGHTS_FILE}): {one_line(err, 160)}") from None
     write_text_atomic(directory / RECIPE_FILE, recipe.to_json())
 
 
@@ -224,6 +236,16 @@ def _fit_recorded_head(injected: nn.Module, recipe: Recipe, directory: Path) -> 
     fit_head(injected, recipe.head["out_features"])
 
 
+def _check_tied(recipe: Recipe, state: dict[str, torch.Tensor], weights: Path) -> None:
+    """Each alias the recipe records is absent from the weights, and the name it points to present."""
+    for alias, kept in recipe.tied.items():
+        if alias in state or kept not in state:
+            raise ArtifactError(
+                f"{weights}: the recipe ties '{alias}' to '{kept}', which the weights do not match "
+                f"({'the alias is saved too' if alias in state else 'no tensor of that name'}); the directory is damaged"
+            )
+
+
 def load(
     directory: str | Path,
     model: nn.Module | None = None,
@@ -274,6 +296,8 @@ def load(
         raise ArtifactError(
             f"{weights}: cannot be read as safetensors ({err}); the file is damaged or truncated"
         ) from None
-    load_state(injected, state, str(weights), ArtifactError)
+    _check_tied(recipe, state, weights)
+    load_state(injected, restore_tied(state, recipe.tied), str(weights), ArtifactError)
+    retie(injected, recipe.tied)
     attach_recipe(injected, replace(recipe_of(injected), head=recipe.head, pruned=list(recipe.pruned)))
     return injected.eval()

@@ -274,7 +274,7 @@ def test_a_forced_save_that_fails_midway_leaves_the_old_directory_whole(injected
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("safetensors.torch.save_model", fail)
+    monkeypatch.setattr("safetensors.torch.save_file", fail)
     with pytest.raises(ArtifactError, match="No space left"):
         se_inject.save(injected, tmp_path / "saved", force=True)
     assert tree(tmp_path / "saved") == before

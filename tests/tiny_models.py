@@ -425,3 +425,16 @@ class NetWithUntraceableChild(nn.Module):
     def forward(self, x):
         x = self.conv(x)
         return x + self.body(x)
+
+
+class TiedResNet(FunctionalResNet):
+    """FunctionalResNet whose first two blocks share their first conv's weight (tied: one parameter,
+    two names), as weight-shared and recurrent backbones do."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(num_classes)
+        self.stages[0][1].conv1.weight = self.stages[0][0].conv1.weight
+
+
+def tied_resnet() -> TiedResNet:
+    return TiedResNet(num_classes=10)

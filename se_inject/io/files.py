@@ -75,10 +75,12 @@ def read_text_file(
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it over ``path``."""
+    """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it over ``path``; the file
+    gets the user's umask, whatever mode the writer created it with (safetensors makes it private)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -164,33 +166,60 @@ def check_target(target: Path, *, force: bool, owned: Collection[str], marker: s
 
 @contextlib.contextmanager
 def _exclusive(target: Path) -> Iterator[None]:
-    """An exclusive lock for writing ``target``, held in a lock file beside it; a second writer fails at once."""
+    """An exclusive lock for writing ``target``, held on a lock file beside it; a second writer fails at once.
+
+    The lock file is removed afterwards only if this save created it (and it is still the same
+    file): a file of that name the user made, or one a crashed save left, is locked but never deleted.
+    """
     import fcntl
 
     lock_path = target.with_name(f".{target.name}.se_inject.lock")
+    busy = f"{target}: another se_inject save to it is in progress; try again when it has finished"
     for _ in range(3):
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, created = _open_lock(lock_path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ArtifactError(
-                f"{target}: another se_inject save to it is in progress; try again when it has finished"
-            ) from None
+            raise ArtifactError(busy) from None
         try:  # the holder before us may have removed the file after we opened it: then lock the new one
-            same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+            same = os.path.samestat(os.fstat(fd), os.lstat(lock_path))
         except FileNotFoundError:
             same = False
         if same:
             break
         os.close(fd)
     else:
-        raise ArtifactError(f"{target}: another se_inject save to it is in progress; try again when it has finished")
+        raise ArtifactError(busy)
     try:
         yield
     finally:
-        lock_path.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.fstat(fd), os.lstat(lock_path)):
+                    lock_path.unlink()
         os.close(fd)
+
+
+def _open_lock(lock_path: Path) -> tuple[int, bool]:
+    """A descriptor of the lock file, and whether this call created it."""
+    flags = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, 0o644), True
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise ArtifactError(f"{lock_path}: cannot create the lock file: {err.strerror or err}") from None
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NONBLOCK | flags)
+    except FileNotFoundError:  # its owner removed it meanwhile: create it again
+        return _open_lock(lock_path)
+    except OSError as err:
+        raise ArtifactError(f"{lock_path}: exists and cannot be used as a lock file: {err.strerror or err}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ArtifactError(f"{lock_path}: exists and is not a lock file; move it away and save again")
+    return fd, False
 
 
 def _make_parents(parent: Path) -> list[Path]:
@@ -207,6 +236,69 @@ def _make_parents(parent: Path) -> list[Path]:
     return created
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, and set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, int, int, int]]:
+    """What ``directory`` holds: each entry's inode, type, size and modification time."""
+    found = {}
+    for entry in os.scandir(directory):
+        info = entry.stat(follow_symlinks=False)
+        found[entry.name] = (info.st_ino, stat.S_IFMT(info.st_mode), info.st_size, info.st_mtime_ns)
+    return found
+
+
+def _describe_change(before: dict, after: dict) -> str:
+    added = sorted(set(after) - set(before))
+    changed = sorted(n for n in set(before) & set(after) if before[n] != after[n])
+    removed = sorted(set(before) - set(after))
+    parts = [
+        f"{what}: {', '.join(names[:3])}"
+        for what, names in (("new", added), ("changed", changed), ("gone", removed))
+        if names
+    ]
+    return "; ".join(parts)
+
+
+def _swap(staging: Path, target: Path) -> Path:
+    """Put ``staging`` at ``target`` and the old ``target`` aside; where the old directory now is."""
+    if _renameat2(staging, target, _RENAME_EXCHANGE):
+        return staging
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)) / "dir"
+    os.replace(target, aside)
+    os.replace(staging, target)
+    return aside
+
+
+def _swap_back(old: Path, target: Path, staging: Path) -> None:
+    """Undo :func:`_swap`: the old directory at ``target`` again, the new one at ``staging``."""
+    if old == staging:
+        _renameat2(old, target, _RENAME_EXCHANGE)
+        return
+    os.replace(target, staging)
+    os.replace(old, target)
+    old.parent.rmdir()
+
+
+def _remove_old(old: Path, expected: dict[str, tuple[int, int, int, int]], staging: Path) -> None:
+    """Delete the replaced directory: only the files the check saw, then the (empty) folder."""
+    for name in expected:
+        (old / name).unlink()
+    try:
+        old.rmdir()
+    except OSError:  # something was written into it after the swap (through an open descriptor): kept
+        import warnings
+
+        warnings.warn(f"{old}: files written into the replaced directory during the save are kept there", stacklevel=4)
+        return
+    if old != staging:
+        old.parent.rmdir()
+
+
 def write_directory(
     target: str | os.PathLike[str],
     write: Callable[[Path], None],
@@ -215,35 +307,50 @@ def write_directory(
     owned: Collection[str],
     marker: str,
 ) -> Path:
-    """Write a complete directory at ``target`` with ``write(staging)``; see the module docstring."""
+    """Write a complete directory at ``target`` with ``write(staging)``; see the module docstring.
+
+    An existing ``target`` is checked (:func:`check_target`) and its contents recorded; after the new
+    directory is swapped in, the old one must hold exactly what was recorded, or the swap is undone
+    and nothing is replaced: a file written into ``target`` while the model was written is never
+    deleted. Only the recorded files are removed, one by one. The new directory gets the user's umask.
+    """
     target = as_path(target, "--save")
-    replacing = check_target(target, force=force, owned=owned, marker=marker)
+    check_target(target, force=force, owned=owned, marker=marker)
     created = _make_parents(target.parent)
     staging: Path | None = None
     try:
         with _exclusive(target):
             # another save may have created the target while this one was checking
             replacing = check_target(target, force=force, owned=owned, marker=marker)
+            expected = _snapshot(target) if replacing else {}
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.se_inject-", dir=target.parent))
-            write(staging)
-            if replacing:
-                if _renameat2(staging, target, _RENAME_EXCHANGE):
-                    shutil.rmtree(staging)  # now the old directory, holding only se_inject's files
-                else:
-                    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                    os.replace(target, old / "dir")
-                    os.replace(staging, target)
-                    shutil.rmtree(old)
-            elif not _renameat2(staging, target, _RENAME_NOREPLACE):
-                os.rename(staging, target)
-            staging = None
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; a saved model is shared like any folder
+            try:
+                write(staging)
+            except ArtifactError as err:  # named by the target, not by the staging folder it failed in
+                raise ArtifactError(f"{target}: {err}; nothing was replaced") from None
+            if not replacing:
+                if not _renameat2(staging, target, _RENAME_NOREPLACE):
+                    os.rename(staging, target)
+                staging = None
+            else:
+                old = _swap(staging, target)
+                found = _snapshot(old)
+                if found != expected:
+                    _swap_back(old, target, staging)
+                    raise ArtifactError(
+                        f"{target} changed while the model was being written ({_describe_change(expected, found)}); "
+                        "nothing was replaced; save again when nothing else writes there"
+                    )
+                swapped, staging = staging, None
+                _remove_old(old, expected, swapped)
     except FileExistsError:
         raise ArtifactError(f"{target} was created by another save while this one ran; nothing was replaced") from None
     except OSError as err:
         raise ArtifactError(f"{target}: cannot write the directory: {err.strerror or err}") from None
     finally:
         if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)  # only what this save wrote
         if not target.exists():
             for folder in created:  # parents this save created for a directory that never came
                 with contextlib.suppress(OSError):

@@ -25,7 +25,7 @@ from se_inject.io.models import RECIPE_MODEL_KWARGS, spec_kind
 if TYPE_CHECKING:
     from torch import nn
 
-FORMAT_VERSION = 2  # 2: head and source_file; version 1 recipes are read as well
+FORMAT_VERSION = 3  # 2: head and source_file; 3: tied; older recipes are read as well
 SITE_KEYS = ("name", "rule", "stage", "block", "channels", "hidden", "r")
 MAX_RECIPE_BYTES = 16 << 20
 MAX_SIZE = 16384  # the largest input side a recipe may ask for
@@ -46,6 +46,7 @@ class Recipe:
     pruned: list[str] = field(default_factory=list)  # units replaced by a fixed per-channel scale
     head: dict[str, Any] | None = None  # the classifier when saved: name, in_features, out_features
     source_file: dict[str, str] | None = None  # for a file.py:callable source: its absolute path and sha256
+    tied: dict[str, str] = field(default_factory=dict)  # alias -> the name its tensor is saved under (io/tied.py)
     format_version: int = FORMAT_VERSION
 
     def config(self) -> InjectConfig:
@@ -93,6 +94,7 @@ class Recipe:
             pruned=check.string_list(data.get("pruned", []), "pruned"),
             head=check.head(data.get("head")),
             source_file=check.source_file(data.get("source_file"), data.get("source")),
+            tied=check.tied(data.get("tied", {})),
             format_version=version,
         )
         names = {site["name"] for site in recipe.sites}
@@ -210,6 +212,17 @@ class _Checker:
         self.integer(value["in_features"], "head.in_features", 1, 1 << 24)
         self.integer(value["out_features"], "head.out_features", 1, 1 << 24)
         return dict(value)
+
+    def tied(self, value: object) -> dict[str, str]:
+        if not isinstance(value, dict) or len(value) > MAX_UNITS:
+            raise self.fail("tied", f"expected an object of at most {MAX_UNITS:,} alias -> name pairs")
+        tied = {self.string(k, "tied", 1000): self.string(v, f"tied.{k}", 1000) for k, v in value.items()}
+        chained = next((k for k, v in tied.items() if v in tied or k == v), None)
+        if chained is not None:
+            raise self.fail(
+                f"tied.{chained}", "names a tensor that is itself an alias; each alias names a saved tensor"
+            )
+        return tied
 
     def source_file(self, value: object, source: object) -> dict[str, str] | None:
         if value is None:

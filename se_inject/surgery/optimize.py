@@ -15,7 +15,10 @@ after the middle conv), so the squeeze costs almost no memory traffic; in eager 
 separate pass either way. The README's "Performance" section has the measured ratios.
 
 In training mode BatchNorm normalises with the batch's statistics, so a unit then pools its own
-input as before; the folded matrix is recomputed when the unit returns to eval mode.
+input as before. The folded matrix follows the weights it is made of: a unit folds again at its next
+call once ``load_state_dict``, an optimiser step or anything else has changed one of them, and where
+a gradient is wanted (grad mode on, one of those weights trainable) it takes the unfolded path, so
+training in eval mode trains every weight.
 """
 
 from __future__ import annotations

@@ -360,6 +360,10 @@ def _commit_epoch(model: nn.Module, out: Path, state: dict[str, Any], history: l
         write_atomic(out / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
     except OSError as err:
         raise ArtifactError(f"{out}: cannot write epoch {state['epoch'] + 1}: {err.strerror or err}") from None
+    except ArtifactError as err:  # the model files could not be written
+        raise ArtifactError(f"{out}: cannot write epoch {state['epoch'] + 1}: {err}") from None
+    except RuntimeError as err:  # torch.save's writer reports a full disk as "file write failed"
+        raise ArtifactError(f"{out}: cannot write epoch {state['epoch'] + 1}: {one_line(err, 160)}") from None
 
 
 def _repair_model_files(model: nn.Module, out: Path, state: dict[str, Any]) -> None:

@@ -136,6 +136,7 @@ class SqueezeExcite(ChannelUnit):
         self.gate = create_gate(gate_layer, preserve=init == "preserve")
         # the block's (conv, norm) folded into the squeeze by squeeze_through: not children, not saved
         self._through: tuple[nn.Conv2d, nn.BatchNorm2d] | None = None
+        self._folded_from: tuple | None = None  # _fold_key() when the fold buffers were computed
         if zeroes_last(init):
             with torch.no_grad():
                 nn.init.zeros_(self.fc2.weight)
@@ -195,19 +196,54 @@ class SqueezeExcite(ChannelUnit):
         usual one up to float rounding; see ``se_inject.optimize_for_inference``.
 
         ``conv`` and ``norm`` stay the block's modules (not children of the unit). The folded matrix
-        is computed now and again whenever the unit returns to eval mode (``eval()``).
+        follows their weights and ``fc1``'s: whatever changes one of them in place or replaces it
+        (``load_state_dict``, an optimiser step, ``.to()``) is seen at the next call, which folds again.
+        Where a gradient is wanted (grad mode on and one of those weights trainable) the unit takes its
+        unfolded path, so every weight gets its gradient.
         """
         if self.squeeze != "avg":
             raise ConfigError(
                 f"squeeze: only an average squeeze commutes with a convolution, this unit's is {self.squeeze!r}"
             )
         self._through = (conv, norm)
+        self._folded_from = None
         self._fold()
 
     @property
     def squeezes_through(self) -> bool:
         """Whether :meth:`squeeze_through` folded a conv and BatchNorm into the squeeze."""
         return self._through is not None
+
+    def _folded_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        assert self._through is not None
+        conv, norm = self._through
+        return (
+            self.fc1.weight,
+            self.fc1.bias,
+            conv.weight,
+            conv.bias,
+            norm.weight,
+            norm.bias,
+            norm.running_mean,
+            norm.running_var,
+        )
+
+    def _fold_key(self) -> tuple | None:
+        """What the folded matrix was computed from: each tensor's identity, version counter (every in-place
+        change bumps it), dtype and device; None where a tensor keeps no version (made in inference mode).
+        (Not its data pointer: torch.compile cannot trace a comparison of one, and would split the graph.)"""
+        try:
+            key = tuple(None if t is None else (id(t), t._version, t.dtype, t.device) for t in self._folded_tensors())
+        except RuntimeError:  # inference tensors track no version: fold at every call
+            return None
+        assert self._through is not None
+        return (*key, self._through[1].eps)
+
+    def _folds_now(self) -> bool:
+        """Whether the folded path may run: it computes no gradient for the weights folded into it."""
+        if not torch.is_grad_enabled():
+            return True
+        return not any(t is not None and t.requires_grad for t in self._folded_tensors()[:6])
 
     def _fold(self) -> None:
         """``fold_weight``/``fold_bias``: ``fc1(a * (W m + c) + b) = fold_weight m + fold_bias`` for the pooled
@@ -227,14 +263,38 @@ class SqueezeExcite(ChannelUnit):
             weight = w1 @ (a[:, None] * conv.weight.to(wide).flatten(1))
             bias = w1 @ b + (self.fc1.bias.to(wide) if self.fc1.bias is not None else 0.0)
         dtype = self.fc1.weight.dtype
-        self.register_buffer("fold_weight", weight.to(dtype), persistent=False)
-        self.register_buffer("fold_bias", bias.to(dtype), persistent=False)
+        for name, value in (("fold_weight", weight.to(dtype)), ("fold_bias", bias.to(dtype))):
+            current = getattr(self, name, None)
+            if isinstance(current, torch.Tensor) and (current.shape, current.dtype, current.device) == (
+                value.shape,
+                value.dtype,
+                value.device,
+            ):
+                with torch.no_grad():
+                    current.copy_(value)  # in place: a compiled graph keeps reading the same buffer
+            else:
+                self.register_buffer(name, value, persistent=False)
+        self._folded_from = self._fold_key()
 
-    def train(self, mode: bool = True) -> SqueezeExcite:
-        super().train(mode)
-        if not mode and self.squeezes_through:  # weights may have changed while training: fold them again
+    def _narrow_first(self, source: torch.Tensor) -> torch.Tensor:
+        """fc1's output from the pooled ``source`` through the live weights, one layer after the other: what
+        a compiled model runs. A compiler cannot trace the check that keeps the folded matrix current, and
+        needs none: it fuses these small ops into one kernel (and with frozen weights folds them itself)."""
+        assert self._through is not None
+        conv, norm = self._through
+        assert norm.running_mean is not None and norm.running_var is not None  # checked by optimize_for_inference
+        y = F.linear(source.mean((2, 3)), conv.weight.flatten(1), conv.bias)
+        a = torch.rsqrt(norm.running_var + norm.eps)
+        a = a * norm.weight if norm.weight is not None else a
+        b = norm.bias - norm.running_mean * a if norm.bias is not None else -norm.running_mean * a
+        return F.linear(torch.addcmul(b, y, a), self.fc1.weight, self.fc1.bias)
+
+    def _current_fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The folded matrix and bias for the weights as they are now (folded again if they changed)."""
+        key = self._fold_key()
+        if key is None or key != self._folded_from:
             self._fold()
-        return self
+        return self.fold_weight, self.fold_bias
 
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
         """The per-channel (per-position for NoSqueeze) gate, shaped to broadcast against ``x``."""
@@ -250,7 +310,11 @@ class SqueezeExcite(ChannelUnit):
         if self.squeeze == "none":
             return F.conv2d(x, self.fc1.weight, self.fc1.bias)
         if source is not None and not self.training and self.squeezes_through:
-            return F.linear(source.mean((2, 3)), self.fold_weight, self.fold_bias)
+            if torch.compiler.is_compiling():
+                return self._narrow_first(source)
+            if self._folds_now():
+                weight, bias = self._current_fold()
+                return F.linear(source.mean((2, 3)), weight, bias)
         z = x.mean((2, 3), keepdim=True) if self.squeeze == "avg" else x.amax((2, 3), keepdim=True)
         return F.linear(z.flatten(1), self.fc1.weight, self.fc1.bias)
 

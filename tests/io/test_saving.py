@@ -127,7 +127,7 @@ def test_a_failed_save_leaves_nothing_behind(resnet18, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_model", fail)
+    monkeypatch.setattr("safetensors.torch.save_file", fail)
     with pytest.raises(se_inject.ArtifactError, match="saved: cannot write the directory: disk full"):
         se_inject.save(injected, tmp_path / "saved")
     assert list(tmp_path.iterdir()) == []

@@ -102,3 +102,78 @@ def test_bench_times_the_optimized_retrofit_beside_the_others():
     inference = next(row for row in report.ratios() if row["mode"] == "inference")
     assert inference["optimized/original"] > 0 and inference["optimized/injected"] > 0
     assert inference["optimized/twin"] is None
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    assert (got - expected).abs().max() <= 1e-9 * expected.abs().max()
+
+
+def test_load_state_dict_in_eval_mode_changes_what_the_optimized_copy_computes():
+    """Loading weights into the optimised copy (in eval mode, where the folded path runs) is followed at once."""
+    retrofitted = _retrofit(InplaceResNet, "paper")
+    optimized = optimize_for_inference(retrofitted)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        optimized(x)  # the fold of the old weights is in use
+        randomize_units(retrofitted, seed=11)
+        randomize_batchnorm(retrofitted, seed=12)
+        for p in retrofitted.parameters():
+            p.mul_(1.1)  # the convs folded into the squeeze change too
+    optimized.load_state_dict(retrofitted.state_dict())
+    with torch.no_grad():
+        _close(optimized(x), retrofitted.eval()(x))
+
+
+def test_training_in_eval_mode_gives_every_weight_its_gradient_and_the_step_is_followed():
+    retrofitted = _retrofit(InplaceResNet, "paper")
+    optimized = optimize_for_inference(retrofitted)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    unit_name = optimized_units(optimized)[-1]
+    block = unit_name.rsplit(".", 1)[0]
+    watched = [f"{unit_name}.fc1.weight", f"{block}.conv3.weight", f"{block}.bn3.weight"]
+    grads = []
+    for model in (retrofitted.eval(), optimized.eval()):  # eval mode: BatchNorm's running statistics
+        model.zero_grad()
+        model(x).square().sum().backward()
+        grads.append({name: model.get_parameter(name).grad for name in watched})
+    for name in watched:
+        assert grads[1][name] is not None and grads[1][name].abs().sum() > 0, name
+        _close(grads[1][name], grads[0][name])
+    for model in (retrofitted, optimized):
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        _close(optimized(x), retrofitted(x))  # after the step the folded path computes the new weights
+
+
+def test_the_folded_path_runs_where_no_gradient_is_wanted():
+    """No grad mode, or frozen weights: the fold is used (its matrix changed by hand shows it)."""
+    optimized = optimize_for_inference(_retrofit(InplaceResNet, "paper"))
+    unit = optimized.get_submodule(optimized_units(optimized)[-1])
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        before = optimized(x)
+        unit.fold_weight.mul_(1.5)
+        assert not torch.equal(optimized(x), before)
+    optimized.requires_grad_(False)
+    assert not torch.equal(optimized(x), before)  # grad mode on, but nothing to train
+    optimized.requires_grad_(True)
+    torch.testing.assert_close(optimized(x), before, rtol=1e-9, atol=0)  # gradients wanted: the unfolded path
+
+
+def test_under_a_compiler_the_unit_computes_from_the_live_weights(monkeypatch):
+    """What torch.compile traces (is_compiling() is true there): no cached matrix, every weight followed
+    and differentiable; run eagerly here, in float64, against the retrofit."""
+    retrofitted = _retrofit(InplaceResNet, "paper")
+    optimized = optimize_for_inference(retrofitted)
+    unit = optimized.get_submodule(optimized_units(optimized)[-1])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        unit.fold_weight.zero_()  # a cached matrix would show
+        _close(optimized(x), retrofitted(x))
+        for model in (optimized, retrofitted):
+            randomize_units(model, seed=5)
+            randomize_batchnorm(model, seed=6)
+        _close(optimized(x), retrofitted(x))
+    optimized(x).sum().backward()
+    assert unit.fc1.weight.grad is not None and unit.fc1.weight.grad.abs().sum() > 0
