@@ -26,6 +26,7 @@ from se_inject.errors import (
 )
 from se_inject.graph.abstract import eval_mode, on_meta, shadow
 from se_inject.graph.channels import input_channels, recorded_input_size
+from se_inject.io.heads import head_of
 from se_inject.io.models import recorded_source
 from se_inject.io.recipe import SITE_KEYS, Recipe, attach_recipe, versions
 from se_inject.placement.plan import Plan, plan_units
@@ -77,13 +78,17 @@ def retrofit(
     *,
     input_size: int | Sequence[int] | None = None,
     model_name: str | None = None,
+    head: str | None = None,
     **options: Any,
 ) -> Retrofit:
     """Insert SE units into a copy of ``model`` and measure what they cost, from one trace.
 
     ``options`` are :class:`InjectConfig` fields (``position``, ``r``, ``stages``, ``squeeze``,
     ``excitation``, ``bias``, ``rounding``, ``init``, ``leaf_modules``, ``existing``, ``rules``). ``input_size`` is the
-    spatial size FLOPs are counted at (default: the model's own, from timm's pretrained_cfg, else 224). ``model`` is never modified; on any error it is exactly
+    spatial size FLOPs are counted at (default: the model's own, from timm's pretrained_cfg, else 224).
+    ``head`` names the model's classifier (a Linear) where it is not one the model declares (timm's
+    ``get_classifier``, a Linear named ``fc``, ``classifier`` or ``head``); the recipe records the
+    head, or that the model has none. ``model`` is never modified; on any error it is exactly
     as it was. A model on the meta device is analysed without allocating weights.
 
     Example::
@@ -92,10 +97,10 @@ def retrofit(
         result.model(images)            # the retrofitted nn.Module
         print(result.report.to_json())  # Eq. 5 vs. added weights, FLOPs per stage
     """
-    if not isinstance(model, nn.Module):
-        raise InvalidModelError(f"model: expected an nn.Module, got {type(model).__name__}")
+    _check_model(model)
     config = make_config(config, **options)
     _refuse_reinjection(model, config)
+    declared = head_of(model, head)  # before any work: a wrong name is one ConfigError
     input_size = _resolve_input_size(model, input_size)
     analysis: Analysis = analyse(shadow(model), input_size, config.leaf_modules, load_rules(config.rules))
     traces = LocalTraces(model, analysis.gm.graph, config.leaf_modules)
@@ -129,9 +134,20 @@ def retrofit(
         input_size=report.input_size,
         sites=tuple({k: getattr(u, k) for k in SITE_KEYS} for u in report.sites),
         versions=versions(),
+        head=declared,  # what the model declares, never a layer of the units just inserted
     )
     attach_recipe(injected, recipe)  # lets later tools see what was injected, and how
     return Retrofit(injected, report, plan, config)
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise InvalidModelError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InvalidModelError(
+            f"model: a TorchScript module ({type(model).__name__}) runs compiled code that cannot be rewritten; "
+            "inject the nn.Module it was scripted from, then script the result if you need TorchScript"
+        )
 
 
 def _recordable(config: InjectConfig) -> dict[str, Any]:

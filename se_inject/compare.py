@@ -321,7 +321,12 @@ def label_of(options: Mapping[str, Any]) -> str:
 
 
 def check_plot_target(path: str | Path) -> Path:
-    """``path`` as a PNG file that may be written: its folder exists, and it is no folder itself."""
+    """``path`` as a PNG file that may be written: its folder exists, it is no folder itself, and matplotlib,
+    which draws it, is installed (checked before any work, so that no result waits on a plot that fails)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("plots need matplotlib: pip install 'se-inject[plots]'")
     target = as_path(path, "--plot", ConfigError)
     if target.suffix.lower() != ".png":
         raise ConfigError(f"--plot: expected a .png file name, got {str(target)!r}")

@@ -41,6 +41,13 @@ EXISTINGS: tuple[str, ...] = get_args(Existing)
 # round_channels), which differs from timm's SEModule in 46 of 1,024 (C, r) pairs: renamed for what it is
 RENAMED_ROUNDINGS = {"multiple8": "divisible8"}
 
+# bounds of what a flag or file may ask for: far above any published network, far below what exhausts memory
+MAX_R = 1 << 16  # a reduction ratio (the hidden width never falls below 1 anyway)
+MAX_HIDDEN = 1 << 14  # an absolute hidden width: two C x 16384 layers per unit
+MAX_STAGES = 1000  # ratios per stage, stage numbers
+MAX_PATTERNS = 1000  # names or globs in at, include, exclude, blocks, leaf_modules, rules, one group; groups
+MAX_NAME_LENGTH = 1000  # characters of one such name
+
 # None as a field default: "the style's value" (filled in by __post_init__; never None afterwards)
 FROM_STYLE: Any = None
 STYLED_FIELDS = ("position", "r", "act", "gate", "bias", "rounding", "reduce_from")
@@ -215,8 +222,8 @@ class InjectConfig:
         object.__setattr__(self, "r", _validate_r(self.r))
         if self.stages is not None:
             object.__setattr__(self, "stages", _validate_stages(self.stages))
-        if self.hidden is not None and not (_is_int(self.hidden) and self.hidden >= 1):
-            raise ConfigError(f"hidden: expected a positive hidden width, got {self.hidden!r}")
+        if self.hidden is not None and not (_is_int(self.hidden) and 1 <= self.hidden <= MAX_HIDDEN):
+            raise ConfigError(f"hidden: expected a hidden width from 1 to {MAX_HIDDEN}, got {self.hidden!r}")
         if not isinstance(self.unit, str) or not self.unit.isidentifier():
             raise ConfigError(f"unit: expected the name of a registered unit such as 'se', got {self.unit!r}")
         if not isinstance(self.unit_options, Mapping) or not all(isinstance(k, str) for k in self.unit_options):
@@ -229,6 +236,8 @@ class InjectConfig:
         )
         object.__setattr__(self, "rules", _string_tuple(self.rules, "rules", "paths of rule files"))
         object.__setattr__(self, "at", _string_tuple(self.at, "at", "module names or globs"))
+        if not isinstance(self.groups, (list, tuple)) or len(self.groups) > MAX_PATTERNS:
+            raise ConfigError(f"groups: expected at most {MAX_PATTERNS} groups of blocks, got {self.groups!r:.80}")
         object.__setattr__(self, "groups", tuple(_group(g, i) for i, g in enumerate(self.groups)))
         for group in self.groups:  # each group's options checked as the options themselves are
             self.for_group(group)
@@ -278,11 +287,13 @@ def _string_tuple(value: object, name: str, what: str) -> tuple[str, ...]:
     items = (value,) if isinstance(value, (str, PathLike)) else value
     if not isinstance(items, (list, tuple)):
         raise ConfigError(f"{name}: expected {what}, got {value!r}")
+    if len(items) > MAX_PATTERNS:
+        raise ConfigError(f"{name}: at most {MAX_PATTERNS} {what}, got {len(items):,}")
     items = tuple(fspath(v) if isinstance(v, PathLike) else v for v in items)
     for item in items:
-        if not isinstance(item, str) or not item:
-            raise ConfigError(f"{name}: expected {what}, got {item!r}")
-    return items
+        if not isinstance(item, str) or not item or len(item) > MAX_NAME_LENGTH:
+            raise ConfigError(f"{name}: expected {what} (of at most {MAX_NAME_LENGTH} characters), got {item!r:.80}")
+    return tuple(dict.fromkeys(items))  # a name given twice means it once
 
 
 def parse_block_range(text: str) -> tuple[int, int, int]:
@@ -329,13 +340,15 @@ def _group(value: object, index: int) -> Group:
 
 def _validate_r(r: object) -> int | tuple[int, ...]:
     if isinstance(r, int) and _is_int(r):
-        if r <= 0:
-            raise ConfigError(f"r: the reduction ratio must be a positive integer, got {r}")
+        if not 1 <= r <= MAX_R:
+            raise ConfigError(f"r: the reduction ratio must be an integer from 1 to {MAX_R}, got {r}")
         return r
     if isinstance(r, (list, tuple)) and r and all(_is_int(v) for v in r):
-        bad = [v for v in r if v <= 0]
+        bad = [v for v in r if not 1 <= v <= MAX_R]
         if bad:
-            raise ConfigError(f"r: every reduction ratio must be a positive integer, got {bad[0]}")
+            raise ConfigError(f"r: every reduction ratio must be an integer from 1 to {MAX_R}, got {bad[0]}")
+        if len(r) > MAX_STAGES:
+            raise ConfigError(f"r: at most {MAX_STAGES} ratios (one per stage), got {len(r)}")
         return r[0] if len(r) == 1 else tuple(r)
     raise ConfigError(f"r: expected a positive integer or a list of them, got {r!r}")
 
@@ -347,6 +360,8 @@ def _validate_stages(stages: object) -> tuple[int, ...]:
         raise ConfigError(f"stages: expected stage numbers counted from 1, got {stages!r}")
     if any(s < 1 for s in stages):
         raise ConfigError(f"stages: stage numbers count from 1, got {min(stages)}")
+    if max(stages) > MAX_STAGES:
+        raise ConfigError(f"stages: stage numbers go up to {MAX_STAGES}, got {max(stages)}")
     if len(set(stages)) != len(stages):
         raise ConfigError(f"stages: a stage is listed twice in {list(stages)}")
     return tuple(sorted(stages))

@@ -38,13 +38,11 @@ from se_inject.io.files import (
     write_directory,
     write_text_atomic,
 )
+from se_inject.io.heads import classifier, fit_head, head_of
 from se_inject.io.layout import OWNED_FILES, RECIPE_FILE, WEIGHTS_FILE
 from se_inject.io.models import (
     check_device,
-    classifier,
     file_digest,
-    fit_head,
-    head_of,
     load_model,
     load_state,
     spec_kind,
@@ -74,8 +72,11 @@ def current_recipe(model: nn.Module) -> Recipe:
     recipe = recipe_of(model)
     head = head_of(model)
     kwargs = dict(recipe.model_kwargs)
-    if head is not None and recipe.source and spec_kind(recipe.source) in ("timm", "torchvision"):
+    kind = spec_kind(recipe.source) if recipe.source else None
+    if head is not None and kind in ("timm", "torchvision"):
         kwargs["num_classes"] = head["out_features"]
+    elif head is None and kind == "timm":  # headless: timm builds it so (torchvision's: see _fit_recorded_head)
+        kwargs["num_classes"] = 0
     return replace(recipe, head=head, model_kwargs=kwargs, tied=tied_names(model))
 
 
@@ -220,20 +221,29 @@ def _build_source(recipe: Recipe, directory: Path, device: torch.device | None, 
     return load_model(recipe.source, device=device, optional_kwargs=optional, **kwargs)  # type: ignore[arg-type]
 
 
-def _fit_recorded_head(injected: nn.Module, recipe: Recipe, directory: Path) -> None:
-    """Give the rebuilt model the classifier the saved one had (a model whose constructor takes no
-    ``num_classes``, or a fresh original the caller passed with the default head)."""
+def _fit_recorded_head(injected: nn.Module, recipe: Recipe, directory: Path, state: dict[str, torch.Tensor]) -> None:
+    """Give the rebuilt model the classifier the saved one had: resized (a model whose constructor takes
+    no ``num_classes``, or a fresh original the caller passed with the default head), or none at all
+    (a model saved headless whose constructor builds a head: torchvision's, a user's)."""
     if recipe.head is None:
+        found = classifier(injected)
+        if found is not None and f"{found[0]}.weight" not in state:
+            injected.set_submodule(found[0], nn.Identity())
         return
-    found = classifier(injected)
-    if found is None or found[0] != recipe.head["name"]:
-        return  # load_state names what does not fit
+    try:
+        found = classifier(injected, recipe.head["name"])
+    except ConfigError:
+        raise ArtifactError(
+            f"{directory}: the rebuilt model has no Linear layer '{recipe.head['name']}', the saved classifier: "
+            "the model is not the saved architecture"
+        ) from None
+    assert found is not None  # classifier() with a name finds it or raises
     if found[1].in_features != recipe.head["in_features"]:
         raise ArtifactError(
             f"{directory}: the classifier '{found[0]}' takes {found[1].in_features} features, the saved one "
             f"{recipe.head['in_features']}: the model is not the saved architecture"
         )
-    fit_head(injected, recipe.head["out_features"])
+    fit_head(injected, recipe.head["out_features"], recipe.head["name"])
 
 
 def _check_tied(recipe: Recipe, state: dict[str, torch.Tensor], weights: Path) -> None:
@@ -285,7 +295,6 @@ def load(
     if model is None:
         model = _build_source(recipe, directory, target, trust_code)
     injected = apply(recipe, model)
-    _fit_recorded_head(injected, recipe, directory)
     for name in recipe.pruned:  # the scales themselves come with the weights
         unit = injected.get_submodule(name)
         assert isinstance(unit, ChannelUnit)  # apply() made it from the recipe
@@ -296,6 +305,7 @@ def load(
         raise ArtifactError(
             f"{weights}: cannot be read as safetensors ({err}); the file is damaged or truncated"
         ) from None
+    _fit_recorded_head(injected, recipe, directory, state)
     _check_tied(recipe, state, weights)
     load_state(injected, restore_tied(state, recipe.tied), str(weights), ArtifactError)
     retie(injected, recipe.tied)

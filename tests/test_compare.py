@@ -128,7 +128,7 @@ def test_the_compare_command(tmp_path):
     out = runner.invoke(app, [*args, "--repeats", "2", "--candidate", "include=stages.2.*,r=4"]).stdout
     assert "what each candidate adds" in out and "include=stages.2.*,r=4" in out and "batch 1:" in out
     bad = runner.invoke(app, ["compare", SPEC, "--candidate", "r"])
-    assert bad.exit_code == 2 and "--candidate: expected OPTION=VALUE" in bad.output
+    assert bad.exit_code == 2 and "--candidate: expected NAME=VALUE" in bad.output
     bad = runner.invoke(app, ["compare", SPEC, "--units", "se", "--plot", str(tmp_path / "x.jpg")])
     assert bad.exit_code == 2 and "expected a .png" in bad.output
 

@@ -438,3 +438,29 @@ class TiedResNet(FunctionalResNet):
 
 def tied_resnet() -> TiedResNet:
     return TiedResNet(num_classes=10)
+
+
+class FeatureNet(FunctionalResNet):
+    """A body without a classifier: pooled features out, as a backbone or a feature extractor gives them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1), 1)
+
+
+class NamedHeadNet(FeatureNet):
+    """A classifier under a name no convention knows (``out``): the user names it (head='out')."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.out = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(super().forward(x))
+
+
+def feature_net() -> FeatureNet:
+    return FeatureNet()

@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import sys
-import tomllib
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -28,6 +27,7 @@ from se_inject._version import __version__
 from se_inject.cli.options import experiment_option, finetune_config, finetune_option, inject_option
 from se_inject.config import InjectConfig
 from se_inject.errors import ConfigError, SEInjectError, first_line
+from se_inject.grammar import as_tuple, field_types, parse_int_list, read_options
 from se_inject.io.files import as_path, check_target
 from se_inject.io.layout import OWNED_FILES, RECIPE_FILE
 
@@ -104,78 +104,43 @@ def _group(
     """Retrofit Squeeze-and-Excitation units into existing models."""
 
 
-MAX_LIST_VALUE = 1_000_000  # far above any stage count, ratio or batch; far below what a range can exhaust
-MAX_LIST_LENGTH = 1000
-
-
-def parse_int_list(text: str, option: str) -> int | tuple[int, ...]:
-    """``"16"`` -> 16, ``"8,16,16,32"`` -> (8, 16, 16, 32), ``"2-4"`` -> (2, 3, 4).
-
-    Values and lengths are bounded (a range like ``1-999999999999`` is refused, not expanded).
-    """
-    values: list[int] = []
-    usage = f"{option}: expected integers like 16, 8,16,32 or 2-4, got {text[:40]!r}"
-    for part in text.split(","):
-        low, dash, high = part.strip().partition("-")
-        is_range = bool(dash and low)  # a leading "-" is a (refused later) negative number
-        try:
-            first, last = (int(low), int(high)) if is_range else (int(part), int(part))
-        except ValueError:
-            raise ConfigError(usage) from None
-        if max(abs(first), abs(last)) > MAX_LIST_VALUE:
-            raise ConfigError(f"{option}: {part.strip()} is out of range (values up to {MAX_LIST_VALUE:,})")
-        if last < first:
-            raise ConfigError(f"{option}: the range {part.strip()} is empty; write it low-high")
-        values.extend(range(first, last + 1))
-        if len(values) > MAX_LIST_LENGTH:
-            raise ConfigError(f"{option}: more than {MAX_LIST_LENGTH} values")
-    is_single = len(values) == 1 and "," not in text and "-" not in text.strip().lstrip("-")
-    return values[0] if is_single else tuple(values)
-
-
 def parse_group(text: str) -> dict[str, Any]:
     """``"layer4.*:r=32,act=silu"`` -> ``{"blocks": ["layer4.*"], "r": 32, "act": "silu"}`` (globs
-    joined with ``|``: ``"layer3.*|layer4.*:r=32"``); the values are checked by InjectConfig."""
-    usage = f"--group: expected BLOCKS:OPTION=VALUE,... such as 'layer4.*:r=32,act=silu', got {text[:60]!r}"
+    joined with ``|``: ``"layer3.*|layer4.*:r=32"``); the values are read as InjectConfig declares them
+    (the one grammar, se_inject.grammar) and checked by it."""
     blocks, colon, settings = text.partition(":")
     if not colon or not blocks.strip() or not settings.strip():
-        raise ConfigError(usage)
-    group: dict[str, Any] = {"blocks": [b.strip() for b in blocks.split("|")]}
-    for setting in settings.split(","):
-        name, equals, value = (part.strip() for part in setting.partition("="))
-        if not equals or not name or not value:
-            raise ConfigError(usage)
-        if name == "r":
-            group[name] = parse_int_list(value, "--group r")
-        elif name == "hidden":
-            group[name] = parse_int_list(value, "--group hidden")
-        elif name == "bias":
-            if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
-                raise ConfigError(f"--group bias: expected true or false, got {value!r}")
-            group[name] = value.lower() in ("true", "yes", "1")
-        else:
-            group[name] = value
-    return group
+        raise ConfigError(
+            f"--group: expected BLOCKS:OPTION=VALUE,... such as 'layer4.*:r=32,act=silu', got {text[:60]!r}"
+        )
+    options = read_options(settings, field_types(InjectConfig), "--group", "layer4.*:r=32,act=silu")
+    return {"blocks": [b.strip() for b in blocks.split("|")], **options}
 
 
-def parse_unit_options(texts: list[str]) -> dict[str, Any]:
-    """``["kernel_size=5", "fusion=scale"]`` -> ``{"kernel_size": 5, "fusion": "scale"}``: each value read as
-    a TOML value (numbers, true/false), else kept as text; the unit checks names and types."""
-    options: dict[str, Any] = {}
-    for text in texts:
-        name, equals, value = (part.strip() for part in text.partition("="))
-        if not equals or not name.isidentifier() or not value:
-            raise ConfigError(f"--unit-option: expected NAME=VALUE such as 'kernel_size=5', got {text[:60]!r}")
-        try:
-            options[name] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            options[name] = value  # a bare word: a choice such as fusion=scale
+def parse_candidate(text: str) -> dict[str, Any]:
+    """``"position=pre,r=8,include=layer3.*|layer4.*"`` -> injection options, read as InjectConfig declares
+    them (lists joined with ``|``) and checked by it now, as a group's are."""
+    options = read_options(text, field_types(InjectConfig), "--candidate", "position=pre,r=8")
+    unknown = sorted(set(options) - set(field_types(InjectConfig)))
+    if unknown:
+        raise ConfigError(f"--candidate: {unknown[0]}: not an injection option; see se-inject inject --help")
+    InjectConfig.from_dict(options)
     return options
+
+
+def parse_unit_options(unit: str, texts: list[str]) -> dict[str, Any]:
+    """``["kernel_size=5", "fusion=scale"]`` -> ``{"kernel_size": 5, "fusion": "scale"}``, each value read as
+    the unit's ``Options`` declares it; the unit checks names, types and bounds."""
+    if not texts:
+        return {}
+    from se_inject.units.base import unit_class
+
+    return read_options(texts, field_types(unit_class(unit).Options), "--unit-option", "kernel_size=5")
 
 
 def parse_positive_list(text: str, option: str) -> tuple[int, ...]:
     """A list of positive integers (batch sizes and the like)."""
-    values = _as_tuple(parse_int_list(text, option))
+    values = as_tuple(parse_int_list(text, option))
     bad = [v for v in values if v < 1]
     if bad or not values:
         raise ConfigError(f"{option}: expected positive integers, got {text[:40]!r}")
@@ -266,6 +231,7 @@ def inject_command(
     num_classes: int | None = typer.Option(
         None, "--num-classes", help="classes of the model's head (e.g. of a fine-tuned checkpoint)"
     ),
+    head: str | None = finetune_option("head"),
     check: bool = typer.Option(
         False, "--check", help="run original and injected on one batch; print the largest output difference"
     ),
@@ -306,7 +272,7 @@ def inject_command(
         reduce_from=reduce_from,
         hidden=hidden,
         unit=unit,
-        unit_options=parse_unit_options(unit_option),
+        unit_options=parse_unit_options(unit, unit_option),
         leaf_modules=tuple(leaf),
         existing=existing,
         rules=tuple(rules),
@@ -320,7 +286,7 @@ def inject_command(
         checkpoint=checkpoint,
         **_head_kwargs(num_classes),
     )
-    result = retrofit(network, config, input_size=input_size, model_name=model)
+    result = retrofit(network, config, input_size=input_size, model_name=model, head=head)
     difference = check_outputs(network, result.model, input_size=input_size) if check else None
     saved = save(result.model, save_dir, force=force) if save_dir else None
     if as_json:
@@ -473,6 +439,7 @@ def finetune_command(
     trust_code: bool = typer.Option(
         False, "--trust-code", help="a saved SOURCE whose recipe names Python code may import and run it"
     ),
+    head: str | None = finetune_option("head"),
     force: bool = typer.Option(False, "--force", help="start over in an --out that holds a saved model or run"),
 ) -> None:
     """Fine-tune a retrofitted model: SE units first (--se-epochs), then everything."""
@@ -508,9 +475,9 @@ def finetune_command(
         )
         splits = load_data(data, image_size, model_data_config(original), check=False)
         inject_config = _inject_config(
-            position, r, stages, style=style, init=init, unit=unit, unit_options=parse_unit_options(unit_option)
+            position, r, stages, style=style, init=init, unit=unit, unit_options=parse_unit_options(unit, unit_option)
         )
-        model = retrofit(original, inject_config, input_size=splits.image_size, model_name=source).model
+        model = retrofit(original, inject_config, input_size=splits.image_size, model_name=source, head=head).model
     out_console = console()
     with warnings.catch_warnings():  # shown below as se-inject's own one-line warnings
         warnings.simplefilter("ignore", UntrainedModelWarning)
@@ -648,7 +615,9 @@ def bench_command(
     if threads:
         torch.set_num_threads(threads)
     target = resolve_device(device)
-    config = _inject_config(position, r, stages, style=style, unit=unit, unit_options=parse_unit_options(unit_option))
+    config = _inject_config(
+        position, r, stages, style=style, unit=unit, unit_options=parse_unit_options(unit, unit_option)
+    )
     batches = parse_positive_list(batch, "--batch")
     batches = (256,) if target.type == "cuda" and batch == "1,16" else batches
     twin_name = twin_of(model)
@@ -715,26 +684,6 @@ def _val_loader(data: str, image_size: int | None, model: nn.Module, batch_size:
     return splits, DataLoader(splits.val, batch_size=batch_size)
 
 
-def parse_candidate(text: str) -> dict[str, Any]:
-    """``"position=pre,r=8,include=layer3.*|layer4.*"`` -> injection options (lists joined with ``|``);
-    the values are checked by InjectConfig when the candidate is built."""
-    usage = f"--candidate: expected OPTION=VALUE,... such as 'position=pre,r=8', got {text[:60]!r}"
-    options: dict[str, Any] = {}
-    for setting in text.split(","):
-        name, equals, value = (part.strip() for part in setting.partition("="))
-        if not equals or not name.isidentifier() or not value:
-            raise ConfigError(usage)
-        if name in ("r", "hidden", "stages"):
-            options[name] = parse_int_list(value, f"--candidate {name}")
-        elif name in ("include", "exclude", "blocks", "at"):
-            options[name] = [v.strip() for v in value.split("|")]
-        elif name == "bias":
-            options[name] = value.lower() in ("true", "yes", "1")
-        else:
-            options[name] = value
-    return options
-
-
 @app.command("compare")
 def compare_command(
     model: str = typer.Argument(..., help="timm name, torchvision:NAME, module.path:callable or file.py:callable"),
@@ -771,7 +720,7 @@ def compare_command(
 
     chosen = candidates(
         positions=parse_names(positions, "--positions") or (),
-        rs=_as_tuple(parse_int_list(r, "--r")) if r else (),
+        rs=as_tuple(parse_int_list(r, "--r")) if r else (),
         units=parse_names(units, "--units") or (),
         styles=parse_names(styles, "--styles") or (),
     )
@@ -799,20 +748,17 @@ def compare_command(
             compile=compile,
             progress=advance,
         )
+    # the result first: a plot that fails (a full disk) must not lose what was measured
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        render_comparison(result, console())
     if plot_file is not None:
         from se_inject.compare import plot
 
         plot(result, plot_file)
-    if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
-        return
-    render_comparison(result, console())
-    if plot_file is not None:
-        console().print(f"wrote {plot_file}")
-
-
-def _as_tuple(value: int | tuple[int, ...]) -> tuple[int, ...]:
-    return value if isinstance(value, tuple) else (value,)
+        if not as_json:
+            console().print(f"wrote {plot_file}")
 
 
 def render_comparison(result: Any, out: Console) -> None:
@@ -1061,7 +1007,7 @@ if __name__ == "__main__":
 def parse_seeds(text: str) -> tuple[int, ...]:
     """``--seeds 5`` (seeds 0-4), or a list of seeds as other lists are written: ``0,3,7`` or ``0-2``."""
     if "," in text or "-" in text.strip():
-        return _as_tuple(parse_int_list(text, "--seeds"))
+        return as_tuple(parse_int_list(text, "--seeds"))
     return tuple(range(parse_positive_list(text, "--seeds")[0]))
 
 
@@ -1108,6 +1054,7 @@ def experiment_command(
     amp: bool = finetune_option("amp"),
     channels_last: bool = finetune_option("channels_last"),
     workers: int = finetune_option("workers"),
+    head: str | None = finetune_option("head"),
     image_size: int | None = typer.Option(None, "--image-size", help="image size (digits: 32, folders: the model's)"),
     resume: bool = typer.Option(False, "--resume", help="continue the experiment in --out where it stopped"),
     force: bool = typer.Option(False, "--force", help="start over in an --out that holds an experiment"),
@@ -1136,7 +1083,7 @@ def experiment_command(
     )
     chosen = arms(
         positions=parse_names(positions, "--positions") or (),
-        rs=_as_tuple(parse_int_list(r, "--r")) if r else (),
+        rs=as_tuple(parse_int_list(r, "--r")) if r else (),
         units=parse_names(units, "--units") or (),
         inits=parse_names(inits, "--inits") or (),
         styles=parse_names(styles, "--styles") or (),
@@ -1192,16 +1139,17 @@ def experiment_command(
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     for message in dict.fromkeys(str(w.message) for w in untrained):
         typer.echo(f"se-inject: warning: {message}", err=True)
+    # the result first: a plot that fails (a full disk) must not lose what the runs measured
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        render_experiment(result, out_console)
     if plot_file is not None:
         from se_inject.train.experiment import plot
 
         plot(result, plot_file)
-    if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
-        return
-    render_experiment(result, out_console)
-    if plot_file is not None:
-        out_console.print(f"wrote {plot_file}")
+        if not as_json:
+            out_console.print(f"wrote {plot_file}")
 
 
 def _points(value: float | None) -> str:

@@ -10,6 +10,8 @@ WEIGHTS_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
+EXPERIMENT_FILE = "experiment.json"  # an experiment's specification and finished runs
+RECORD_FILE = "record.json"  # in each run of an experiment: the finished run (read back on resume)
 # every file se_inject writes into a model directory (a fine-tuning run adds its checkpoint and
 # metrics): --force replaces a directory only when it holds nothing else
 OWNED_FILES = frozenset({WEIGHTS_FILE, RECIPE_FILE, CHECKPOINT_FILE, METRICS_FILE})

@@ -370,48 +370,6 @@ def _first_sentence(err: Exception, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
-def classifier(model: nn.Module) -> tuple[str, nn.Linear] | None:
-    """The model's classifier, as (qualified name, Linear): timm's get_classifier(), else its last Linear."""
-    get = getattr(model, "get_classifier", None)
-    try:
-        head = get() if callable(get) else None
-    except Exception:  # a user's get_classifier that does not fit timm's contract
-        head = None
-    names = {id(m): name for name, m in model.named_modules()}
-    if isinstance(head, nn.Linear) and id(head) in names:
-        return names[id(head)], head
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
-
-
-def head_of(model: nn.Module) -> dict[str, object] | None:
-    """The classifier as a recipe records it: name, in_features, out_features (None: no Linear head)."""
-    found = classifier(model)
-    if found is None:
-        return None
-    name, head = found
-    return {"name": name, "in_features": head.in_features, "out_features": head.out_features}
-
-
-def fit_head(model: nn.Module, num_classes: int) -> list[nn.Parameter]:
-    """Give ``model`` (in place) a new classifier for ``num_classes`` if its own has another size;
-    the new head's parameters (to train), [] when it already fits."""
-    from se_inject.errors import ConfigError
-
-    found = classifier(model)
-    if found is None:
-        raise ConfigError("the model has no Linear classifier to fit to the dataset's classes")
-    name, head = found
-    if head.out_features == num_classes:
-        return []
-    reference = head.weight
-    new = nn.Linear(
-        head.in_features, num_classes, bias=head.bias is not None, device=reference.device, dtype=reference.dtype
-    )
-    model.set_submodule(name, new)
-    return list(new.parameters())
-
-
 def describe_mismatch(missing: list[str], unexpected: list[str], wrong: list[str], expected: dict, given: dict) -> str:
     """One line naming the keys that differ, a few of each kind."""
 

@@ -21,6 +21,7 @@ from se_inject.config import InjectConfig
 from se_inject.errors import ArtifactError, ConfigError, ModelSpecError, one_line
 from se_inject.io.layout import RECIPE_FILE
 from se_inject.io.models import RECIPE_MODEL_KWARGS, spec_kind
+from se_inject.units.base import unit_class
 
 if TYPE_CHECKING:
     from torch import nn
@@ -152,7 +153,11 @@ class _Checker:
         if unknown:
             raise self.fail(f"options.{unknown[0]}", f"not an injection option; options are {', '.join(sorted(known))}")
         try:
-            InjectConfig.from_dict(value)
+            config = InjectConfig.from_dict(value)
+            # the unit's own options, bounds included, before anything is built from them
+            unit = unit_class(config.unit)
+            for each in (config, *(config.for_group(g) for g in config.groups)):
+                unit.check_config(each)
         except ConfigError as err:
             raise self.fail(f"options.{str(err).split(':')[0]}", str(err)) from None
         except TypeError as err:

@@ -231,7 +231,12 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
     selected = config.stages or tuple(range(1, stage_count + 1))
     out_of_range = [s for s in selected if s > stage_count]
     if out_of_range:
-        raise ConfigError(f"stages: stage {out_of_range[0]} does not exist; this model has stages 1-{stage_count}")
+        whose = (
+            f"the {len(search.sites)} sites at= names lie in stages 1-{stage_count} (stages are counted over them)"
+            if config.at
+            else f"this model has stages 1-{stage_count}"
+        )
+        raise ConfigError(f"stages: stage {out_of_range[0]} does not exist; {whose}")
 
     reasons = {id(site): reason for site, reason in search.skipped}
     in_stages = [site for site in search.sites if site.stage in selected]

@@ -16,8 +16,9 @@ separate pass either way. The README's "Performance" section has the measured ra
 
 In training mode BatchNorm normalises with the batch's statistics, so a unit then pools its own
 input as before. The folded matrix follows the weights it is made of: a unit folds again at its next
-call once ``load_state_dict``, an optimiser step or anything else has changed one of them, and where
-a gradient is wanted (grad mode on, one of those weights trainable) it takes the unfolded path, so
+call once ``load_state_dict``, an optimiser step or anything else has changed one of them (compiled,
+a forward pre-hook that runs outside the graph does the check), and where a gradient is wanted (grad
+mode on, one of those weights trainable) it computes from the live weights layer by layer, so
 training in eval mode trains every weight.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -117,7 +119,8 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
 def fold_squeezes(model: nn.Module) -> int:
     """Fold, in place, every unit of ``model`` that can squeeze before its block's last 1x1 conv and does
     not yet (see :func:`optimize_for_inference`, which does this on a copy and checks the result);
-    how many were folded. ``model`` should be in eval mode, where the folded path runs."""
+    how many were folded. ``model`` should be in eval mode, where the folded path runs; it gets the
+    pre-hook :func:`refresh_folds` that keeps the folds current under torch.compile."""
     changed = 0
     for graph_module in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
         found_here = 0
@@ -137,7 +140,29 @@ def fold_squeezes(model: nn.Module) -> int:
         if found_here:
             graph_module.recompile()
             changed += found_here
+    if changed:
+        # the units the pre-hook checks, listed once (walking the model at every call costs more than the check)
+        setattr(
+            model, FOLDED_UNITS, [m for m in model.modules() if isinstance(m, SqueezeExcite) and m.squeezes_through]
+        )
+        if refresh_folds not in model._forward_pre_hooks.values():
+            model.register_forward_pre_hook(refresh_folds)
     return changed
+
+
+FOLDED_UNITS = "_se_inject_folded_units"  # attribute of an optimised model: its units that squeeze through
+
+
+@torch.compiler.disable
+def refresh_folds(model: nn.Module, args: object) -> None:
+    """Before each call of an optimised model: every unit whose folded weights changed folds again.
+
+    A forward pre-hook that torch.compile does not trace (the check reads tensors' version counters):
+    compiled, the model breaks once at its start, runs this eagerly, and the rest is one graph that
+    reads the folded matrices. Eagerly each unit also checks itself, so a block called alone is right.
+    """
+    for unit in getattr(model, FOLDED_UNITS, ()):
+        unit.refresh_fold()
 
 
 def optimized_units(model: nn.Module) -> list[str]:

@@ -40,6 +40,13 @@ class FinetuneConfig:
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory format on CUDA"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, shuffling and dropout"})
     workers: int = field(default=0, metadata={"help": "data-loading worker processes"})
+    head: str | None = field(
+        default=None,
+        metadata={
+            "help": "the classifier fitted to the dataset's classes, by module name (a Linear); default: the one "
+            "the model declares (its recipe's, timm's get_classifier, a Linear named fc, classifier or head)"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name, low in (("epochs", 1), ("se_epochs", 0), ("batch_size", 1), ("seed", 0), ("workers", 0)):
@@ -69,6 +76,8 @@ class FinetuneConfig:
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if self.head is not None and not (isinstance(self.head, str) and 0 < len(self.head) <= 1000):
+            raise ConfigError(f"head: expected a module name such as 'fc', got {self.head!r}")
         for name in ("amp", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: expected True or False, got {getattr(self, name)!r}")

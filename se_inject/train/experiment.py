@@ -40,10 +40,10 @@ from se_inject.api import retrofit
 from se_inject.bench import Spread
 from se_inject.compare import Candidate, compare, label_of
 from se_inject.compare import candidates as option_candidates
-from se_inject.errors import ConfigError, DataError, ResumeMismatchError, SEInjectError, first_line
-from se_inject.io.files import as_path, read_text_file, write_text_atomic
-from se_inject.io.layout import CHECKPOINT_FILE
-from se_inject.io.models import classifier
+from se_inject.errors import ConfigError, DataError, InvalidModelError, SEInjectError, first_line
+from se_inject.io.files import as_path, write_text_atomic
+from se_inject.io.heads import classifier
+from se_inject.io.layout import CHECKPOINT_FILE, EXPERIMENT_FILE, RECORD_FILE
 from se_inject.train.config import ExperimentConfig, FinetuneConfig
 from se_inject.train.data import DataSplits
 from se_inject.train.finetune import (
@@ -55,12 +55,10 @@ from se_inject.train.finetune import (
     run_fingerprint,
     validation_loader,
 )
+from se_inject.train.records import RunRecord, check_out, read_record, read_state, remove_experiment, spec_digest
 from se_inject.train.stats import Summary, paired_difference
 
-EXPERIMENT_FILE = "experiment.json"
-RECORD_FILE = "record.json"  # in each run's directory: the finished run (read back on resume)
 CONTROL = "control"
-MAX_EXPERIMENT_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -97,19 +95,6 @@ def arms(
         found += [Arm(c.label, c.options) for c in product]
     found += [Arm(label_of(c), {**(base or {}), **c}) for c in candidates]
     return found
-
-
-@dataclass
-class RunRecord:
-    """What one finished run (an arm with a seed) left: read back when an experiment resumes."""
-
-    accuracy: float
-    start_accuracy: float  # right after injection (the control: the base itself)
-    images_per_s: float | None  # mean over the epochs that trained everything (else over those that trained)
-    seconds: float
-    digests: list[str | None]  # per epoch, what it was fed (None: nothing trained that epoch)
-    reference_accuracy: float | None = None
-    process: int = 0  # which process trained it (under torchrun: its rank)
 
 
 @dataclass
@@ -217,27 +202,6 @@ def _spec(
     }
 
 
-def _read_state(path: Path) -> dict[str, Any]:
-    try:
-        state = json.loads(read_text_file(path, limit=MAX_EXPERIMENT_BYTES, what="experiment file"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not an se_inject experiment file ({err.msg}); start over with --force") from None
-    if not isinstance(state, dict) or not {"spec", "runs"} <= set(state):
-        raise DataError(f"{path}: not an se_inject experiment file (no spec or runs); start over with --force")
-    return state
-
-
-def _check_spec(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
-    saved = json.loads(json.dumps(saved))
-    now = json.loads(json.dumps(now))  # tuples as lists, as the file has them
-    differences = [key for key in now if saved.get(key) != now[key]]
-    if differences:
-        raise ResumeMismatchError(
-            f"{path}: cannot resume this experiment with another {', '.join(differences)}; only the number of "
-            "workers and the device may change; start over with --force or choose another --out"
-        )
-
-
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)[:80] or "arm"
 
@@ -249,8 +213,29 @@ def _run_dir(out: Path, arm: Arm, index: int, seed: int) -> Path:
 # --- running ------------------------------------------------------------------------------------------
 
 
+def _check_inputs(model: object, data: object, reference: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise InvalidModelError(
+            f"model: expected an nn.Module (build one with se_inject.load_model), got {type(model).__name__}"
+        )
+    for name, value in (("data", data), ("reference", reference)):
+        if not isinstance(value, DataSplits) and (name == "data" or value is not None):
+            raise DataError(f"{name}: expected the data as se_inject.load_data returns it, got {type(value).__name__}")
+
+
 def _check_arms(chosen: Sequence[Arm]) -> list[Arm]:
+    if isinstance(chosen, (str, bytes, Mapping)) or not isinstance(chosen, Sequence):
+        raise ConfigError(f"arms: expected a list of arms made by se_inject.arms(), got {type(chosen).__name__}")
     chosen = list(chosen)
+    for arm in chosen:
+        if not isinstance(arm, Arm):
+            raise ConfigError(f"arms: expected arms made by se_inject.arms(), got {arm!r:.60}")
+        if arm.options is not None and (
+            not isinstance(arm.options, Mapping) or not all(isinstance(k, str) for k in arm.options)
+        ):
+            raise ConfigError(
+                f"arms: arm {arm.label!r}: options must map option names to values, got {arm.options!r:.60}"
+            )
     if not chosen or not chosen[0].is_control:
         raise ConfigError("arms: the first arm must be the control (options None); build them with se_inject.arms()")
     if not any(not a.is_control for a in chosen):
@@ -259,19 +244,6 @@ def _check_arms(chosen: Sequence[Arm]) -> list[Arm]:
     if len(set(labels)) != len(labels) or any(a.is_control for a in chosen[1:]):
         raise ConfigError(f"arms: expected one control and distinct labels, got {labels}")
     return chosen
-
-
-def _check_out(out: Path, resume: bool, force: bool) -> None:
-    """Refuse, before anything is written, an ``out`` that holds another experiment or other files."""
-    state_path = out / EXPERIMENT_FILE
-    if resume and not state_path.is_file():
-        raise DataError(f"{state_path}: no experiment to resume")
-    if not resume and state_path.exists() and not force:
-        raise DataError(
-            f"{out} already holds an experiment; pass resume=True (--resume), force=True (--force), or another --out"
-        )
-    if not resume and not force and out.exists() and any(out.iterdir()):
-        raise DataError(f"{out}: not empty; choose a new --out (or --force to write into it)")
 
 
 @dataclass(frozen=True)
@@ -324,10 +296,11 @@ def experiment(
     config = config or ExperimentConfig()
     if not isinstance(tuning, FinetuneConfig) or not isinstance(config, ExperimentConfig):
         raise ConfigError("finetune_config and config: expected a FinetuneConfig and an ExperimentConfig")
+    _check_inputs(model, data, reference)
     chosen = _check_arms(arms)
-    out = as_path(out, "out")
+    out = as_path(out, "out", DataError)
     state_path = out / EXPERIMENT_FILE
-    _check_out(out, resume, force)
+    replaced = check_out(out, resume, force)
     if reference is not None and reference.num_classes != data.num_classes:
         raise ConfigError(
             f"reference: the original task's data has {reference.num_classes} classes and the fine-tuning data "
@@ -336,14 +309,18 @@ def experiment(
     started = time.perf_counter()
     rank, world = rank_and_world()
     base = copy.deepcopy(model).cpu()
-    costs = _inject_all(base, chosen, data, model_name)
+    costs = _inject_all(base, chosen, data, model_name, tuning.head)
     spec = _spec(base, data, chosen, tuning, config)
+    digest = spec_digest(spec)
     state: dict[str, Any] = {"spec": spec, "runs": {}, "base": {}, "latency": {}}
     if resume:
-        state = _read_state(state_path)
-        _check_spec(state["spec"], spec, state_path)
+        state = read_state(state_path, spec, [a.label for a in chosen], config.seeds, tuning.epochs)
+    # everything is checked: only now is anything written (a forced start first removes the old experiment)
     if rank == 0:
+        remove_experiment(out, replaced)
         out.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        torch.distributed.barrier()
 
     def save() -> None:  # the first process alone writes the experiment's file
         if rank == 0:
@@ -365,7 +342,7 @@ def experiment(
     # under torchrun each process takes every world-th run and trains it alone (one GPU per process)
     mine = pending[rank::world]
     for number, run in enumerate(mine, 1):
-        record = _read_record(run.directory) if resume else None
+        record = read_record(run.directory, digest, tuning.epochs) if resume else None
         if record is None:
             if show_progress and rank == 0 and console is not None:  # which run the bars below belong to
                 console.print(f"[bold]{run.arm.label}[/], seed {run.seed} (run {number} of {len(mine)})")
@@ -373,7 +350,7 @@ def experiment(
             record = _run_arm(
                 base, run, again, data, tuning, reference, model_name, show_progress and rank == 0, console
             )
-            record.process = rank
+            record.process, record.spec = rank, digest
             write_text_atomic(run.directory / RECORD_FILE, json.dumps(asdict(record)))
         state["runs"][run.key] = asdict(record)
         save()
@@ -382,7 +359,7 @@ def experiment(
     if world > 1:  # every process reads what the others finished
         torch.distributed.barrier()
         for run in pending:
-            found = _read_record(run.directory)
+            found = read_record(run.directory, digest, tuning.epochs)
             assert found is not None, run.directory  # written by the process that ran it, before the barrier
             state["runs"][run.key] = asdict(found)
         save()
@@ -393,10 +370,10 @@ def experiment(
 
 
 def _score_base(base: nn.Module, data: DataSplits, reference: DataSplits | None, tuning, device) -> dict:
-    """The base's accuracy on the data (and the reference data); ``None`` where its head has another
-    number of classes (each run then fits a new head, seeded as the run is)."""
-    found = classifier(base)
-    if found is not None and getattr(found[1], "out_features", None) != data.num_classes:
+    """The base's accuracy on the data (and the reference data); ``None`` where it has no head, or one with
+    another number of classes (each run then fits a new head, seeded as the run is)."""
+    found = classifier(base, tuning.head)
+    if found is None or found[1].out_features != data.num_classes:  # headless, or another task's head
         return {"accuracy": None, "reference_accuracy": None}
     scores: dict[str, float | None] = {"reference_accuracy": None}
     scores["accuracy"] = _accuracy(copy.deepcopy(base).to(device), data, tuning, device)
@@ -405,13 +382,15 @@ def _score_base(base: nn.Module, data: DataSplits, reference: DataSplits | None,
     return scores
 
 
-def _inject_all(base: nn.Module, chosen: list[Arm], data: DataSplits, model_name: str | None) -> dict[str, dict]:
+def _inject_all(
+    base: nn.Module, chosen: list[Arm], data: DataSplits, model_name: str | None, head: str | None
+) -> dict[str, dict]:
     """Every retrofit arm injected once, before anything trains: its cost, or its one-line error."""
     costs: dict[str, dict] = {}
     for arm in chosen[1:]:
         assert arm.options is not None
         try:
-            report = retrofit(base, input_size=data.image_size, model_name=model_name, **arm.options).report
+            report = retrofit(base, input_size=data.image_size, model_name=model_name, head=head, **arm.options).report
         except SEInjectError as err:
             costs[arm.label] = {"error": first_line(err)}
             continue
@@ -450,24 +429,15 @@ def _trained_base(base, data, out, tuning, config, resume, force, show_progress,
     return trained.cpu()
 
 
-def _read_record(run_dir: Path) -> RunRecord | None:
-    """The record a finished run left in its directory (``None``: it did not finish)."""
-    path = run_dir / RECORD_FILE
-    if not path.is_file():
-        return None
-    try:
-        return RunRecord(**json.loads(read_text_file(path, limit=2**20, what="run record")))
-    except (json.JSONDecodeError, TypeError):
-        return None  # a torn or foreign file: the run is trained again from its checkpoint
-
-
 def _run_arm(base, run: _Pending, again, data, tuning, reference, model_name, show_progress, console) -> RunRecord:
     """One arm with one seed: a fine-tuning run in its directory, resumed from its checkpoint when ``again``."""
     arm, seed, run_dir = run.arm, run.seed, run.directory
     torch.manual_seed(seed)  # a unit's random start (init="paper") differs by seed
     model = copy.deepcopy(base)
     if arm.options is not None:
-        model = retrofit(model, input_size=data.image_size, model_name=model_name, **arm.options).model
+        model = retrofit(
+            model, input_size=data.image_size, model_name=model_name, head=tuning.head, **arm.options
+        ).model
     result = finetune(
         model,
         data,
@@ -593,14 +563,12 @@ def plot(result: ExperimentResult, path: str | Path) -> Path:
     from se_inject.compare import check_plot_target
 
     target = check_plot_target(path)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a bare Figure draws with Agg: pyplot's backend is left alone
 
     measured = [a for a in result.arms[1:] if a.error is None and a.difference is not None]
     by_latency = all(a.latency is not None for a in measured)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for arm in measured:
         d = arm.difference
         assert d is not None
@@ -620,5 +588,4 @@ def plot(result: ExperimentResult, path: str | Path) -> Path:
     ax.set_title(f"{result.model}: retrofit arms against the control")
     fig.tight_layout()
     fig.savefig(target, dpi=120)
-    plt.close(fig)
     return target

@@ -47,8 +47,8 @@ from se_inject.errors import (
 )
 from se_inject.graph.abstract import eval_mode
 from se_inject.io.files import as_path, check_target, write_atomic, write_text_atomic
+from se_inject.io.heads import classifier, fit_head
 from se_inject.io.layout import CHECKPOINT_FILE, METRICS_FILE, OWNED_FILES, RECIPE_FILE, WEIGHTS_FILE
-from se_inject.io.models import classifier, fit_head
 from se_inject.io.recipe import attached_recipe
 from se_inject.saving import write_model_files
 from se_inject.train.config import RESUMABLE_CHANGES, FinetuneConfig
@@ -374,18 +374,30 @@ def _repair_model_files(model: nn.Module, out: Path, state: dict[str, Any]) -> N
         _commit_epoch(model, out, state, state["history"])
 
 
-def _check_out(out: Path, resume: bool, force: bool) -> None:
+def _check_out(out: Path, resume: bool, force: bool) -> list[Path]:
+    """Refuse an ``out`` this run may not write; the files of an earlier run or save there that starting
+    over replaces (only se_inject's own: a folder holding anything else is refused)."""
     checkpoint = out / CHECKPOINT_FILE
     if resume:
         if not checkpoint.is_file():
             raise DataError(f"{checkpoint}: no checkpoint to resume from")
-        return
+        return []
     if checkpoint.exists() and not force:
         raise DataError(
             f"{out} already holds a run; pass resume=True (CLI: --resume), force=True (--force) to start over, or choose another --out"
         )
     if os.path.lexists(out) and not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
-        check_target(out, force=force, owned=OWNED_FILES, marker=RECIPE_FILE, what="--out")
+        marker = CHECKPOINT_FILE if checkpoint.is_file() else RECIPE_FILE  # a run, or a saved model
+        check_target(out, force=force, owned=OWNED_FILES, marker=marker, what="--out")
+        return [out / name for name in sorted(OWNED_FILES) if (out / name).is_file()]
+    return []
+
+
+def _start_over(out: Path, old: list[Path]) -> None:
+    """Remove the earlier run's files: none of them may outlive the new run as if it had written them
+    (a control run writes no model files, so an earlier retrofit's would be loaded from ``out``)."""
+    for path in old:
+        path.unlink(missing_ok=True)
 
 
 def _loader_for(dataset: Any, config: FinetuneConfig, sampler: Any, epoch: int, world: int) -> DataLoader:
@@ -473,13 +485,13 @@ def finetune(
     rank, world = rank_and_world() if distributed else (0, 1)
     device = resolve_device(config.device)
     out = as_path(out, "out")
-    _check_out(out, resume, force)
+    old = _check_out(out, resume, force)
     _check_data(data, world)
     if config.se_epochs and not se_parameters(model) and not control:
         raise ConfigError("se_epochs: the model holds no SE units to train on their own; set se_epochs=0")
     state = read_checkpoint(out / CHECKPOINT_FILE) if resume else None
     with _restored_flags(model):
-        return _run(model, data, out, config, original, state, rank, world, device, show_progress, console)
+        return _run(model, data, out, config, original, state, rank, world, device, show_progress, console, old)
 
 
 @dataclass
@@ -507,14 +519,16 @@ class _Run:
         return evaluate(model, self.val_loader, self.device, **self.cuda_opts)
 
 
-def _prepare(model, data, out, config, state, rank, world, device) -> _Run:
-    """Seed, fit the head, check a resumed run against its checkpoint, and place the model."""
+def _prepare(model, data, out, config, state, rank, world, device, old: list[Path]) -> _Run:
+    """Seed, fit the head, check a resumed run against its checkpoint, clear an earlier run's files
+    (``old``) and place the model."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    head_params = fit_head(model, data.num_classes)
+    head_params = fit_head(model, data.num_classes, config.head)
     if state is not None:
         check_resume(state, model, data, config, out / CHECKPOINT_FILE)
     if rank == 0:
+        _start_over(out, old)
         out.mkdir(parents=True, exist_ok=True)
     model.to(device)
     if device.type == "cuda" and config.channels_last:
@@ -537,8 +551,8 @@ def _measure_start(run: _Run, original: nn.Module | None) -> None:
     """Accuracy before the retrofit (on a copy of ``original``) and right after injection; the chance warning."""
     if original is not None:
         reference = copy.deepcopy(original)  # the user's original keeps its head, device and flags
-        if fit_head(reference, run.data.num_classes):  # the same new head on both: the bodies are compared
-            found = classifier(run.model)
+        if fit_head(reference, run.data.num_classes, run.config.head):  # the same new head on both
+            found = classifier(run.model, run.config.head)
             assert found is not None  # fit_head found it
             reference.set_submodule(found[0], copy.deepcopy(found[1]))
         run.accuracy["before retrofit"] = run.evaluate(reference.to(run.device))[1]
@@ -593,8 +607,8 @@ def _checkpoint(run: _Run, optimizer, scheduler, epoch: int, phase: str) -> dict
     }
 
 
-def _run(model, data, out, config, original, state, rank, world, device, show_progress, console) -> FinetuneResult:
-    run = _prepare(model, data, out, config, state, rank, world, device)
+def _run(model, data, out, config, original, state, rank, world, device, show_progress, console, old) -> FinetuneResult:
+    run = _prepare(model, data, out, config, state, rank, world, device, old)
     start_epoch = 0
     if state is not None:
         start_epoch = _resume(run, state)

@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -51,7 +52,8 @@ class ChannelUnit(nn.Module):
     Class attributes a unit type sets:
 
     - ``Options``: a frozen dataclass of the unit's own options (``unit_options``), each field with
-      its help in ``metadata["help"]``; :meth:`parse_options` checks a mapping against it.
+      its help in ``metadata["help"]`` and, for a number, its bounds in ``metadata["range"]``;
+      :meth:`parse_options` checks a mapping against it (types, bounds, finite numbers).
     - ``uses_r``: whether ``r`` shapes the unit (ECA and effective SE have no bottleneck).
     - ``channel_gate``: whether the unit computes ``x * excitation(x)`` with a per-channel gate and
       nothing else, so that pruning can freeze it to a fixed scale (an instance may set it).
@@ -174,7 +176,20 @@ def _describe(annotation: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if annotation is bool:  # as InjectConfig says it of its own flags
+        return "True or False"
     return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def _check_bounds(name: str, value: object, bounds: tuple[float, float] | None) -> None:
+    """A number must be finite (no NaN, no infinity) and, where its field declares ``metadata["range"]``,
+    within it: a small file or flag must not make a unit allocate gigabytes or compute with denormals."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    if bounds is not None and not bounds[0] <= value <= bounds[1]:
+        raise ConfigError(f"{name}: {value!r} is out of range ({bounds[0]} to {bounds[1]})")
 
 
 def parse_options(options_type: type, options: Mapping[str, Any]) -> Any:
@@ -189,6 +204,7 @@ def parse_options(options_type: type, options: Mapping[str, Any]) -> Any:
             raise ConfigError(f"unit_options.{key}: not an option of this unit; its options are {names}")
         if not _accepts(hints[key], value):
             raise ConfigError(f"unit_options.{key}: expected {_describe(hints[key])}, got {value!r}")
+        _check_bounds(f"unit_options.{key}", value, known[key].metadata.get("range"))
     try:
         return options_type(**options)
     except (ValueError, TypeError) as err:  # an Options class's own cross-field check
@@ -207,6 +223,12 @@ class UnitInfo:
     conventions: dict[str, Any]  # the options its style (named like it) sets
 
 
+def _help_with_range(option: dataclasses.Field) -> str:
+    bounds = option.metadata.get("range")
+    text = option.metadata.get("help", "")
+    return f"{text} (from {bounds[0]} to {bounds[1]})" if bounds else text
+
+
 def describe_units() -> list[UnitInfo]:
     """Every registered unit type, with its paper, own options and published conventions.
 
@@ -219,7 +241,7 @@ def describe_units() -> list[UnitInfo]:
             f"{cls.__module__}.{cls.__qualname__}",
             cls.paper,
             cls.uses_r,
-            {f.name: (f.default, f.metadata.get("help", "")) for f in dataclasses.fields(cls.Options)},
+            {f.name: (f.default, _help_with_range(f)) for f in dataclasses.fields(cls.Options)},
             unit_conventions(name),
         )
         for name, cls in sorted(UNITS.items())

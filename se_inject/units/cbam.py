@@ -32,7 +32,9 @@ from se_inject.units.parts import (
 
 @dataclass(frozen=True)
 class CbamOptions:
-    spatial_kernel: int = field(default=7, metadata={"help": "kernel size of the spatial gate's conv (paper: 7)"})
+    spatial_kernel: int = field(
+        default=7, metadata={"help": "kernel size of the spatial gate's conv (paper: 7)", "range": (1, 63)}
+    )
 
     def __post_init__(self) -> None:
         if self.spatial_kernel < 1 or self.spatial_kernel % 2 == 0:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from se_inject.errors import ConfigError
 from se_inject.units.base import register_unit
 from se_inject.units.parts import GatedUnit, zeroes_last
 
@@ -35,13 +36,21 @@ def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int
     return max(t if t % 2 else t + 1, 3)
 
 
+MAX_KERNEL = 255  # taps of the 1-D conv: ECA-Net's adaptive size is 9 at 2^16 channels
+
+
 @dataclass(frozen=True)
 class EcaOptions:
     kernel_size: int | None = field(
-        default=None, metadata={"help": "a fixed odd kernel size; None: ECA-Net's adaptive size from C"}
+        default=None,
+        metadata={"help": "a fixed odd kernel size; None: ECA-Net's adaptive size from C", "range": (1, MAX_KERNEL)},
     )
-    gamma: float = field(default=2.0, metadata={"help": "gamma of the adaptive kernel size (paper: 2)"})
-    beta: float = field(default=1.0, metadata={"help": "b of the adaptive kernel size (paper: 1)"})
+    gamma: float = field(
+        default=2.0, metadata={"help": "gamma of the adaptive kernel size (paper: 2)", "range": (0.1, 100.0)}
+    )
+    beta: float = field(
+        default=1.0, metadata={"help": "b of the adaptive kernel size (paper: 1)", "range": (-100.0, 100.0)}
+    )
 
     def __post_init__(self) -> None:
         if self.kernel_size is not None and (self.kernel_size < 1 or self.kernel_size % 2 == 0):
@@ -81,6 +90,11 @@ class EfficientChannelAttention(GatedUnit):
     ) -> None:
         super().__init__(channels, r, gate_layer, init, bottleneck=False)
         size = kernel_size if kernel_size is not None else eca_kernel_size(channels, gamma, beta)
+        if size > MAX_KERNEL:  # checked before anything is allocated
+            raise ConfigError(
+                f"unit_options.gamma: gamma={gamma} and beta={beta} give a kernel of {size} taps for {channels} "
+                f"channels, over {MAX_KERNEL}; use the paper's gamma=2, beta=1 or a kernel_size"
+            )
         self.padding = (size - 1) // 2
         self.conv = nn.Conv1d(1, 1, size, padding=0, bias=bias, device=device, dtype=dtype)
         if zeroes_last(init):

@@ -40,10 +40,17 @@ if TYPE_CHECKING:
     from se_inject.config import InjectConfig
 
 
+MAX_GATHER_POSITIONS = 1 << 16  # a learned global gather's kernel (one weight per position and channel)
+
+
 @dataclass(frozen=True)
 class GatherExciteOptions:
     extent: int = field(
-        default=0, metadata={"help": "gather extent: 0 for the whole map, or 2, 4, 8, ... (windows at that stride)"}
+        default=0,
+        metadata={
+            "help": "gather extent: 0 for the whole map, or 2, 4, 8, ... up to 256 (windows at that stride)",
+            "range": (0, 256),
+        },
     )
     extra_params: bool = field(
         default=False, metadata={"help": "learn the gather: depthwise convolutions with BatchNorm (GE-theta)"}
@@ -118,6 +125,12 @@ class GatherExcite(GatedUnit):
         if extent == 0:  # one depthwise conv over the whole map, to one value per channel
             if size is None:
                 raise ConfigError("unit_options.extra_params: a learned global gather needs the feature map's size")
+            if size[0] * size[1] > MAX_GATHER_POSITIONS:  # its kernel is as large as the map: bounded before allocating
+                raise ConfigError(
+                    f"unit_options.extra_params: a learned global gather over a {size[0]}x{size[1]} map needs a "
+                    f"kernel of {size[0] * size[1]:,} weights per channel (at most {MAX_GATHER_POSITIONS:,}); "
+                    "give a smaller input size or a windowed gather (extent=2, 4, ...)"
+                )
             gather.add_module("conv1", nn.Conv2d(channels, channels, size, groups=channels, bias=False, **factory))
             gather.add_module("norm1", nn.BatchNorm2d(channels, **factory))
             return gather

@@ -197,9 +197,10 @@ class SqueezeExcite(ChannelUnit):
 
         ``conv`` and ``norm`` stay the block's modules (not children of the unit). The folded matrix
         follows their weights and ``fc1``'s: whatever changes one of them in place or replaces it
-        (``load_state_dict``, an optimiser step, ``.to()``) is seen at the next call, which folds again.
-        Where a gradient is wanted (grad mode on and one of those weights trainable) the unit takes its
-        unfolded path, so every weight gets its gradient.
+        (``load_state_dict``, an optimiser step, ``.to()``) is seen at the next call, which folds again
+        (under ``torch.compile`` the model's pre-hook does this check, outside the graph). Where a
+        gradient is wanted (grad mode on and one of those weights trainable) the unit computes from the
+        live weights layer by layer, so every weight gets its gradient.
         """
         if self.squeeze != "avg":
             raise ConfigError(
@@ -229,15 +230,17 @@ class SqueezeExcite(ChannelUnit):
         )
 
     def _fold_key(self) -> tuple | None:
-        """What the folded matrix was computed from: each tensor's identity, version counter (every in-place
-        change bumps it), dtype and device; None where a tensor keeps no version (made in inference mode).
-        (Not its data pointer: torch.compile cannot trace a comparison of one, and would split the graph.)"""
+        """What the folded matrix was computed from: each tensor's identity and version counter (every in-place
+        change bumps it; ``load_state_dict(assign=True)`` or a new Parameter changes the identity), and fc1's
+        dtype and device; None where a tensor keeps no version (made in inference mode). Not data pointers:
+        torch.compile cannot trace a comparison of one. Cheap: it runs before every call."""
         try:
-            key = tuple(None if t is None else (id(t), t._version, t.dtype, t.device) for t in self._folded_tensors())
+            key = tuple(None if t is None else (id(t), t._version) for t in self._folded_tensors())
         except RuntimeError:  # inference tensors track no version: fold at every call
             return None
         assert self._through is not None
-        return (*key, self._through[1].eps)
+        weight = self.fc1.weight
+        return (*key, weight.dtype, weight.device, self._through[1].eps)
 
     def _folds_now(self) -> bool:
         """Whether the folded path may run: it computes no gradient for the weights folded into it."""
@@ -277,9 +280,8 @@ class SqueezeExcite(ChannelUnit):
         self._folded_from = self._fold_key()
 
     def _narrow_first(self, source: torch.Tensor) -> torch.Tensor:
-        """fc1's output from the pooled ``source`` through the live weights, one layer after the other: what
-        a compiled model runs. A compiler cannot trace the check that keeps the folded matrix current, and
-        needs none: it fuses these small ops into one kernel (and with frozen weights folds them itself)."""
+        """fc1's output from the pooled ``source`` through the live weights, one layer after the other (the
+        conv's matrix, BatchNorm's affine map, fc1): where a gradient is wanted, so that each gets its own."""
         assert self._through is not None
         conv, norm = self._through
         assert norm.running_mean is not None and norm.running_var is not None  # checked by optimize_for_inference
@@ -291,10 +293,15 @@ class SqueezeExcite(ChannelUnit):
 
     def _current_fold(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The folded matrix and bias for the weights as they are now (folded again if they changed)."""
+        self.refresh_fold()
+        return self.fold_weight, self.fold_bias
+
+    def refresh_fold(self) -> None:
+        """Fold again if a weight folded into the squeeze changed since the last fold (eagerly: the check
+        reads version counters, which a compiler cannot trace)."""
         key = self._fold_key()
         if key is None or key != self._folded_from:
             self._fold()
-        return self.fold_weight, self.fold_bias
 
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
         """The per-channel (per-position for NoSqueeze) gate, shaped to broadcast against ``x``."""
@@ -310,11 +317,11 @@ class SqueezeExcite(ChannelUnit):
         if self.squeeze == "none":
             return F.conv2d(x, self.fc1.weight, self.fc1.bias)
         if source is not None and not self.training and self.squeezes_through:
-            if torch.compiler.is_compiling():
+            if not self._folds_now():  # a gradient is wanted: through every weight folded into the squeeze
                 return self._narrow_first(source)
-            if self._folds_now():
-                weight, bias = self._current_fold()
-                return F.linear(source.mean((2, 3)), weight, bias)
+            # compiled, the model's pre-hook (refresh_folds, run outside the graph) has just checked the fold
+            weight, bias = (self.fold_weight, self.fold_bias) if torch.compiler.is_compiling() else self._current_fold()
+            return F.linear(source.mean((2, 3)), weight, bias)
         z = x.mean((2, 3), keepdim=True) if self.squeeze == "avg" else x.amax((2, 3), keepdim=True)
         return F.linear(z.flatten(1), self.fc1.weight, self.fc1.bias)
 

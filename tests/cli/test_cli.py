@@ -79,7 +79,7 @@ def test_user_model_from_a_file(tmp_path):
     "args, message",
     [
         (["resnet5o"], "unknown timm model 'resnet5o'; did you mean resnet50"),
-        (["resnet50", "--r", "0"], "r: the reduction ratio must be a positive integer, got 0"),
+        (["resnet50", "--r", "0"], "r: the reduction ratio must be an integer from 1 to 65536, got 0"),
         (["resnet50", "--r", "4096"], "r: r=4096 is wider than the 256 channels"),
         (["resnet50", "--position", "middle"], "position: 'middle' is not one of standard, pre, post, identity, inner"),
         (["resnet50", "--stages", "5"], "stages: stage 5 does not exist; this model has stages 1-4"),
@@ -225,7 +225,7 @@ def test_groups_from_the_command_line():
     assert {(u["r"], u["hidden"]) for u in sites if u["name"].startswith("layer4")} == {(32, 64)}
     for bad, message in (
         ("layer4.*", "--group: expected BLOCKS:OPTION=VALUE"),
-        ("layer4.*:bias=maybe", "--group bias"),
+        ("layer4.*:bias=maybe", "bias: expected True or False, got 'maybe'"),
     ):
         result = invoke("resnet50", "--group", bad)
         assert result.exit_code == 2 and message in result.stderr

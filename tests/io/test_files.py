@@ -231,3 +231,17 @@ def test_the_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch):
         result = CliRunner().invoke(app, ["resnet18", "--save", str(disk / "saved")])
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.output
     assert "No space left" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_forced_run_leaves_no_file_of_the_run_it_replaces(injected, tmp_path):
+    """A control run (no units, so no model files) forced onto a retrofit's run: the old model files go,
+    or se_inject.load(out) would load the old retrofit as if this run had written it."""
+    from se_inject.io.layout import CHECKPOINT_FILE, METRICS_FILE
+
+    data, config = digits(image_size=16), FinetuneConfig(epochs=1, se_epochs=0)
+    finetune(copy.deepcopy(injected), data, tmp_path / "run", config)
+    assert (tmp_path / "run" / RECIPE_FILE).is_file()
+    finetune(FunctionalResNet(), data, tmp_path / "run", config, force=True)
+    assert sorted(os.listdir(tmp_path / "run")) == [CHECKPOINT_FILE, METRICS_FILE]
+    with pytest.raises(ArtifactError, match="recipe.json: missing"):
+        se_inject.load(tmp_path / "run", model=FunctionalResNet())

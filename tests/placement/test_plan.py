@@ -196,7 +196,7 @@ def test_groups_of_blocks_take_their_own_options(analysis):
     [
         (({"blocks": ["stages.*"], "position": "post"},), r"groups\[0\].position: a group sets r, act"),
         (({"blocks": ["stages.*"]},), r"groups\[0\]: no options"),
-        (({"blocks": ["stages.*"], "r": 0},), "r: the reduction ratio must be a positive integer"),
+        (({"blocks": ["stages.*"], "r": 0},), "r: the reduction ratio must be an integer from 1 to 65536"),
         (({"r": 8},), r"groups\[0\].blocks: expected block name globs"),
         (("layer4.*",), r"groups\[0\]: expected \{'blocks'"),
     ],

@@ -160,20 +160,36 @@ def test_the_folded_path_runs_where_no_gradient_is_wanted():
     torch.testing.assert_close(optimized(x), before, rtol=1e-9, atol=0)  # gradients wanted: the unfolded path
 
 
-def test_under_a_compiler_the_unit_computes_from_the_live_weights(monkeypatch):
-    """What torch.compile traces (is_compiling() is true there): no cached matrix, every weight followed
-    and differentiable; run eagerly here, in float64, against the retrofit."""
+def test_under_a_compiler_the_folds_are_kept_current_outside_the_graph(monkeypatch):
+    """What torch.compile traces (is_compiling() is true there) reads the folded matrices without a check;
+    the model's pre-hook, which the compiler leaves out of the graph, refolds what changed. Run eagerly
+    here in float64 against the retrofit; test_a_compiled_optimized_copy_follows_its_weights compiles."""
     retrofitted = _retrofit(InplaceResNet, "paper")
     optimized = optimize_for_inference(retrofitted)
-    unit = optimized.get_submodule(optimized_units(optimized)[-1])
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
-        unit.fold_weight.zero_()  # a cached matrix would show
         _close(optimized(x), retrofitted(x))
         for model in (optimized, retrofitted):
             randomize_units(model, seed=5)
             randomize_batchnorm(model, seed=6)
         _close(optimized(x), retrofitted(x))
-    optimized(x).sum().backward()
+    unit = optimized.get_submodule(optimized_units(optimized)[-1])
+    optimized(x).sum().backward()  # gradients wanted: the live weights, layer by layer
     assert unit.fc1.weight.grad is not None and unit.fc1.weight.grad.abs().sum() > 0
+
+
+def test_a_compiled_optimized_copy_follows_its_weights():
+    """torch.compile (aot_eager: dynamo's tracing, guards and graph breaks, without inductor's codegen)."""
+    retrofitted = _retrofit(InplaceResNet, "paper").float()
+    optimized = optimize_for_inference(retrofitted)
+    compiled = torch.compile(optimized, backend="aot_eager")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), retrofitted(x), rtol=1e-4, atol=1e-4)
+        for model in (optimized, retrofitted):
+            randomize_units(model, seed=9)
+        torch.testing.assert_close(compiled(x), retrofitted(x), rtol=1e-4, atol=1e-4)
+    optimized.load_state_dict(randomize_batchnorm(retrofitted, seed=10).state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), retrofitted(x), rtol=1e-4, atol=1e-4)
