@@ -78,6 +78,7 @@ _LAZY: dict[str, str] = {
     "optimize_for_inference": "se_inject.surgery.optimize",
     "optimized_units": "se_inject.surgery.optimize",
     "report": "se_inject.api",
+    "reproducible": "se_inject.train.reproducible",
     "retrofit": "se_inject.api",
     "save": "se_inject.saving",
     "twin_of": "se_inject.bench",
@@ -100,6 +101,7 @@ if TYPE_CHECKING:
     from se_inject.train.data import load_data
     from se_inject.train.experiment import ExperimentResult, arms, experiment
     from se_inject.train.finetune import FinetuneConfig, FinetuneResult, finetune
+    from se_inject.train.reproducible import reproducible
     from se_inject.units.base import ChannelUnit, register_unit, unit_class
     from se_inject.units.se import SqueezeExcite, eq5_params, hidden_width
 
@@ -118,6 +120,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "reproducible",
     "Comparison",
     "candidates",
     "compare",

@@ -1,21 +1,52 @@
-"""The examples are documentation: each must run as written."""
+"""The examples are documentation: each must run as written, and the seeded ones print the README's numbers."""
 
+import re
 import runpy
 from pathlib import Path
 
 import pytest
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+README = Path(__file__).parent.parent / "README.md"
+SEEDED = ("train_digits_base.py", "finetune_digits.py", "inspect_digits.py")
+
+
+def _run(path: Path, capsys, monkeypatch, tmp_path: Path, *args: str) -> str:
+    # examples take optional arguments: none here, except where the default writes into the checkout
+    target = [str(tmp_path / ("base.pth" if path.name == "train_digits_base.py" else "out"))]
+    monkeypatch.setattr("sys.argv", [str(path), *(target if path.name != "finetune_digits.py" else []), *args])
+    runpy.run_path(str(path), run_name="__main__")
+    return capsys.readouterr().out
+
+
+def _figures(text: str) -> list[str]:
+    """An example's output without what is not seeded: paths, and the inference times it measures."""
+    lines = [line for line in text.strip().splitlines() if not line.startswith(("runs in ", "wrote "))]
+    lines = [re.sub(r"inference time x[0-9.]+", "inference time x*", line) for line in lines]
+    return [re.sub(r"; weights in .*", "", line) for line in lines]
+
+
+def readme_output(name: str) -> list[str]:
+    """The output the README shows for ``python examples/NAME ...`` (a ```text block opening with that command)."""
+    for block in README.read_text().split("```")[1::2]:
+        lines = block.splitlines()
+        if lines[:1] == ["text"] and len(lines) > 1 and lines[1].startswith(f"$ python examples/{name}"):
+            return _figures("\n".join(lines[2:]))
+    raise AssertionError(f"the README shows no output of examples/{name}")
+
+
+def check_against_readme(name: str, out: str) -> None:
+    """The seeded numbers equal the README's where the setting (versions, threads, CPU) is the README's."""
+    shown, printed = readme_output(name), _figures(out)
+    assert printed[-1].startswith("reproducible with ") and shown[-1].startswith("reproducible with "), printed
+    if printed[-1] != shown[-1]:
+        pytest.skip(f"another setting than the README's ({printed[-1]} vs {shown[-1]}): other numbers are expected")
+    assert printed == shown
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs(path, capsys, monkeypatch, tmp_path):
-    # examples take optional arguments: none here, except where the default writes into the checkout
-    monkeypatch.setattr(
-        "sys.argv", [str(path), *([str(tmp_path / "base.pth")] if path.name == "train_digits_base.py" else [])]
-    )
-    runpy.run_path(str(path), run_name="__main__")
-    out = capsys.readouterr().out
+    out = _run(path, capsys, monkeypatch, tmp_path)
     assert out.strip()
     if path.name == "retrofit_own_model.py":
         assert "max |injected - original| at insertion: 0.0" in out
@@ -32,6 +63,29 @@ def test_example_runs(path, capsys, monkeypatch, tmp_path):
         preserve, base = (part.split()[-1] for part in start.split(","))
         assert preserve == base  # the preserve start computes what the base computes
         assert float(base.rstrip("%")) > 50  # chance is 10%
+    if path.name in SEEDED:
+        check_against_readme(path.name, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SEEDED)
+def test_seeded_examples_print_the_same_numbers_twice_in_a_row(name, capsys, monkeypatch, tmp_path):
+    path = next(p for p in EXAMPLES if p.name == name)
+    first = _figures(_run(path, capsys, monkeypatch, tmp_path / "first"))
+    assert _figures(_run(path, capsys, monkeypatch, tmp_path / "second")) == first
+
+
+@pytest.mark.slow
+def test_the_base_prints_the_readmes_number_for_each_thread_count(capsys, monkeypatch, tmp_path):
+    """The README gives the base's accuracy at 1, 2 and 4 threads: each run prints its own."""
+    path = next(p for p in EXAMPLES if p.name == "train_digits_base.py")
+    table = re.findall(r"^\| (\d) \| ([0-9.]+%) \|", README.read_text(), flags=re.MULTILINE)
+    assert [t for t, _ in table] == ["1", "2", "4"], table
+    for threads, accuracy in table:
+        out = _run(path, capsys, monkeypatch, tmp_path / threads, "--threads", threads)
+        if "CPU capability AVX512" not in out:
+            pytest.skip("the README's thread table was measured with CPU capability AVX512")
+        assert f"val acc {accuracy}" in out, (threads, out)
 
 
 README = Path(__file__).parent.parent / "README.md"

@@ -33,7 +33,6 @@ def test_torch_compile(pair):
         torch.testing.assert_close(compiled(x), expected)
 
 
-@pytest.mark.slow
 def test_torch_compile_inductor(pair):
     injected, x, expected = pair
     with torch.no_grad():

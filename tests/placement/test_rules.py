@@ -146,7 +146,6 @@ def test_rule_files_are_data_only():
             }
 
 
-@pytest.mark.slow
 def test_a_wheel_ships_the_rules(tmp_path):
     """A non-editable install must find the rules: they are packaged as se_inject/rules/*.toml."""
     pytest.importorskip("setuptools")
