@@ -202,19 +202,21 @@ def test_a_plot_without_matplotlib_is_refused_before_any_training(tmp_path, monk
     assert not (tmp_path / "exp").exists()
 
 
-def test_json_output_comes_before_a_plot_that_fails(tmp_path, monkeypatch):
+def test_json_output_comes_before_a_plot_that_fails(finished, tmp_path, monkeypatch):
+    """The command prints the result, then draws the plot: a plot that fails loses no result. (The
+    experiment itself is the finished one: the order of the command's steps is what is tested.)"""
     import se_inject.train.experiment as module
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
+    monkeypatch.setattr(module, "experiment", lambda *args, **kwargs: finished[1])
     monkeypatch.setattr(module, "plot", broken)
     spec = f"{Path(__file__).parent.parent / 'tiny_models.py'}:FunctionalResNet"
-    args = ["experiment", spec, "--data", "digits", "--out", str(tmp_path / "exp"), "--epochs", "1",
-            "--se-epochs", "0", "--seeds", "1", "--inits", "preserve", "--latency-batch", "0", "--batch-size", "128",
+    args = ["experiment", spec, "--data", "digits", "--out", str(tmp_path / "exp"), "--seeds", "2",
             "--json", "--plot", str(tmp_path / "exp.png")]  # fmt: skip
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2 and "No space left" in result.stderr
+    assert result.exit_code == 2 and "No space left" in result.stderr, result.output
     assert [a["label"] for a in json.loads(result.stdout)["arms"]] == ["control", "init=preserve"]
 
 
