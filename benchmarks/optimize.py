@@ -24,7 +24,7 @@ import timm
 import torch
 
 import se_inject
-from se_inject.bench import Spread, time_interleaved
+from se_inject.measure.bench import Spread, time_interleaved
 
 
 def _randomized(model: torch.nn.Module) -> torch.nn.Module:

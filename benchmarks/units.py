@@ -3,7 +3,7 @@
 Every unit is retrofitted at the standard position (r = 16 where r applies, each unit's own
 conventions and default options, preserve start) into one ResNet-50 with random weights, and all
 nine models (the original and eight retrofits) are timed interleaved in this process with
-``se_inject.bench.time_interleaved`` (the order rotates every round). A unit's latency figure is
+``se_inject.measure.bench.time_interleaved`` (the order rotates every round). A unit's latency figure is
 the median over rounds of its time divided by the original's time in the same round, with the
 25th-75th percentile of those per-round ratios as its spread.
 
@@ -24,7 +24,7 @@ import timm
 import torch
 
 import se_inject
-from se_inject.bench import time_interleaved
+from se_inject.measure.bench import time_interleaved
 from se_inject.units.base import UNITS
 
 ORDER = ["se", "ese", "eca", "ceca", "gc", "ge", "cbam", "lcbam"]

@@ -37,24 +37,24 @@ from se_inject.errors import (
 # Everything that needs torch is imported on first use (PEP 562), so that `se-inject --help`
 # and `--version` answer without loading torch; type checkers see the real imports.
 _LAZY: dict[str, str] = {
-    "BenchReport": "se_inject.bench",
+    "BenchReport": "se_inject.measure.bench",
     "FinetuneConfig": "se_inject.train.finetune",
     "FinetuneResult": "se_inject.train.finetune",
     "OverheadReport": "se_inject.surgery.report",
     "PruneResult": "se_inject.inspect.excitation",
     "Recipe": "se_inject.io.recipe",
     "Retrofit": "se_inject.api",
-    "SourceChangedWarning": "se_inject.saving",
+    "SourceChangedWarning": "se_inject.io.saving",
     "SqueezeExcite": "se_inject.units.se",
     "StageReport": "se_inject.surgery.report",
     "Totals": "se_inject.surgery.report",
     "UnitReport": "se_inject.surgery.report",
-    "apply": "se_inject.saving",
-    "bench": "se_inject.bench",
+    "apply": "se_inject.io.saving",
+    "bench": "se_inject.measure.bench",
     "check_outputs": "se_inject.api",
-    "compare": "se_inject.compare",
-    "candidates": "se_inject.compare",
-    "Comparison": "se_inject.compare",
+    "compare": "se_inject.measure.compare",
+    "candidates": "se_inject.measure.compare",
+    "Comparison": "se_inject.measure.compare",
     "eq5_params": "se_inject.units.se",
     "ChannelUnit": "se_inject.units.base",
     "register_unit": "se_inject.units.base",
@@ -68,7 +68,7 @@ _LAZY: dict[str, str] = {
     "ExperimentResult": "se_inject.train.experiment",
     "hidden_width": "se_inject.units.se",
     "inject": "se_inject.api",
-    "load": "se_inject.saving",
+    "load": "se_inject.io.saving",
     "load_checkpoint": "se_inject.io.models",
     "load_data": "se_inject.train.data",
     "load_model": "se_inject.io.models",
@@ -80,21 +80,21 @@ _LAZY: dict[str, str] = {
     "report": "se_inject.api",
     "reproducible": "se_inject.train.reproducible",
     "retrofit": "se_inject.api",
-    "save": "se_inject.saving",
-    "twin_of": "se_inject.bench",
+    "save": "se_inject.io.saving",
+    "twin_of": "se_inject.measure.bench",
 }
 
 if TYPE_CHECKING:
     from se_inject.api import Retrofit, check_outputs, inject, make_config, report, retrofit
-    from se_inject.bench import BenchReport, bench, twin_of
-    from se_inject.compare import Comparison, candidates, compare
     from se_inject.graph.trace import register_leaf_module
     from se_inject.inspect.excitation import PruneResult, prune
     from se_inject.io.models import load_checkpoint, load_model
     from se_inject.io.recipe import Recipe
+    from se_inject.io.saving import SourceChangedWarning, apply, load, save
     from se_inject.io.styles import load_style_file
+    from se_inject.measure.bench import BenchReport, bench, twin_of
+    from se_inject.measure.compare import Comparison, candidates, compare
     from se_inject.placement.patterns.base import register_pattern
-    from se_inject.saving import SourceChangedWarning, apply, load, save
     from se_inject.surgery.optimize import optimize_for_inference, optimized_units
     from se_inject.surgery.report import OverheadReport, StageReport, Totals, UnitReport
     from se_inject.train.config import ExperimentConfig

@@ -24,8 +24,8 @@ from se_inject.errors import (
     ConfigError,
     InvalidModelError,
 )
-from se_inject.graph.abstract import eval_mode, on_meta, shadow
 from se_inject.graph.channels import input_channels, recorded_input_size
+from se_inject.graph.shadow import eval_mode, on_meta, shadow
 from se_inject.io.heads import head_of
 from se_inject.io.models import recorded_source
 from se_inject.io.recipe import SITE_KEYS, Recipe, attach_recipe, versions

@@ -249,7 +249,7 @@ def inject_command(
     """
     from se_inject.api import check_outputs, retrofit
     from se_inject.io.models import load_model
-    from se_inject.saving import save
+    from se_inject.io.saving import save
 
     config = _inject_config(
         position,
@@ -447,7 +447,7 @@ def finetune_command(
 
     from se_inject.api import retrofit
     from se_inject.io.models import load_model, spec_kind
-    from se_inject.saving import load
+    from se_inject.io.saving import load
     from se_inject.train.data import check_image_size, data_classes, load_data, model_data_config
     from se_inject.train.finetune import UntrainedModelWarning, finetune
 
@@ -608,9 +608,9 @@ def bench_command(
     """Time MODEL, its retrofit and timm's hand-built SE twin, interleaved; report medians and ratios."""
     import torch
 
-    from se_inject.bench import bench, twin_of
     from se_inject.io.models import load_model
-    from se_inject.train.finetune import resolve_device
+    from se_inject.measure.bench import bench, twin_of
+    from se_inject.runtime import resolve_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -714,9 +714,9 @@ def compare_command(
     the original, interleaved: weights, FLOPs, latency with its spread, throughput, memory."""
     import torch
 
-    from se_inject.compare import Candidate, candidates, compare
     from se_inject.io.models import load_model
-    from se_inject.train.finetune import resolve_device
+    from se_inject.measure.compare import Candidate, candidates, compare
+    from se_inject.runtime import resolve_device
 
     chosen = candidates(
         positions=parse_names(positions, "--positions") or (),
@@ -726,7 +726,7 @@ def compare_command(
     )
     chosen += [Candidate(text, parse_candidate(text)) for text in candidate]
     if plot_file is not None:
-        from se_inject.compare import check_plot_target
+        from se_inject.measure.compare import check_plot_target
 
         check_plot_target(plot_file)  # before any work is done
     if threads:
@@ -754,7 +754,7 @@ def compare_command(
     else:
         render_comparison(result, console())
     if plot_file is not None:
-        from se_inject.compare import plot
+        from se_inject.measure.compare import plot
 
         plot(result, plot_file)
         if not as_json:
@@ -842,7 +842,7 @@ def inspect_command(
     SE, ESE, ECA, CECA, GE and GC (scale fusion) show their channel gate; CBAM shows its channel
     gate only (the spatial gate after it is not shown, and it cannot be pruned)."""
     from se_inject.inspect.excitation import collect, plot, write_json
-    from se_inject.saving import load
+    from se_inject.io.saving import load
 
     chosen = parse_names(units, "--units")
     model = load(saved, trust_code=trust_code)
@@ -892,7 +892,7 @@ def prune_command(
 ) -> None:
     """Replace SE units whose gate is nearly constant by their mean per-channel scale; report the cost."""
     from se_inject.inspect.excitation import prune
-    from se_inject.saving import load, save
+    from se_inject.io.saving import load, save
     from se_inject.train.data import load_data, model_data_config
 
     chosen = parse_names(units, "--units")
@@ -1090,7 +1090,7 @@ def experiment_command(
         candidates=[parse_candidate(text) for text in candidate],
     )
     if plot_file is not None:
-        from se_inject.compare import check_plot_target
+        from se_inject.measure.compare import check_plot_target
 
         check_plot_target(plot_file)
     if image_size is not None:

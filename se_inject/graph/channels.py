@@ -8,8 +8,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from se_inject.graph.abstract import shadow
 from se_inject.graph.ops import module_of
+from se_inject.graph.shadow import shadow
 from se_inject.graph.trace import trace_graph
 
 

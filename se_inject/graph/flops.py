@@ -1,7 +1,7 @@
 """FLOPs of every node, counted by ``torch.utils.flop_counter.FlopCounterMode`` on abstract tensors.
 
 Shapes and FLOPs come from one run of the graph on meta or fake tensors (see
-:mod:`se_inject.graph.abstract`); se_inject registers formulas for what the counter leaves out.
+:mod:`se_inject.graph.shadow`); se_inject registers formulas for what the counter leaves out.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from se_inject.errors import ShapePropagationError, first_line
-from se_inject.graph.abstract import abstract_tensors, with_real_fallback
+from se_inject.graph.shadow import abstract_tensors, with_real_fallback
 
 # FlopCounterMode counts 2 per multiply-add for conv/matmul and nothing for pooling and
 # elementwise products; the SE unit is mostly those, so they are registered here: one FLOP per

@@ -192,3 +192,21 @@ def is_select(node: fx.Node) -> bool:
 def is_feature_map(node: fx.Node) -> bool:
     shape = shape_of(node)
     return shape is not None and len(shape) == 4
+
+
+def conv_count(gm: fx.GraphModule, nodes: frozenset[fx.Node]) -> int:
+    """How many of ``nodes`` are convolutions."""
+    return sum(is_conv(gm, n) for n in nodes)
+
+
+def cat_inputs(node: fx.Node) -> list[fx.Node] | None:
+    """The feature maps a channel concatenation (``torch.cat`` along dim 1) joins; None for any other node."""
+    if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
+        return None
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors):
+        return None
+    if dim not in (1, -3) or not is_feature_map(node):
+        return None
+    return list(tensors)

@@ -80,3 +80,12 @@ def activation_between(gm: fx.GraphModule, start: fx.Node, end: fx.Node) -> bool
         if is_activation(gm, node):
             return True
     return False
+
+
+def walk_region(start: fx.Node, end: fx.Node) -> frozenset[fx.Node]:
+    """``start`` and the sole-user chain from it to ``end``."""
+    region, walk = {start}, start
+    while walk is not end:
+        walk = next(iter(walk.users))
+        region.add(walk)
+    return frozenset(region)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from se_inject.errors import ConfigError
-from se_inject.graph.abstract import eval_mode
+from se_inject.graph.shadow import eval_mode
 from se_inject.io.recipe import attach_recipe, attached_recipe
 from se_inject.train.data import DataSplits
 from se_inject.units.base import UNITS, ChannelUnit

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from se_inject.errors import CheckpointError, ConfigError, ModelSpecError, NeedsValuesError, first_line, one_line
-from se_inject.graph.abstract import RefuseMetaValues
+from se_inject.graph.shadow import RefuseMetaValues
 
 MAX_SPEC_LENGTH = 1000
 # Constructor arguments a recipe may pass to the model it rebuilds: anything else (pretrained,

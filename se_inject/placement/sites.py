@@ -22,12 +22,12 @@ import torch.fx as fx
 from torch import nn
 
 from se_inject.errors import ConfigError
-from se_inject.graph.abstract import eval_mode
 from se_inject.graph.channels import input_channels
 from se_inject.graph.flops import propagate
 from se_inject.graph.ops import add_operands, is_conv, is_feature_map, module_of, normalize_inplace_adds
+from se_inject.graph.shadow import eval_mode
 from se_inject.graph.trace import module_scope, trace
-from se_inject.placement.gates import ChannelGate, find_channel_gates
+from se_inject.placement.existing_gates import ChannelGate, find_channel_gates
 from se_inject.placement.patterns.base import PATTERNS, Candidate, Insertion, find_candidates
 from se_inject.placement.rules import Rule, load_rules
 

@@ -25,10 +25,10 @@ from torch import nn
 
 from se_inject.config import InjectConfig
 from se_inject.errors import RewriteError, SEInjectError, UntraceableModelError, first_line
-from se_inject.graph.abstract import shadow
 from se_inject.graph.flops import FlopCount, count_flops_by_module
 from se_inject.graph.memory import owns_its_memory
 from se_inject.graph.ops import add_operands, normalize_inplace_adds
+from se_inject.graph.shadow import shadow
 from se_inject.graph.trace import trace_graph
 from se_inject.placement.plan import Plan, PlannedUnit
 from se_inject.placement.sites import node_in_scope

@@ -11,7 +11,7 @@ and epoch), the same augmentation (each sample's drawn under RNGs seeded from se
 and the same new head; the runs record a digest of every batch they were fed and the result says
 whether the arms' digests equal the control's. Per arm it reports the accuracy over seeds (mean,
 standard deviation), the difference to the control paired by seed with a t interval, the cost
-(weights, FLOPs, inference time measured interleaved by :func:`se_inject.compare`), training
+(weights, FLOPs, inference time measured interleaved by :func:`se_inject.measure.compare`), training
 images/s and, given the original task's validation data, how much of it was forgotten.
 
 Every run is a :func:`~se_inject.train.finetune.finetune` run in its own directory, checkpointed
@@ -37,21 +37,20 @@ import torch
 from torch import nn
 
 from se_inject.api import retrofit
-from se_inject.bench import Spread
-from se_inject.compare import Candidate, compare, label_of
-from se_inject.compare import candidates as option_candidates
 from se_inject.errors import ConfigError, DataError, InvalidModelError, SEInjectError, first_line
 from se_inject.io.files import as_path, write_text_atomic
 from se_inject.io.heads import classifier
 from se_inject.io.layout import CHECKPOINT_FILE, EXPERIMENT_FILE, RECORD_FILE
+from se_inject.measure.bench import Spread
+from se_inject.measure.compare import Candidate, compare, label_of
+from se_inject.measure.compare import candidates as option_candidates
+from se_inject.runtime import rank_and_world, resolve_device
 from se_inject.train.config import ExperimentConfig, FinetuneConfig
 from se_inject.train.data import DataSplits
 from se_inject.train.finetune import (
     evaluate,
     evaluation_options,
     finetune,
-    rank_and_world,
-    resolve_device,
     run_fingerprint,
     validation_loader,
 )
@@ -560,7 +559,7 @@ def _result(state, chosen, costs, config, tuning, name, device, out, started) ->
 def plot(result: ExperimentResult, path: str | Path) -> Path:
     """Accuracy difference to the control (points, with the interval over seeds as error bars) against
     the added inference time where it was measured, else the added weights; one point per arm."""
-    from se_inject.compare import check_plot_target
+    from se_inject.measure.compare import check_plot_target
 
     target = check_plot_target(path)
     from matplotlib.figure import Figure  # a bare Figure draws with Agg: pyplot's backend is left alone

@@ -45,12 +45,13 @@ from se_inject.errors import (
     TrainingDivergedError,
     one_line,
 )
-from se_inject.graph.abstract import eval_mode
+from se_inject.graph.shadow import eval_mode
 from se_inject.io.files import as_path, check_target, write_atomic, write_text_atomic
 from se_inject.io.heads import classifier, fit_head
 from se_inject.io.layout import CHECKPOINT_FILE, METRICS_FILE, OWNED_FILES, RECIPE_FILE, WEIGHTS_FILE
 from se_inject.io.recipe import attached_recipe
-from se_inject.saving import write_model_files
+from se_inject.io.saving import write_model_files
+from se_inject.runtime import rank_and_world, resolve_device
 from se_inject.train.config import RESUMABLE_CHANGES, FinetuneConfig
 from se_inject.train.data import DataSplits, SeededSamples
 from se_inject.units.base import ChannelUnit
@@ -67,33 +68,6 @@ class FinetuneResult:
 
 class UntrainedModelWarning(UserWarning):
     """The model scores at chance before fine-tuning: an SE-only phase on it learns nothing."""
-
-
-# --- distributed ---------------------------------------------------------------------------------
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
-        return 0, 1
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("SE_INJECT_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend)
-        if backend == "gloo":  # processes share the CPU cores: no oversubscription
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device: {name!r} is not one of auto, cpu, cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
 
 
 # --- the model -----------------------------------------------------------------------------------

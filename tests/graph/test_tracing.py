@@ -8,9 +8,9 @@ from tiny_models import NetWithUntraceableChild
 from torch import nn
 
 from se_inject.errors import ShapePropagationError, UntraceableModelError
-from se_inject.graph.abstract import ShapeOnlyBatchNorm, eval_mode, on_meta
 from se_inject.graph.channels import input_channels
 from se_inject.graph.flops import count_flops, count_flops_by_module, propagate
+from se_inject.graph.shadow import ShapeOnlyBatchNorm, eval_mode, on_meta
 from se_inject.graph.trace import SETracer, module_scope, register_leaf_module, trace
 from se_inject.units.se import SqueezeExcite
 

@@ -17,7 +17,7 @@ import torch
 from tiny_models import FunctionalResNet
 
 import se_inject
-import se_inject.saving as saving
+import se_inject.io.saving as saving
 from se_inject.errors import ArtifactError
 from se_inject.io.files import write_directory
 from se_inject.io.layout import OWNED_FILES, RECIPE_FILE, WEIGHTS_FILE

@@ -20,7 +20,7 @@ import se_inject
 from se_inject.graph.ops import normalize_inplace_adds
 from se_inject.graph.trace import trace
 from se_inject.graph.walk import ancestors, common_fork
-from se_inject.placement.gates import find_channel_gates
+from se_inject.placement.existing_gates import find_channel_gates
 from se_inject.placement.patterns.base import PATTERNS, register_pattern
 from se_inject.placement.sites import analyse
 

@@ -12,8 +12,8 @@ from conftest import assert_unchanged, randomize_batchnorm, randomize_units, sna
 from tiny_models import FunctionalResNet, InplaceResNet
 
 import se_inject
-from se_inject.bench import bench
 from se_inject.errors import ConfigError, InvalidModelError
+from se_inject.measure.bench import bench
 from se_inject.surgery.optimize import optimize_for_inference, optimized_units
 from se_inject.units.se import SqueezeExcite
 

@@ -11,7 +11,7 @@ from torch import nn
 import se_inject
 from se_inject.config import InjectConfig
 from se_inject.errors import RewriteError
-from se_inject.graph.abstract import shadow
+from se_inject.graph.shadow import shadow
 from se_inject.placement.plan import plan_units
 from se_inject.placement.sites import analyse
 from se_inject.surgery.rewrite import LocalTraces, build_injected, dry_run

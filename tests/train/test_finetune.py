@@ -203,7 +203,7 @@ def test_bad_data_stops_the_cli_before_training(tmp_path):
 
 
 def test_cuda_asked_for_without_cuda_is_a_clear_error():
-    from se_inject.train.finetune import resolve_device
+    from se_inject.runtime import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

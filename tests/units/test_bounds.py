@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 import se_inject
 from se_inject.cli.app import app
-from se_inject.compare import Candidate, compare
 from se_inject.config import MAX_PATTERNS, InjectConfig
 from se_inject.errors import SEInjectError
 from se_inject.io.layout import RECIPE_FILE
+from se_inject.measure.compare import Candidate, compare
 from se_inject.train.experiment import arms
 
 CASES = [  # unit, its options, the words of the refusal

@@ -5,22 +5,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from se_inject.graph.ops import CAT_FUNCTIONS, is_feature_map, is_select
+from se_inject.graph.ops import cat_inputs, conv_count, is_feature_map, is_select
 from se_inject.graph.walk import common_fork, descendants, path_between
 from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
-from se_inject.placement.patterns.residual import conv_count
-
-
-def cat_inputs(node: fx.Node) -> list[fx.Node] | None:
-    if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
-        return None
-    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors):
-        return None
-    if dim not in (1, -3) or not is_feature_map(node):
-        return None
-    return list(tensors)
 
 
 @register_pattern(

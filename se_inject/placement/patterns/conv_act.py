@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from se_inject.graph.ops import is_conv, is_feature_map, kernel_of
-from se_inject.graph.walk import activation_between, follow_shape_keeping
+from se_inject.graph.walk import activation_between, follow_shape_keeping, walk_region
 from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
-from se_inject.placement.patterns.depthwise import walk_region
 
 
 @register_pattern("conv_act", anchors=("after_activation",), facts={"kernel": int})

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from se_inject.graph.ops import cat_inputs, conv_count
 from se_inject.graph.walk import ancestors
 from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
-from se_inject.placement.patterns.concat import cat_inputs
-from se_inject.placement.patterns.residual import conv_count
 
 
 def _layer_input(newest: fx.Node, others: list[fx.Node]) -> fx.Node | None:

@@ -7,8 +7,8 @@ import torch.fx as fx
 from torch import nn
 
 from se_inject.graph.ops import is_conv, is_spatial_conv, kernel_of, module_of, shape_of, tensor_shape
-from se_inject.graph.walk import activation_between, ancestors, follow_shape_keeping
-from se_inject.placement.gates import through_gate
+from se_inject.graph.walk import activation_between, ancestors, follow_shape_keeping, walk_region
+from se_inject.placement.existing_gates import through_gate
 from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
 
 
@@ -20,15 +20,6 @@ def is_depthwise(gm: fx.GraphModule, node: fx.Node) -> bool:
         and mod.groups == mod.in_channels
         and mod.out_channels % mod.in_channels == 0
     )
-
-
-def walk_region(start: fx.Node, end: fx.Node) -> frozenset[fx.Node]:
-    """``start`` and the sole-user chain from it to ``end``."""
-    region, walk = {start}, start
-    while walk is not end:
-        walk = next(iter(walk.users))
-        region.add(walk)
-    return frozenset(region)
 
 
 def block_input(gm: fx.GraphModule, depthwise: fx.Node) -> fx.Node | None:

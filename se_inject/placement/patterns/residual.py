@@ -7,6 +7,7 @@ import torch.fx as fx
 
 from se_inject.graph.ops import (
     add_operands,
+    conv_count,
     is_activation,
     is_conv,
     is_feature_map,
@@ -20,10 +21,6 @@ from se_inject.graph.walk import (
     path_between,
 )
 from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
-
-
-def conv_count(gm: fx.GraphModule, nodes: frozenset[fx.Node]) -> int:
-    return sum(is_conv(gm, n) for n in nodes)
 
 
 @register_pattern(

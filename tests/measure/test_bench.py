@@ -6,8 +6,8 @@ from tiny_models import FunctionalResNet
 from typer.testing import CliRunner
 
 import se_inject
-from se_inject.bench import bench, time_interleaved, twin_of
 from se_inject.cli.app import app
+from se_inject.measure.bench import bench, time_interleaved, twin_of
 
 
 def test_twins_are_timms_hand_built_se_models():
@@ -45,7 +45,7 @@ def test_bench_reports_medians_and_ratios_and_leaves_the_model_alone():
 def test_the_cli_benches_a_users_model():
     from pathlib import Path
 
-    spec = f"{Path(__file__).parent / 'tiny_models.py'}:FunctionalResNet"
+    spec = f"{Path(__file__).parents[1] / 'tiny_models.py'}:FunctionalResNet"
     result = CliRunner().invoke(
         app, ["bench", spec, "--r", "4", "--size", "32", "--batch", "2", "--repeats", "2", "--json"]
     )
@@ -71,7 +71,7 @@ def test_compile_compiles_every_model_it_times(monkeypatch):
 def test_the_cli_says_in_one_line_when_there_is_nothing_to_optimize():
     from pathlib import Path
 
-    spec = f"{Path(__file__).parent / 'tiny_models.py'}:FunctionalResNet"  # basic blocks end with a 3x3 conv
+    spec = f"{Path(__file__).parents[1] / 'tiny_models.py'}:FunctionalResNet"  # basic blocks end with a 3x3 conv
     result = CliRunner().invoke(app, ["bench", spec, "--r", "4", "--size", "32", "--batch", "2", "--optimize"])
     assert result.exit_code == 2 and "nothing to fold" in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output

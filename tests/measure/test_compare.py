@@ -12,13 +12,13 @@ import torch
 from tiny_models import FunctionalResNet
 from typer.testing import CliRunner
 
-import se_inject.bench
-import se_inject.compare as compare_module
+import se_inject.measure.bench
+import se_inject.measure.compare as compare_module
 from se_inject.cli.app import app
-from se_inject.compare import Candidate, PeakTensorMemory, Spread, candidates, compare
 from se_inject.errors import ConfigError
+from se_inject.measure.compare import Candidate, PeakTensorMemory, Spread, candidates, compare
 
-SPEC = f"{Path(__file__).parent / 'tiny_models.py'}:FunctionalResNet"
+SPEC = f"{Path(__file__).parents[1] / 'tiny_models.py'}:FunctionalResNet"
 
 
 def test_candidates_are_the_product_of_the_axes_given():
@@ -43,7 +43,9 @@ def test_every_candidate_is_measured_against_the_same_original(monkeypatch):
             on_round and on_round(i + 1)
         return {name: [t * factors.get(name, 1.0) for t in base] for name in steps}
 
-    monkeypatch.setattr(se_inject.bench, "time_interleaved", fake)  # inference (in blocks on fresh copies) and training
+    monkeypatch.setattr(
+        se_inject.measure.bench, "time_interleaved", fake
+    )  # inference (in blocks on fresh copies) and training
     rounds: list[tuple[str, int, int]] = []
     result = compare(
         FunctionalResNet(),
@@ -144,7 +146,7 @@ def test_optimize_measures_each_candidate_optimized_where_its_units_fold():
     assert result.optimized and json.loads(json.dumps(result.to_dict(), default=str))["optimized"] is True
     out = CliRunner().invoke(
         app,
-        ["compare", f"{Path(__file__).parent / 'tiny_models.py'}:InplaceResNet", "--positions", "standard",
+        ["compare", f"{Path(__file__).parents[1] / 'tiny_models.py'}:InplaceResNet", "--positions", "standard",
          "--batch", "2", "--size", "32", "--repeats", "2", "--optimize"],
     )  # fmt: skip
     assert out.exit_code == 0, out.output

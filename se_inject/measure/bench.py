@@ -225,7 +225,7 @@ def bench(
 
     Example::
 
-        report = se_inject.bench(timm.create_model("resnet50"), twin=timm.create_model("seresnet50"), r=16)
+        report = se_inject.measure.bench(timm.create_model("resnet50"), twin=timm.create_model("seresnet50"), r=16)
         report.ratios()   # [{'mode': 'inference', 'batch': 1, 'injected/original': 1.03, 'injected/twin': 0.99}, ...]
     """
     device = torch.device(device)

@@ -4,7 +4,7 @@ Eq. 5 and FLOPs under-predict what a unit costs: global pooling needs the whole 
 any channel can be scaled, so SE's elementwise work is memory traffic. :func:`compare` measures it.
 The original and every candidate (a set of injection options: a position, an r, a unit, a style,
 a block selection) are built once and timed interleaved in one process (the order rotates every
-round, see :func:`se_inject.bench.time_interleaved`). Each candidate's figure is the median of its
+round, see :func:`se_inject.measure.bench.time_interleaved`). Each candidate's figure is the median of its
 time divided by the original's time *in the same round*, with the 25th-75th percentile of those
 per-round ratios as its spread: drifting clocks and caches hit both sides of each ratio alike.
 
@@ -33,10 +33,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from se_inject.api import retrofit
-from se_inject.bench import Spread, compiled, example_input, place, rounds_per_batch, time_batches
 from se_inject.errors import ConfigError, SEInjectError, first_line
 from se_inject.graph.channels import input_channels
 from se_inject.io.files import as_path
+from se_inject.measure.bench import Spread, compiled, example_input, place, rounds_per_batch, time_batches
 from se_inject.surgery.optimize import fold_squeezes
 
 Progress = Callable[[str, int, int], None]  # (what is running, done, total)
@@ -233,7 +233,7 @@ def compare(
 
     Example::
 
-        result = se_inject.compare(timm.create_model("resnet50"), se_inject.candidates(positions=["standard", "pre"]))
+        result = se_inject.measure.compare(timm.create_model("resnet50"), se_inject.candidates(positions=["standard", "pre"]))
         result.results[0].latency[1]   # Spread(median=1.05, q1=1.04, q3=1.06): time over the original's
         result.verdict(1)              # the fastest, or "no clear winner: the spreads of ... overlap"
     """

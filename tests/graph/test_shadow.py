@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from se_inject.errors import NeedsValuesError, ShapePropagationError
-from se_inject.graph.abstract import RefuseMetaValues, ShapeOnlyBatchNorm
+from se_inject.graph.shadow import RefuseMetaValues, ShapeOnlyBatchNorm
 
 
 @pytest.mark.parametrize(
