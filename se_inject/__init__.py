@@ -58,6 +58,8 @@ _LAZY: dict[str, str] = {
     "eq5_params": "se_inject.units.se",
     "ChannelUnit": "se_inject.units.base",
     "register_unit": "se_inject.units.base",
+    "ModelSource": "se_inject.io.sources",
+    "register_source": "se_inject.io.sources",
     "unit_class": "se_inject.units.base",
     "register_pattern": "se_inject.placement.patterns.base",
     "register_leaf_module": "se_inject.graph.trace",
@@ -91,6 +93,7 @@ if TYPE_CHECKING:
     from se_inject.io.models import load_checkpoint, load_model
     from se_inject.io.recipe import Recipe
     from se_inject.io.saving import SourceChangedWarning, apply, load, save
+    from se_inject.io.sources import ModelSource, register_source
     from se_inject.io.styles import load_style_file
     from se_inject.measure.bench import BenchReport, bench, twin_of
     from se_inject.measure.compare import Comparison, candidates, compare
@@ -133,6 +136,8 @@ __all__ = [
     "register_leaf_module",
     "register_pattern",
     "register_unit",
+    "ModelSource",
+    "register_source",
     "unit_class",
     "__version__",
     "AlreadyInjectedError",

@@ -6,9 +6,8 @@ Each field carries its help text in ``metadata["help"]`` (the CLI reuses it), ch
 
 from __future__ import annotations
 
-import tomllib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import cache
 from importlib import resources
@@ -16,6 +15,7 @@ from os import PathLike, fspath
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from se_inject.datafiles import read_tables, table_error
 from se_inject.errors import ConfigError
 
 Position = Literal["standard", "pre", "post", "identity", "inner"]
@@ -53,6 +53,8 @@ FROM_STYLE: Any = None
 STYLED_FIELDS = ("position", "r", "act", "gate", "bias", "rounding", "reduce_from")
 # what a group of blocks may set for its own units (the unit's shape and conventions, not where units go)
 GROUP_FIELDS = ("r", "act", "gate", "bias", "rounding", "reduce_from", "hidden", "squeeze")
+# the options that shape a unit, beyond r (which every unit records); each unit type names those it reads
+UNIT_SHAPING_FIELDS = ("squeeze", "gate", "act", "bias", "rounding", "reduce_from", "hidden", "init")
 
 
 @dataclass(frozen=True)
@@ -273,6 +275,18 @@ class InjectConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("groups", "excitation")}
         return InjectConfig(**{**values, **group.options})
 
+    def set_options(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` whose value is not what the style and the unit's conventions give (nor the
+        field's default): the options this config sets on purpose.
+
+        >>> InjectConfig(unit="eca", squeeze="max").set_options(["squeeze", "act"])
+        ['squeeze']
+        """
+        chosen = style(self.style).options if self.style != "paper" else {}
+        preset = {**_PAPER, **unit_conventions(self.unit), **chosen}
+        defaults = {f.name: f.default for f in fields(self)}
+        return [n for n in names if getattr(self, n) != preset.get(n, defaults[n])]
+
     @classmethod
     def field_help(cls) -> dict[str, str]:
         """Help text of every field, for the CLI and the docs."""
@@ -383,20 +397,13 @@ class Style:
 _STYLE_KEYS = {"name", "description", "options"}
 
 
-def _style_error(source: str, name: str | None, field_name: str | None, problem: str) -> ConfigError:
-    where = source + (f": style '{name}'" if name else "") + (f": field '{field_name}'" if field_name else "")
-    return ConfigError(f"{where}: {problem}")
+def _style_error(source: str, name: str | None, field_name: str | None, problem: str) -> Exception:
+    return table_error(ConfigError, source, "style", name, field_name, problem)
 
 
-def _parse_style(entry: object, index: int, source: str) -> Style:
-    if not isinstance(entry, dict):
-        raise _style_error(source, f"#{index + 1}", None, "a style must be a table ([[style]])")
-    name = entry.get("name")
-    if not isinstance(name, str) or not name.isidentifier():
-        raise _style_error(source, f"#{index + 1}", "name", "every style needs a name such as 'my_se'")
-    unknown = sorted(set(entry) - _STYLE_KEYS)
-    if unknown:
-        raise _style_error(source, name, unknown[0], f"unknown field; fields are {', '.join(sorted(_STYLE_KEYS))}")
+def _parse_style(entry: dict[str, Any], source: str) -> Style:
+    """One style from its table (its name and fields already checked by read_tables)."""
+    name = entry["name"]
     options = entry.get("options")
     if not isinstance(options, dict) or not options:
         raise _style_error(source, name, "options", 'expected a table of options, e.g. { r = 8, act = "silu" }')
@@ -415,22 +422,8 @@ def _parse_style(entry: object, index: int, source: str) -> Style:
 
 def parse_styles(text: str, source: str) -> list[Style]:
     """The styles of one TOML document (``source`` names it in errors); nothing is registered."""
-    try:
-        data = tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, RecursionError) as err:
-        raise _style_error(source, None, None, f"not a valid style file: {err}") from None
-    unknown = sorted(set(data) - {"style"})
-    if unknown:
-        raise _style_error(source, None, unknown[0], "unknown top-level key; a style file holds [[style]] tables")
-    entries = data.get("style")
-    if not isinstance(entries, list) or not entries:
-        raise _style_error(source, None, "style", "no styles: expected one or more [[style]] tables")
-    styles = [_parse_style(entry, i, source) for i, entry in enumerate(entries)]
-    names = [s.name for s in styles]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate:
-        raise _style_error(source, duplicate, "name", "defined twice in this file")
-    return styles
+    entries = read_tables(text, source, "style", _STYLE_KEYS, ConfigError, identifier_names=True)
+    return [_parse_style(entry, source) for entry in entries]
 
 
 # the paper's options: the base every style starts from (and what validates a style on its own)

@@ -354,8 +354,8 @@ def test_finetune_onto_a_saved_model_needs_force(injected, tmp_path):
         (["finetune", "resnet18", "--data", "digits", "--out", "x", "--weight-decay", "-1"], "weight_decay"),
         (["finetune", "resnet18", "--data", "digits", "--out", "x", "--lr", "inf"], "lr: expected a finite number"),
         (["finetune", "resnet18", "--data", "digits", "--out", "x", "--batch-size", "0"], "batch_size"),
-        (["finetune", "resnet18", "--data", "digits", "--out", "x", "--image-size", "0"], "image_size"),
-        (["inspect", "nowhere", "--data", "digits", "--out", "x", "--units", ","], "--units"),
+        (["finetune", "resnet18", "--data", "digits", "--out", "x", "--input-size", "0"], "--input-size"),
+        (["inspect", "nowhere", "--data", "digits", "--out", "x", "--unit-names", ","], "--unit-names"),
     ],
 )
 def test_malformed_numbers_and_names(args, match, tmp_cwd):
@@ -743,7 +743,7 @@ def test_a_truncated_or_foreign_checkpoint_is_one_line(tmp_path, content, match)
             str(TINY) + ":FunctionalResNet",
             "--data",
             "digits",
-            "--image-size",
+            "--input-size",
             "16",
             "--out",
             str(run),

@@ -12,7 +12,8 @@ from tiny_models import FunctionalResNet
 from typer.testing import CliRunner
 
 import se_inject
-from se_inject.cli.app import app, parse_candidate, parse_group, parse_unit_options
+from se_inject.cli.app import app
+from se_inject.cli.options import parse_candidate, parse_group, parse_unit_options
 from se_inject.config import InjectConfig
 from se_inject.errors import SEInjectError
 from se_inject.grammar import field_types, parse_int_list, read_options, read_value

@@ -89,7 +89,7 @@ def _finetune(source: str, out: Path, *extra: str) -> None:
         source,
         "--data",
         "digits",
-        "--image-size",
+        "--input-size",
         "16",
         "--out",
         str(out),
@@ -99,14 +99,14 @@ def _finetune(source: str, out: Path, *extra: str) -> None:
         "1",
         "--batch-size",
         "128",
-        "--r",
-        "8",
         *extra,
     )
 
 
 def test_finetune_then_prune_then_load(ten_class_checkpoint, tmp_path):
-    _finetune("resnet18", tmp_path / "run", "--checkpoint", str(ten_class_checkpoint), "--num-classes", "10")
+    _finetune(
+        "resnet18", tmp_path / "run", "--r", "8", "--checkpoint", str(ten_class_checkpoint), "--num-classes", "10"
+    )
     tuned = se_inject.load(tmp_path / "run")
     assert tuned.fc.out_features == 10
     out = ok(
@@ -114,11 +114,11 @@ def test_finetune_then_prune_then_load(ten_class_checkpoint, tmp_path):
         str(tmp_path / "run"),
         "--data",
         "digits",
-        "--image-size",
+        "--input-size",
         "16",
         "--out",
         str(tmp_path / "pruned"),
-        "--units",
+        "--unit-names",
         "layer1.0.se_1_1",
     )
     assert "removed 1 unit(s): layer1.0.se_1_1" in out
@@ -337,7 +337,7 @@ def test_resume_refuses_other_settings_in_one_line(uninterrupted, tmp_path):
             f"{TINY}:FunctionalResNet",
             "--data",
             "digits",
-            "--image-size",
+            "--input-size",
             "16",
             "--out",
             str(tmp_path / "run"),

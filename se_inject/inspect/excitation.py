@@ -158,35 +158,38 @@ def collect(
         for handle in handles:
             handle.remove()
     report = ExcitationReport(classes, seen)
-    present = counts > 0
-    for name, unit in units:
-        total = counts.sum()
-        mean = sums[name].sum(0) / total
-        var_all = (squares[name].sum(0) / total - mean.square()).clamp_min(0)
-        class_mean = sums[name] / counts.clamp_min(1)[:, None]
-        class_var = (squares[name] / counts.clamp_min(1)[:, None] - class_mean.square()).clamp_min(0)
-        class_mean[~present] = float("nan")
-        gate_range = unit.gate_range
-        image_std = float(var_all.sqrt().mean())
-        stage, block = _stage_block(name)
-        report.units.append(
-            UnitStats(
-                name,
-                stage,
-                block,
-                unit.channels,
-                gate_range,
-                mean.tolist(),
-                class_mean.tolist(),
-                class_var.sqrt().tolist(),
-                image_std,
-                max(0.0, 1.0 - image_std / (gate_range / 2)),
-                kind=_kind(unit),
-                shows=unit.excitation_shows,
-                prunable=unit.channel_gate,
-            )
-        )
+    report.units.extend(_unit_stats(name, unit, sums[name], squares[name], counts) for name, unit in units)
     return report
+
+
+def _unit_stats(
+    name: str, unit: ChannelUnit, sums: torch.Tensor, squares: torch.Tensor, counts: torch.Tensor
+) -> UnitStats:
+    """One unit's statistics from its per-class sums of gates and of squared gates over ``counts`` images."""
+    total = counts.sum()
+    mean = sums.sum(0) / total
+    var_all = (squares.sum(0) / total - mean.square()).clamp_min(0)
+    class_mean = sums / counts.clamp_min(1)[:, None]
+    class_var = (squares / counts.clamp_min(1)[:, None] - class_mean.square()).clamp_min(0)
+    class_mean[~(counts > 0)] = float("nan")
+    gate_range = unit.gate_range
+    image_std = float(var_all.sqrt().mean())
+    stage, block = _stage_block(name)
+    return UnitStats(
+        name,
+        stage,
+        block,
+        unit.channels,
+        gate_range,
+        mean.tolist(),
+        class_mean.tolist(),
+        class_var.sqrt().tolist(),
+        image_std,
+        max(0.0, 1.0 - image_std / (gate_range / 2)),
+        kind=_kind(unit),
+        shows=unit.excitation_shows,
+        prunable=unit.channel_gate,
+    )
 
 
 @dataclass

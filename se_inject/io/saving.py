@@ -16,7 +16,6 @@ checked against a schema), and a recipe whose source is Python code (``module:ca
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,21 +39,15 @@ from se_inject.io.files import (
 )
 from se_inject.io.heads import classifier, fit_head, head_of
 from se_inject.io.layout import OWNED_FILES, RECIPE_FILE, WEIGHTS_FILE
-from se_inject.io.models import (
-    check_device,
-    file_digest,
-    load_model,
-    load_state,
-    spec_kind,
-)
+from se_inject.io.models import check_device, load_model, load_state
 from se_inject.io.recipe import MAX_RECIPE_BYTES, SITE_KEYS, Recipe, attach_recipe, attached_recipe
+from se_inject.io.sources import source_of
+from se_inject.io.sources.python_code import SourceChangedWarning
 from se_inject.io.tied import restore_tied, retie, savable_state, tied_names
 from se_inject.units.base import ChannelUnit
 from se_inject.units.se import ChannelScale
 
-
-class SourceChangedWarning(UserWarning):
-    """The model file a recipe was made from has changed since the model was saved."""
+__all__ = ["SourceChangedWarning", "apply", "current_recipe", "load", "recipe_of", "save"]
 
 
 def recipe_of(model: nn.Module) -> Recipe:
@@ -72,11 +65,11 @@ def current_recipe(model: nn.Module) -> Recipe:
     recipe = recipe_of(model)
     head = head_of(model)
     kwargs = dict(recipe.model_kwargs)
-    kind = spec_kind(recipe.source) if recipe.source else None
-    if head is not None and kind in ("timm", "torchvision"):
+    source = source_of(recipe.source) if recipe.source else None
+    if head is not None and source is not None and source.takes_num_classes:
         kwargs["num_classes"] = head["out_features"]
-    elif head is None and kind == "timm":  # headless: timm builds it so (torchvision's: see _fit_recorded_head)
-        kwargs["num_classes"] = 0
+    elif head is None and source is not None and source.headless_classes is not None:
+        kwargs["num_classes"] = source.headless_classes  # (others are made headless by _fit_recorded_head)
     return replace(recipe, head=head, model_kwargs=kwargs, tied=tied_names(model))
 
 
@@ -196,27 +189,18 @@ def _build_source(recipe: Recipe, directory: Path, device: torch.device | None, 
             f"{directory}: the recipe names no source model (it was injected from a module object); "
             "pass a fresh copy of the original: se_inject.load(directory, model=...)"
         )
-    kind = spec_kind(recipe.source)
-    if kind in ("module", "file") and not trust_code:
+    source = source_of(recipe.source)
+    if source.runs_code and not trust_code:
         raise UntrustedCodeError(
             f"{directory}: the recipe's source '{recipe.source}' is Python code, which loading would import and run; "
             "if you trust this directory pass trust_code=True (CLI: --trust-code), "
             "or pass a fresh copy of the original yourself: se_inject.load(directory, model=...)"
         )
     kwargs: dict[str, object] = dict(recipe.model_kwargs)
-    if kind == "file" and recipe.source_file is not None:
-        path = Path(recipe.source_file["path"])
-        if not path.is_file():
-            raise ArtifactError(f"{directory}: the model file {path} the recipe was made from no longer exists")
-        if file_digest(path) != recipe.source_file["sha256"]:
-            warnings.warn(
-                f"{path} has changed since {directory} was saved; the model is rebuilt from its current contents",
-                SourceChangedWarning,
-                stacklevel=3,
-            )
-    # a user's constructor may take no num_classes: then the head is resized after injection instead
+    source.check_recorded(recipe.source_file, directory)
+    # a constructor that may take no num_classes (a user's): then the head is resized after injection instead
     optional = (
-        {"num_classes": kwargs.pop("num_classes")} if kind in ("module", "file") and "num_classes" in kwargs else {}
+        {"num_classes": kwargs.pop("num_classes")} if not source.takes_num_classes and "num_classes" in kwargs else {}
     )
     return load_model(recipe.source, device=device, optional_kwargs=optional, **kwargs)  # type: ignore[arg-type]
 

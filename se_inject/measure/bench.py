@@ -197,13 +197,22 @@ def train_step(model: nn.Module, x: torch.Tensor, device: torch.device) -> Calla
     return run
 
 
+CPU_BATCHES, CUDA_BATCHES = (1, 16), (256,)
+TIMED_SIZE = 224  # the input size timed when none is given: ImageNet's
+
+
+def default_batches(device: torch.device) -> tuple[int, ...]:
+    """The batch sizes timed when none are given: a GPU is timed at a batch that fills it."""
+    return CUDA_BATCHES if device.type == "cuda" else CPU_BATCHES
+
+
 def bench(
     original: nn.Module,
     config: InjectConfig | None = None,
     *,
     twin: nn.Module | None = None,
-    batches: Sequence[int] = (1, 16),
-    size: int = 224,
+    batches: Sequence[int] | None = None,
+    size: int | None = None,
     repeats: int | Mapping[int, int] | None = None,
     warmup: int = 3,
     train: bool | None = None,
@@ -215,8 +224,9 @@ def bench(
 ) -> BenchReport:
     """Time ``original``, its injection with ``config``/``options`` and an optional ``twin``, interleaved.
 
-    On CUDA the models run in bf16 and channels_last and ``train`` (default: on) adds a training
-    step. ``compile`` runs every model under torch.compile (inductor, weights frozen for inference),
+    ``size`` is the input's spatial size (default 224). ``batches`` defaults to 1 and 16 on the CPU and to 256 on CUDA, where small batches time the
+    launch overhead rather than the model. On CUDA the models run in bf16 and channels_last and
+    ``train`` (default: on) adds a training step. ``compile`` runs every model under torch.compile (inductor, weights frozen for inference),
     so the ratios compare compiled with compiled. ``optimize`` also times the retrofit after
     :func:`~se_inject.surgery.optimize.optimize_for_inference` (inference only: in training mode it
     computes what the retrofit computes). Each ratio is the median of per-round ratios, with
@@ -230,6 +240,8 @@ def bench(
     """
     device = torch.device(device)
     train = device.type == "cuda" if train is None else train
+    batches = default_batches(device) if batches is None else batches
+    size = TIMED_SIZE if size is None else size
     base = copy.deepcopy(original).eval()
     channels = input_channels(base)
     injected = retrofit(base, config, input_size=size, **options).model.eval()

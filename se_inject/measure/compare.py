@@ -36,7 +36,16 @@ from se_inject.api import retrofit
 from se_inject.errors import ConfigError, SEInjectError, first_line
 from se_inject.graph.channels import input_channels
 from se_inject.io.files import as_path
-from se_inject.measure.bench import Spread, compiled, example_input, place, rounds_per_batch, time_batches
+from se_inject.measure.bench import (
+    TIMED_SIZE,
+    Spread,
+    compiled,
+    default_batches,
+    example_input,
+    place,
+    rounds_per_batch,
+    time_batches,
+)
 from se_inject.surgery.optimize import fold_squeezes
 
 Progress = Callable[[str, int, int], None]  # (what is running, done, total)
@@ -209,8 +218,8 @@ def compare(
     candidates: Iterable[Candidate | Mapping[str, Any]],
     *,
     model_name: str | None = None,
-    batches: Sequence[int] = (1, 16),
-    size: int = 224,
+    batches: Sequence[int] | None = None,
+    size: int | None = None,
     repeats: int | Mapping[int, int] | None = None,
     warmup: int = 3,
     train: bool = False,
@@ -223,7 +232,7 @@ def compare(
 
     A candidate is a :class:`Candidate` or a mapping of injection options (labelled by them). One
     that cannot be injected (an r wider than the channels, say) is reported with its error and the
-    others are measured. ``repeats`` is the rounds per batch size (default: 50 at batch 1, 30 above);
+    others are measured. ``batches`` and ``size`` default as :func:`~se_inject.measure.bench.bench`'s do. ``repeats`` is the rounds per batch size (default: 50 at batch 1, 30 above);
     ``train`` adds a training step per model; ``optimize`` measures each candidate after
     :func:`~se_inject.surgery.optimize.optimize_for_inference` where it has units to fold
     (``optimized_units`` counts them); ``compile`` times every model under torch.compile (inductor,
@@ -238,6 +247,8 @@ def compare(
         result.verdict(1)              # the fastest, or "no clear winner: the spreads of ... overlap"
     """
     target = torch.device(device)
+    batches = default_batches(target) if batches is None else batches
+    size = TIMED_SIZE if size is None else size
     cuda = target.type == "cuda"
     chosen = [c if isinstance(c, Candidate) else Candidate(label_of(c), dict(c)) for c in candidates]
     if not chosen:

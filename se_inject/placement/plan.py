@@ -7,7 +7,7 @@ channels, the position applicable, the module that will hold each unit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 
@@ -212,6 +212,53 @@ def _rewritable_owner(owner: str, obstacle: Callable[[str], str | None]) -> str:
     return owner
 
 
+def _check_stages(selected: Sequence[int], stage_count: int, sites: int, config: InjectConfig) -> None:
+    out_of_range = [s for s in selected if s > stage_count]
+    if out_of_range:
+        whose = (
+            f"the {sites} sites at= names lie in stages 1-{stage_count} (stages are counted over them)"
+            if config.at
+            else f"this model has stages 1-{stage_count}"
+        )
+        raise ConfigError(f"stages: stage {out_of_range[0]} does not exist; {whose}")
+
+
+def _planned_unit(
+    site: Site,
+    module: str,
+    config: InjectConfig,
+    stage_count: int,
+    selected: tuple[int, ...],
+    obstacle: Callable[[str], str | None],
+) -> PlannedUnit:
+    """The unit for ``site`` in block ``module``, with its group's options, checked."""
+    insertion = site.insertion
+    assert insertion is not None  # a site without one is among search.skipped, handled before
+    unit_type = unit_class(config.unit)
+    own = _group_config(module, config)
+    r = stage_ratio(own, site.stage, stage_count, selected)
+    reduced = _reduced(site, own)
+    divided = reduced or insertion.channels
+    if own is not config:
+        unit_type.check_config(own)
+    if r > divided and own.hidden is None and unit_type.uses_r:
+        raise ConfigError(
+            f"r: r={r} is wider than the {divided} channels it divides in stage "
+            f"{site.stage}, block {site.block}; use r <= {divided}"
+        )
+    return PlannedUnit(
+        site=site,
+        insertion=insertion,
+        r=r,
+        hidden=unit_type.hidden_width(insertion.channels, r, own, reduced=reduced),
+        owner=_rewritable_owner(module, obstacle),
+        name=f"{config.unit}_{site.stage}_{site.block}",
+        reduced=reduced,
+        module=module,
+        config=own if own is not config else None,
+    )
+
+
 def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str], str | None] = _alone) -> Plan:
     """Check ``config`` against the sites of ``analysis`` and decide every unit; mutates nothing.
 
@@ -221,23 +268,16 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
     """
     unit_type = unit_class(config.unit)
     unit_type.check_config(config)
-    if config.at:
-        search = analysis.select_modules(config.at, config.existing)
-    else:
-        search = analysis.select(config.position, config.existing)
+    search = (
+        analysis.select_modules(config.at, config.existing)
+        if config.at
+        else analysis.select(config.position, config.existing)
+    )
     if not search.placeable:
         raise _no_sites(search, config)
     stage_count = search.stage_count
     selected = config.stages or tuple(range(1, stage_count + 1))
-    out_of_range = [s for s in selected if s > stage_count]
-    if out_of_range:
-        whose = (
-            f"the {len(search.sites)} sites at= names lie in stages 1-{stage_count} (stages are counted over them)"
-            if config.at
-            else f"this model has stages 1-{stage_count}"
-        )
-        raise ConfigError(f"stages: stage {out_of_range[0]} does not exist; {whose}")
-
+    _check_stages(selected, stage_count, len(search.sites), config)
     reasons = {id(site): reason for site, reason in search.skipped}
     in_stages = [site for site in search.sites if site.stage in selected]
     selection = _check_selection(config, in_stages, selected)
@@ -250,38 +290,14 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
         if id(site) in reasons:
             skipped.append((site, reasons[id(site)]))
             continue
-        insertion = site.insertion
-        assert insertion is not None  # a site without one is among search.skipped, handled above
-        own = _group_config(module, config)
-        r = stage_ratio(own, site.stage, stage_count, selected)
-        reduced = _reduced(site, own)
-        divided = reduced or insertion.channels
-        if own is not config:
-            unit_type.check_config(own)
-        if r > divided and own.hidden is None and unit_type.uses_r:
-            raise ConfigError(
-                f"r: r={r} is wider than the {divided} channels it divides in stage "
-                f"{site.stage}, block {site.block}; use r <= {divided}"
-            )
+        unit = _planned_unit(site, module, config, stage_count, selected, obstacle)
         repeated = _repeated_call(module)
         if repeated:  # the same module object called again (shared weights): its first call's unit serves it
             skipped.append(
                 (site, f"module '{repeated}' is called more than once; the unit of its first call serves every call")
             )
             continue
-        planned.append(
-            PlannedUnit(
-                site=site,
-                insertion=insertion,
-                r=r,
-                hidden=unit_type.hidden_width(insertion.channels, r, own, reduced=reduced),
-                owner=_rewritable_owner(module, obstacle),
-                name=f"{config.unit}_{site.stage}_{site.block}",
-                reduced=reduced,
-                module=module,
-                config=own if own is not config else None,
-            )
-        )
+        planned.append(unit)
     if not planned:
         raise NoSitesError(
             f"none of the {len(in_stages)} sites of stages {list(selected)} "

@@ -20,12 +20,13 @@ A rule::
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from se_inject.config import POSITIONS, builtin_data_dir
+from se_inject.datafiles import read_tables, table_error
 from se_inject.errors import RuleError
 from se_inject.io.files import read_text_file
 from se_inject.placement.patterns.base import PATTERNS, Candidate
@@ -65,9 +66,8 @@ def builtin_rules_dir() -> Path:
     return builtin_data_dir()
 
 
-def _fail(source: str, rule: str | None, field_name: str | None, problem: str) -> RuleError:
-    where = source + (f": rule '{rule}'" if rule else "") + (f": field '{field_name}'" if field_name else "")
-    return RuleError(f"{where}: {problem}")
+def _fail(source: str, rule: str | None, field_name: str | None, problem: str) -> Exception:
+    return table_error(RuleError, source, "rule", rule, field_name, problem)
 
 
 def _check_type(value: object, kind: type, source: str, rule: str, name: str) -> None:
@@ -77,15 +77,9 @@ def _check_type(value: object, kind: type, source: str, rule: str, name: str) ->
         raise _fail(source, rule, name, f"expected {kind.__name__}, got {value!r}")
 
 
-def _parse_rule(entry: object, index: int, source: str) -> Rule:
-    if not isinstance(entry, dict):
-        raise _fail(source, f"#{index + 1}", None, "a rule must be a table ([[rule]])")
-    name = entry.get("name")
-    if not isinstance(name, str) or not name:
-        raise _fail(source, f"#{index + 1}", "name", "every rule needs a non-empty string name")
-    unknown = sorted(set(entry) - _RULE_FIELDS)
-    if unknown:
-        raise _fail(source, name, unknown[0], f"unknown field; fields are {', '.join(sorted(_RULE_FIELDS))}")
+def _parse_rule(entry: dict[str, Any], source: str) -> Rule:
+    """One rule from its table (its name and fields already checked by read_tables)."""
+    name = entry["name"]
     pattern = entry.get("pattern")
     if pattern not in PATTERNS:
         raise _fail(source, name, "pattern", f"{pattern!r} is not a pattern kind; kinds are {', '.join(PATTERNS)}")
@@ -127,25 +121,7 @@ def _parse_rule(entry: object, index: int, source: str) -> Rule:
 
 def parse_rules(text: str, source: str) -> list[Rule]:
     """The rules of one TOML document (``source`` names it in errors)."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise _fail(source, None, None, f"not valid TOML: {err}") from None
-    except RecursionError:  # tomllib parses nested arrays and tables recursively
-        raise _fail(source, None, None, "not a rules file: it nests arrays or tables too deeply") from None
-    unknown = sorted(set(data) - {"rule"})
-    if unknown:
-        raise _fail(source, None, unknown[0], "unknown top-level key; a rule file holds [[rule]] tables only")
-    entries = data.get("rule", [])
-    if not isinstance(entries, list) or not entries:
-        raise _fail(source, None, "rule", "no rules: expected one or more [[rule]] tables")
-    rules = [_parse_rule(entry, i, source) for i, entry in enumerate(entries)]
-    seen: set[str] = set()
-    for rule in rules:
-        if rule.name in seen:
-            raise _fail(source, rule.name, "name", "a rule of this name is already defined in this file")
-        seen.add(rule.name)
-    return rules
+    return [_parse_rule(entry, source) for entry in read_tables(text, source, "rule", _RULE_FIELDS, RuleError)]
 
 
 MAX_RULE_FILE_BYTES = 1 << 20  # rule files are a few hundred bytes; a larger one is not a rule file

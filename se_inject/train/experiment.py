@@ -338,18 +338,58 @@ def experiment(
         for seed in config.seeds
         if (key := f"{arm.label}|{seed}") not in state["runs"]
     ]
-    # under torchrun each process takes every world-th run and trains it alone (one GPU per process)
+    runs = _Runs(base, data, reference, tuning, model_name, digest, resume, show_progress and rank == 0, console)
+    _train_runs(runs, pending, state, save, on_run)
+    if config.latency_batch and not state["latency"] and rank == 0:
+        state["latency"] = _latency(base, chosen, costs, data, config, tuning, model_name)
+        save()
+    return _result(state, chosen, costs, config, tuning, model_name or type(model).__name__, str(device), out, started)
+
+
+@dataclass
+class _Runs:
+    """What every run of an experiment shares."""
+
+    base: nn.Module
+    data: DataSplits
+    reference: DataSplits | None
+    tuning: FinetuneConfig
+    model_name: str | None
+    digest: str
+    resume: bool
+    show_progress: bool
+    console: Any
+
+
+def _train_runs(
+    runs: _Runs,
+    pending: list[_Pending],
+    state: dict[str, Any],
+    save: Callable[[], None],
+    on_run: Callable[[str, int, RunRecord], None] | None,
+) -> None:
+    """Train this process's share of ``pending`` (under torchrun each process takes every world-th run
+    and trains it alone, one GPU per process), recording each; then read what the others finished."""
+    rank, world = rank_and_world()
     mine = pending[rank::world]
     for number, run in enumerate(mine, 1):
-        record = read_record(run.directory, digest, tuning.epochs) if resume else None
+        record = read_record(run.directory, runs.digest, runs.tuning.epochs) if runs.resume else None
         if record is None:
-            if show_progress and rank == 0 and console is not None:  # which run the bars below belong to
-                console.print(f"[bold]{run.arm.label}[/], seed {run.seed} (run {number} of {len(mine)})")
-            again = resume and (run.directory / CHECKPOINT_FILE).is_file()
+            if runs.show_progress and runs.console is not None:  # which run the bars below belong to
+                runs.console.print(f"[bold]{run.arm.label}[/], seed {run.seed} (run {number} of {len(mine)})")
+            again = runs.resume and (run.directory / CHECKPOINT_FILE).is_file()
             record = _run_arm(
-                base, run, again, data, tuning, reference, model_name, show_progress and rank == 0, console
+                runs.base,
+                run,
+                again,
+                runs.data,
+                runs.tuning,
+                runs.reference,
+                runs.model_name,
+                runs.show_progress,
+                runs.console,
             )
-            record.process, record.spec = rank, digest
+            record.process, record.spec = rank, runs.digest
             write_text_atomic(run.directory / RECORD_FILE, json.dumps(asdict(record)))
         state["runs"][run.key] = asdict(record)
         save()
@@ -358,14 +398,10 @@ def experiment(
     if world > 1:  # every process reads what the others finished
         torch.distributed.barrier()
         for run in pending:
-            found = read_record(run.directory, digest, tuning.epochs)
+            found = read_record(run.directory, runs.digest, runs.tuning.epochs)
             assert found is not None, run.directory  # written by the process that ran it, before the barrier
             state["runs"][run.key] = asdict(found)
         save()
-    if config.latency_batch and not state["latency"] and rank == 0:
-        state["latency"] = _latency(base, chosen, costs, data, config, tuning, model_name)
-        save()
-    return _result(state, chosen, costs, config, tuning, model_name or type(model).__name__, str(device), out, started)
 
 
 def _score_base(base: nn.Module, data: DataSplits, reference: DataSplits | None, tuning, device) -> dict:

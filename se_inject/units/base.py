@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from se_inject.config import unit_conventions
+from se_inject.config import UNIT_SHAPING_FIELDS, unit_conventions
 from se_inject.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -55,6 +55,9 @@ class ChannelUnit(nn.Module):
       its help in ``metadata["help"]`` and, for a number, its bounds in ``metadata["range"]``;
       :meth:`parse_options` checks a mapping against it (types, bounds, finite numbers).
     - ``uses_r``: whether ``r`` shapes the unit (ECA and effective SE have no bottleneck).
+    - ``reads``: the shared options (``squeeze``, ``gate``, ``act``, ``bias``, ``rounding``,
+      ``reduce_from``, ``hidden``, ``init``) that shape the unit; a config that sets another one on
+      purpose is refused by :meth:`check_config`, naming the unit and the option.
     - ``channel_gate``: whether the unit computes ``x * excitation(x)`` with a per-channel gate and
       nothing else, so that pruning can freeze it to a fixed scale (an instance may set it).
     - ``excitation_shows``: what the unit's ``excitation(x)`` returns, in words ("" where it has no
@@ -64,6 +67,7 @@ class ChannelUnit(nn.Module):
     Options: ClassVar[type] = NoOptions
     paper: ClassVar[str] = ""  # where the unit was published, in a few words
     uses_r: ClassVar[bool] = True
+    reads: ClassVar[frozenset[str]] = frozenset({"init"})
     channel_gate: bool = False
     excitation_shows: str = ""
 
@@ -103,8 +107,16 @@ class ChannelUnit(nn.Module):
 
     @classmethod
     def check_config(cls, config: InjectConfig) -> None:
-        """Raise a ConfigError if ``config`` cannot build this unit (its ``unit_options`` first); the
-        planner calls it before anything is built."""
+        """Raise a ConfigError if ``config`` cannot build this unit: a shared option it does not read, set on
+        purpose; its ``unit_options``. The planner calls it before anything is built."""
+        unread = config.set_options(name for name in UNIT_SHAPING_FIELDS if name not in cls.reads)
+        if unread:
+            name = unread[0]
+            reads = ", ".join(n for n in UNIT_SHAPING_FIELDS if n in cls.reads) or "none"
+            raise ConfigError(
+                f"{name}: the {config.unit} unit does not read {name} (it reads {reads}); "
+                f"leave {name}={getattr(config, name)!r} out or choose a unit that reads it"
+            )
         cls.parse_options(config.unit_options)
 
     @classmethod

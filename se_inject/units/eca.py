@@ -23,7 +23,7 @@ from torch import nn
 
 from se_inject.errors import ConfigError
 from se_inject.units.base import register_unit
-from se_inject.units.parts import GatedUnit, zeroes_last
+from se_inject.units.parts import GATE_READS, GatedUnit, zeroes_last
 
 
 def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int:
@@ -72,6 +72,7 @@ class EfficientChannelAttention(GatedUnit):
     paper = "ECA-Net, Wang et al., CVPR 2020 (arXiv:1910.03151)"
     Options = EcaOptions
     uses_r = False
+    reads = GATE_READS
     circular = False
 
     def __init__(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from se_inject.units.base import register_unit
-from se_inject.units.parts import GatedUnit, zeroes_last
+from se_inject.units.parts import GATE_READS, GatedUnit, zeroes_last
 
 
 class EffectiveSE(GatedUnit):
@@ -32,6 +32,7 @@ class EffectiveSE(GatedUnit):
 
     paper = "CenterMask (VoVNetV2), Lee and Park, CVPR 2020 (arXiv:1911.06667)"
     uses_r = False
+    reads = GATE_READS
 
     def __init__(
         self,

@@ -155,6 +155,7 @@ class GatherExcite(GatedUnit):
 
     @classmethod
     def check_config(cls, config: InjectConfig) -> None:
+        super().check_config(config)
         options: GatherExciteOptions = cls.parse_options(config.unit_options)
         options.check_start(config.init)
 

@@ -261,6 +261,14 @@ class ConvMlp(nn.Module):
                 nn.init.zeros_(self.fc2.bias)
 
 
+# the shared options a unit with a bottleneck reads, and one without (its r shapes nothing)
+BOTTLENECK_READS = frozenset({"gate", "act", "bias", "rounding", "reduce_from", "hidden", "init"})
+GATE_READS = frozenset({"gate", "bias", "init"})
+# each shared option's constructor argument (reduce_from arrives as the width r divides, ``reduced``)
+_ARGUMENTS = {"gate": "gate_layer", "act": "act_layer", "bias": "bias", "rounding": "rounding", "hidden": "hidden"}
+_ARGUMENTS |= {"init": "init", "squeeze": "squeeze"}
+
+
 class GatedUnit(ChannelUnit):
     """A unit that multiplies its input by a gate it computes from it: ``x * gate(logits(x))``.
 
@@ -268,11 +276,13 @@ class GatedUnit(ChannelUnit):
     when allowed) is the SE unit's. ``init="preserve"`` gives the gate its variant equal to 1 at 0.
     A unit with a bottleneck (``uses_r``) gets its width here, from ``hidden`` or ``reduced or C``
     over ``r`` rounded as ``rounding`` says; :meth:`from_config` passes the shared options and the
-    unit's own ``Options`` fields to the constructor by name.
+    unit's own ``Options`` fields to the constructor by name: those of the shared options it ``reads``
+    (all but ``squeeze`` for a unit with a bottleneck; ``gate``, ``bias`` and ``init`` for one without).
     """
 
     channel_gate = True
     excitation_shows = "the channel gate"
+    reads = BOTTLENECK_READS
     needs_size: ClassVar[bool] = False  # whether the constructor takes the feature map's size
 
     def __init__(
@@ -310,15 +320,10 @@ class GatedUnit(ChannelUnit):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> ChannelUnit:
-        shared: dict[str, Any] = {"gate_layer": config.gate, "bias": config.bias, "init": config.init}
-        shared |= {"device": device, "dtype": dtype}
-        if cls.uses_r:
-            shared |= {
-                "act_layer": config.act,
-                "rounding": config.rounding,
-                "reduced": reduced,
-                "hidden": config.hidden,
-            }
+        shared: dict[str, Any] = {"device": device, "dtype": dtype}
+        shared |= {argument: getattr(config, name) for name, argument in _ARGUMENTS.items() if name in cls.reads}
+        if "reduce_from" in cls.reads:
+            shared["reduced"] = reduced
         if cls.needs_size:
             shared["size"] = size
         options = dataclasses.asdict(cls.parse_options(config.unit_options))  # named as the constructor's arguments

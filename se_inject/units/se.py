@@ -16,16 +16,17 @@ gate as a fixed per-channel scale (see ``se_inject.inspect.excitation``).
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from se_inject.config import INITS, SQUEEZES
+from se_inject.config import SQUEEZES
 from se_inject.errors import ConfigError
-from se_inject.units.base import ChannelUnit, register_unit
+from se_inject.units.base import register_unit
 from se_inject.units.parts import (  # noqa: F401 - the gates and widths are also this module's public names
+    BOTTLENECK_READS,
+    GatedUnit,
     ScaledHardSigmoid,
     ScaledSigmoid,
     ShiftedReLU,
@@ -41,9 +42,6 @@ from se_inject.units.parts import (  # noqa: F401 - the gates and widths are als
     reduced_width,
     zeroes_last,
 )
-
-if TYPE_CHECKING:
-    from se_inject.config import InjectConfig
 
 
 def eq5_params(channels: int, r: int, bias: bool = False, reduced: int | None = None) -> Fraction:
@@ -61,8 +59,11 @@ def unit_weights(channels: int, hidden: int, bias: bool = False) -> int:
     return int(bottleneck_params(channels, hidden, bias))
 
 
-class SqueezeExcite(ChannelUnit):
+class SqueezeExcite(GatedUnit):
     """The SE unit of Hu et al.: ``x * gate(fc2(act(fc1(squeeze(x)))))``.
+
+    A :class:`~se_inject.units.parts.GatedUnit` that reads every shared option (``squeeze`` too):
+    :meth:`from_config` passes them to the constructor by name. Copy this file to write a unit.
 
     Args:
         channels: C, channels of the feature map the unit recalibrates.
@@ -87,8 +88,7 @@ class SqueezeExcite(ChannelUnit):
     """
 
     paper = "Squeeze-and-Excitation Networks, Hu et al., CVPR 2018 (arXiv:1709.01507)"
-    channel_gate = True
-    excitation_shows = "the channel gate"
+    reads = BOTTLENECK_READS | {"squeeze"}
 
     # buffers of squeeze_through: fc1, the block's conv and BatchNorm folded into one matrix
     fold_weight: torch.Tensor
@@ -112,18 +112,12 @@ class SqueezeExcite(ChannelUnit):
     ) -> None:
         if squeeze not in SQUEEZES:
             raise ConfigError(f"squeeze: {squeeze!r} is not one of {', '.join(SQUEEZES)}")
-        if init not in INITS:
-            raise ConfigError(f"init: {init!r} is not one of {', '.join(INITS)}")
         if channels < 1 or r < 1:
             raise ConfigError(f"r: need channels >= 1 and r >= 1, got channels={channels}, r={r}")
         if reduced is not None and reduced < 1 or hidden is not None and hidden < 1:
             raise ConfigError(f"hidden: need a positive width, got reduced={reduced}, hidden={hidden}")
-        width = hidden if hidden is not None else hidden_width(reduced or channels, r, rounding)
-        super().__init__(channels, r, width)
-        self.reduced = reduced  # what r divides, when not channels
-        self.absolute_hidden = hidden is not None
+        super().__init__(channels, r, gate_layer, init, rounding=rounding, reduced=reduced, hidden=hidden)
         self.squeeze = squeeze
-        self.init = init
         self.fc1: nn.Conv2d | nn.Linear
         self.fc2: nn.Conv2d | nn.Linear
         if squeeze == "none":
@@ -133,7 +127,6 @@ class SqueezeExcite(ChannelUnit):
             self.fc1 = nn.Linear(channels, self.hidden, bias=bias, device=device, dtype=dtype)
             self.fc2 = nn.Linear(self.hidden, channels, bias=bias, device=device, dtype=dtype)
         self.act = create_act(act_layer)
-        self.gate = create_gate(gate_layer, preserve=init == "preserve")
         # the block's (conv, norm) folded into the squeeze by squeeze_through: not children, not saved
         self._through: tuple[nn.Conv2d, nn.BatchNorm2d] | None = None
         self._folded_from: tuple | None = None  # _fold_key() when the fold buffers were computed
@@ -142,37 +135,6 @@ class SqueezeExcite(ChannelUnit):
                 nn.init.zeros_(self.fc2.weight)
                 if self.fc2.bias is not None:
                     nn.init.zeros_(self.fc2.bias)
-
-    @classmethod
-    def from_config(
-        cls,
-        channels: int,
-        r: int,
-        config: InjectConfig,
-        *,
-        reduced: int | None = None,
-        size: tuple[int, int] | None = None,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> SqueezeExcite:
-        return cls(
-            channels,
-            r,
-            act_layer=config.act,
-            gate_layer=config.gate,
-            squeeze=config.squeeze,
-            bias=config.bias,
-            rounding=config.rounding,
-            reduced=reduced,
-            hidden=config.hidden,
-            init=config.init,
-            device=device,
-            dtype=dtype,
-        )
-
-    @classmethod
-    def hidden_width(cls, channels: int, r: int, config: InjectConfig, *, reduced: int | None = None) -> int:
-        return bottleneck_width(channels, r, config, reduced)
 
     def expected_params(self) -> Fraction:
         bias = self.fc1.bias is not None
@@ -187,6 +149,10 @@ class SqueezeExcite(ChannelUnit):
     @property
     def gate_range(self) -> float:
         return gate_range(self.gate)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fc2's output on the squeezed ``x`` (what the gate is applied to), shaped to broadcast against ``x``."""
+        return self._second(self._first(x, None))
 
     def squeeze_through(self, conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
         """Squeeze before ``conv`` (1x1, stride 1, one group) and ``norm`` (BatchNorm in eval mode),
@@ -325,24 +291,25 @@ class SqueezeExcite(ChannelUnit):
         z = x.mean((2, 3), keepdim=True) if self.squeeze == "avg" else x.amax((2, 3), keepdim=True)
         return F.linear(z.flatten(1), self.fc1.weight, self.fc1.bias)
 
+    def _second(self, h: torch.Tensor) -> torch.Tensor:
+        """fc2's output from fc1's output ``h``, shaped to broadcast against the unit's input."""
+        # in place on fc1's output, which nothing else holds and whose backward needs only fc1's input
+        h = h.relu_() if type(self.act) is nn.ReLU else self.act(h)
+        if self.squeeze == "none":
+            return F.conv2d(h, self.fc2.weight, self.fc2.bias)
+        s = F.linear(h, self.fc2.weight, self.fc2.bias)
+        return s.view(s.shape[0], s.shape[1], 1, 1)
+
     def _gate(self, h: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The gate from fc1's output ``h``, up to a constant factor (the preserve sigmoid's 2), and that
         factor, which goes into the final product."""
-        # in place on fc1's output, which nothing else holds and whose backward needs only fc1's input
-        # (sigmoid_ is not used below: on meta tensors it is a Python kernel, ten times sigmoid's cost)
-        h = h.relu_() if type(self.act) is nn.ReLU else self.act(h)
-        s = (
-            F.conv2d(h, self.fc2.weight, self.fc2.bias)
-            if self.squeeze == "none"
-            else F.linear(h, self.fc2.weight, self.fc2.bias)
-        )
+        # (sigmoid_ is not used: on meta tensors it is a Python kernel, ten times sigmoid's cost)
+        s = self._second(h)
         if type(self.gate) is ScaledSigmoid:
-            s, scale = torch.sigmoid(s), 2.0
-        elif type(self.gate) is nn.Sigmoid:
-            s, scale = torch.sigmoid(s), 1.0
-        else:
-            s, scale = self.gate(s), 1.0
-        return (s if self.squeeze == "none" else s.view(s.shape[0], s.shape[1], 1, 1)), scale
+            return torch.sigmoid(s), 2.0
+        if type(self.gate) is nn.Sigmoid:
+            return torch.sigmoid(s), 1.0
+        return self.gate(s), 1.0
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, source: torch.Tensor | None = None

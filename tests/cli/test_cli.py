@@ -7,8 +7,9 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from se_inject.cli.app import app, parse_int_list
+from se_inject.cli.app import app
 from se_inject.errors import ConfigError
+from se_inject.grammar import parse_int_list
 
 runner = CliRunner()
 
@@ -50,7 +51,7 @@ def test_styles_and_block_choice_from_the_command_line(tmp_path):
     assert {u["hidden"] for u in data["sites"]} == {128}
     styles = tmp_path / "mine.toml"
     styles.write_text('[[style]]\nname = "cli_style"\noptions = { r = 8, act = "silu", position = "inner" }\n')
-    result = invoke("resnet18", "--styles", str(styles), "--style", "cli_style", "--r", "4", "--json")
+    result = invoke("resnet18", "--style-file", str(styles), "--style", "cli_style", "--r", "4", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert (data["position"], data["r"]) == ("inner", 4)  # the style's position, the explicit r
@@ -92,7 +93,7 @@ def test_user_model_from_a_file(tmp_path):
         (["resnet50", "--style", "senet"], "style: 'senet' is not a style; styles are paper, timm, efficientnet"),
         (["resnet50", "--include", "blocks.*"], "include: 'blocks.*' matches none of the 16 blocks"),
         (["resnet50", "--gate", "softmax"], "gate: 'softmax' is not one of sigmoid, hard_sigmoid, tanh, relu"),
-        (["resnet50", "--styles", "missing.toml"], "missing.toml"),
+        (["resnet50", "--style-file", "missing.toml"], "missing.toml"),
         (["resnet50", "--bogus"], "No such option: --bogus"),
         (["inject"], "Missing argument 'model'"),
     ],

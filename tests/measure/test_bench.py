@@ -47,7 +47,7 @@ def test_the_cli_benches_a_users_model():
 
     spec = f"{Path(__file__).parents[1] / 'tiny_models.py'}:FunctionalResNet"
     result = CliRunner().invoke(
-        app, ["bench", spec, "--r", "4", "--size", "32", "--batch", "2", "--repeats", "2", "--json"]
+        app, ["bench", spec, "--r", "4", "--input-size", "32", "--batch", "2", "--repeats", "2", "--json"]
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -72,6 +72,6 @@ def test_the_cli_says_in_one_line_when_there_is_nothing_to_optimize():
     from pathlib import Path
 
     spec = f"{Path(__file__).parents[1] / 'tiny_models.py'}:FunctionalResNet"  # basic blocks end with a 3x3 conv
-    result = CliRunner().invoke(app, ["bench", spec, "--r", "4", "--size", "32", "--batch", "2", "--optimize"])
+    result = CliRunner().invoke(app, ["bench", spec, "--r", "4", "--input-size", "32", "--batch", "2", "--optimize"])
     assert result.exit_code == 2 and "nothing to fold" in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output

@@ -122,7 +122,7 @@ def test_peak_tensor_memory_counts_what_is_alive_together():
 def test_the_compare_command(tmp_path):
     runner = CliRunner()
     plot = tmp_path / "cost.png"
-    args = ["compare", SPEC, "--positions", "standard,pre", "--units", "se,eca", "--batch", "1", "--size", "16"]
+    args = ["compare", SPEC, "--positions", "standard,pre", "--units", "se,eca", "--batch", "1", "--input-size", "16"]
     result = runner.invoke(app, [*args, "--repeats", "2", "--plot", str(plot), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -147,7 +147,7 @@ def test_optimize_measures_each_candidate_optimized_where_its_units_fold():
     out = CliRunner().invoke(
         app,
         ["compare", f"{Path(__file__).parents[1] / 'tiny_models.py'}:InplaceResNet", "--positions", "standard",
-         "--batch", "2", "--size", "32", "--repeats", "2", "--optimize"],
+         "--batch", "2", "--input-size", "32", "--repeats", "2", "--optimize"],
     )  # fmt: skip
     assert out.exit_code == 0, out.output
     assert "optimized for inference (units that squeeze before the last 1x1 conv): position=standard 4/4" in out.stdout

@@ -126,7 +126,7 @@ def _cli(*args: str) -> list[str]:
         SPEC,
         "--data",
         "digits",
-        "--image-size",
+        "--input-size",
         "16",
         "--r",
         "4",
