@@ -1,4 +1,5 @@
-"""The examples are documentation: each must run as written, and the seeded ones print the README's numbers."""
+"""The examples are documentation: each must run as written, and the seeded ones print the numbers the
+fine-tuning guide (docs/guides/finetune.md, docs/guides/inspect.md) shows."""
 
 import re
 import runpy
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
-README = Path(__file__).parent.parent / "README.md"
+GUIDES = [Path(__file__).parent.parent / "docs" / "guides" / name for name in ("finetune.md", "inspect.md")]
 SEEDED = ("train_digits_base.py", "finetune_digits.py", "inspect_digits.py")
 
 
@@ -26,21 +27,21 @@ def _figures(text: str) -> list[str]:
     return [re.sub(r"; weights in .*", "", line) for line in lines]
 
 
-def readme_output(name: str) -> list[str]:
-    """The output the README shows for ``python examples/NAME ...`` (a ```text block opening with that command)."""
-    for block in README.read_text().split("```")[1::2]:
+def guide_output(name: str) -> list[str]:
+    """The output the guides show for ``python examples/NAME ...`` (a ```text block opening with that command)."""
+    for block in "".join(g.read_text() for g in GUIDES).split("```")[1::2]:
         lines = block.splitlines()
         if lines[:1] == ["text"] and len(lines) > 1 and lines[1].startswith(f"$ python examples/{name}"):
             return _figures("\n".join(lines[2:]))
-    raise AssertionError(f"the README shows no output of examples/{name}")
+    raise AssertionError(f"the guides show no output of examples/{name}")
 
 
 def check_against_readme(name: str, out: str) -> None:
-    """The seeded numbers equal the README's where the setting (versions, threads, CPU) is the README's."""
-    shown, printed = readme_output(name), _figures(out)
+    """The seeded numbers equal the guides' where the setting (versions, threads, CPU) is theirs."""
+    shown, printed = guide_output(name), _figures(out)
     assert printed[-1].startswith("reproducible with ") and shown[-1].startswith("reproducible with "), printed
     if printed[-1] != shown[-1]:
-        pytest.skip(f"another setting than the README's ({printed[-1]} vs {shown[-1]}): other numbers are expected")
+        pytest.skip(f"another setting than the guides' ({printed[-1]} vs {shown[-1]}): other numbers are expected")
     assert printed == shown
 
 
@@ -77,35 +78,12 @@ def test_seeded_examples_print_the_same_numbers_twice_in_a_row(name, capsys, mon
 
 @pytest.mark.slow
 def test_the_base_prints_the_readmes_number_for_each_thread_count(capsys, monkeypatch, tmp_path):
-    """The README gives the base's accuracy at 1, 2 and 4 threads: each run prints its own."""
+    """The fine-tuning guide gives the base's accuracy at 1, 2 and 4 threads: each run prints its own."""
     path = next(p for p in EXAMPLES if p.name == "train_digits_base.py")
-    table = re.findall(r"^\| (\d) \| ([0-9.]+%) \|", README.read_text(), flags=re.MULTILINE)
+    table = re.findall(r"^\| (\d) \| ([0-9.]+%) \|", GUIDES[0].read_text(), flags=re.MULTILINE)
     assert [t for t, _ in table] == ["1", "2", "4"], table
     for threads, accuracy in table:
         out = _run(path, capsys, monkeypatch, tmp_path / threads, "--threads", threads)
         if "CPU capability AVX512" not in out:
-            pytest.skip("the README's thread table was measured with CPU capability AVX512")
+            pytest.skip("the guide's thread table was measured with CPU capability AVX512")
         assert f"val acc {accuracy}" in out, (threads, out)
-
-
-README = Path(__file__).parent.parent / "README.md"
-
-
-def _blocks(language: str) -> list[str]:
-    parts = README.read_text().split("```")
-    return [p[len(language) + 1 :] for p in parts[1::2] if p.startswith(language + "\n")]
-
-
-def test_readme_python_runs(capsys):
-    api_example = _blocks("python")[0]  # the API example; the workflow block needs your files
-    exec(compile(api_example, str(README), "exec"), {})
-    assert capsys.readouterr().out.splitlines()[0] == "1024 1024"
-
-
-def test_ci_runs_the_readme_quick_start():
-    quick_start = _blocks("bash")[0].strip().splitlines()
-    ci = (README.parent / ".ci" / "run").read_text()
-    assert len(quick_start) == 2
-    set_up, tests = quick_start
-    for command in (*set_up.split(" && "), tests):
-        assert command.replace("pip install", "python -m pip install -q") in ci or command in ci, command

@@ -71,8 +71,9 @@ def candidates(
     """Every combination of the values given (an axis left empty keeps the default), on top of ``base``.
     A start (``inits``) costs the same as another; experiments compare them.
 
-    >>> [c.label for c in candidates(positions=["standard", "pre"], units=["se", "eca"])]
-    ['position=standard unit=se', 'position=standard unit=eca', 'position=pre unit=se', 'position=pre unit=eca']
+    Examples:
+        >>> [c.label for c in candidates(positions=["standard", "pre"], units=["se", "eca"])]
+        ['position=standard unit=se', 'position=standard unit=eca', 'position=pre unit=se', 'position=pre unit=eca']
     """
     axes = [
         (name, list(values))

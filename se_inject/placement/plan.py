@@ -290,14 +290,13 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
         if id(site) in reasons:
             skipped.append((site, reasons[id(site)]))
             continue
-        unit = _planned_unit(site, module, config, stage_count, selected, obstacle)
         repeated = _repeated_call(module)
         if repeated:  # the same module object called again (shared weights): its first call's unit serves it
             skipped.append(
                 (site, f"module '{repeated}' is called more than once; the unit of its first call serves every call")
             )
             continue
-        planned.append(unit)
+        planned.append(_planned_unit(site, module, config, stage_count, selected, obstacle))
     if not planned:
         raise NoSitesError(
             f"none of the {len(in_stages)} sites of stages {list(selected)} "

@@ -85,8 +85,9 @@ def arms(
     """The control, then every combination of the values given (an axis left empty keeps the default),
     then each of ``candidates``; with nothing given, one arm with the default retrofit.
 
-    >>> [a.label for a in arms(inits=["preserve", "paper"])]
-    ['control', 'init=preserve', 'init=paper']
+    Examples:
+        >>> [a.label for a in arms(inits=["preserve", "paper"])]
+        ['control', 'init=preserve', 'init=paper']
     """
     found = [Arm(CONTROL, None)]
     if any((positions, rs, units, inits, styles)) or not candidates:  # with nothing given: the default retrofit

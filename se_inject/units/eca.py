@@ -23,7 +23,7 @@ from torch import nn
 
 from se_inject.errors import ConfigError
 from se_inject.units.base import register_unit
-from se_inject.units.parts import GATE_READS, GatedUnit, zeroes_last
+from se_inject.units.parts import GATE_READS, GatedUnit, zero_, zeroes_last
 
 
 def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int:
@@ -99,10 +99,7 @@ class EfficientChannelAttention(GatedUnit):
         self.padding = (size - 1) // 2
         self.conv = nn.Conv1d(1, 1, size, padding=0, bias=bias, device=device, dtype=dtype)
         if zeroes_last(init):
-            with torch.no_grad():
-                nn.init.zeros_(self.conv.weight)
-                if self.conv.bias is not None:
-                    nn.init.zeros_(self.conv.bias)
+            zero_(self.conv)
 
     @property
     def kernel_size(self) -> int:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from se_inject.units.base import register_unit
-from se_inject.units.parts import GATE_READS, GatedUnit, zeroes_last
+from se_inject.units.parts import GATE_READS, GatedUnit, zero_, zeroes_last
 
 
 class EffectiveSE(GatedUnit):
@@ -48,10 +48,7 @@ class EffectiveSE(GatedUnit):
         super().__init__(channels, r, gate_layer, init, bottleneck=False)
         self.fc = nn.Conv2d(channels, channels, 1, bias=bias, device=device, dtype=dtype)
         if zeroes_last(init):
-            with torch.no_grad():
-                nn.init.zeros_(self.fc.weight)
-                if self.fc.bias is not None:
-                    nn.init.zeros_(self.fc.bias)
+            zero_(self.fc)
 
     def expected_params(self) -> Fraction:
         """``C^2`` weights of the one FC layer, ``+ C`` with its bias."""

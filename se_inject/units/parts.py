@@ -136,6 +136,15 @@ def create_gate(gate: str | type[nn.Module], preserve: bool) -> nn.Module:
     raise ConfigError(f"gate: expected a name or an nn.Module class, got {gate!r}")
 
 
+def zero_(layer: nn.Module) -> None:
+    """Zero ``layer``'s weight and bias (where it has them), in place: the zero start of a unit's last layer."""
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                nn.init.zeros_(tensor)
+
+
 def zeroes_last(init: str) -> bool:
     """Whether ``init`` starts the unit's last learned layer at zero: ``preserve`` (under the gate variant
     equal to 1 at 0: the identity) and ``zero`` (under the published gate: a sigmoid gate of exactly 0.5,
@@ -255,10 +264,7 @@ class ConvMlp(nn.Module):
 
     def zero_last(self) -> None:
         """Zero the last layer: the transform then outputs exactly 0 (a gate(0) == 1 start)."""
-        with torch.no_grad():
-            nn.init.zeros_(self.fc2.weight)
-            if self.fc2.bias is not None:
-                nn.init.zeros_(self.fc2.bias)
+        zero_(self.fc2)
 
 
 # the shared options a unit with a bottleneck reads, and one without (its r shapes nothing)

@@ -40,6 +40,7 @@ from se_inject.units.parts import (  # noqa: F401 - the gates and widths are als
     gated,
     hidden_width,
     reduced_width,
+    zero_,
     zeroes_last,
 )
 
@@ -131,24 +132,13 @@ class SqueezeExcite(GatedUnit):
         self._through: tuple[nn.Conv2d, nn.BatchNorm2d] | None = None
         self._folded_from: tuple | None = None  # _fold_key() when the fold buffers were computed
         if zeroes_last(init):
-            with torch.no_grad():
-                nn.init.zeros_(self.fc2.weight)
-                if self.fc2.bias is not None:
-                    nn.init.zeros_(self.fc2.bias)
+            zero_(self.fc2)
 
     def expected_params(self) -> Fraction:
         bias = self.fc1.bias is not None
         if self.absolute_hidden:  # no r to predict from: the closed form of the width asked for
             return Fraction(unit_weights(self.channels, self.hidden, bias))
         return eq5_params(self.channels, self.r, bias=bias, reduced=self.reduced)
-
-    @property
-    def starts_as_identity(self) -> bool:
-        return self.init == "preserve"
-
-    @property
-    def gate_range(self) -> float:
-        return gate_range(self.gate)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """fc2's output on the squeezed ``x`` (what the gate is applied to), shaped to broadcast against ``x``."""

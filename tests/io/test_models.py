@@ -171,7 +171,7 @@ def test_pretrained_weights_in_the_local_cache_load_offline(offline_hub):
 
 
 def test_an_unresolvable_hub_is_known_at_once_unless_a_proxy_resolves_names(monkeypatch):
-    from se_inject.io.models import _PROXY_VARIABLES, _hub_unreachable
+    from se_inject.io.sources.timm_models import _PROXY_VARIABLES, _hub_unreachable
 
     for variable in _PROXY_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
