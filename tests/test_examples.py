@@ -45,7 +45,13 @@ def check_against_readme(name: str, out: str) -> None:
     assert printed == shown
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+# the two that train for minutes run in the slow suite (which also runs them twice in a row)
+LONG = ("finetune_digits.py", "inspect_digits.py")
+
+
+@pytest.mark.parametrize(
+    "path", [pytest.param(p, marks=pytest.mark.slow) if p.name in LONG else p for p in EXAMPLES], ids=lambda p: p.name
+)
 def test_example_runs(path, capsys, monkeypatch, tmp_path):
     out = _run(path, capsys, monkeypatch, tmp_path)
     assert out.strip()
