@@ -261,10 +261,7 @@ class InjectConfig:
             object.__setattr__(self, "rounding", new)
         unset = [name for name in STYLED_FIELDS if getattr(self, name) is None]
         if unset:
-            # the paper's values, under the unit's published conventions (the style named like the
-            # unit, if any), under the chosen style: a style leaves out what it shares with the paper
-            chosen = style(self.style).options if self.style != "paper" else {}  # paper: the base itself
-            preset = {**_PAPER, **unit_conventions(self.unit), **chosen}
+            preset = self._preset()
             for name in unset:
                 value = preset[name]
                 object.__setattr__(self, name, tuple(value) if isinstance(value, list) else value)
@@ -275,6 +272,13 @@ class InjectConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("groups", "excitation")}
         return InjectConfig(**{**values, **group.options})
 
+    def _preset(self) -> dict[str, Any]:
+        """The styled options' values where none is given: the paper's, under the unit's published
+        conventions (the style named like the unit, if any), under the chosen style (a style leaves out
+        what it shares with the paper)."""
+        chosen = style(self.style).options if self.style != "paper" else {}  # paper: the base itself
+        return {**_PAPER, **unit_conventions(self.unit), **chosen}
+
     def set_options(self, names: Iterable[str]) -> list[str]:
         """Those of ``names`` whose value is not what the style and the unit's conventions give (nor the
         field's default): the options this config sets on purpose.
@@ -282,8 +286,7 @@ class InjectConfig:
         >>> InjectConfig(unit="eca", squeeze="max").set_options(["squeeze", "act"])
         ['squeeze']
         """
-        chosen = style(self.style).options if self.style != "paper" else {}
-        preset = {**_PAPER, **unit_conventions(self.unit), **chosen}
+        preset = self._preset()
         defaults = {f.name: f.default for f in fields(self)}
         return [n for n in names if getattr(self, n) != preset.get(n, defaults[n])]
 

@@ -82,5 +82,7 @@ def _report(failure: Exception | None, by_rank: dict[int, list[str]]) -> int:
 
 
 def is_first_process() -> bool:
-    """Under torchrun only the first process reports."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """Under torchrun only the first process reports (the rank is the process group's, as the run's)."""
+    from se_inject.runtime import rank_and_world
+
+    return rank_and_world()[0] == 0

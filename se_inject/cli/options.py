@@ -124,7 +124,8 @@ def injection_options(given: dict[str, Any]) -> dict[str, Any]:
     if "groups" in options:
         options["groups"] = tuple(parse_group(text) for text in options["groups"])
     if "unit_options" in options:
-        options["unit_options"] = parse_unit_options(options.get("unit", "se"), list(options["unit_options"]))
+        unit = options.get("unit", _field(InjectConfig, "unit").default)
+        options["unit_options"] = parse_unit_options(unit, list(options["unit_options"]))
     InjectConfig.from_dict(options)
     return options
 
@@ -228,6 +229,11 @@ def parse_positive_list(text: str, option: str) -> tuple[int, ...]:
     if bad or not values:
         raise ConfigError(f"{option}: expected positive integers, got {text[:40]!r}")
     return values
+
+
+def parse_batches(text: str | None) -> tuple[int, ...] | None:
+    """``--batch 1,16``; None (not given) leaves the default to the API, which knows the device."""
+    return None if text is None else parse_positive_list(text, "--batch")
 
 
 def parse_names(text: str | None, option: str) -> list[str]:

@@ -11,8 +11,8 @@ from se_inject.cli import options as opt
 from se_inject.cli.render import console, print_json, table, timing_progress
 
 
-def batch_option(help: str) -> Any:
-    return typer.Option(None, "--batch", help=help)
+def batch_option() -> Any:
+    return typer.Option(None, "--batch", help="batch sizes, e.g. 1,16 (default: 1,16 on the CPU, 256 on CUDA)")
 
 
 def repeats_option() -> Any:
@@ -40,7 +40,7 @@ def command(
     ctx: typer.Context,
     injection: dict[str, Any],
     model: str = typer.Argument(..., help=opt.MODEL_HELP),
-    batch: str | None = batch_option("batch sizes, e.g. 1,16 (default: 1,16 on the CPU, 256 on CUDA)"),
+    batch: str | None = batch_option(),
     input_size: int | None = opt.input_size_option(TIMED_SIZE_HELP),
     repeats: int | None = repeats_option(),
     warmup: int = warmup_option(),
@@ -64,7 +64,7 @@ def command(
     from se_inject.runtime import resolve_device
 
     config = InjectConfig.from_dict(injection)
-    batches = opt.parse_positive_list(batch, "--batch") if batch is not None else None
+    batches = opt.parse_batches(batch)
     if threads:
         torch.set_num_threads(threads)
     twin_name = twin_of(model)

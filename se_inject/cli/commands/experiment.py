@@ -101,9 +101,10 @@ def command(
         data_classes(reference_data)
     if nproc > 1:  # everything that can be checked once is checked before the workers start
         raise typer.Exit(launch_torchrun(nproc, device))
-    run = dict(model=model, data=data, reference_data=reference_data, input_size=input_size, classes=classes)
-    weights = dict(num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained)
-    result = _run(run, weights, out, chosen, tuning, config, resume=resume, force=force, quiet=as_json)
+    network, splits, reference = _model_and_data(
+        model, data, reference_data, input_size, classes, num_classes, checkpoint, pretrained, config.base_seed
+    )
+    result = _run(network, splits, reference, out, chosen, tuning, config, model, resume, force, quiet=as_json)
     if result is None:  # under torchrun the first process reports
         return
     from se_inject.train.experiment import plot
@@ -111,22 +112,49 @@ def command(
     show_then_plot(result, as_json, render, plot, plot_file)
 
 
-def _run(run: dict, weights: dict, out: str, chosen: list, tuning: Any, config: Any, **flags: Any) -> Any:
-    """The experiment's result (None in every process but the first); its warnings are shown once."""
+def _model_and_data(
+    model: str,
+    data: str,
+    reference_data: str | None,
+    input_size: int | None,
+    classes: int,
+    num_classes: int | None,
+    checkpoint: str | None,
+    pretrained: bool,
+    seed: int,
+) -> tuple[Any, Any, Any]:
+    """(MODEL built for the data's classes, the data, the reference data or None)."""
     import torch
 
     from se_inject.io.models import load_model_for_data
     from se_inject.train.data import load_data, model_data_config
+
+    torch.manual_seed(seed)  # an untrained MODEL is built the same way again when the experiment resumes
+    network = load_model_for_data(model, classes, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained)
+    splits = load_data(data, input_size, model_data_config(network), check=False)
+    reference = None
+    if reference_data is not None:
+        reference = load_data(reference_data, splits.image_size, model_data_config(network), check=False)
+    return network, splits, reference
+
+
+def _run(
+    network: Any,
+    splits: Any,
+    reference: Any,
+    out: str,
+    chosen: list,
+    tuning: Any,
+    config: Any,
+    model_name: str,
+    resume: bool,
+    force: bool,
+    quiet: bool,
+) -> Any:
+    """The experiment's result (None in every process but the first); its warnings are shown once."""
     from se_inject.train.experiment import experiment
     from se_inject.train.finetune import UntrainedModelWarning
 
-    torch.manual_seed(config.base_seed)  # an untrained MODEL is built the same way again when the experiment resumes
-    network = load_model_for_data(run["model"], run["classes"], **weights)
-    splits = load_data(run["data"], run["input_size"], model_data_config(network), check=False)
-    reference = None
-    if run["reference_data"] is not None:
-        reference = load_data(run["reference_data"], splits.image_size, model_data_config(network), check=False)
-    quiet = flags.pop("quiet")
     with warnings.catch_warnings(record=True) as caught:  # an untrained base is said once, below
         warnings.simplefilter("always", UntrainedModelWarning)
         result = experiment(
@@ -137,10 +165,11 @@ def _run(run: dict, weights: dict, out: str, chosen: list, tuning: Any, config: 
             tuning,
             config,
             reference=reference,
-            model_name=run["model"],
+            model_name=model_name,
+            resume=resume,
+            force=force,
             show_progress=not quiet,
             console=console(stderr=quiet),
-            **flags,
         )
     if not is_first_process():
         return None
