@@ -23,6 +23,7 @@ from se_inject.errors import (
     ModelSpecError,
     NeedsValuesError,
     NoSitesError,
+    NotScriptableError,
     RecipeMismatchError,
     ResumeMismatchError,
     RewriteError,
@@ -52,6 +53,7 @@ _LAZY: dict[str, str] = {
     "apply": "se_inject.io.saving",
     "bench": "se_inject.measure.bench",
     "check_outputs": "se_inject.api",
+    "largest_difference": "se_inject.api",
     "compare": "se_inject.measure.compare",
     "candidates": "se_inject.measure.compare",
     "Comparison": "se_inject.measure.compare",
@@ -87,7 +89,7 @@ _LAZY: dict[str, str] = {
 }
 
 if TYPE_CHECKING:
-    from se_inject.api import Retrofit, check_outputs, inject, make_config, report, retrofit
+    from se_inject.api import Retrofit, check_outputs, inject, largest_difference, make_config, report, retrofit
     from se_inject.graph.trace import register_leaf_module
     from se_inject.inspect.excitation import PruneResult, prune
     from se_inject.io.models import load_checkpoint, load_model
@@ -147,6 +149,8 @@ __all__ = [
     "ConfigError",
     "DataError",
     "InvalidModelError",
+    "NotScriptableError",
+    "largest_difference",
     "FinetuneConfig",
     "FinetuneResult",
     "InjectConfig",

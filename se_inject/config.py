@@ -45,6 +45,7 @@ RENAMED_ROUNDINGS = {"multiple8": "divisible8"}
 MAX_R = 1 << 16  # a reduction ratio (the hidden width never falls below 1 anyway)
 MAX_HIDDEN = 1 << 14  # an absolute hidden width: two C x 16384 layers per unit
 MAX_STAGES = 1000  # ratios per stage, stage numbers
+MAX_IN_CHANS = 4096  # input channels (in_chans): images have 1 to 4, multispectral stacks a few hundred
 MAX_PATTERNS = 1000  # names or globs in at, include, exclude, blocks, leaf_modules, rules, one group; groups
 MAX_NAME_LENGTH = 1000  # characters of one such name
 
@@ -120,6 +121,14 @@ class InjectConfig:
     )
     exclude: tuple[str, ...] = field(
         default=(), metadata={"help": "no unit in the blocks whose module name matches one of these globs"}
+    )
+    target: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "retrofit only these submodules (qualified names or fnmatch globs, e.g. 'backbone.body'), "
+            "or 'auto': the largest traceable parts that hold sites; the result is still the whole model "
+            "(detectors, segmenters, models torch.fx cannot trace whole)"
+        },
     )
     squeeze: Squeeze = field(
         default="avg",
@@ -238,6 +247,7 @@ class InjectConfig:
         )
         object.__setattr__(self, "rules", _string_tuple(self.rules, "rules", "paths of rule files"))
         object.__setattr__(self, "at", _string_tuple(self.at, "at", "module names or globs"))
+        object.__setattr__(self, "target", _string_tuple(self.target, "target", "module names or globs, or 'auto'"))
         if not isinstance(self.groups, (list, tuple)) or len(self.groups) > MAX_PATTERNS:
             raise ConfigError(f"groups: expected at most {MAX_PATTERNS} groups of blocks, got {self.groups!r:.80}")
         object.__setattr__(self, "groups", tuple(_group(g, i) for i, g in enumerate(self.groups)))

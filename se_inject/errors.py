@@ -85,7 +85,14 @@ class NoSitesError(SEInjectError, ValueError):
 
 
 class UntraceableModelError(SEInjectError, RuntimeError):
-    """torch.fx could not trace the model; the message names the module that broke the trace."""
+    """torch.fx could not trace the model; the message names the module that broke the trace.
+
+    ``path`` is that module's qualified name ("" for the model's own forward; None: not known).
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class ShapePropagationError(SEInjectError, RuntimeError):
@@ -106,3 +113,7 @@ class RewriteError(SEInjectError, RuntimeError):
     def __init__(self, message: str, owner: str | None = None) -> None:
         super().__init__(message)
         self.owner = owner
+
+
+class NotScriptableError(SEInjectError, RuntimeError):
+    """``torch.jit.script`` of a model that holds se_inject units (TorchScript is deprecated: export it)."""

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))  # tiny_models.py sits beside the tests
+sys.path.insert(0, str(Path(__file__).parent / "ecosystem"))  # the works-with matrix
 
 
 def snapshot(model: nn.Module) -> dict:

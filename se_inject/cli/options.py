@@ -44,7 +44,7 @@ def _option(config: type, name: str, *flags: str, default: Any = MISSING, suffix
 # --- the injection options: every command that injects takes all of them ----------------------
 
 _LISTS = {"at": "--at", "groups": "--group", "include": "--include", "exclude": "--exclude", "blocks": "--blocks"}
-_LISTS |= {"unit_options": "--unit-option", "leaf_modules": "--leaf", "rules": "--rules"}
+_LISTS |= {"unit_options": "--unit-option", "leaf_modules": "--leaf", "rules": "--rules", "target": "--target"}
 _TEXTS = ("position", "r", "stages", "gate", "act", "rounding", "reduce_from")  # None: the style's value
 
 

@@ -27,12 +27,16 @@ def input_channels(model: nn.Module, gm: fx.GraphModule | None = None) -> int:
 
     timm records them (``pretrained_cfg["input_size"]``): that is the truth for stems that
     rearrange their input before the first convolution (TResNet's space-to-depth turns 3
-    channels into 48). Otherwise the in_channels of the first convolution the forward calls
+    channels into 48); a Hugging Face transformers model records them in its config
+    (``num_channels``). Otherwise the in_channels of the first convolution the forward calls
     (graph order, not registration order), traced if no graph is given; else 3.
     """
     size = recorded_input_size(model)
     if size is not None:
         return size[0]
+    declared = getattr(getattr(model, "config", None), "num_channels", None)  # a transformers model's config
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
+        return declared
     if gm is None:
         try:
             gm = fx.GraphModule(model, trace_graph(shadow(model)))

@@ -33,6 +33,14 @@ except ImportError:  # pragma: no cover
 _LEAF_MODULES: dict[type[nn.Module], str] = {
     ChannelUnit: "a unit se_inject inserted: a node of its own, so later passes can find it",
 }
+try:  # torchvision comes with timm; a user's own model must not need it
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    # the norm of torchvision's pretrained detection backbones: one node, as BatchNorm2d is, which the
+    # placement's anchors and optimize_for_inference's fold recognise
+    _LEAF_MODULES[FrozenBatchNorm2d] = "torchvision's FrozenBatchNorm2d: a norm layer, one node as BatchNorm2d"
+except ImportError:  # pragma: no cover
+    pass
 
 
 def register_leaf_module(cls: type[nn.Module], reason: str) -> type[nn.Module]:
@@ -96,11 +104,13 @@ def _untraceable(path: str, module: nn.Module, err: Exception) -> UntraceableMod
     if not path:
         return UntraceableModelError(
             f"torch.fx cannot trace the forward of {cls} itself ({reason}); move the untraceable "
-            "code into a submodule and pass its class name in leaf_modules (CLI: --leaf NAME)"
+            "code into a submodule and pass its class name in leaf_modules (CLI: --leaf NAME)",
+            path,
         )
     return UntraceableModelError(
         f"torch.fx cannot trace module '{path}' ({cls}): {reason}; mark it as a leaf with "
-        f"leaf_modules=['{cls}'] (CLI: --leaf {cls}); SE sites inside it are then skipped"
+        f"leaf_modules=['{cls}'] (CLI: --leaf {cls}); SE sites inside it are then skipped",
+        path,
     )
 
 

@@ -170,7 +170,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
     ``.pth`` files go through ``torch.load(weights_only=True)``: a pickle that needs code to load
     is refused. A checkpoint wrapping its weights (``{"state_dict": ...}``, ``{"model": ...}``) is
-    unwrapped, and DistributedDataParallel's ``module.`` prefix is dropped.
+    unwrapped, and the prefix a wrapper puts on every key (DistributedDataParallel's ``module.``,
+    ``torch.compile``'s ``_orig_mod.``) is dropped.
     """
     import pickle
 
@@ -216,9 +217,15 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             )
         if tensor.layout != torch.strided:
             raise CheckpointError(f"{path}: '{key}' is a {tensor.layout} tensor; only dense tensors are loaded")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
+    if state and all(k.startswith(_WRAPPER_PREFIXES) for k in state):
+        from timm.models import clean_state_dict
+
+        state = clean_state_dict(state)  # timm's: DDP's and torch.compile's prefixes, in either order
     return state
+
+
+# the prefixes a wrapper puts before every key: DistributedDataParallel, torch.compile's OptimizedModule
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def load_state(

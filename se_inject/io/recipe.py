@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from se_inject._version import __version__
-from se_inject.config import InjectConfig
+from se_inject.config import MAX_IN_CHANS, InjectConfig
 from se_inject.errors import ArtifactError, ConfigError, ModelSpecError, one_line
 from se_inject.io.layout import RECIPE_FILE
 from se_inject.io.models import RECIPE_MODEL_KWARGS, spec_kind
@@ -48,6 +48,7 @@ class Recipe:
     head: dict[str, Any] | None = None  # the classifier when saved: name, in_features, out_features
     source_file: dict[str, str] | None = None  # for a file.py:callable source: its absolute path and sha256
     tied: dict[str, str] = field(default_factory=dict)  # alias -> the name its tensor is saved under (io/tied.py)
+    in_chans: int | None = None  # the input channels given for the analysis (None: the model's own)
     format_version: int = FORMAT_VERSION
 
     def config(self) -> InjectConfig:
@@ -96,6 +97,9 @@ class Recipe:
             head=check.head(data.get("head")),
             source_file=check.source_file(data.get("source_file"), data.get("source")),
             tied=check.tied(data.get("tied", {})),
+            in_chans=None
+            if data.get("in_chans") is None
+            else check.integer(data["in_chans"], "in_chans", 1, MAX_IN_CHANS),
             format_version=version,
         )
         names = {site["name"] for site in recipe.sites}

@@ -154,7 +154,9 @@ def apply(recipe: Recipe | str | Path, model: nn.Module) -> nn.Module:
         )
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model: expected an nn.Module, got {type(model).__name__}")
-    result = retrofit(model, recipe.config(), input_size=recipe.input_size, model_name=recipe.source)
+    result = retrofit(
+        model, recipe.config(), input_size=recipe.input_size, model_name=recipe.source, in_chans=recipe.in_chans
+    )
     expected, found = _site_signature(recipe.sites), _site_signature(recipe_of(result.model).sites)
     if expected != found:
         mismatch = next(

@@ -8,7 +8,8 @@ the residual branch of a mobile block whose depthwise conv has a unit). Fallback
 conv stacks) are used only when no other rule matched anything. Blocks that already hold an
 SE-like gate are skipped unless ``existing="stack"``.
 
-Stages are runs of consecutive sites whose output has the same spatial size, numbered from 1.
+Stages are runs of consecutive sites whose output has the same spatial size and that lie in one stage
+the model declares (:mod:`se_inject.placement.stages`), numbered from 1.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from se_inject.graph.trace import module_scope, trace
 from se_inject.placement.existing_gates import ChannelGate, find_channel_gates
 from se_inject.placement.patterns.base import PATTERNS, Candidate, Insertion, find_candidates
 from se_inject.placement.rules import Rule, load_rules
+from se_inject.placement.stages import declared_stage, stage_ends
 
 
 @dataclass(eq=False)
@@ -105,6 +107,7 @@ class Analysis:
     input_shape: tuple[int, ...]
     flops: int
     macs: int = 0  # multiply-adds of convolutions and matrix products (the paper's "FLOPs")
+    stage_ends: tuple[int, ...] = ()  # graph positions where the model's declared stages end
 
     def select(self, position: str, existing: str = "skip") -> SiteSearch:
         """The sites for ``position`` (see the module docstring for how overlaps are settled)."""
@@ -121,7 +124,7 @@ class Analysis:
             taken |= candidate.region
             sites.append(Site(rule, candidate, candidate.anchors[rule.positions[position]]))
         sites.sort(key=lambda s: order[s.candidate.output])
-        _number_stages(sites)
+        _number_stages(sites, order, self.stage_ends)
         skipped = []
         for site in sites:
             if existing == "skip" and (gate := _gate_of(site, self.gates)) is not None:
@@ -171,7 +174,7 @@ class Analysis:
         if not sites:
             raise ConfigError(f"at: none of the modules {list(patterns)} names outputs a feature map to recalibrate")
         sites.sort(key=lambda s: order[s.candidate.output])
-        _number_stages(sites)
+        _number_stages(sites, order, self.stage_ends)
         if existing == "skip":
             for site in sites:
                 if (gate := _gate_of(site, self.gates)) is not None:
@@ -199,11 +202,14 @@ def _gate_of(site: Site, gates: list[ChannelGate]) -> ChannelGate | None:
     return None
 
 
-def _number_stages(sites: list[Site]) -> None:
+def _number_stages(sites: list[Site], order: dict[fx.Node, int], ends: Sequence[int]) -> None:
+    """Number ``sites`` (in graph order) by stage and block: a new stage where the resolution changes or
+    the sites enter the next stage the model declares (see :mod:`se_inject.placement.stages`)."""
     stage, block, previous = 0, 0, None
     for site in sites:
-        if site.size != previous:
-            stage, block, previous = stage + 1, 0, site.size
+        key = (site.size, declared_stage(ends, order[site.candidate.output]))
+        if key != previous:
+            stage, block, previous = stage + 1, 0, key
         block += 1
         site.stage, site.block = stage, block
 
@@ -225,13 +231,15 @@ def _census(gm: fx.GraphModule) -> Counter:
     return census
 
 
-def input_shape_for(model: nn.Module, gm: fx.GraphModule, input_size: int | Sequence[int]) -> tuple[int, int, int, int]:
-    """Batch 1 at ``input_size`` with the channels the model takes (:func:`input_channels`)."""
+def input_shape_for(
+    model: nn.Module, gm: fx.GraphModule, input_size: int | Sequence[int], channels: int | None = None
+) -> tuple[int, int, int, int]:
+    """Batch 1 at ``input_size`` with ``channels``, else the channels the model takes (:func:`input_channels`)."""
     if isinstance(input_size, int):
         height = width = input_size
     else:
         height, width = input_size
-    return (1, input_channels(model, gm), height, width)
+    return (1, channels or input_channels(model, gm), height, width)
 
 
 def analyse(
@@ -239,22 +247,25 @@ def analyse(
     input_size: int | Sequence[int] = 224,
     leaf_modules: Sequence[str] = (),
     rules: Sequence[Rule] | None = None,
+    channels: int | None = None,
 ) -> Analysis:
     """Trace ``model``, annotate shapes and FLOPs at ``input_size``, and match the placement rules.
 
-    ``rules`` defaults to the built-in ones. Nothing of ``model`` is changed.
+    ``rules`` defaults to the built-in ones; ``channels`` are the input's (default: the model's own, see
+    :func:`~se_inject.graph.channels.input_channels`). Nothing of ``model`` is changed.
     """
     rules = tuple(load_rules() if rules is None else rules)
     with eval_mode(model):  # the inference graph: no auxiliary heads, no training-only branches
         gm = trace(model, leaf_modules)
     normalize_inplace_adds(gm.graph)
     gm.recompile()
-    shape = input_shape_for(model, gm, input_size)
+    shape = input_shape_for(model, gm, input_size, channels)
     count = propagate(gm, shape)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     candidates = {kind: find_candidates(PATTERNS[kind], gm, order) for kind in {r.pattern for r in rules}}
     matches = [(rule, c) for rule in rules for c in candidates[rule.pattern] if rule.matches(c)]
-    return Analysis(gm, rules, matches, find_channel_gates(gm), _census(gm), shape, count.total, count.macs)
+    gates, census = find_channel_gates(gm), _census(gm)
+    return Analysis(gm, rules, matches, gates, census, shape, count.total, count.macs, stage_ends(model, gm))
 
 
 def node_in_scope(node: fx.Node, owner: str) -> bool:

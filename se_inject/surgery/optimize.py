@@ -25,6 +25,7 @@ training in eval mode trains every weight.
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -35,9 +36,13 @@ from se_inject.units.se import SqueezeExcite
 
 
 def _affine_batch_norm(module: nn.Module) -> bool:
-    """BatchNorm2d, or timm's BatchNormAct2d with its activation and dropout off (the last norm of a
-    timm ConvNormAct block before an addition): modules that compute BatchNorm's affine map alone,
-    from running statistics."""
+    """BatchNorm2d, torchvision's FrozenBatchNorm2d (the norm of its pretrained detection backbones), or
+    timm's BatchNormAct2d with its activation and dropout off (the last norm of a timm ConvNormAct block
+    before an addition): modules that compute BatchNorm's affine map alone, from running statistics."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    if type(module) is FrozenBatchNorm2d:
+        return True
     if not isinstance(module, nn.BatchNorm2d) or module.running_mean is None or module.running_var is None:
         return False
     if type(module) is nn.BatchNorm2d:
@@ -80,8 +85,9 @@ def _squeezable(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Conv2d, nn.BatchN
     inner = _sole_module_input(gm, conv_node)
     if inner is None or not _pointwise_conv(inner[0]):
         return None
-    assert isinstance(norm, nn.BatchNorm2d) and isinstance(inner[0], nn.Conv2d)  # checked above
-    return inner[0], norm, inner[1]
+    assert isinstance(inner[0], nn.Conv2d)  # checked above
+    # a FrozenBatchNorm2d is no BatchNorm2d, but has the tensors and eps the fold reads
+    return inner[0], cast(nn.BatchNorm2d, norm), inner[1]
 
 
 def optimize_for_inference(model: nn.Module) -> nn.Module:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from se_inject.config import UNIT_SHAPING_FIELDS, unit_conventions
-from se_inject.errors import ConfigError
+from se_inject.errors import ConfigError, NotScriptableError
 
 if TYPE_CHECKING:
     from se_inject.config import InjectConfig
@@ -142,6 +142,14 @@ class ChannelUnit(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__} must implement forward")
+
+    def __prepare_scriptable__(self) -> ChannelUnit:
+        """Refuse ``torch.jit.script`` in one line: PyTorch deprecated TorchScript, and a unit's forward
+        chooses its fast path in Python. ``torch.export``, ONNX and ``torch.compile`` take a retrofit."""
+        raise NotScriptableError(
+            f"torch.jit.script: {type(self).__name__} (an se_inject unit) is not scriptable, as TorchScript is "
+            "deprecated; use torch.export.export(model, (x,)), torch.onnx.export or torch.compile instead"
+        )
 
 
 UNITS: dict[str, type[ChannelUnit]] = {}

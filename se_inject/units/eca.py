@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from torch import nn
 
 from se_inject.errors import ConfigError
 from se_inject.units.base import register_unit
-from se_inject.units.parts import GATE_READS, GatedUnit, zero_, zeroes_last
+from se_inject.units.parts import GATE_READS, GatedUnit, runs_functional, zero_, zeroes_last
 
 
 def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int:
@@ -97,7 +98,11 @@ class EfficientChannelAttention(GatedUnit):
                 f"channels, over {MAX_KERNEL}; use the paper's gamma=2, beta=1 or a kernel_size"
             )
         self.padding = (size - 1) // 2
-        self.conv = nn.Conv1d(1, 1, size, padding=0, bias=bias, device=device, dtype=dtype)
+        # padded as the unit pads: called as a module (by a tracer, or once swapped) it computes the same
+        mode: Literal["zeros", "circular"] = "circular" if self.circular else "zeros"
+        self.conv = nn.Conv1d(
+            1, 1, size, padding=self.padding, padding_mode=mode, bias=bias, device=device, dtype=dtype
+        )
         if zeroes_last(init):
             zero_(self.conv)
 
@@ -112,9 +117,10 @@ class EfficientChannelAttention(GatedUnit):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels = x.shape[0], x.shape[1]
         y = x.mean((2, 3)).view(batch, 1, channels)
-        if self.circular:
-            y = F.pad(y, (self.padding, self.padding), mode="circular")
-            y = F.conv1d(y, self.conv.weight, self.conv.bias)
+        if not runs_functional(self.conv, nn.Conv1d, y):
+            y = self.conv(y)
+        elif self.circular:
+            y = F.conv1d(F.pad(y, (self.padding, self.padding), mode="circular"), self.conv.weight, self.conv.bias)
         else:
             y = F.conv1d(y, self.conv.weight, self.conv.bias, padding=self.padding)
         return y.view(batch, channels, 1, 1)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from se_inject.units.base import register_unit
-from se_inject.units.parts import GATE_READS, GatedUnit, zero_, zeroes_last
+from se_inject.units.parts import GATE_READS, GatedUnit, runs_functional, zero_, zeroes_last
 
 
 class EffectiveSE(GatedUnit):
@@ -55,7 +55,8 @@ class EffectiveSE(GatedUnit):
         return Fraction(self.channels * self.channels + (self.channels if self.fc.bias is not None else 0))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x.mean((2, 3), keepdim=True), self.fc.weight, self.fc.bias)
+        z = x.mean((2, 3), keepdim=True)
+        return F.conv2d(z, self.fc.weight, self.fc.bias) if runs_functional(self.fc, nn.Conv2d, z) else self.fc(z)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"

@@ -29,6 +29,8 @@ from se_inject.units.parts import (
     bottleneck_params,
     can_write_over,
     gated,
+    is_traced,
+    runs_functional,
 )
 
 
@@ -124,9 +126,13 @@ class GlobalContext(GatedUnit):
             return x.mean((2, 3), keepdim=True)
         batch, channels, height, width = x.shape
         flat = x.reshape(batch, channels, height * width)
-        logits = torch.bmm(self.conv_attn.weight.view(1, 1, channels).expand(batch, 1, channels), flat)  # (B, 1, HW)
-        if self.conv_attn.bias is not None:
-            logits = logits + self.conv_attn.bias.view(1, 1, 1)
+        if runs_functional(self.conv_attn, nn.Conv2d, x):
+            weight = self.conv_attn.weight.view(1, 1, channels).expand(batch, 1, channels)
+            logits = torch.bmm(weight, flat)  # (B, 1, HW)
+            if self.conv_attn.bias is not None:
+                logits = logits + self.conv_attn.bias.view(1, 1, 1)
+        else:  # a swapped or hooked layer, or a traced forward: the module's own call
+            logits = self.conv_attn(x).reshape(batch, 1, height * width)
         attn = F.softmax(logits, dim=-1)
         return torch.matmul(flat, attn.transpose(1, 2)).view(batch, channels, 1, 1)
 
@@ -143,7 +149,7 @@ class GlobalContext(GatedUnit):
         added = self.mlp_add(context)
         if self.mlp_scale is not None:
             y = (x * self.gate(self.mlp_scale(context))).add_(added)
-        elif self.overwrite_input and can_write_over(x, added, residual):
+        elif self.overwrite_input and not is_traced(x) and can_write_over(x, added, residual):
             y = x.add_(added)  # inference on memory nothing else reads
         else:
             y = x + added

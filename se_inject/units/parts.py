@@ -15,6 +15,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -169,8 +170,10 @@ def can_write_over(x: torch.Tensor, s: torch.Tensor, residual: torch.Tensor | No
     dtype (under autocast the residual or the gate can be wider), and ``x``'s layout (``residual + x``
     takes the residual's strides: written into a channels-last ``x`` beside a contiguous residual,
     the same values would reach the next layers in another layout, whose kernels round otherwise,
-    as CoAtNet's attention blocks showed)."""
+    as CoAtNet's attention blocks showed), and no torch.func transform (vmap) is running."""
     operands = (s,) if residual is None else (s, residual)
+    if torch._C._are_functorch_transforms_active():  # vmap, grad: their batching rules have no out= kernels
+        return False
     if residual is not None and residual.stride() != x.stride():
         return False
     return not any(t.requires_grad for t in operands) and all(
@@ -195,12 +198,39 @@ def gate_range(gate: nn.Module) -> float:
     return _GATE_RANGES.get(type(gate), 1.0)
 
 
+def is_traced(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a torch.fx proxy: the forward is being traced (``symbolic_trace``, ``prepare_fx``,
+    ``create_feature_extractor``), so it records plain out-of-place operations and module calls and asks
+    nothing of the tensor's properties, which a proxy does not have."""
+    return isinstance(x, fx.Proxy)
+
+
+def runs_functional(module: nn.Module, cls: type[nn.Module], x: torch.Tensor) -> bool:
+    """Whether a unit may compute ``module`` (a layer of its own, of type ``cls``) with a functional call on
+    its weights, which skips the per-call cost of a module call (visible at batch 1): only where the module
+    is exactly ``cls`` with no hooks and the forward is not traced. A tool that swaps the layer (dynamic
+    quantization), hooks it (pruning, feature extraction) or traces the unit sees an ordinary module call."""
+    return (
+        type(module) is cls
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not _global_module_hooks()
+        and not is_traced(x)
+    )
+
+
+def _global_module_hooks() -> bool:
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+
+
 def gated(
     x: torch.Tensor, s: torch.Tensor, residual: torch.Tensor | None, overwrite: bool, scale: float = 1.0
 ) -> torch.Tensor:
     """``x * s * scale``, or ``residual + x * s * scale`` in one pass (addcmul); written over ``x``
-    when ``overwrite`` (the rewrite found nothing else reads it) and :func:`can_write_over` allows."""
-    if overwrite and can_write_over(x, s, residual):
+    when ``overwrite`` (the rewrite found nothing else reads it) and :func:`can_write_over` allows
+    (never while the forward is traced: a tracer records the out-of-place product)."""
+    if overwrite and not is_traced(x) and can_write_over(x, s, residual):
         if residual is None:
             return x.mul_(s * scale if scale != 1.0 else s)
         return torch.addcmul(residual, x, s, value=scale, out=x)

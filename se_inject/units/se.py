@@ -39,7 +39,9 @@ from se_inject.units.parts import (  # noqa: F401 - the gates and widths are als
     gate_range,
     gated,
     hidden_width,
+    is_traced,
     reduced_width,
+    runs_functional,
     zero_,
     zeroes_last,
 )
@@ -129,6 +131,7 @@ class SqueezeExcite(GatedUnit):
             self.fc2 = nn.Linear(self.hidden, channels, bias=bias, device=device, dtype=dtype)
         self.act = create_act(act_layer)
         # the block's (conv, norm) folded into the squeeze by squeeze_through: not children, not saved
+        # norm: a BatchNorm2d, or torchvision's FrozenBatchNorm2d, which has its tensors and eps
         self._through: tuple[nn.Conv2d, nn.BatchNorm2d] | None = None
         self._folded_from: tuple | None = None  # _fold_key() when the fold buffers were computed
         if zeroes_last(init):
@@ -265,13 +268,9 @@ class SqueezeExcite(GatedUnit):
         return s * scale if scale != 1.0 else s
 
     def _first(self, x: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
-        """fc1's output: on the squeezed ``x``, or (folded, in eval mode) on the pooled ``source``.
-
-        Functional calls on the unit's own weights: at batch 1 the per-call cost of module calls is
-        a visible share of a block's time.
-        """
+        """fc1's output: on the squeezed ``x``, or (folded, in eval mode) on the pooled ``source``."""
         if self.squeeze == "none":
-            return F.conv2d(x, self.fc1.weight, self.fc1.bias)
+            return self._layer(self.fc1, x)
         if source is not None and not self.training and self.squeezes_through:
             if not self._folds_now():  # a gradient is wanted: through every weight folded into the squeeze
                 return self._narrow_first(source)
@@ -279,16 +278,21 @@ class SqueezeExcite(GatedUnit):
             weight, bias = (self.fold_weight, self.fold_bias) if torch.compiler.is_compiling() else self._current_fold()
             return F.linear(source.mean((2, 3)), weight, bias)
         z = x.mean((2, 3), keepdim=True) if self.squeeze == "avg" else x.amax((2, 3), keepdim=True)
-        return F.linear(z.flatten(1), self.fc1.weight, self.fc1.bias)
+        return self._layer(self.fc1, z.flatten(1))
+
+    def _layer(self, layer: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)`` for fc1 or fc2: a functional call on its weights where that is the same computation
+        (see :func:`~se_inject.units.parts.runs_functional`), else the module's own call."""
+        if self.squeeze == "none":
+            return F.conv2d(x, layer.weight, layer.bias) if runs_functional(layer, nn.Conv2d, x) else layer(x)
+        return F.linear(x, layer.weight, layer.bias) if runs_functional(layer, nn.Linear, x) else layer(x)
 
     def _second(self, h: torch.Tensor) -> torch.Tensor:
         """fc2's output from fc1's output ``h``, shaped to broadcast against the unit's input."""
         # in place on fc1's output, which nothing else holds and whose backward needs only fc1's input
-        h = h.relu_() if type(self.act) is nn.ReLU else self.act(h)
-        if self.squeeze == "none":
-            return F.conv2d(h, self.fc2.weight, self.fc2.bias)
-        s = F.linear(h, self.fc2.weight, self.fc2.bias)
-        return s.view(s.shape[0], s.shape[1], 1, 1)
+        h = h.relu_() if type(self.act) is nn.ReLU and not is_traced(h) else self.act(h)
+        s = self._layer(self.fc2, h)
+        return s if self.squeeze == "none" else s.view(s.shape[0], s.shape[1], 1, 1)
 
     def _gate(self, h: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The gate from fc1's output ``h``, up to a constant factor (the preserve sigmoid's 2), and that

@@ -32,7 +32,7 @@ def test_file_callable(tmp_path):
     "spec, message",
     [
         ("resnet5o", r"unknown timm model 'resnet5o'; did you mean resnet50"),
-        ("torchvision:resnet5o", r"unknown torchvision classification model 'resnet5o'; did you mean resnet50"),
+        ("torchvision:resnet5o", r"unknown torchvision image model 'resnet5o'; did you mean resnet50"),
         ("no_such_package_xyz:build", r"cannot import module 'no_such_package_xyz'"),
         (
             "tiny_models:FunctionalResNett",
