@@ -36,7 +36,7 @@ from se_inject.io.models import recorded_source
 from se_inject.io.recipe import SITE_KEYS, Recipe, attach_recipe, versions
 from se_inject.placement.plan import Plan, plan_units
 from se_inject.placement.rules import load_rules
-from se_inject.placement.sites import Analysis, analyse
+from se_inject.placement.sites import Analysis, analyse, input_shape_for
 from se_inject.surgery.report import OverheadReport, build_report
 from se_inject.surgery.rewrite import LocalTraces, build_injected, dry_run
 from se_inject.surgery.targets import AUTO, merge_reports, resolve_targets, target_inputs, traceable_parts
@@ -123,9 +123,7 @@ def retrofit(
         try:
             result = _rewrite(model, config, size, channels, name)
         except UntraceableModelError as err:
-            if err.path != "":
-                raise
-            raise _with_parts_hint(err, model, config, size, channels) from err
+            raise _with_parts_hint(err, model, config, input_shape_for(model, None, size, channels)) from err
     if unwrapped:
         result = replace(result, report=replace(result.report, notes=(unwrapped, *result.report.notes)))
     source, source_file = recorded_source(model_name)
@@ -178,8 +176,7 @@ def _retrofit_parts(
 ) -> Retrofit:
     """``config.target``'s submodules retrofitted apart, each at the input it receives in ``model``, and put
     into one copy of the whole model (every other module, and every alias of a part, carried over)."""
-    height, width = (size, size) if isinstance(size, int) else size
-    shape = (1, channels or input_channels(model), height, width)
+    shape = input_shape_for(model, None, size, channels)
     if config.target == (AUTO,):
         names = _auto_targets(model, config, shape)
     else:
@@ -200,7 +197,7 @@ def _retrofit_parts(
     # one deep copy of the whole model in which each part is its retrofit
     memo: dict[int, Any] = {id(model.get_submodule(p)): r.model for p, r in parts.items()}
     injected = copy.deepcopy(model, memo)
-    report = merge_reports(name, {p: r.report for p, r in parts.items()}, model, injected, (height, width))
+    report = merge_reports(name, {p: r.report for p, r in parts.items()}, model, injected, shape[2:])
     first = next(iter(parts.values()))
     return Retrofit(injected, report, first.plan, config, {p: r.plan for p, r in parts.items()})
 
@@ -233,28 +230,21 @@ def _auto_targets(model: nn.Module, config: InjectConfig, shape: tuple[int, ...]
 
 
 def _with_parts_hint(
-    err: UntraceableModelError,
-    model: nn.Module,
-    config: InjectConfig,
-    size: int | tuple[int, int],
-    channels: int | None,
+    err: UntraceableModelError, model: nn.Module, config: InjectConfig, shape: tuple[int, ...]
 ) -> UntraceableModelError:
-    """``err`` (the model's own forward cannot be traced), with the parts that can be retrofitted instead."""
-    height, width = (size, size) if isinstance(size, int) else size
+    """``err`` with the parts of ``model`` that trace and hold sites, to retrofit instead: in place of the
+    advice to move code out of the model's own forward (which library code cannot follow), after the
+    advice to mark an inner module as a leaf."""
     try:
-        parts = _auto_targets(model, config, (1, channels or input_channels(model), height, width))
+        parts = _auto_targets(model, config, shape)
     except SEInjectError:
         return err
-    listed = ",".join(parts)
-    return (
-        UntraceableModelError(
-            f"{str(err).split(';')[0]}; retrofit the parts that trace and hold sites instead: target={parts!r} "
-            f"(CLI: --target {' --target '.join(parts)}), or target='auto'",
-            err.path,
+    targets = f"target={parts!r} (CLI: --target {' --target '.join(parts)}), or target='auto'"
+    if err.path == "":
+        return UntraceableModelError(
+            f"{str(err).split(';')[0]}; retrofit the parts that trace and hold sites instead: {targets}", err.path
         )
-        if listed
-        else err
-    )
+    return UntraceableModelError(f"{err}; or retrofit the parts that trace and hold sites: {targets}", err.path)
 
 
 def _check_in_chans(in_chans: object) -> int | None:

@@ -310,7 +310,10 @@ def _model_files(out: Path) -> tuple[dict[str, torch.Tensor], str]:
     return load_file(str(out / "model.safetensors")), (out / "recipe.json").read_text()
 
 
-@pytest.mark.parametrize("kill_at, when", [(2, "before"), (2, "after"), (3, "after")])
+@pytest.mark.parametrize(
+    "kill_at, when",
+    [pytest.param(2, "before", marks=pytest.mark.slow), (2, "after"), pytest.param(3, "after", marks=pytest.mark.slow)],
+)
 def test_a_kill_at_the_model_write_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path, kill_at, when):
     out = tmp_path / "run"
     assert _run(out, kill_at, when) == 9

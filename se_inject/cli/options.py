@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from se_inject.config import InjectConfig
+from se_inject.config import MAX_IN_CHANS, InjectConfig
 from se_inject.errors import ConfigError
 from se_inject.grammar import as_tuple, field_types, parse_int_list, read_options
 from se_inject.io.sources import syntaxes
@@ -155,6 +155,18 @@ def experiment_option(name: str) -> Any:
 def input_size_option(help: str) -> Any:
     """``--input-size``: the one name of the input's spatial size, in every command."""
     return typer.Option(None, "--input-size", min=1, help=help)
+
+
+def in_chans_option() -> Any:
+    """``--in-chans``: the input's channels where the model does not say (timm's pretrained_cfg, a transformers
+    config's num_channels, else its first convolution)."""
+    return typer.Option(
+        None,
+        "--in-chans",
+        min=1,
+        max=MAX_IN_CHANS,
+        help="input channels (default: the model's own, from its config or its first convolution)",
+    )
 
 
 def device_option() -> Any:

@@ -119,7 +119,8 @@ class ShapeFlopProp(fx.Interpreter):
             reason = first_line(err)
             raise ShapePropagationError(
                 f"running node {n.format_node()} at input {tuple(self.input_shape)} failed: {reason}; "
-                "is the input size right for this model (CLI: --input-size)?"
+                f"are its {self.input_shape[1]} channels and {tuple(self.input_shape[2:])} size right for this model "
+                "(in_chans=, input_size=; CLI: --in-chans, --input-size)?"
             ) from err
         n.meta["shape"] = tuple(result.shape) if isinstance(result, torch.Tensor) else None
         n.meta["flops"] = self.counter.get_total_flops() - before

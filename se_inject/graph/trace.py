@@ -1,8 +1,8 @@
 """Tracing with torch.fx.
 
 The tracer honours timm's own lists of modules and functions that must not be traced
-(``timm.layers.get_notrace_modules/functions``), the SE unit itself, and the user's
-``leaf_modules``. When tracing fails, the error names the innermost module being traced, which
+(``timm.layers.get_notrace_modules/functions``), those of ``rules/tracing/`` (Hugging Face
+transformers' models), the SE unit itself, and the user's ``leaf_modules``. When tracing fails, the error names the innermost module being traced, which
 is the one to mark as a leaf.
 """
 
@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from se_inject.errors import UntraceableModelError, first_line
+from se_inject.graph.untraceable import loaded_functions, qualified_name, untraceable_classes
 from se_inject.units.base import ChannelUnit
 
 try:  # timm is a dependency, but a user's own model must not need it to be traced
@@ -28,6 +29,8 @@ except ImportError:  # pragma: no cover
     def get_notrace_modules() -> list:  # type: ignore[misc]
         return []
 
+
+_VARIADIC = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS
 
 # Modules se_inject never traces into, each with the reason (the habit of timm/layers/_fx.py).
 _LEAF_MODULES: dict[type[nn.Module], str] = {
@@ -69,7 +72,7 @@ class SETracer(fx.Tracer):
     """
 
     def __init__(self, leaf_modules: Sequence[str] = ()) -> None:
-        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+        super().__init__(autowrap_functions=(*get_notrace_functions(), *loaded_functions()))
         self._timm_leaves = tuple(get_notrace_modules())
         self._user_leaves = frozenset(leaf_modules)
         self._path: list[str] = []
@@ -78,6 +81,8 @@ class SETracer(fx.Tracer):
         cls = type(m)
         if is_leaf_module_class(cls) or isinstance(m, self._timm_leaves):
             return True
+        if qualified_name(cls) in untraceable_classes():  # rules/tracing: a library's model code
+            return True
         if isinstance(m, nn.modules.conv._ConvNd):  # conv subclasses (StdConv2d, ...) stay convolutions
             return True
         if cls.__name__ in self._user_leaves or cls.__qualname__ in self._user_leaves:
@@ -85,6 +90,35 @@ class SETracer(fx.Tracer):
         if module_qualified_name in self._user_leaves:
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> tuple[Any, list[Any]]:
+        """The root's placeholders, with the root forward's ``*args`` and ``**kwargs`` traced as empty.
+
+        se_inject calls a model as ``model(x)``, so they are empty; as proxies they fail where the forward
+        passes them on (``self.encoder(x, **kwargs)``, as every Hugging Face transformers model does). The
+        forward is called through its decorators (transformers' ``@can_return_tuple``), whose own
+        ``(*args, **kwargs)`` fx would otherwise fill with the inner signature's arguments in order.
+        """
+        inner = inspect.unwrap(root_fn)
+        code = inner.__code__
+        if not is_module or not code.co_flags & _VARIADIC:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        _, args = super().create_args_for_root(inner, is_module, concrete_args)
+        named = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+        if len(args) != len(named) + bool(code.co_flags & inspect.CO_VARARGS) + bool(
+            code.co_flags & inspect.CO_VARKEYWORDS
+        ):
+            return super().create_args_for_root(root_fn, is_module, concrete_args)  # pytree-flattened concrete_args
+        for variadic in args[len(named) :]:
+            if isinstance(variadic, fx.Proxy):
+                self.graph.erase_node(variadic.node)
+        positional = code.co_argcount
+
+        def call(*values: Any) -> Any:
+            keywords = dict(zip(named[positional:], values[positional:], strict=True))
+            return root_fn(*values[:positional], **keywords)
+
+        return call, args[: len(named)]
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         self._path.append(self.path_of_module(m))

@@ -21,6 +21,7 @@ from se_inject.config import MAX_IN_CHANS, InjectConfig
 from se_inject.errors import ArtifactError, ConfigError, ModelSpecError, one_line
 from se_inject.io.layout import RECIPE_FILE
 from se_inject.io.models import RECIPE_MODEL_KWARGS, spec_kind
+from se_inject.io.sources import source_of
 from se_inject.units.base import unit_class
 
 if TYPE_CHECKING:
@@ -242,7 +243,7 @@ class _Checker:
         digest = self.string(value["sha256"], "source_file.sha256", 64)
         if len(digest) != 64 or not set(digest) <= _SHA256_HEX:
             raise self.fail("source_file.sha256", "expected 64 lowercase hexadecimal digits")
-        if not isinstance(source, str) or not source.startswith(value["path"] + ":"):
+        if not isinstance(source, str) or not source_of(source).names_file(source, value["path"]):
             raise self.fail("source_file.path", "does not match the file named by 'source'")
         return dict(value)
 

@@ -42,7 +42,7 @@ from se_inject.io.layout import OWNED_FILES, RECIPE_FILE, WEIGHTS_FILE
 from se_inject.io.models import check_device, load_model, load_state
 from se_inject.io.recipe import MAX_RECIPE_BYTES, SITE_KEYS, Recipe, attach_recipe, attached_recipe
 from se_inject.io.sources import source_of
-from se_inject.io.sources.python_code import SourceChangedWarning
+from se_inject.io.sources.base import SourceChangedWarning
 from se_inject.io.tied import restore_tied, retie, savable_state, tied_names
 from se_inject.units.base import ChannelUnit
 from se_inject.units.se import ChannelScale

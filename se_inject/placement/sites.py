@@ -232,9 +232,10 @@ def _census(gm: fx.GraphModule) -> Counter:
 
 
 def input_shape_for(
-    model: nn.Module, gm: fx.GraphModule, input_size: int | Sequence[int], channels: int | None = None
+    model: nn.Module, gm: fx.GraphModule | None, input_size: int | Sequence[int], channels: int | None = None
 ) -> tuple[int, int, int, int]:
-    """Batch 1 at ``input_size`` with ``channels``, else the channels the model takes (:func:`input_channels`)."""
+    """Batch 1 at ``input_size`` with ``channels``, else the channels the model takes (:func:`input_channels`,
+    from ``gm`` where the model has been traced)."""
     if isinstance(input_size, int):
         height = width = input_size
     else:

@@ -13,6 +13,7 @@ to layer4 of a DeepLabV3 backbone run at one resolution, and are still three sta
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,10 +60,11 @@ def parse_stage_names(text: str, source: str) -> list[StageNames]:
     return parsed
 
 
-def load_stage_names() -> list[StageNames]:
-    """The shipped conventions (``rules/stages/names.toml``)."""
+@functools.cache
+def load_stage_names() -> tuple[StageNames, ...]:
+    """The shipped conventions (``rules/stages/names.toml``), read once per process."""
     path = builtin_data_dir() / "stages" / "names.toml"
-    return parse_stage_names(path.read_text(encoding="utf-8"), str(path))
+    return tuple(parse_stage_names(path.read_text(encoding="utf-8"), str(path)))
 
 
 def feature_info_modules(model: nn.Module) -> list[str]:

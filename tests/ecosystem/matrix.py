@@ -35,6 +35,22 @@ MATRIX: list[tuple[str, str, str]] = [
         "ecosystem/test_detection.py::test_dilated_resnets_keep_four_stages",
     ),
     (
+        "Hugging Face transformers ResNet, RegNet, ConvNeXt, ConvNeXt V2, MobileNetV1, MobileNetV2 (`tf_padding`)",
+        "no hand-found leaves; identity at insertion (float64), class, config and `save_pretrained` kept, "
+        "save/load bit for bit",
+        "ecosystem/test_transformers.py::test_transformers_model_retrofit_without_leaves",
+    ),
+    (
+        "a transformers model from a local directory (`transformers:DIR`) or a type (`transformers:resnet`)",
+        "built without a download; save and load without `model=`; pickles and `auto_map` refused",
+        "ecosystem/test_transformers.py::test_a_local_directory_is_a_model_source",
+    ),
+    (
+        "a model whose part torch.fx cannot trace",
+        "the error names the part and the `target` that works",
+        "ecosystem/test_transformers.py::test_an_untraceable_part_is_named_with_the_target_that_works",
+    ),
+    (
         "`torch.fx.symbolic_trace` (every unit type)",
         "the traced retrofit computes the retrofit; the units' layers are module calls",
         "ecosystem/test_tools.py::test_symbolic_trace_computes_the_retrofit",

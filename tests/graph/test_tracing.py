@@ -201,3 +201,109 @@ def test_flops_by_module_add_up_to_the_total():
     assert per_module["0"].total == 2 * 100 * 8 * 3 * 9 and per_module["2"].total == 2 * 100 * 16 * 8
     assert per_module["2"].macs == 100 * 16 * 8
     assert per_module["0"].total + per_module["2"].total == total.total and "1" not in per_module
+
+
+def _returns_a_dict(forward):
+    """A decorator with a (*args, **kwargs) wrapper, as transformers' @can_return_tuple."""
+    import functools
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        as_tuple = kwargs.pop("return_tuple", False)
+        out = forward(self, *args, **kwargs)
+        return tuple(out.values()) if as_tuple else out
+
+    return wrapper
+
+
+class PassesItsKwargsOn(nn.Module):
+    """A root forward that takes **kwargs and hands them to a child, behind a decorator."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = KwargsChild()
+
+    @_returns_a_dict
+    def forward(self, pixels, labels=None, *, scale=1.0, **kwargs):
+        return {"out": self.body(pixels, **kwargs) * scale}
+
+
+class KwargsChild(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, **kwargs):
+        for _ in kwargs:  # iterating a proxy of **kwargs is what fails
+            pass
+        return self.conv(x)
+
+
+def test_a_root_with_kwargs_behind_a_decorator_traces_as_called_with_one_input():
+    model = PassesItsKwargsOn().eval()
+    gm = trace(model)
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"][0] == "pixels"
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(gm(x)["out"], model(x)["out"])
+
+
+LIBRARY_CODE = """
+import torch.nn.functional as F
+from torch import nn
+
+
+def pad_like_tensorflow(x, size):
+    return F.pad(x, (0, int(x.shape[-1]) % size))  # int() of a proxy fails: a function to call as one node
+
+
+class Stem(nn.Module):
+    def forward(self, x):
+        if x.shape[1] != 3:  # control flow on a proxy fails: a module to keep whole
+            raise ValueError("three channels")
+        return x
+
+
+class Pad(nn.Module):
+    def forward(self, x):
+        return pad_like_tensorflow(x, 2)
+"""
+
+
+def test_declared_classes_are_kept_whole_and_functions_are_one_node(monkeypatch):
+    """rules/tracing entries, matched by qualified name; a function only where its module is loaded."""
+    import sys
+    import types
+
+    import se_inject.graph.trace as trace_module
+    import se_inject.graph.untraceable as untraceable
+
+    library = types.ModuleType("a_library")  # a library's model code: its functions are module globals
+    exec(LIBRARY_CODE, library.__dict__)
+    Stem, Pad, pad_like_tensorflow = library.Stem, library.Pad, library.pad_like_tensorflow
+    entries = untraceable.parse_untraceable(
+        "[[untraceable]]\nname = 'a_library.Stem'\nkind = 'module'\nreason = 'checks channels'\n"
+        "[[untraceable]]\nname = 'a_library.pad_like_tensorflow'\nkind = 'function'\nreason = 'pads by size'\n",
+        "t.toml",
+    )
+    monkeypatch.setattr(untraceable, "load_untraceable", lambda: tuple(entries))
+    monkeypatch.setattr(trace_module, "untraceable_classes", lambda: frozenset({"a_library.Stem"}))
+    model = nn.Sequential(Stem(), Pad(), nn.Conv2d(3, 4, 3))
+    assert untraceable.loaded_functions() == []  # the library is not loaded: nothing is imported for it
+    monkeypatch.setitem(sys.modules, "a_library", library)
+    assert untraceable.loaded_functions() == [pad_like_tensorflow]
+    gm = trace(model)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "2"]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [pad_like_tensorflow]
+    x = torch.randn(1, 3, 7, 7)
+    assert torch.equal(gm(x), model(x))
+    with pytest.raises(UntraceableModelError, match="'0' \\(Stem\\)"):
+        monkeypatch.setattr(trace_module, "untraceable_classes", frozenset)
+        trace(model)
+
+
+def test_the_shipped_tracing_data_is_valid():
+    from se_inject.graph.untraceable import load_untraceable
+
+    entries = load_untraceable()
+    assert entries and all(e.reason for e in entries)
+    assert len({e.name for e in entries}) == len(entries)

@@ -40,7 +40,9 @@ def resnet18():
     return se_inject.load_model("resnet18").eval()
 
 
-@pytest.mark.parametrize("position", se_inject.POSITIONS)
+@pytest.mark.parametrize(
+    "position", [p if p == "standard" else pytest.param(p, marks=pytest.mark.slow) for p in se_inject.POSITIONS]
+)
 def test_round_trip_in_a_fresh_process_is_bit_exact(resnet18, position, tmp_path):
     injected = _trained_like(
         se_inject.inject(resnet18, position=position, r=16, input_size=64, model_name="resnet18")

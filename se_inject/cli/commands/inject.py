@@ -22,6 +22,7 @@ def command(
     input_size: int | None = opt.input_size_option(
         "spatial size FLOPs are counted at (default: the model's own, else 224)"
     ),
+    in_chans: int | None = opt.in_chans_option(),
     checkpoint: str | None = opt.checkpoint_option(),
     pretrained: bool = opt.pretrained_option(),
     num_classes: int | None = opt.num_classes_option("classes of the model's head (e.g. of a fine-tuned checkpoint)"),
@@ -56,8 +57,8 @@ def command(
         checkpoint=checkpoint,
         **head_kwargs(num_classes),
     )
-    result = retrofit(network, config, input_size=input_size, model_name=model, head=head)
-    difference = check_outputs(network, result.model, input_size=input_size) if check else None
+    result = retrofit(network, config, input_size=input_size, model_name=model, head=head, in_chans=in_chans)
+    difference = check_outputs(network, result.model, input_size=input_size, in_chans=in_chans) if check else None
     saved = save(result.model, save_dir, force=force) if save_dir else None
     if as_json:
         data = result.report.to_dict()

@@ -24,11 +24,13 @@ Example::
 from __future__ import annotations
 
 import difflib
+import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from se_inject.errors import ModelSpecError
+from se_inject.errors import ArtifactError, ModelSpecError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -87,6 +89,41 @@ class ModelSource:
 
     def check_recorded(self, source_file: dict[str, str] | None, directory: Path) -> None:
         """Before a saved model is rebuilt: check what :meth:`record` recorded beside the spec."""
+
+    def names_file(self, spec: str, path: str) -> bool:
+        """Whether ``spec`` (as :meth:`record` wrote it) is built from the file at ``path``."""
+        return False
+
+
+class SourceChangedWarning(UserWarning):
+    """The file a recipe's source was made from (a model file, a model configuration) has changed since
+    the model was saved."""
+
+
+def file_digest(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as a recipe records a source's file."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def record_file(path: Path) -> dict[str, str]:
+    """What a recipe records of a source's file: its absolute path and digest."""
+    return {"path": str(path.resolve()), "sha256": file_digest(path)}
+
+
+def check_recorded_file(source_file: dict[str, str] | None, directory: Path, what: str) -> None:
+    """Before a model saved in ``directory`` is rebuilt: its source's file (``what``) must still exist; a
+    changed one is rebuilt from its current contents, with a :class:`SourceChangedWarning`."""
+    if source_file is None:
+        return
+    path = Path(source_file["path"])
+    if not path.is_file():
+        raise ArtifactError(f"{directory}: the {what} {path} the recipe was made from no longer exists")
+    if file_digest(path) != source_file["sha256"]:
+        warnings.warn(
+            f"{path} has changed since {directory} was saved; the model is rebuilt from its current contents",
+            SourceChangedWarning,
+            stacklevel=5,
+        )
 
 
 SOURCES: dict[str, ModelSource] = {}

@@ -8,26 +8,20 @@ and SHA-256, so the model loads from any directory and a changed file is noticed
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import importlib.util
 import inspect
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from se_inject.errors import ArtifactError, ModelSpecError, NeedsValuesError, one_line
-from se_inject.io.sources.base import ModelSource, suggest
+from se_inject.errors import ModelSpecError, NeedsValuesError, one_line
+from se_inject.io.sources.base import ModelSource, check_recorded_file, record_file, suggest
 
 if TYPE_CHECKING:
     from torch import nn
-
-
-class SourceChangedWarning(UserWarning):
-    """The model file a recipe was made from has changed since the model was saved."""
 
 
 class ModuleSource(ModelSource):
@@ -80,25 +74,13 @@ class FileSource(ModuleSource):
         path = Path(path_text).resolve()
         if not path.is_file():
             return None, None
-        return f"{path}:{attr}", {"path": str(path), "sha256": file_digest(path)}
+        return f"{path}:{attr}", record_file(path)
 
     def check_recorded(self, source_file: dict[str, str] | None, directory: Path) -> None:
-        if source_file is None:
-            return
-        path = Path(source_file["path"])
-        if not path.is_file():
-            raise ArtifactError(f"{directory}: the model file {path} the recipe was made from no longer exists")
-        if file_digest(path) != source_file["sha256"]:
-            warnings.warn(
-                f"{path} has changed since {directory} was saved; the model is rebuilt from its current contents",
-                SourceChangedWarning,
-                stacklevel=4,
-            )
+        check_recorded_file(source_file, directory, "model file")
 
-
-def file_digest(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes, as recorded for a ``file.py:callable`` source."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    def names_file(self, spec: str, path: str) -> bool:
+        return spec.startswith(path + ":")
 
 
 @contextlib.contextmanager
