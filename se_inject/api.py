@@ -31,9 +31,10 @@ from se_inject.errors import (
 )
 from se_inject.graph.channels import input_channels, recorded_input_size
 from se_inject.graph.shadow import eval_mode, on_meta, shadow
+from se_inject.io.base_weights import base_record
 from se_inject.io.heads import head_of
 from se_inject.io.models import recorded_source
-from se_inject.io.recipe import SITE_KEYS, Recipe, attach_recipe, versions
+from se_inject.io.recipe import SITE_KEYS, Recipe, attach_recipe, attach_report, versions
 from se_inject.placement.plan import Plan, plan_units
 from se_inject.placement.rules import load_rules
 from se_inject.placement.sites import Analysis, analyse, input_shape_for
@@ -136,8 +137,10 @@ def retrofit(
         versions=versions(),
         head=declared,  # what the model declares, never a layer of the units just inserted
         in_chans=channels,
+        base=base_record(model.state_dict()),  # before any training: what a units-only save is relative to
     )
     attach_recipe(result.model, recipe)  # lets later tools see what was injected, and how
+    attach_report(result.model, result.report)  # what it cost, for a model card
     return result
 
 

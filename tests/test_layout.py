@@ -52,7 +52,7 @@ def test_no_function_is_long():
 # the layers along the data flow; a module may import from its own layer and those before it. io.files
 # (reading and writing files safely) serves every layer; io.saving rebuilds a model through the api.
 LAYERS = ["errors", "grammar", "datafiles", "config", "io.files", "units", "graph", "placement", "surgery", "io", "api"]
-LAYERS += ["io.saving", "runtime", "measure", "train", "inspect", "cli"]
+LAYERS += ["io.saving", "io.hub", "runtime", "measure", "train", "inspect", "cli"]
 
 
 def _layer(module: str) -> int | None:

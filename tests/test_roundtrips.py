@@ -356,7 +356,7 @@ def test_resume_refuses_other_settings_in_one_line(uninterrupted, tmp_path):
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
     for difference in ("lr: 0.1 -> 0.2", "r: 4 -> 8", "full_lr_scale: 1.0 -> 0.1", "model: "):
         assert difference in result.stderr, result.stderr
-    assert "only epochs, workers, device, amp, channels_last may change" in result.stderr
+    assert "only epochs, workers, device, amp, channels_last, save_weights may change" in result.stderr
 
 
 def test_resume_with_more_epochs_continues(uninterrupted, tmp_path):

@@ -169,6 +169,16 @@ def in_chans_option() -> Any:
     )
 
 
+def base_option() -> Any:
+    """``--base``: the original a units-only save goes onto, as a checkpoint file."""
+    return typer.Option(
+        None,
+        "--base",
+        help="for a units-only save: a checkpoint of the original's weights, which the units go onto "
+        "(default: the recipe's source, rebuilt)",
+    )
+
+
 def device_option() -> Any:
     return typer.Option("auto", "--device", help="auto, cpu or cuda")
 

@@ -19,6 +19,7 @@ import torch
 from se_inject._version import __version__
 from se_inject.config import MAX_IN_CHANS, InjectConfig
 from se_inject.errors import ArtifactError, ConfigError, ModelSpecError, one_line
+from se_inject.io.base_weights import combined_digest
 from se_inject.io.layout import RECIPE_FILE
 from se_inject.io.models import RECIPE_MODEL_KWARGS, spec_kind
 from se_inject.io.sources import source_of
@@ -27,11 +28,13 @@ from se_inject.units.base import unit_class
 if TYPE_CHECKING:
     from torch import nn
 
-FORMAT_VERSION = 3  # 2: head and source_file; 3: tied; older recipes are read as well
+FORMAT_VERSION = 4  # 2: head and source_file; 3: tied; 4: base and weights; older recipes are read as well
 SITE_KEYS = ("name", "rule", "stage", "block", "channels", "hidden", "r")
 MAX_RECIPE_BYTES = 16 << 20
 MAX_SIZE = 16384  # the largest input side a recipe may ask for
 MAX_UNITS = 100_000
+MAX_TENSORS = 1_000_000  # tensors of a base model a recipe may list
+WEIGHTS_KINDS = ("all", "units")
 _SHA256_HEX = set("0123456789abcdef")
 
 
@@ -50,6 +53,9 @@ class Recipe:
     source_file: dict[str, str] | None = None  # for a file.py:callable source: its absolute path and sha256
     tied: dict[str, str] = field(default_factory=dict)  # alias -> the name its tensor is saved under (io/tied.py)
     in_chans: int | None = None  # the input channels given for the analysis (None: the model's own)
+    # the base before injection: {"sha256": digest of the whole, "tensors": {name: digest}} (io/base_weights.py)
+    base: dict[str, Any] | None = None
+    weights: str = "all"  # what the saved weights file holds: every tensor, or only what the base lacks ("units")
     format_version: int = FORMAT_VERSION
 
     def config(self) -> InjectConfig:
@@ -101,8 +107,12 @@ class Recipe:
             in_chans=None
             if data.get("in_chans") is None
             else check.integer(data["in_chans"], "in_chans", 1, MAX_IN_CHANS),
+            base=check.base(data.get("base")),
+            weights=check.choice(data.get("weights", "all"), "weights", WEIGHTS_KINDS),
             format_version=version,
         )
+        if recipe.weights == "units" and recipe.base is None:
+            raise ArtifactError(f"{source}: field 'base': a units-only save must record its base")
         names = {site["name"] for site in recipe.sites}
         stray = [name for name in recipe.pruned if name not in names]
         if stray:
@@ -234,15 +244,39 @@ class _Checker:
             )
         return tied
 
+    def digest(self, value: object, name: str) -> str:
+        if not isinstance(value, str) or len(value) != 64 or not set(value) <= _SHA256_HEX:
+            raise self.fail(name, "expected 64 lowercase hexadecimal digits")
+        return value
+
+    def choice(self, value: object, name: str, allowed: tuple[str, ...]) -> str:
+        if value not in allowed:
+            raise self.fail(name, f"expected one of {', '.join(allowed)}, got {value!r}"[:200])
+        return str(value)
+
+    def base(self, value: object) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict) or set(value) != {"sha256", "tensors"}:
+            raise self.fail("base", "expected an object with sha256 and tensors")
+        tensors = value["tensors"]
+        if not isinstance(tensors, dict) or len(tensors) > MAX_TENSORS:
+            raise self.fail("base.tensors", f"expected an object of at most {MAX_TENSORS:,} tensor digests")
+        for key, digest in tensors.items():
+            self.string(key, "base.tensors", 1000)
+            self.digest(digest, f"base.tensors.{key}")
+        self.digest(value["sha256"], "base.sha256")
+        if combined_digest(tensors) != value["sha256"]:
+            raise self.fail("base.sha256", "is not the digest of base.tensors; the recipe is damaged")
+        return {"sha256": value["sha256"], "tensors": dict(tensors)}
+
     def source_file(self, value: object, source: object) -> dict[str, str] | None:
         if value is None:
             return None
         if not isinstance(value, dict) or set(value) != {"path", "sha256"}:
             raise self.fail("source_file", "expected an object with path and sha256")
         self.string(value["path"], "source_file.path")
-        digest = self.string(value["sha256"], "source_file.sha256", 64)
-        if len(digest) != 64 or not set(digest) <= _SHA256_HEX:
-            raise self.fail("source_file.sha256", "expected 64 lowercase hexadecimal digits")
+        self.digest(value["sha256"], "source_file.sha256")
         if not isinstance(source, str) or not source_of(source).names_file(source, value["path"]):
             raise self.fail("source_file.path", "does not match the file named by 'source'")
         return dict(value)
@@ -257,6 +291,19 @@ def attach_recipe(model: nn.Module, recipe: Recipe) -> None:
     ``model.se_inject_config`` (an InjectConfig), for the tools that save, train or inspect it."""
     setattr(model, RECIPE_ATTRIBUTE, recipe)  # setattr: nn.Module's attribute types know only tensors and modules
     setattr(model, CONFIG_ATTRIBUTE, recipe.config())
+
+
+REPORT_ATTRIBUTE = "se_inject_report"
+
+
+def attach_report(model: nn.Module, report: object) -> None:
+    """Record on ``model`` the overhead report of the retrofit that made it (a model card shows it)."""
+    setattr(model, REPORT_ATTRIBUTE, report)
+
+
+def attached_report(model: nn.Module) -> Any:
+    """The report :func:`attach_report` recorded on ``model``, or None."""
+    return getattr(model, REPORT_ATTRIBUTE, None)
 
 
 def attached_recipe(model: nn.Module) -> Recipe | None:

@@ -16,8 +16,10 @@ checked against a schema), and a recipe whose source is Python code (``module:ca
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +32,7 @@ from se_inject.errors import (
     UntrustedCodeError,
     one_line,
 )
+from se_inject.io.base_weights import changed_since_base, first_difference
 from se_inject.io.files import (
     as_path,
     read_text_file,
@@ -38,11 +41,12 @@ from se_inject.io.files import (
     write_text_atomic,
 )
 from se_inject.io.heads import classifier, fit_head, head_of
-from se_inject.io.layout import OWNED_FILES, RECIPE_FILE, WEIGHTS_FILE
-from se_inject.io.models import check_device, load_model, load_state
-from se_inject.io.recipe import MAX_RECIPE_BYTES, SITE_KEYS, Recipe, attach_recipe, attached_recipe
+from se_inject.io.layout import CONFIG_FILE, OWNED_FILES, RECIPE_FILE, WEIGHTS_FILE
+from se_inject.io.models import check_device, load_checkpoint, load_model, load_state, recorded_source
+from se_inject.io.recipe import MAX_RECIPE_BYTES, SITE_KEYS, WEIGHTS_KINDS, Recipe, attach_recipe, attached_recipe
+from se_inject.io.remote import is_shared_name, resolve
 from se_inject.io.sources import source_of
-from se_inject.io.sources.base import SourceChangedWarning
+from se_inject.io.sources.base import SourceChangedWarning, identify_source, names_pretrained
 from se_inject.io.tied import restore_tied, retie, savable_state, tied_names
 from se_inject.units.base import ChannelUnit
 from se_inject.units.se import ChannelScale
@@ -61,8 +65,13 @@ def recipe_of(model: nn.Module) -> Recipe:
 
 
 def current_recipe(model: nn.Module) -> Recipe:
-    """The model's recipe with the classifier head it has now (fine-tuning may have resized it)."""
+    """The model's recipe with the classifier head it has now (fine-tuning may have resized it), and the
+    source it was built from where the recipe names none but the model says (see :func:`identified`)."""
     recipe = recipe_of(model)
+    if recipe.source is None:
+        recipe = identified(recipe, model)
+        if recipe.source is not None:
+            attach_recipe(model, recipe)  # found once: later saves (each epoch of a run) read it
     head = head_of(model)
     kwargs = dict(recipe.model_kwargs)
     source = source_of(recipe.source) if recipe.source else None
@@ -73,8 +82,27 @@ def current_recipe(model: nn.Module) -> Recipe:
     return replace(recipe, head=head, model_kwargs=kwargs, tied=tied_names(model))
 
 
-def save(model: nn.Module, directory: str | Path, *, force: bool = False) -> Path:
+def identified(recipe: Recipe, model: nn.Module) -> Recipe:
+    """``recipe`` with the source a registered kind recognises in ``model`` (injected from an object: timm's
+    ``pretrained_cfg``, a unique torchvision builder, a transformers model's directory), if it names none."""
+    if recipe.source is not None:
+        return recipe
+    units = [name for name, m in model.named_modules() if isinstance(m, (ChannelUnit, ChannelScale))]
+    own = {k for k in model.state_dict() if not any(k.startswith(f"{u}.") for u in units)}
+    spec = identify_source(model, own)
+    if spec is None:
+        return recipe
+    source, source_file = recorded_source(spec)
+    return replace(recipe, source=source, source_file=source_file)
+
+
+def save(model: nn.Module, directory: str | Path, *, force: bool = False, weights: str = "all") -> Path:
     """Write ``model`` (made by :func:`se_inject.inject`) to ``directory``: weights and recipe.
+
+    ``weights="units"`` writes only what the retrofit added or changed relative to its base (the units;
+    base tensors only where they differ, e.g. a resized head or a full fine-tune), with the base's
+    digest in the recipe: a small artifact that :func:`load` applies to that base again, as peft's
+    adapters are applied. ``"all"`` (the default) writes every tensor.
 
     The directory is written whole or not at all: files go to a temporary directory beside it,
     which is renamed into place. An existing ``directory`` is replaced only with ``force``, and
@@ -87,42 +115,86 @@ def save(model: nn.Module, directory: str | Path, *, force: bool = False) -> Pat
         se_model = se_inject.inject(timm.create_model("resnet50"), r=16)
         se_inject.save(se_model, "se_resnet50")
         again = se_inject.load("se_resnet50")
+        se_inject.save(se_model, "se_resnet50_units", weights="units")  # the units alone, ~10% of the size
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model: expected an nn.Module made by se_inject.inject, got {type(model).__name__}")
-    _check_savable(model)
+    _check_weights_kind(weights)
+    _check_savable(model, weights)
     return write_directory(
-        directory, lambda staging: write_model_files(model, staging), force=force, owned=OWNED_FILES, marker=RECIPE_FILE
+        directory,
+        lambda staging: write_model_files(model, staging, weights=weights),
+        force=force,
+        owned=OWNED_FILES,
+        marker=RECIPE_FILE,
     )
 
 
-def _check_savable(model: nn.Module) -> Recipe:
+def _check_weights_kind(weights: object) -> None:
+    if weights not in WEIGHTS_KINDS:
+        raise ConfigError(f"weights: expected one of {', '.join(WEIGHTS_KINDS)}, got {weights!r}")
+
+
+def _check_savable(model: nn.Module, weights: str = "all") -> Recipe:
     recipe = recipe_of(model)
     if any(p.is_meta for p in model.parameters()):
         raise ArtifactError("the model is on the meta device: it has no weights to save; build it with real weights")
+    if weights == "units" and recipe.base is None:
+        raise ArtifactError(
+            "a units-only save needs the base's weights as they were at injection, and this model has no record "
+            "of them (injected on the meta device, or loaded from a save made before se_inject recorded them); "
+            "save every weight instead (weights='all')"
+        )
     return recipe
 
 
-def write_model_files(model: nn.Module, directory: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
+def write_model_files(
+    model: nn.Module, directory: str | Path, extra_metadata: dict[str, str] | None = None, weights: str = "all"
+) -> None:
     """Write the weights and the recipe into an existing ``directory``, each file replaced atomically.
 
     A tensor registered under several names (tied weights) is written once; the recipe records the
-    other names (see ``se_inject.io.tied``). A write the file system refuses (a full disk) is an
-    ArtifactError; the file it would have replaced is left as it was.
+    other names (see ``se_inject.io.tied``). ``weights="units"``: only the tensors the base lacked or
+    held with other values. A write the file system refuses (a full disk) is an ArtifactError; the
+    file it would have replaced is left as it was.
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    _check_savable(model)
-    recipe = current_recipe(model)
+    _check_weights_kind(weights)
+    _check_savable(model, weights)
+    recipe = replace(current_recipe(model), weights=weights)
     directory = Path(directory)
     metadata = {"format": "pt", "se_inject": recipe.versions.get("se_inject", ""), **(extra_metadata or {})}
     tensors = savable_state(model, recipe.tied)
+    if weights == "units":
+        assert recipe.base is not None  # _check_savable refused a model without it
+        tensors = changed_since_base(tensors, recipe.base)
     try:
         write_atomic(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     except SafetensorError as err:
         raise ArtifactError(f"cannot write the weights ({WEIGHTS_FILE}): {one_line(err, 160)}") from None
     write_text_atomic(directory / RECIPE_FILE, recipe.to_json())
+    to_dict = getattr(getattr(model, "config", None), "to_dict", None)
+    if callable(to_dict) and type(model).__module__.startswith("transformers."):
+        # what save_pretrained writes beside the weights, and how to load the units a plain from_pretrained drops
+        config = {**to_dict(), "se_inject": se_inject_entry(recipe, "<this directory>")}
+        write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+
+
+def se_inject_entry(recipe: Recipe, name: str) -> dict[str, Any]:
+    """What ``config.json`` says about the retrofit: the units, and the one call that loads them."""
+    base = ", base=<the base model or its checkpoint>" if recipe.weights == "units" else ""
+    return {
+        "recipe": RECIPE_FILE,
+        "weights": recipe.weights,
+        "base_model": recipe.source,
+        "base_sha256": recipe.base["sha256"] if recipe.base else None,
+        "units": len(recipe.sites),
+        "load": f"se_inject.load('{name}'{base})",
+        "note": "the units are not part of the base architecture: a plain from_pretrained/create_model "
+        "builds the model without them",
+    }
 
 
 def read_recipe(directory: str | Path) -> Recipe:
@@ -184,19 +256,27 @@ def apply(recipe: Recipe | str | Path, model: nn.Module) -> nn.Module:
     return injected
 
 
-def _build_source(recipe: Recipe, directory: Path, device: torch.device | None, trust_code: bool) -> nn.Module:
+def _build_source(
+    recipe: Recipe, directory: Path, device: torch.device | None, trust_code: bool, pretrained: bool = False
+) -> nn.Module:
     """The recipe's original architecture, built as the recipe says (code only with ``trust_code``)."""
     if not recipe.source:
+        from se_inject.io.sources.transformers_models import from_saved_config
+
+        described = from_saved_config(directory)  # the config.json a transformers retrofit is saved with
+        if described is not None:
+            return described.to(device) if device is not None else described
         raise ArtifactError(
-            f"{directory}: the recipe names no source model (it was injected from a module object); "
-            "pass a fresh copy of the original: se_inject.load(directory, model=...)"
+            f"{directory}: the recipe names no source model (it was injected from a module object that names no "
+            "timm, torchvision or transformers source); pass a fresh copy of the original: "
+            "se_inject.load(directory, base=...)"
         )
     source = source_of(recipe.source)
     if source.runs_code and not trust_code:
         raise UntrustedCodeError(
             f"{directory}: the recipe's source '{recipe.source}' is Python code, which loading would import and run; "
             "if you trust this directory pass trust_code=True (CLI: --trust-code), "
-            "or pass a fresh copy of the original yourself: se_inject.load(directory, model=...)"
+            "or pass a fresh copy of the original yourself: se_inject.load(directory, base=...)"
         )
     kwargs: dict[str, object] = dict(recipe.model_kwargs)
     source.check_recorded(recipe.source_file, directory)
@@ -204,7 +284,13 @@ def _build_source(recipe: Recipe, directory: Path, device: torch.device | None, 
     optional = (
         {"num_classes": kwargs.pop("num_classes")} if not source.takes_num_classes and "num_classes" in kwargs else {}
     )
-    return load_model(recipe.source, device=device, optional_kwargs=optional, **kwargs)  # type: ignore[arg-type]
+    return load_model(
+        recipe.source,
+        device=device,
+        pretrained=pretrained,
+        optional_kwargs=optional,
+        **kwargs,  # type: ignore[arg-type]
+    )
 
 
 def _fit_recorded_head(injected: nn.Module, recipe: Recipe, directory: Path, state: dict[str, torch.Tensor]) -> None:
@@ -246,31 +332,47 @@ def load(
     directory: str | Path,
     model: nn.Module | None = None,
     *,
+    base: nn.Module | str | Path | None = None,
     device: str | torch.device = "cpu",
     trust_code: bool = False,
 ) -> nn.Module:
     """Rebuild the model saved in ``directory``: architecture, units, classifier head and every weight.
 
-    The architecture is rebuilt from the recipe's source when it is a timm or torchvision name.
-    A source that is Python code (``module:callable``, ``file.py:callable``) is imported and run
-    only with ``trust_code=True``; or pass ``model``, a fresh copy of the original (needed anyway
-    when the model was injected from a module object). ``model`` itself is not changed. A model
-    file's folder is importable while it loads, so it may import its sibling modules; a file that
-    changed since the save is reported with a :class:`SourceChangedWarning`. The result is in
-    eval mode.
+    ``directory`` may also be a shared name: ``hf-hub:org/name[@revision]`` (through huggingface_hub's
+    cache, offline with ``HF_HUB_OFFLINE=1``) or ``local-dir:PATH``; what it holds is read as data.
+
+    The architecture is rebuilt from the recipe's source when it is a timm, torchvision or transformers
+    name. A source that is Python code (``module:callable``, ``file.py:callable``) is imported and run
+    only with ``trust_code=True``; or pass ``base``, a fresh copy of the original (needed anyway
+    when the model was injected from a module object), or a checkpoint file of the original's weights
+    (loaded into the rebuilt source). ``model`` is ``base``'s older name. A units-only save
+    (``save(..., weights="units")``) is applied to its base, whose digest must be the one recorded; a
+    different base is refused naming both digests. ``base`` itself is not changed. A model file's folder
+    is importable while it loads, so it may import its sibling modules; a file that changed since the
+    save is reported with a :class:`SourceChangedWarning`. The result is in eval mode.
 
     Example::
 
         se_model = se_inject.load("se_resnet50")
-        mine = se_inject.load("se_mynet", model=MyNet())              # your own architecture
+        mine = se_inject.load("se_mynet", base=MyNet())               # your own architecture
         same = se_inject.load("se_mynet_file", trust_code=True)       # recipe source: mynet.py:build
+        units = se_inject.load("se_resnet50_units", base="resnet50_trained.safetensors")
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if is_shared_name(directory):
+        directory = resolve(str(directory))
     directory = as_path(directory, "directory")
+    if model is not None and base is not None:
+        raise ConfigError("model and base both name the original: give base= alone (model= is its older name)")
     if model is not None and not isinstance(model, nn.Module):
         raise ConfigError(f"model: expected a fresh nn.Module of the saved architecture, got {type(model).__name__}")
+    given = base if base is not None else model
+    if given is not None and not isinstance(given, (nn.Module, str, Path)):
+        raise ConfigError(
+            f"base: expected a fresh nn.Module of the saved architecture or a checkpoint file, got {type(given).__name__}"
+        )
     if not isinstance(trust_code, bool):
         raise ConfigError(f"trust_code: expected True or False, got {trust_code!r}")
     target = check_device(device)
@@ -278,9 +380,17 @@ def load(
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise ArtifactError(f"{weights}: missing; the directory holds a recipe but no weights")
-    if model is None:
-        model = _build_source(recipe, directory, target, trust_code)
-    injected = apply(recipe, model)
+    if isinstance(given, nn.Module):
+        original = given
+    else:
+        # a units-only save of a base with named pretrained weights (resnet50.a1_in1k, hf-hub:...) goes onto them
+        pretrained = given is None and recipe.weights == "units" and names_pretrained(recipe.source)
+        original = _build_source(recipe, directory, target, trust_code, pretrained)
+        if given is not None:
+            load_checkpoint(original, as_path(given, "base", ConfigError))
+    injected = apply(recipe, original)
+    if recipe.weights == "units":
+        _check_base(recipe, recipe_of(injected), directory)
     for name in recipe.pruned:  # the scales themselves come with the weights
         unit = injected.get_submodule(name)
         assert isinstance(unit, ChannelUnit)  # apply() made it from the recipe
@@ -293,7 +403,36 @@ def load(
         ) from None
     _fit_recorded_head(injected, recipe, directory, state)
     _check_tied(recipe, state, weights)
+    if recipe.weights == "units":
+        state = _with_base_tensors(injected, recipe, state)
     load_state(injected, restore_tied(state, recipe.tied), str(weights), ArtifactError)
     retie(injected, recipe.tied)
-    attach_recipe(injected, replace(recipe_of(injected), head=recipe.head, pruned=list(recipe.pruned)))
+    # the base stays the one recorded at injection: a later units-only save is relative to it
+    attach_recipe(
+        injected, replace(recipe_of(injected), head=recipe.head, pruned=list(recipe.pruned), base=recipe.base)
+    )
     return injected.eval()
+
+
+def _check_base(saved: Recipe, rebuilt: Recipe, directory: Path) -> None:
+    """A units-only save goes onto the base it was made from: the same digest, or a one-line refusal."""
+    assert saved.base is not None  # the recipe schema requires it of a units-only save
+    found = rebuilt.base
+    if found is not None and found["sha256"] == saved.base["sha256"]:
+        return
+    what = "no weights (the meta device)" if found is None else f"sha256 {found['sha256'][:16]}"
+    why = "" if found is None else f" ({first_difference(found['tensors'], saved.base['tensors'])})"
+    raise RecipeMismatchError(
+        f"{directory}: the units were made for the base with sha256 {saved.base['sha256'][:16]}, and the base "
+        f"given has {what}{why}; pass the base they were made from: base=MODULE or base=CHECKPOINT "
+        "(CLI: --base CHECKPOINT)"
+    )
+
+
+def _with_base_tensors(injected: nn.Module, recipe: Recipe, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A units-only file's tensors, with the base's own for the names it left out (and only those: a unit's
+    tensor missing from the file is still reported as missing)."""
+    assert recipe.base is not None
+    own = injected.state_dict()
+    kept = {name: own[name] for name in recipe.base["tensors"] if name in own and name not in state}
+    return {**{k: v for k, v in kept.items() if k not in recipe.tied}, **state}

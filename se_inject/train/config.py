@@ -13,7 +13,7 @@ from se_inject.errors import ConfigError
 
 # Settings a resumed run may change: they do not alter what the run computes (epochs may only grow:
 # the phase in progress then follows its schedule over the new total).
-RESUMABLE_CHANGES = ("epochs", "workers", "device", "amp", "channels_last")
+RESUMABLE_CHANGES = ("epochs", "workers", "device", "amp", "channels_last", "save_weights")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,13 @@ class FinetuneConfig:
             "the model declares (its recipe's, timm's get_classifier, a Linear named fc, classifier or head)"
         },
     )
+    save_weights: Literal["all", "units"] = field(
+        default="all",
+        metadata={
+            "help": "what the saved model holds: all weights, or units: only what the retrofit added or changed "
+            "relative to its base (loaded onto that base: se_inject.load(DIR, base=...))"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name, low in (("epochs", 1), ("se_epochs", 0), ("batch_size", 1), ("seed", 0), ("workers", 0)):
@@ -78,6 +85,8 @@ class FinetuneConfig:
             raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
         if self.head is not None and not (isinstance(self.head, str) and 0 < len(self.head) <= 1000):
             raise ConfigError(f"head: expected a module name such as 'fc', got {self.head!r}")
+        if self.save_weights not in ("all", "units"):
+            raise ConfigError(f"save_weights: {self.save_weights!r} is not one of all, units")
         for name in ("amp", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: expected True or False, got {getattr(self, name)!r}")

@@ -321,7 +321,9 @@ def _model_epoch(out: Path) -> str | None:
         return None
 
 
-def _commit_epoch(model: nn.Module, out: Path, state: dict[str, Any], history: list[dict[str, Any]]) -> None:
+def _commit_epoch(
+    model: nn.Module, out: Path, state: dict[str, Any], history: list[dict[str, Any]], weights: str
+) -> None:
     """Write one epoch: model files and metrics first, then the checkpoint, which commits them.
 
     The model files carry the epoch and run they belong to; a run killed between the writes is
@@ -329,7 +331,8 @@ def _commit_epoch(model: nn.Module, out: Path, state: dict[str, Any], history: l
     """
     try:
         if attached_recipe(model) is not None:
-            write_model_files(model, out, extra_metadata={"se_inject_epoch": f"{state['run_id']}:{state['epoch']}"})
+            epoch = {"se_inject_epoch": f"{state['run_id']}:{state['epoch']}"}
+            write_model_files(model, out, extra_metadata=epoch, weights=weights)
         write_text_atomic(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
         write_atomic(out / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
     except OSError as err:
@@ -340,12 +343,12 @@ def _commit_epoch(model: nn.Module, out: Path, state: dict[str, Any], history: l
         raise ArtifactError(f"{out}: cannot write epoch {state['epoch'] + 1}: {one_line(err, 160)}") from None
 
 
-def _repair_model_files(model: nn.Module, out: Path, state: dict[str, Any]) -> None:
+def _repair_model_files(model: nn.Module, out: Path, state: dict[str, Any], weights: str) -> None:
     """After a kill between an epoch's writes: model files and metrics as the checkpoint says."""
     if attached_recipe(model) is None:
         return
     if _model_epoch(out) != f"{state['run_id']}:{state['epoch']}":
-        _commit_epoch(model, out, state, state["history"])
+        _commit_epoch(model, out, state, state["history"], weights)
 
 
 def _check_out(out: Path, resume: bool, force: bool) -> list[Path]:
@@ -517,7 +520,7 @@ def _resume(run: _Run, state: dict[str, Any]) -> int:
     run.model.load_state_dict(state["model"])
     run.history, run.accuracy, run.run_id = state["history"], state["accuracy"], state["run_id"]
     if run.rank == 0:
-        _repair_model_files(run.model, run.out, state)
+        _repair_model_files(run.model, run.out, state, run.config.save_weights)
     return state["epoch"] + 1
 
 
@@ -624,7 +627,8 @@ def _run(model, data, out, config, original, state, rank, world, device, show_pr
         )
         run.accuracy["after fine-tuning"] = val_acc
         if rank == 0:
-            _commit_epoch(model, out, _checkpoint(run, optimizer, scheduler, epoch, phase), run.history)
+            checkpoint = _checkpoint(run, optimizer, scheduler, epoch, phase)
+            _commit_epoch(model, out, checkpoint, run.history, run.config.save_weights)
         if world > 1:
             dist.barrier()
     return FinetuneResult(model, run.history, run.accuracy, out, run.notes)

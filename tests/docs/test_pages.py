@@ -32,13 +32,14 @@ TRAINING_PAGES = ("guides/finetune.md", "guides/inspect.md")
 RUN = "run"  # run as written
 CI = "ci"  # .ci/run runs it (the install, the suite, the linters)
 BENCHMARK = "benchmark"  # a measurement of minutes to hours: its --help runs here, the figures carry their date
-NETWORK = "network"  # needs the network (a package index): not run here; CI installs the plain way
+NETWORK = "network"  # needs the network (a package index, the Hub): not run here; CI installs the plain way; the Hub tests use a local cache
 SLOW_SUITE = "slow suite"  # the suite's long coverage: the tests themselves, run with -m slow, not from here
 HOW = {
     'pip install -e ".[test]"': CI,
     "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu": NETWORK,
     "python -m pytest -q": CI,
     "python -m pytest -q -m slow": SLOW_SUITE,
+    "se-inject push se_resnet18 me/se-resnet18": NETWORK,
     "ruff check . && ruff format --check . && mypy": CI,
     "mkdocs build --strict": CI,
     "python benchmarks/bench_retrofit.py": BENCHMARK,

@@ -39,8 +39,8 @@ def _saving_with(monkeypatch, meanwhile):
     """se_inject.save with ``meanwhile()`` run after the model is written and before the swap."""
     real = saving.write_model_files
 
-    def write_then_interfere(model, directory, extra_metadata=None):
-        real(model, directory, extra_metadata)
+    def write_then_interfere(model, directory, extra_metadata=None, weights="all"):
+        real(model, directory, extra_metadata, weights)
         meanwhile()
 
     monkeypatch.setattr(saving, "write_model_files", write_then_interfere)

@@ -228,3 +228,18 @@ def test_a_torchscript_model_is_one_line(tmp_path):
         scripted = torch.jit.script(_model())
     with pytest.raises(InvalidModelError, match="TorchScript module .* cannot be rewritten"):
         se_inject.inject(scripted, r=4, input_size=16)
+
+
+def test_the_model_card_shows_the_experiments_arms_against_the_control(finished):
+    """push_to_hub(..., experiment=result): the card's table is the finished experiment's, arm by arm."""
+    import se_inject
+    from se_inject.io.hub import model_card
+    from se_inject.io.saving import current_recipe
+
+    result = finished[1]
+    se = se_inject.inject(_model(), r=4)
+    card = model_card(current_recipe(se), se.se_inject_report, "me/x", result.to_dict())
+    assert f"## Against a control ({len(result.seeds)} seeds" in card
+    for arm in result.arms:
+        assert f"| {arm.label} | {100 * arm.accuracy.mean:.2f} |" in card
+    assert all(f"- {line}" in card for line in result.verdicts())

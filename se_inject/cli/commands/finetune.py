@@ -40,6 +40,7 @@ def command(
     seed: int = opt.finetune_option("seed"),
     workers: int = opt.finetune_option("workers"),
     head: str | None = opt.finetune_option("head"),
+    save_weights: str = opt.finetune_option("save_weights"),
     input_size: int | None = opt.input_size_option("training image size (digits: 32, folders: the model's)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     force: bool = typer.Option(False, "--force", help="start over in an --out that holds a saved model or run"),
@@ -50,6 +51,7 @@ def command(
         "classes of SOURCE's head as --checkpoint has it (default: the dataset's)"
     ),
     trust_code: bool = opt.trust_code_option(),
+    base: str | None = opt.base_option(),
 ) -> None:
     """Fine-tune a retrofitted model: SE units first (--se-epochs), then everything."""
     from se_inject.train.data import check_image_size, data_classes
@@ -61,6 +63,8 @@ def command(
     if saved and injection:
         first = next(iter(injection)).replace("_", "-")
         raise ConfigError(f"--{first}: {source} is a saved retrofit; injection options apply to a model to inject")
+    if base is not None and not saved:
+        raise ConfigError("--base: the base of a units-only save; for a model to inject, give --checkpoint")
     if not saved:
         from se_inject.io.models import spec_kind
 
@@ -74,7 +78,7 @@ def command(
 
     torch.manual_seed(seed)
     model, original, splits = _model_and_data(
-        source, data, input_size, classes, injection, head, num_classes, checkpoint, pretrained, trust_code
+        source, data, input_size, classes, injection, head, num_classes, checkpoint, pretrained, trust_code, base
     )
     output = console()
     with warnings.catch_warnings():  # shown below as se-inject's own one-line warnings
@@ -107,6 +111,7 @@ def _model_and_data(
     checkpoint: str | None,
     pretrained: bool,
     trust_code: bool,
+    base: str | None,
 ) -> tuple[Any, Any, Any]:
     """(model to fine-tune, the original it was injected into or None for a saved one, the data)."""
     from se_inject.api import retrofit
@@ -116,7 +121,7 @@ def _model_and_data(
     from se_inject.train.data import load_data, model_data_config
 
     if Path(source).is_dir():
-        model = load(source, trust_code=trust_code)
+        model = load(source, base=base, trust_code=trust_code)
         return model, None, load_data(data, input_size, model_data_config(model), check=False)
     original = load_model_for_data(
         source, classes, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained

@@ -34,6 +34,7 @@ def command(
         None, "--save", help="write the injected model (safetensors + recipe.json) to DIR"
     ),
     force: bool = typer.Option(False, "--force", help="with --save: replace an existing DIR"),
+    save_weights: str = opt.finetune_option("save_weights"),
     as_json: bool = opt.json_option("report"),
     show_sites: bool = typer.Option(False, "--sites", help="list every unit with its stage, block and channels"),
 ) -> None:
@@ -59,7 +60,7 @@ def command(
     )
     result = retrofit(network, config, input_size=input_size, model_name=model, head=head, in_chans=in_chans)
     difference = check_outputs(network, result.model, input_size=input_size, in_chans=in_chans) if check else None
-    saved = save(result.model, save_dir, force=force) if save_dir else None
+    saved = save(result.model, save_dir, force=force, weights=save_weights) if save_dir else None
     if as_json:
         data = result.report.to_dict()
         data.update({"check_max_abs_diff": difference} if check else {})

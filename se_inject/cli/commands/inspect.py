@@ -30,6 +30,7 @@ def command(
     max_images: int | None = typer.Option(None, "--max-images", min=1, help="stop after this many images"),
     input_size: int | None = opt.input_size_option(IMAGE_SIZE_HELP),
     trust_code: bool = opt.trust_code_option(),
+    base: str | None = opt.base_option(),
 ) -> None:
     """Record what every unit's gate does over a dataset; write statistics, plots and pruning suggestions.
 
@@ -42,7 +43,7 @@ def command(
     from se_inject.train.data import load_data, model_data_config
 
     chosen = opt.parse_names(unit_names, "--unit-names") or None
-    model = load(saved, trust_code=trust_code)
+    model = load(saved, base=base, trust_code=trust_code)
     splits = load_data(data, input_size, model_data_config(model))
     report = collect(model, DataLoader(splits.val, batch_size=128), splits.classes, max_images=max_images)
     files = [write_json(report, out, threshold), *plot(report, out, chosen, classes)]

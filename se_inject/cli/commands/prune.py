@@ -20,6 +20,7 @@ def command(
     input_size: int | None = opt.input_size_option(IMAGE_SIZE_HELP),
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
     trust_code: bool = opt.trust_code_option(),
+    base: str | None = opt.base_option(),
 ) -> None:
     """Replace SE units whose gate is nearly constant by their mean per-channel scale; report the cost."""
     from se_inject.inspect.excitation import prune
@@ -28,7 +29,7 @@ def command(
 
     chosen = opt.parse_names(unit_names, "--unit-names") or None
     opt.check_save_target(out, force, "--out")
-    model = load(saved, trust_code=trust_code)
+    model = load(saved, base=base, trust_code=trust_code)
     result = prune(model, load_data(data, input_size, model_data_config(model)), chosen, threshold)
     save(result.model, out, force=force)
     console().print(

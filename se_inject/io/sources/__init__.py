@@ -15,11 +15,11 @@ from se_inject.io.sources.base import (
     syntaxes,
 )
 from se_inject.io.sources.python_code import FileSource, ModuleSource
-from se_inject.io.sources.timm_models import TimmSource
+from se_inject.io.sources.timm_models import TimmHubSource, TimmSource
 from se_inject.io.sources.torchvision_models import TorchvisionSource
 from se_inject.io.sources.transformers_models import TransformersSource
 
-for _kind in (TimmSource(), TorchvisionSource(), TransformersSource(), FileSource(), ModuleSource()):
+for _kind in (TimmSource(), TimmHubSource(), TorchvisionSource(), TransformersSource(), FileSource(), ModuleSource()):
     register_source(_kind)
 
 __all__ = ["SOURCES", "ModelSource", "SourceInfo", "describe_sources", "register_source", "source_of", "syntaxes"]

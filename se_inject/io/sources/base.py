@@ -90,6 +90,17 @@ class ModelSource:
     def check_recorded(self, source_file: dict[str, str] | None, directory: Path) -> None:
         """Before a saved model is rebuilt: check what :meth:`record` recorded beside the spec."""
 
+    def pretrained_named(self, spec: str) -> bool:
+        """Whether ``spec`` names one set of published weights (a timm pretrained tag, a Hub repository): the
+        base a units-only save is applied to when none is given."""
+        return False
+
+    def identify(self, model: nn.Module, own: set[str]) -> str | None:
+        """The spec of this kind that builds ``model``'s architecture again, where the object says so (timm's
+        ``pretrained_cfg``, a transformers config's directory); None where it does not. ``own`` names the
+        state-dict keys of the model's own modules (a retrofit's units left out)."""
+        return None
+
     def names_file(self, spec: str, path: str) -> bool:
         """Whether ``spec`` (as :meth:`record` wrote it) is built from the file at ``path``."""
         return False
@@ -167,6 +178,25 @@ def source_of(spec: object) -> ModelSource:
             source.check(spec)
             return source
     raise ModelSpecError(f"model spec {spec!r}: not {syntaxes()}")
+
+
+def names_pretrained(spec: str | None) -> bool:
+    """Whether ``spec`` names published weights as well as an architecture (see :meth:`ModelSource.pretrained_named`)."""
+    if not spec:
+        return False
+    try:
+        return source_of(spec).pretrained_named(spec)
+    except ModelSpecError:
+        return False
+
+
+def identify_source(model: nn.Module, own: set[str]) -> str | None:
+    """The first spec a registered kind finds for ``model`` (see :meth:`ModelSource.identify`)."""
+    for source in _ordered():
+        spec = source.identify(model, own)
+        if spec is not None:
+            return spec
+    return None
 
 
 def syntaxes() -> str:

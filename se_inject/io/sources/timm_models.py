@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from se_inject.errors import ModelSpecError
+from se_inject.errors import ModelSpecError, SEInjectError
 from se_inject.io.sources.base import ModelSource, suggest
 
 if TYPE_CHECKING:
@@ -41,9 +41,12 @@ class TimmSource(ModelSource):
 
     def build_pretrained(self, spec: str, kwargs: dict[str, Any]) -> nn.Module:
         """timm's own pretrained loading; without a network, one line pointing to --checkpoint."""
+        _check_known(spec, tags=False)
+        return self._pretrained(spec, kwargs)
+
+    def _pretrained(self, spec: str, kwargs: dict[str, Any]) -> nn.Module:
         import timm
 
-        _check_known(spec, tags=False)
         unreachable = _hub_unreachable()
         with _hub_session(offline=unreachable is not None):
             try:
@@ -57,6 +60,19 @@ class TimmSource(ModelSource):
             f"cannot fetch pretrained weights for '{spec}': {why}; download them on a machine with a network "
             "and pass the file with --checkpoint FILE"
         )
+
+    def pretrained_named(self, spec: str) -> bool:
+        return "." in spec  # resnet50.a1_in1k: a tag names the weights
+
+    def identify(self, model: nn.Module, own: set[str]) -> str | None:
+        """The architecture timm recorded in the model's ``pretrained_cfg`` (its tag only names weights)."""
+        import timm
+
+        config = getattr(model, "pretrained_cfg", None)
+        architecture = config.get("architecture") if isinstance(config, dict) else None
+        if not type(model).__module__.startswith("timm.") or not isinstance(architecture, str):
+            return None
+        return architecture if timm.is_model(architecture) else None
 
     def record(self, spec: str) -> tuple[str | None, dict[str, str] | None]:
         import timm
@@ -122,3 +138,46 @@ def _first_sentence(err: Exception, limit: int = 160) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     text = text.split(". ")[0]
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+class TimmHubSource(TimmSource):
+    """``hf-hub:ORG/NAME[@REV]``: a timm model published on the Hub (its config.json names the architecture),
+    built by ``timm.create_model``, resolved through huggingface_hub's cache."""
+
+    name = "hf-hub"
+    prefix = "hf-hub:"
+    syntax = "hf-hub:ORG/NAME[@REV]"
+    example = "hf-hub:timm/resnet50.a1_in1k"
+    description = "a timm model on the Hugging Face Hub (timm.create_model), through the local cache"
+
+    def claims(self, spec: str) -> bool:
+        return spec.startswith(self.prefix)
+
+    def check(self, spec: str) -> None:
+        from se_inject.io.remote import check_repo_id
+
+        try:
+            check_repo_id(spec.removeprefix(self.prefix).partition("@")[0])
+        except SEInjectError as err:
+            raise ModelSpecError(f"model spec {spec!r}: {err}") from None
+
+    def build(self, spec: str, kwargs: dict[str, Any], optional: dict[str, Any]) -> nn.Module:
+        import timm
+
+        with _hub_session(offline=_hub_unreachable() is not None):
+            try:
+                return timm.create_model(spec, pretrained=False, **{**optional, **kwargs})
+            except OSError as err:  # huggingface_hub's errors for a missing file or repository are OSErrors
+                raise ModelSpecError(f"cannot read {spec}'s config.json: {_first_sentence(err)}") from None
+
+    def build_pretrained(self, spec: str, kwargs: dict[str, Any]) -> nn.Module:
+        return self._pretrained(spec, kwargs)
+
+    def pretrained_named(self, spec: str) -> bool:
+        return True
+
+    def identify(self, model: nn.Module, own: set[str]) -> str | None:
+        return None
+
+    def record(self, spec: str) -> tuple[str | None, dict[str, str] | None]:
+        return spec, None

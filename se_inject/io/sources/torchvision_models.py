@@ -36,6 +36,29 @@ class TorchvisionSource(ModelSource):
         backbone = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
         return builder(weights=None, **{**backbone, **optional, **kwargs})
 
+    def identify(self, model: nn.Module, own: set[str]) -> str | None:
+        """The one torchvision builder that returns the model's class with its tensors' names and shapes
+        (built on the meta device; a classifier may differ in its number of classes)."""
+        import torch
+        import torchvision
+
+        cls = type(model)
+        if not cls.__module__.startswith("torchvision.models"):
+            return None
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in own}
+        found = []
+        for name in sorted(n for package in _IMAGE_MODELS for n in torchvision.models.list_models(module=package())):
+            builder = torchvision.models.get_model_builder(name)
+            returns = inspect.signature(builder).return_annotation
+            if getattr(returns, "__name__", returns) != cls.__name__:
+                continue
+            with torch.device("meta"):
+                candidate = self.build(f"{self.prefix}{name}", {}, {})
+            theirs = {k: tuple(v.shape) for k, v in candidate.state_dict().items()}
+            if theirs.keys() == shapes.keys() and sum(theirs[k] != shapes[k] for k in theirs) <= 2:  # a head
+                found.append(name)
+        return f"{self.prefix}{found[0]}" if len(found) == 1 else None
+
 
 def _classification() -> Any:
     import torchvision

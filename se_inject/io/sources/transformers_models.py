@@ -55,6 +55,15 @@ class TransformersSource(ModelSource):
             return _from_directory(Path(rest), overrides)
         return _from_type(rest, overrides)
 
+    def identify(self, model: nn.Module, own: set[str]) -> str | None:
+        """The local directory the model was loaded from (``from_pretrained`` records it in its config)."""
+        config = getattr(model, "config", None)
+        path = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+        if not type(model).__module__.startswith("transformers.") or not isinstance(path, str) or not path:
+            return None
+        directory = Path(path)
+        return f"{self.prefix}{directory.resolve()}" if (directory / "config.json").is_file() else None
+
     def record(self, spec: str) -> tuple[str | None, dict[str, str] | None]:
         rest = spec.removeprefix(self.prefix)
         if not _is_path(rest):
@@ -128,7 +137,29 @@ def _model_class(config: Any) -> Any:
     return getattr(transformers, names if isinstance(names, str) else names[0])
 
 
-def _from_directory(directory: Path, overrides: dict[str, Any]) -> nn.Module:
+def from_saved_config(directory: Path) -> nn.Module | None:
+    """The model a saved retrofit's ``config.json`` describes (a transformers model injected from an object
+    records no other source), with random weights: the saved weights go into it; None where the file is
+    not a transformers configuration or transformers is not installed."""
+    path = directory / "config.json"
+    if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+        return None
+    try:
+        declared = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(declared, dict) or "model_type" not in declared:
+        return None
+    try:
+        _transformers()
+    except ModelSpecError:
+        return None
+    model = _from_directory(directory, {}, weights=False)
+    model.config._name_or_path = ""  # type: ignore[union-attr]  # the retrofit's directory is not its base's
+    return model
+
+
+def _from_directory(directory: Path, overrides: dict[str, Any], weights: bool = True) -> nn.Module:
     transformers = _transformers()
     config_file = directory / "config.json"
     if not config_file.is_file():
@@ -148,9 +179,11 @@ def _from_directory(directory: Path, overrides: dict[str, Any]) -> nn.Module:
     )
     import torch
 
+    if hasattr(config, "se_inject"):  # se_inject's note in a saved retrofit's config.json: not the model's
+        delattr(config, "se_inject")
     cls = _model_class(config)
     shapes_only = torch.get_default_device().type == "meta"  # the plan and the report need no weights
-    if not shapes_only and any((directory / name).is_file() for name in _SAFETENSORS):
+    if weights and not shapes_only and any((directory / name).is_file() for name in _SAFETENSORS):
         with _quiet(transformers):
             return cls.from_pretrained(
                 directory,
@@ -161,7 +194,7 @@ def _from_directory(directory: Path, overrides: dict[str, Any]) -> nn.Module:
                 ignore_mismatched_sizes="num_labels" in overrides,  # a new head for the user's classes
             )
     pickled = [name for name in _PICKLED if (directory / name).is_file()]
-    if pickled and not shapes_only:
+    if pickled and weights and not shapes_only:
         raise ModelSpecError(
             f"transformers:{directory}: its weights are a pickle ({pickled[0]}), which can run code when loaded; "
             "save them as model.safetensors (save_pretrained does by default)"
