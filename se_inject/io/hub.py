@@ -148,7 +148,7 @@ def model_card(recipe: Recipe, report: OverheadReport, repo_id: str, experiment:
         f"# {repo_id.split('/')[1]}",
         "",
         f"{recipe.source or report.model} with {len(recipe.sites)} {report.unit} units at position "
-        f"`{report.position}`, r={report.r}, retrofitted by [se_inject](https://github.com/) "
+        f"`{report.position}`, r={report.r}, retrofitted by se_inject "
         f"(Hu et al., Squeeze-and-Excitation Networks).",
         "",
         "```python",

@@ -44,7 +44,7 @@ from se_inject.io.heads import classifier, fit_head, head_of
 from se_inject.io.layout import CONFIG_FILE, OWNED_FILES, RECIPE_FILE, WEIGHTS_FILE
 from se_inject.io.models import check_device, load_checkpoint, load_model, load_state, recorded_source
 from se_inject.io.recipe import MAX_RECIPE_BYTES, SITE_KEYS, WEIGHTS_KINDS, Recipe, attach_recipe, attached_recipe
-from se_inject.io.remote import is_shared_name, resolve
+from se_inject.io.remote import HUB_PREFIX, is_shared_name, resolve
 from se_inject.io.sources import source_of
 from se_inject.io.sources.base import SourceChangedWarning, identify_source, names_pretrained
 from se_inject.io.tied import restore_tied, retie, savable_state, tied_names
@@ -361,6 +361,7 @@ def load(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from_hub = isinstance(directory, str) and directory.startswith(HUB_PREFIX)
     if is_shared_name(directory):
         directory = resolve(str(directory))
     directory = as_path(directory, "directory")
@@ -377,18 +378,16 @@ def load(
         raise ConfigError(f"trust_code: expected True or False, got {trust_code!r}")
     target = check_device(device)
     recipe = read_recipe(directory)
+    if from_hub and recipe.options.get("rules"):
+        # a path in a downloaded recipe names a file on this machine, outside the repository: never read it
+        raise ArtifactError(
+            f"{directory}: the recipe names rule files ({recipe.options['rules'][0]!r}, ...), which would be read "
+            "from this machine, outside the repository; a retrofit shared on the Hub cannot use its own rule files"
+        )
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise ArtifactError(f"{weights}: missing; the directory holds a recipe but no weights")
-    if isinstance(given, nn.Module):
-        original = given
-    else:
-        # a units-only save of a base with named pretrained weights (resnet50.a1_in1k, hf-hub:...) goes onto them
-        pretrained = given is None and recipe.weights == "units" and names_pretrained(recipe.source)
-        original = _build_source(recipe, directory, target, trust_code, pretrained)
-        if given is not None:
-            load_checkpoint(original, as_path(given, "base", ConfigError))
-    injected = apply(recipe, original)
+    injected = apply(recipe, _original(recipe, directory, given, target, trust_code))
     if recipe.weights == "units":
         _check_base(recipe, recipe_of(injected), directory)
     for name in recipe.pruned:  # the scales themselves come with the weights
@@ -412,6 +411,21 @@ def load(
         injected, replace(recipe_of(injected), head=recipe.head, pruned=list(recipe.pruned), base=recipe.base)
     )
     return injected.eval()
+
+
+def _original(
+    recipe: Recipe, directory: Path, given: nn.Module | str | Path | None, device: torch.device | None, trust_code: bool
+) -> nn.Module:
+    """The original the units go into: the module given, or the recipe's source rebuilt (with the weights of a
+    checkpoint given, or, for a units-only save of a base named with published weights, those weights)."""
+    if isinstance(given, nn.Module):
+        return given
+    # a units-only save of a base with named pretrained weights (resnet50.a1_in1k, hf-hub:...) goes onto them
+    pretrained = given is None and recipe.weights == "units" and names_pretrained(recipe.source)
+    original = _build_source(recipe, directory, device, trust_code, pretrained)
+    if given is not None:
+        load_checkpoint(original, as_path(given, "base", ConfigError))
+    return original
 
 
 def _check_base(saved: Recipe, rebuilt: Recipe, directory: Path) -> None:

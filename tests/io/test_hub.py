@@ -128,6 +128,13 @@ def test_a_tampered_repository_runs_nothing(hub: FakeHubApi, tmp_path: Path) -> 
     (snapshot / "recipe.json").write_text(json.dumps({**recipe, "rules": ["/etc/passwd"]}))
     with pytest.raises(ArtifactError, match="not a recipe field"):
         se_inject.load("hf-hub:me/tampered")
+    outside = tmp_path / "secret.toml"
+    outside.write_text("not = 'read'\n")
+    (snapshot / "recipe.json").write_text(
+        json.dumps({**recipe, "options": {**recipe["options"], "rules": [str(outside)]}})
+    )
+    with pytest.raises(ArtifactError, match="outside the repository"):
+        se_inject.load("hf-hub:me/tampered")
     (snapshot / "recipe.json").write_text(json.dumps(recipe))
     assert _same(se, se_inject.load("hf-hub:me/tampered"))  # config.json and stray files are not read
 
