@@ -167,7 +167,8 @@ FAMILIES = {
     "torchvision:inception_v3": ({"inception": 11}, 0, False),
     "mobilenetv1_100": ({"depthwise_separable": 13}, 0, True),
     "mobilenetv2_100": ({"inverted_residual": 17}, 0, True),
-    "mobilenetv3_large_100": ({"depthwise_separable": 1, "inverted_residual": 6, "residual": 0}, 8, True),
+    # blocks.0.0, a separable block of 16 -> 16 channels, has a linear projection: its unit goes after the depthwise
+    "mobilenetv3_large_100": ({"depthwise_separable": 0, "inverted_residual": 7, "residual": 0}, 8, True),
     "torchvision:mnasnet1_0": ({"inverted_residual": 17}, 0, True),
     "torchvision:shufflenet_v2_x1_0": ({"inception": 3, "split_concat": 13}, 0, True),
     "convnext_atto": ({"residual": 12}, 0, True),

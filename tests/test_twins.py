@@ -31,6 +31,9 @@ TWINS: dict[str, dict] = {
     "seresnet33ts": {"style": "timm", "position": "inner"},  # timm's ByoB blocks put SE after the 3x3
     "legacy_seresnet18": {"bias": True},  # the original SENet code: floor(C/16), bias
     "efficientnet_b0": {"style": "efficientnet"},  # round(C_in / 4) of the block input, SiLU, expanded channels
+    # blocks.0.1 is a separable block of 16 -> 16 channels with a skip: its unit is after the depthwise conv
+    # (a linear bottleneck), which a rule telling the families apart by widths put on the block's output
+    "efficientnet_b1": {"style": "efficientnet"},
     "semnasnet_100": {"style": "efficientnet", "act": "relu"},  # MnasNet's blocks are ReLU blocks
     "mobilenetv3_large_100": {"style": "mobilenetv3"},  # hard sigmoid, divisible-by-8 widths, SE in 8 of 15 blocks
     "regnety_002": {"style": "regnety"},  # after the grouped 3x3 conv, round(C_in / 4), ReLU

@@ -68,7 +68,13 @@ def pointwise_after(gm: fx.GraphModule, end: fx.Node) -> fx.Node | None:
 @register_pattern(
     "depthwise",
     anchors=("after_depthwise", "after_pointwise"),
-    facts={"activation_after": bool, "kernel": int, "pointwise_after": bool, "pointwise_reduces": bool},
+    facts={
+        "activation_after": bool,
+        "kernel": int,
+        "pointwise_after": bool,
+        "pointwise_reduces": bool,
+        "pointwise_linear": bool,
+    },
 )
 def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candidate]:
     """Depthwise convolutions with their norm and activation, and the pointwise conv after them."""
@@ -81,6 +87,11 @@ def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candid
         pointwise = pointwise_after(gm, end)
         pointwise_end = follow_shape_keeping(gm, pointwise) if pointwise is not None else None
         reduces = pointwise is not None and tensor_shape(pointwise)[1] < tensor_shape(end)[1]
+        # a linear bottleneck (no activation after the pointwise conv: MobileNetV2, EfficientNet, whatever the
+        # widths) against MobileNetV1's separable block, whose pointwise conv is activated
+        linear = (
+            pointwise_end is not None and pointwise is not None and not activation_between(gm, pointwise, pointwise_end)
+        )
         anchors = {
             "after_depthwise": Insertion(end, None, (end,)),
             "after_pointwise": Insertion(pointwise_end, None, (pointwise_end,)) if pointwise_end is not None else None,
@@ -98,6 +109,7 @@ def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candid
                     "kernel": max(kernel_of(gm, node)),
                     "pointwise_after": pointwise is not None,
                     "pointwise_reduces": reduces,
+                    "pointwise_linear": linear,
                 },
                 parts={"conv": node},
                 block_input=block_input(gm, node),
