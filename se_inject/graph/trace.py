@@ -2,8 +2,8 @@
 
 The tracer honours timm's own lists of modules and functions that must not be traced
 (``timm.layers.get_notrace_modules/functions``), those of ``rules/tracing/`` (Hugging Face
-transformers' models), the SE unit itself, and the user's ``leaf_modules``. When tracing fails, the error names the innermost module being traced, which
-is the one to mark as a leaf.
+transformers' models), the SE unit itself, and the user's ``leaf_modules``. When tracing fails,
+the error names the innermost module being traced, which is the one to mark as a leaf.
 """
 
 from __future__ import annotations

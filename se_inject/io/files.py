@@ -301,7 +301,7 @@ def _remove_old(old: Path, expected: dict[str, tuple[int, int, int, int]], stagi
 
 def write_directory(
     target: str | os.PathLike[str],
-    write: Callable[[Path], None],
+    write: Callable[[Path], object],
     *,
     force: bool,
     owned: Collection[str],

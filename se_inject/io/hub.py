@@ -20,10 +20,10 @@ from torch import nn
 
 from se_inject.errors import ArtifactError, ConfigError, one_line
 from se_inject.io.files import as_path, write_text_atomic
-from se_inject.io.layout import CONFIG_FILE, MODEL_CARD_FILE, RECIPE_FILE
+from se_inject.io.layout import CONFIG_FILE, MODEL_CARD_FILE
 from se_inject.io.recipe import Recipe, attached_report
 from se_inject.io.remote import HUB_PREFIX, check_repo_id
-from se_inject.io.saving import load, read_recipe, se_inject_entry, write_model_files
+from se_inject.io.saving import load, read_recipe, se_inject_entry, transformers_config, write_model_files
 from se_inject.surgery.report import OverheadReport
 
 
@@ -101,8 +101,7 @@ def write_repository(
     report = attached_report(model)
     if not isinstance(report, OverheadReport):
         raise ConfigError(f"{type(model).__name__} was not made by se_inject.inject/retrofit: there is nothing to push")
-    write_model_files(model, folder, weights=weights)
-    recipe = Recipe.from_json((folder / RECIPE_FILE).read_text(encoding="utf-8"))
+    recipe = write_model_files(model, folder, weights=weights)
     write_text_atomic(folder / CONFIG_FILE, json.dumps(hub_config(model, recipe, repo_id), indent=2) + "\n")
     results = experiment.to_dict() if callable(getattr(experiment, "to_dict", None)) else experiment
     write_text_atomic(folder / MODEL_CARD_FILE, model_card(recipe, report, repo_id, results))
@@ -119,9 +118,7 @@ def hub_config(model: nn.Module, recipe: Recipe, repo_id: str) -> dict[str, Any]
             save_config_for_hf(model, str(Path(scratch) / CONFIG_FILE))
             config = json.loads((Path(scratch) / CONFIG_FILE).read_text(encoding="utf-8"))
     else:
-        to_dict = getattr(getattr(model, "config", None), "to_dict", None)
-        if callable(to_dict):  # a transformers model's configuration
-            config = dict(to_dict())
+        config = transformers_config(model) or {}
     config["se_inject"] = se_inject_entry(recipe, f"{HUB_PREFIX}{repo_id}")
     return config
 

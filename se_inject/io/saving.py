@@ -84,9 +84,7 @@ def current_recipe(model: nn.Module) -> Recipe:
 
 def identified(recipe: Recipe, model: nn.Module) -> Recipe:
     """``recipe`` with the source a registered kind recognises in ``model`` (injected from an object: timm's
-    ``pretrained_cfg``, a unique torchvision builder, a transformers model's directory), if it names none."""
-    if recipe.source is not None:
-        return recipe
+    ``pretrained_cfg``, a unique torchvision builder, a transformers model's directory); called where it names none."""
     units = [name for name, m in model.named_modules() if isinstance(m, (ChannelUnit, ChannelScale))]
     own = {k for k in model.state_dict() if not any(k.startswith(f"{u}.") for u in units)}
     spec = identify_source(model, own)
@@ -150,13 +148,13 @@ def _check_savable(model: nn.Module, weights: str = "all") -> Recipe:
 
 def write_model_files(
     model: nn.Module, directory: str | Path, extra_metadata: dict[str, str] | None = None, weights: str = "all"
-) -> None:
+) -> Recipe:
     """Write the weights and the recipe into an existing ``directory``, each file replaced atomically.
 
     A tensor registered under several names (tied weights) is written once; the recipe records the
     other names (see ``se_inject.io.tied``). ``weights="units"``: only the tensors the base lacked or
     held with other values. A write the file system refuses (a full disk) is an ArtifactError; the
-    file it would have replaced is left as it was.
+    file it would have replaced is left as it was. Returns the recipe written.
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -175,11 +173,18 @@ def write_model_files(
     except SafetensorError as err:
         raise ArtifactError(f"cannot write the weights ({WEIGHTS_FILE}): {one_line(err, 160)}") from None
     write_text_atomic(directory / RECIPE_FILE, recipe.to_json())
-    to_dict = getattr(getattr(model, "config", None), "to_dict", None)
-    if callable(to_dict) and type(model).__module__.startswith("transformers."):
+    own = transformers_config(model)
+    if own is not None:
         # what save_pretrained writes beside the weights, and how to load the units a plain from_pretrained drops
-        config = {**to_dict(), "se_inject": se_inject_entry(recipe, "<this directory>")}
+        config = {**own, "se_inject": se_inject_entry(recipe, "<this directory>")}
         write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    return recipe
+
+
+def transformers_config(model: nn.Module) -> dict[str, Any] | None:
+    """A transformers model's configuration as a dict (what ``save_pretrained`` writes); None for another model."""
+    to_dict = getattr(getattr(model, "config", None), "to_dict", None)
+    return dict(to_dict()) if callable(to_dict) and type(model).__module__.startswith("transformers.") else None
 
 
 def se_inject_entry(recipe: Recipe, name: str) -> dict[str, Any]:
@@ -448,5 +453,7 @@ def _with_base_tensors(injected: nn.Module, recipe: Recipe, state: dict[str, tor
     tensor missing from the file is still reported as missing)."""
     assert recipe.base is not None
     own = injected.state_dict()
-    kept = {name: own[name] for name in recipe.base["tensors"] if name in own and name not in state}
-    return {**{k: v for k, v in kept.items() if k not in recipe.tied}, **state}
+    left_out = [
+        name for name in recipe.base["tensors"] if name in own and name not in state and name not in recipe.tied
+    ]
+    return {**{name: own[name] for name in left_out}, **state}

@@ -25,16 +25,11 @@ class TorchvisionSource(ModelSource):
             raise ModelSpecError(f"model spec {spec!r}: expected torchvision:NAME, e.g. torchvision:resnet50")
 
     def build(self, spec: str, kwargs: dict[str, Any], optional: dict[str, Any]) -> nn.Module:
-        import torchvision
-
         name = spec.removeprefix(self.prefix)
-        names = [n for package in _IMAGE_MODELS for n in torchvision.models.list_models(module=package())]
+        names = _image_model_names()
         if name not in names:
             raise ModelSpecError(f"unknown torchvision image model '{name}'{suggest(name, names)}")
-        builder = torchvision.models.get_model_builder(name)
-        # a detector's or segmenter's backbone is ImageNet-pretrained by default: nothing is downloaded here
-        backbone = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
-        return builder(weights=None, **{**backbone, **optional, **kwargs})
+        return _construct(name, {**optional, **kwargs})
 
     def identify(self, model: nn.Module, own: set[str]) -> str | None:
         """The one torchvision builder that returns the model's class with its tensors' names and shapes
@@ -47,13 +42,13 @@ class TorchvisionSource(ModelSource):
             return None
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in own}
         found = []
-        for name in sorted(n for package in _IMAGE_MODELS for n in torchvision.models.list_models(module=package())):
+        for name in sorted(_image_model_names()):
             builder = torchvision.models.get_model_builder(name)
             returns = inspect.signature(builder).return_annotation
             if getattr(returns, "__name__", returns) != cls.__name__:
                 continue
             with torch.device("meta"):
-                candidate = self.build(f"{self.prefix}{name}", {}, {})
+                candidate = _construct(name, {})
             theirs = {k: tuple(v.shape) for k, v in candidate.state_dict().items()}
             if theirs.keys() == shapes.keys() and sum(theirs[k] != shapes[k] for k in theirs) <= 2:  # a head
                 found.append(name)
@@ -79,3 +74,20 @@ def _segmentation() -> Any:
 
 
 _IMAGE_MODELS = (_classification, _detection, _segmentation)
+
+
+def _construct(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """torchvision's model ``name`` without weights: a detector's or segmenter's backbone is ImageNet-pretrained
+    by default, so it is asked for none either (nothing is downloaded here)."""
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(name)
+    backbone = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
+    return builder(weights=None, **{**backbone, **kwargs})
+
+
+def _image_model_names() -> list[str]:
+    """Every torchvision classifier, detector and segmenter by name."""
+    import torchvision
+
+    return [n for package in _IMAGE_MODELS for n in torchvision.models.list_models(module=package())]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from se_inject.errors import ModelSpecError
+from se_inject.io.files import read_text_file
 from se_inject.io.sources.base import ModelSource, check_recorded_file, record_file, suggest
 
 if TYPE_CHECKING:
@@ -141,38 +142,42 @@ def from_saved_config(directory: Path) -> nn.Module | None:
     """The model a saved retrofit's ``config.json`` describes (a transformers model injected from an object
     records no other source), with random weights: the saved weights go into it; None where the file is
     not a transformers configuration or transformers is not installed."""
-    path = directory / "config.json"
-    if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
-        return None
     try:
-        declared = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(declared, dict) or "model_type" not in declared:
-        return None
-    try:
+        declared = _read_config(directory)
         _transformers()
     except ModelSpecError:
         return None
-    model = _from_directory(directory, {}, weights=False)
+    if not isinstance(declared, dict) or "model_type" not in declared:
+        return None
+    model = _from_directory(directory, {}, weights=False, declared=declared)
     model.config._name_or_path = ""  # type: ignore[union-attr]  # the retrofit's directory is not its base's
     return model
 
 
-def _from_directory(directory: Path, overrides: dict[str, Any], weights: bool = True) -> nn.Module:
-    transformers = _transformers()
+def _read_config(directory: Path) -> object:
+    """``directory``'s config.json, parsed: a regular file of at most ``MAX_CONFIG_BYTES`` of JSON; anything
+    else is a ModelSpecError."""
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise ModelSpecError(f"transformers:{directory}: no config.json there (save_pretrained writes one)")
-    if config_file.stat().st_size > MAX_CONFIG_BYTES:
-        raise ModelSpecError(f"{config_file}: over {MAX_CONFIG_BYTES >> 20} MiB, not a model configuration")
+    text = read_text_file(config_file, limit=MAX_CONFIG_BYTES, what="model configuration", error=ModelSpecError)
     try:
-        declared = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
         raise ModelSpecError(f"{config_file}: not a JSON configuration ({err})") from None
+
+
+def _from_directory(
+    directory: Path, overrides: dict[str, Any], weights: bool = True, declared: object = None
+) -> nn.Module:
+    """The model of ``directory``'s config.json (``declared``: the file already read), checked as data before
+    transformers reads it: a configuration naming code of its own (``auto_map``) is refused."""
+    transformers = _transformers()
+    declared = _read_config(directory) if declared is None else declared
     if not isinstance(declared, dict) or "auto_map" in declared:
         raise ModelSpecError(
-            f"{config_file}: a configuration with auto_map names code in the repository, which se_inject never runs"
+            f"{directory / 'config.json'}: a configuration with auto_map names code in the repository, "
+            "which se_inject never runs"
         )
     config = transformers.AutoConfig.from_pretrained(
         directory, local_files_only=True, trust_remote_code=False, **overrides
