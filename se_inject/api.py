@@ -148,7 +148,7 @@ def _rewrite(
     model: nn.Module, config: InjectConfig, size: int | tuple[int, int], channels: int | None, name: str
 ) -> Retrofit:
     """The retrofit of ``model`` traced whole: analysis, plan, rewrite, dry run and report (no recipe yet)."""
-    rules = load_rules(config.rules)
+    rules = load_rules(config.rules, config.style)
     analysis: Analysis = analyse(shadow(model), size, config.leaf_modules, rules, channels)
     traces = LocalTraces(model, analysis.gm.graph, config.leaf_modules)
     plan = plan_units(analysis, config, traces.obstacle)
@@ -212,7 +212,7 @@ def _auto_targets(model: nn.Module, config: InjectConfig, shape: tuple[int, ...]
     if candidates == [""]:
         raise ConfigError("target: 'auto' is for models torch.fx cannot trace whole; this one traces, leave target out")
     inputs = target_inputs(model, candidates, shape, need_all=False)
-    rules = load_rules(config.rules)
+    rules = load_rules(config.rules, config.style)
     found: dict[str, bool] = {}  # part -> whether a primary rule matched in it
     for part, part_shape in inputs.items():
         try:

@@ -21,9 +21,9 @@ from se_inject.errors import ConfigError
 Position = Literal["standard", "pre", "post", "identity", "inner"]
 Squeeze = Literal["avg", "max", "none"]
 Gate = Literal["sigmoid", "hard_sigmoid", "tanh", "relu"]
-Act = Literal["relu", "relu6", "silu", "gelu", "hard_swish", "leaky_relu"]
-Rounding = Literal["floor", "ceil", "round", "round_even", "divisible8", "timm_se"]
-ReduceFrom = Literal["channels", "block_input"]
+Act = Literal["relu", "relu6", "silu", "gelu", "hard_swish", "leaky_relu", "block"]
+Rounding = Literal["floor", "ceil", "round", "round_even", "divisible8", "divisible4", "timm_se", "floor_min64"]
+ReduceFrom = Literal["channels", "block_input", "block_output"]
 Init = Literal["preserve", "paper", "zero"]
 Existing = Literal["skip", "stack"]
 
@@ -51,9 +51,11 @@ MAX_NAME_LENGTH = 1000  # characters of one such name
 
 # None as a field default: "the style's value" (filled in by __post_init__; never None afterwards)
 FROM_STYLE: Any = None
-STYLED_FIELDS = ("position", "r", "act", "gate", "bias", "rounding", "reduce_from")
+STYLED_FIELDS = ("position", "r", "act", "gate", "bias", "rounding", "reduce_from", "unit")
+# what a style may set beyond STYLED_FIELDS: the unit's own options (merged under those given)
+STYLE_FIELDS = (*STYLED_FIELDS, "unit_options")
 # what a group of blocks may set for its own units (the unit's shape and conventions, not where units go)
-GROUP_FIELDS = ("r", "act", "gate", "bias", "rounding", "reduce_from", "hidden", "squeeze")
+GROUP_FIELDS = ("r", "act", "gate", "bias", "rounding", "reduce_from", "hidden", "squeeze", "unit_options")
 # the options that shape a unit, beyond r (which every unit records); each unit type names those it reads
 UNIT_SHAPING_FIELDS = ("squeeze", "gate", "act", "bias", "rounding", "reduce_from", "hidden", "init")
 
@@ -143,7 +145,10 @@ class InjectConfig:
     )
     act: Act | type = field(
         default=FROM_STYLE,
-        metadata={"help": "activation between the two FC layers: " + ", ".join(ACTS) + ", or a class (paper: relu)"},
+        metadata={
+            "help": "activation between the two FC layers: " + ", ".join(ACTS) + " (the activation the block "
+            "applies before the unit: MobileNetV3's ReLU and hard-swish blocks), or a class (paper: relu)"
+        },
     )
     bias: bool = field(
         default=FROM_STYLE, metadata={"help": "bias on the two FC layers (paper: off, its ResNet setting)"}
@@ -153,14 +158,15 @@ class InjectConfig:
         metadata={
             "help": "hidden width when C/r is not whole: floor (paper), ceil, round (halves up), round_even "
             "(Python's round: EfficientNet, RegNetY), divisible8 (nearest multiple of 8, not below 90%: "
-            "MobileNetV3), timm_se (nearest multiple of 8, at least 8: timm's SEModule); never below 1"
+            "MobileNetV3), divisible4 (the same with 4: GhostNet), timm_se (nearest multiple of 8, at least 8: "
+            "timm's SEModule), floor_min64 (floor, at least 64: TResNet); never below 1"
         },
     )
     reduce_from: ReduceFrom = field(
         default=FROM_STYLE,
         metadata={
-            "help": "what r divides: channels (those the unit sees; paper) or block_input (the block's input "
-            "channels: EfficientNet, RegNetY)"
+            "help": "what r divides: channels (those the unit sees; paper), block_input (the block's input "
+            "channels: EfficientNet, RegNetY) or block_output (its output channels: MaxViT, CoAtNet)"
         },
     )
     hidden: int | None = field(
@@ -169,7 +175,8 @@ class InjectConfig:
     style: str = field(
         default="paper",
         metadata={
-            "help": "named conventions (rules/styles): paper, timm, efficientnet, mobilenetv3, regnety; "
+            "help": "a family's design by name (rules/styles, rules/families; se-inject rules lists them): its "
+            "conventions and placement, e.g. paper, timm, efficientnet, mobilenetv3, regnety, ghostnet, nfnet; "
             "explicit options override the style's"
         },
     )
@@ -189,10 +196,11 @@ class InjectConfig:
         metadata={"help": "blocks that already hold an SE-like gate: skip them, or stack a second unit"},
     )
     unit: str = field(
-        default="se",
+        default=FROM_STYLE,
         metadata={
             "help": "the unit inserted: se, ese, eca, ceca, gc, ge, cbam, lcbam, or a name registered with "
-            "se_inject.register_unit; a style named like the unit holds its published conventions"
+            "se_inject.register_unit (default: the style's, se); a style named like the unit holds its "
+            "published conventions"
         },
     )
     unit_options: dict[str, Any] = field(
@@ -270,24 +278,44 @@ class InjectConfig:
             warnings.warn(f"rounding={self.rounding!r} is now called {new!r}", DeprecationWarning, stacklevel=4)
             object.__setattr__(self, "rounding", new)
         unset = [name for name in STYLED_FIELDS if getattr(self, name) is None]
-        if unset:
+        if unset or self.style != "paper":
             preset = self._preset()
             for name in unset:
                 value = preset[name]
                 object.__setattr__(self, name, tuple(value) if isinstance(value, list) else value)
+            if isinstance(self.unit_options, Mapping):  # the style's options for its unit, under those given
+                object.__setattr__(self, "unit_options", {**preset["unit_options"], **self.unit_options})
         object.__setattr__(self, "excitation", None)  # read once into gate: replace(gate=...) stays consistent
 
     def for_group(self, group: Group) -> InjectConfig:
         """The options of the units in ``group``'s blocks: these, with the group's own on top."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("groups", "excitation")}
-        return InjectConfig(**{**values, **group.options})
+        options = dict(group.options)
+        if "unit_options" in options:  # the group's own unit options over the call's
+            options["unit_options"] = {**self.unit_options, **options["unit_options"]}
+        return InjectConfig(**{**values, **options})
 
     def _preset(self) -> dict[str, Any]:
         """The styled options' values where none is given: the paper's, under the unit's published
         conventions (the style named like the unit, if any), under the chosen style (a style leaves out
-        what it shares with the paper)."""
-        chosen = style(self.style).options if self.style != "paper" else {}  # paper: the base itself
-        return {**_PAPER, **unit_conventions(self.unit), **chosen}
+        what it shares with the paper), under the chosen style's entry for this unit. The unit is the one
+        given, else the style's."""
+        chosen = style(self.style) if self.style != "paper" else Style("paper", {})  # paper: the base itself
+        unit = self.unit if self.unit is not None else chosen.options.get("unit", _PAPER["unit"])
+        # the style's options describe its own unit; another unit takes only its placement, and the
+        # style's entry for that unit (timm's gc at r=8), not the widths and bias written for SE
+        own = chosen.options if unit == chosen.options.get("unit", _PAPER["unit"]) else {}
+        own = own or {k: v for k, v in chosen.options.items() if k == "position"}
+        for_unit = chosen.units.get(unit, {})
+        unit_options = {**own.get("unit_options", {}), **for_unit.get("unit_options", {})}
+        return {
+            **_PAPER,
+            **unit_conventions(unit),
+            **{k: v for k, v in own.items() if k not in ("unit", "unit_options")},
+            **{k: v for k, v in for_unit.items() if k != "unit_options"},
+            "unit": unit,
+            "unit_options": unit_options,
+        }
 
     def set_options(self, names: Iterable[str]) -> list[str]:
         """Those of ``names`` whose value is not what the style and the unit's conventions give (nor the
@@ -405,32 +433,51 @@ class Style:
     options: dict[str, Any]
     description: str = ""
     source: str = ""
+    # the style's conventions for units other than its own: unit name -> options (e.g. timm's gc at r=8)
+    units: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-_STYLE_KEYS = {"name", "description", "options"}
+_STYLE_KEYS = {"name", "description", "options", "units"}
 
 
 def _style_error(source: str, name: str | None, field_name: str | None, problem: str) -> Exception:
     return table_error(ConfigError, source, "style", name, field_name, problem)
 
 
-def _parse_style(entry: dict[str, Any], source: str) -> Style:
-    """One style from its table (its name and fields already checked by read_tables)."""
-    name = entry["name"]
-    options = entry.get("options")
+def _style_options(options: object, source: str, name: str, where: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """One table of a style's options, each checked as the option itself checks it."""
     if not isinstance(options, dict) or not options:
-        raise _style_error(source, name, "options", 'expected a table of options, e.g. { r = 8, act = "silu" }')
+        raise _style_error(source, name, where, 'expected a table of options, e.g. { r = 8, act = "silu" }')
     for key in options:
-        if key not in STYLED_FIELDS:
-            raise _style_error(source, name, f"options.{key}", f"a style sets {', '.join(STYLED_FIELDS)}; not {key!r}")
+        if key not in allowed:
+            raise _style_error(source, name, f"{where}.{key}", f"a style sets {', '.join(allowed)}; not {key!r}")
+    unit_options = options.get("unit_options", {})
+    if not isinstance(unit_options, dict):
+        raise _style_error(source, name, f"{where}.unit_options", f"expected a table, got {unit_options!r}")
     try:  # every value checked as the option itself checks it
         InjectConfig.from_dict({**{k: v for k, v in _PAPER.items() if k not in options}, **options})
     except ConfigError as err:
-        raise _style_error(source, name, "options", str(err)) from None
+        raise _style_error(source, name, where, str(err)) from None
+    return dict(options)
+
+
+def _parse_style(entry: dict[str, Any], source: str) -> Style:
+    """One style from its table (its name and fields already checked by read_tables)."""
+    name = entry["name"]
+    options = _style_options(entry.get("options"), source, name, "options", STYLE_FIELDS)
+    units = entry.get("units", {})
+    if not isinstance(units, dict):
+        raise _style_error(source, name, "units", "expected a table of unit = { options }, e.g. { gc = { r = 8 } }")
+    per_unit = {}
+    for unit, unit_entry in units.items():
+        if not unit.isidentifier():
+            raise _style_error(source, name, f"units.{unit}", "expected the name of a unit such as 'gc'")
+        allowed = tuple(f for f in STYLE_FIELDS if f != "unit")
+        per_unit[unit] = _style_options(unit_entry, source, name, f"units.{unit}", allowed)
     description = entry.get("description", "")
     if not isinstance(description, str):
         raise _style_error(source, name, "description", f"expected a string, got {description!r}")
-    return Style(name, dict(options), description, source)
+    return Style(name, options, description, source, per_unit)
 
 
 def parse_styles(text: str, source: str) -> list[Style]:
@@ -448,6 +495,7 @@ _PAPER: dict[str, Any] = {
     "bias": False,
     "rounding": "floor",
     "reduce_from": "channels",
+    "unit": "se",
 }
 _USER_STYLES: dict[str, Style] = {}
 
@@ -466,12 +514,18 @@ _PAPER_STYLE = Style("paper", dict(_PAPER), "Hu et al.: the defaults every other
 @cache
 def _builtin_styles() -> dict[str, Style]:
     found: dict[str, Style] = {"paper": _PAPER_STYLE}
-    for path in sorted((builtin_data_dir() / "styles").glob("*.toml")):
+    # se.toml first: paper's own descendants (timm, efficientnet, ...) lead the lists, the families follow
+    for path in sorted((builtin_data_dir() / "styles").glob("*.toml"), key=lambda p: (p.name != "se.toml", p.name)):
         for entry in parse_styles(path.read_text(encoding="utf-8"), str(path)):
             if entry.name in found:
                 raise ConfigError(f"{path}: style '{entry.name}' is defined twice among the built-in styles")
             found[entry.name] = entry
     return found
+
+
+def builtin_styles() -> dict[str, Style]:
+    """The styles se_inject ships: ``paper`` and those of ``rules/styles/`` (not those registered)."""
+    return dict(_builtin_styles())
 
 
 def styles() -> dict[str, Style]:
@@ -485,7 +539,10 @@ def style(name: str) -> Style:
         return _PAPER_STYLE
     known = styles()
     if not isinstance(name, str) or name not in known:
-        raise ConfigError(f"style: {name!r} is not a style; styles are {', '.join(known)}")
+        listed = ", ".join(list(known)[:8])
+        raise ConfigError(
+            f"style: {name!r} is not a style; styles are {listed}, ... ({len(known)}: se-inject rules lists them)"
+        )
     return known[name]
 
 

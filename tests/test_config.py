@@ -41,7 +41,7 @@ def test_lists_become_tuples_and_stages_are_sorted():
         ({"act": "swish"}, "act"),
         ({"reduce_from": "output"}, "reduce_from"),
         ({"hidden": 0}, "hidden"),
-        ({"style": "senet"}, "style"),
+        ({"style": "no_such_style"}, "style"),
         ({"include": [""]}, "include"),
         ({"exclude": 3}, "exclude"),
         ({"rounding": "up"}, "rounding"),

@@ -33,25 +33,26 @@ from se_inject.units.base import ChannelUnit
 
 ATTENTION = (SEModule, EffectiveSEModule, EcaModule, CecaModule, GlobalContext, CbamModule, LightCbamModule)
 
-# timm's attn_layer name -> the unit and options that reproduce it (timm's rounding of C * rd_ratio
-# with divisor 1 is round-half-up: rounding="round")
+# timm's attn_layer name -> the unit that reproduces it under the style "timm" (whose entries for gc,
+# cbam and lcbam are timm's: r=8 or 16 rounded half up, gc's scale fusion, cbam without bias; ese, eca
+# and ceca take their own conventions); "gca" is timm's gc with additive fusion
 TIMM_UNITS: dict[str, dict] = {
     "se": {"unit": "se", "style": "timm"},
-    "ese": {"unit": "ese"},  # the unit's conventions: hard sigmoid, bias
-    "eca": {"unit": "eca"},  # adaptive kernel size
-    "ceca": {"unit": "ceca"},
-    "gc": {"unit": "gc", "unit_options": {"fusion": "scale"}, "r": 8, "rounding": "round"},
-    "gca": {"unit": "gc", "unit_options": {"fusion": "add"}, "r": 8, "rounding": "round"},
-    "cbam": {"unit": "cbam", "r": 16, "rounding": "round", "bias": False},
-    "lcbam": {"unit": "lcbam", "r": 16, "rounding": "round"},
+    "ese": {"unit": "ese", "style": "timm"},  # the unit's conventions: hard sigmoid, bias
+    "eca": {"unit": "eca", "style": "timm"},  # adaptive kernel size
+    "ceca": {"unit": "ceca", "style": "timm"},
+    "gc": {"unit": "gc", "style": "timm"},
+    "gca": {"unit": "gc", "style": "timm", "unit_options": {"fusion": "add"}},
+    "cbam": {"unit": "cbam", "style": "timm"},
+    "lcbam": {"unit": "lcbam", "style": "timm"},
 }
 
 # timm's named attention networks -> (their sibling without attention, the options)
 NAMED: dict[str, tuple[str, dict]] = {
     "ecaresnet50d": ("resnet50d", TIMM_UNITS["eca"]),
-    "eca_resnet33ts": ("resnet33ts", {**TIMM_UNITS["eca"], "position": "inner"}),  # ByoB: after the 3x3
-    "gcresnet33ts": ("resnet33ts", {**TIMM_UNITS["gca"], "position": "inner"}),
-    "ese_vovnet19b_dw": ("ese_vovnet19b_dw", TIMM_UNITS["ese"]),  # built again with attn='' as the sibling
+    "eca_resnet33ts": ("resnet33ts", {"unit": "eca", "style": "byobnet"}),  # ByoB: after the 3x3
+    "gcresnet33ts": ("resnet33ts", {"unit": "gc", "style": "byobnet"}),  # byobnet's gc entry: timm's gca
+    "ese_vovnet19b_dw": ("ese_vovnet19b_dw", {"style": "vovnet"}),  # built again with attn='' as the sibling
 }
 
 
@@ -89,7 +90,7 @@ def compare(twin: nn.Module, attention: dict[str, nn.Module], plain: nn.Module, 
             (module,) = [m for n, m in attention.items() if n.rpartition(".")[0] == name.rpartition(".")[0]]
             _load_twin_weights(unit, module)
     assert result.report.totals.params_after == sum(p.numel() for p in twin.parameters())
-    assert result.report.eq5_agrees or options.get("rounding") == "round" or options.get("style") == "timm"
+    assert result.report.eq5_agrees or options.get("style") in ("timm", "byobnet")  # rounded widths
     expected, twin_blocks = _block_inputs_outputs(twin, blocks, X)
     with torch.no_grad():
         per_block = [scaled_difference(injected.get_submodule(b)(*args), out) for b, (args, out) in twin_blocks.items()]

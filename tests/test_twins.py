@@ -11,13 +11,12 @@ copy, a wrong activation, gate, bias or position fails the comparison.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import timm
 import torch
-from conftest import randomize_batchnorm
 from torch import nn
+from twin_harness import SIZE, X, scaled_difference, twin_and_plain
+from twin_harness import _block_io as _block_inputs_outputs
 
 import se_inject
 from se_inject.units.base import ChannelUnit
@@ -40,13 +39,6 @@ TWINS: dict[str, dict] = {
     # DarkNet's SE follows the block's first conv (conv + norm + act): "insert after X" with at=
     "sedarknet21": {"style": "timm", "act": "leaky_relu", "at": ["stages.*.blocks.*.conv1"]},
 }
-SIZE = 64
-
-
-def _se_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The twin's SE modules by name: timm's SEModule, EfficientNet's SqueezeExcite, legacy SENet's."""
-    kinds = (timm.layers.SqueezeExcite, timm.models._efficientnet_blocks.SqueezeExcite, timm.models.senet.SEModule)
-    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
 
 
 def _reduce_expand(se: nn.Module) -> tuple[nn.Conv2d, nn.Conv2d]:
@@ -56,19 +48,7 @@ def _reduce_expand(se: nn.Module) -> tuple[nn.Conv2d, nn.Conv2d]:
 
 
 def _twin_and_plain(name: str) -> tuple[nn.Module, nn.Module, dict[str, nn.Module]]:
-    torch.manual_seed(0)
-    twin = timm.create_model(name).double().eval()
-    randomize_batchnorm(twin, seed=1)
-    se_modules = _se_modules(twin)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for se in se_modules.values():
-            for p in se.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.3)
-    plain = copy.deepcopy(twin)
-    for se_name in se_modules:
-        plain.set_submodule(se_name, nn.Identity())
-    return twin, plain, se_modules
+    return twin_and_plain(lambda: timm.create_model(name))
 
 
 def _retrofit_with_twin_weights(name: str, **options) -> tuple[nn.Module, nn.Module, nn.Module, list[str]]:
@@ -91,31 +71,6 @@ def _retrofit_with_twin_weights(name: str, **options) -> tuple[nn.Module, nn.Mod
             unit.fc2.bias.copy_(expand.bias)
     assert result.report.totals.params_after == sum(p.numel() for p in twin.parameters())
     return twin, plain, injected, blocks
-
-
-def _block_inputs_outputs(model: nn.Module, blocks: list[str], x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The model's output, and each block's input and output in that forward."""
-    seen: dict[str, tuple[tuple, torch.Tensor]] = {}
-    handles = [
-        model.get_submodule(block).register_forward_hook(lambda m, args, out, b=block: seen.update({b: (args, out)}))
-        for block in blocks
-    ]
-    try:
-        with torch.no_grad():
-            return model(x), seen
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def scaled_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |got - expected| over the scale of ``expected`` (its largest magnitude, at least 1): float64
-    rounding grows with the values, which random weights make large in deep networks."""
-    assert got.shape == expected.shape
-    return ((got - expected).abs().max() / expected.abs().max().clamp(min=1.0)).item()
-
-
-X = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
 
 
 def twin_differences(name: str) -> tuple[float, float, int]:

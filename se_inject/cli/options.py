@@ -124,7 +124,7 @@ def injection_options(given: dict[str, Any]) -> dict[str, Any]:
     if "groups" in options:
         options["groups"] = tuple(parse_group(text) for text in options["groups"])
     if "unit_options" in options:
-        unit = options.get("unit", _field(InjectConfig, "unit").default)
+        unit = options.get("unit") or InjectConfig(style=options.get("style", "paper")).unit
         options["unit_options"] = parse_unit_options(unit, list(options["unit_options"]))
     InjectConfig.from_dict(options)
     return options

@@ -7,6 +7,7 @@ each kind of operation; every pattern and walk asks these functions.
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -93,30 +94,38 @@ def is_inplace_add(node: fx.Node) -> bool:
     )
 
 
-def normalize_inplace_adds(graph: fx.Graph) -> None:
-    """Rewrite ``a += b`` / ``a.add_(b)`` as ``a + b``, pointing later uses of ``a`` at the sum.
+def _inplace_product(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is operator.imul) or (
+        node.op == "call_method" and node.target == "mul_"
+    )
 
-    In-place adds hide the data flow (``out.add_(x)`` may have no users at all) and a unit
-    inserted before one would be mutated by it. Analysis and rewrite both run this pass, so
-    their graphs keep the same node sequence.
+
+def normalize_inplace_adds(graph: fx.Graph) -> None:
+    """Rewrite ``a += b`` / ``a.add_(b)`` as ``a + b`` (and ``a *= b`` / ``a.mul_(b)`` as ``a * b``),
+    pointing later uses of ``a`` at the result.
+
+    In-place adds hide the data flow (``out.add_(x)`` may have no users at all: NFNet's ``out.mul_(gain)``
+    too) and a unit inserted before one would be mutated by it. Analysis and rewrite both run this pass,
+    so their graphs keep the same node sequence.
     """
     renamed: dict[fx.Node, fx.Node] = {}
     for node in list(graph.nodes):
         for old in [n for n in node.all_input_nodes if n in renamed]:
             node.replace_input_with(old, renamed[old])
-        if not (is_inplace_add(node) and add_operands(node)):
+        product = _inplace_product(node) and binary_operands(node, {operator.imul}, {"mul_"}) is not None
+        if not (product or (is_inplace_add(node) and add_operands(node))):
             continue
         with graph.inserting_after(node):
             if node.op == "call_function":
-                new = graph.call_function(operator.add, node.args, node.kwargs)
+                new = graph.call_function(operator.mul if product else operator.add, node.args, node.kwargs)
             else:
-                new = graph.call_method("add", node.args, node.kwargs)
+                new = graph.call_method("mul" if product else "add", node.args, node.kwargs)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        operands = add_operands(new)
-        assert operands is not None  # the same operands as the in-place add, which had them
-        renamed[operands[0]] = new
+        first = new.args[0]
+        assert isinstance(first, fx.Node)  # the in-place operand, a node as binary_operands checked
+        renamed[first] = new
 
 
 # --- what a node is ----------------------------------------------------------------------------
@@ -140,16 +149,41 @@ def tensor_shape(node: fx.Node) -> tuple[int, ...]:
     return shape
 
 
+def conv_parts(module: nn.Module | None) -> list[nn.modules.conv._ConvNd]:
+    """The convolutions a module computes as one: itself; the convs of a mixed conv kept whole (timm's
+    MixedConv2d: channel groups, a kernel size each, concatenated); none for any other module."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return [module]
+    if isinstance(module, nn.ModuleDict) and hasattr(module, "in_channels") and hasattr(module, "out_channels"):
+        parts = list(module.values())
+        if parts and all(isinstance(p, nn.modules.conv._ConvNd) for p in parts):
+            return parts  # type: ignore[return-value]
+    return []
+
+
+def is_conv_like(module: nn.Module | None) -> bool:
+    """A convolution, a mixed conv, or a conditionally parameterised conv (timm's CondConv2d: a
+    convolution whose kernel mixes experts by a routing of the input), all kept whole."""
+    if conv_parts(module):
+        return True
+    attributes = ("in_channels", "out_channels", "kernel_size", "groups", "weight")
+    return module is not None and all(hasattr(module, a) for a in attributes) and type(module).__name__ == "CondConv2d"
+
+
 def is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in CONV_FUNCTIONS
-    return isinstance(module_of(gm, node), nn.modules.conv._ConvNd)
+    return is_conv_like(module_of(gm, node))
 
 
 def kernel_of(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...]:
     module = module_of(gm, node)
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return tuple(module.kernel_size)
+    parts = conv_parts(module)
+    if parts:
+        return max((tuple(p.kernel_size) for p in parts), key=max)
+    if module is not None and is_conv_like(module):
+        size: Any = module.kernel_size
+        return tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     shape = shape_of(weight) if isinstance(weight, fx.Node) else None
     return tuple(shape[2:]) if shape else ()
@@ -174,8 +208,14 @@ def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(mod, NORM_TYPES) and isinstance(act, nn.Module) and not isinstance(act, nn.Identity)
 
 
+# norms called as functions: timm's GroupNormAct, LayerNorm2d and friends trace to these
+NORM_FUNCTIONS = {F.group_norm, F.batch_norm, F.layer_norm, F.instance_norm, torch.group_norm, torch.layer_norm}
+
+
 def is_shape_keeping_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
     if is_activation(gm, node):
+        return True
+    if node.op == "call_function" and node.target in NORM_FUNCTIONS:
         return True
     mod = module_of(gm, node)
     return isinstance(mod, NORM_TYPES + PASSTHROUGH_TYPES) or (

@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from se_inject.errors import UntraceableModelError, first_line
-from se_inject.graph.untraceable import loaded_functions, qualified_name, untraceable_classes
+from se_inject.graph.untraceable import loaded_functions, qualified_name, traced_classes, untraceable_classes
 from se_inject.units.base import ChannelUnit
 
 try:  # timm is a dependency, but a user's own model must not need it to be traced
@@ -79,7 +79,9 @@ class SETracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         cls = type(m)
-        if is_leaf_module_class(cls) or isinstance(m, self._timm_leaves):
+        if is_leaf_module_class(cls):
+            return True
+        if isinstance(m, self._timm_leaves) and qualified_name(cls) not in traced_classes():
             return True
         if qualified_name(cls) in untraceable_classes():  # rules/tracing: a library's model code
             return True

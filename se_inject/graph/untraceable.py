@@ -1,12 +1,13 @@
 """Code in libraries' models that torch.fx cannot trace, declared as data (``rules/tracing/*.toml``).
 
 An entry names a class (``kind = "module"``: kept whole, one node) or a function (``kind = "function"``:
-one node per call) by its qualified name, with the reason. Nothing is imported to apply an entry: a
+one node per call) by its qualified name, with the reason; ``kind = "traced"`` names a class its library
+keeps whole for reasons of its own although its code traces, and which holds SE sites (NFNet's blocks). Nothing is imported to apply an entry: a
 class is matched by the qualified name of the model's own classes, and a function is looked up in its
 module only where that module is already loaded (it is, once a model that calls it has been built).
 
 >>> sorted({e.kind for e in load_untraceable()})
-['function', 'module']
+['function', 'module', 'traced']
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from se_inject.config import builtin_data_dir
 from se_inject.datafiles import read_tables, table_error
 from se_inject.errors import RuleError
 
-KINDS = ("module", "function")
+KINDS = ("module", "function", "traced")
 _FIELDS = {"name", "kind", "reason"}
 MAX_NAME_LENGTH = 300
 
@@ -78,6 +79,12 @@ def load_untraceable() -> tuple[Untraceable, ...]:
 def untraceable_classes() -> frozenset[str]:
     """The qualified names of the classes kept whole."""
     return frozenset(e.name for e in load_untraceable() if e.kind == "module")
+
+
+@functools.cache
+def traced_classes() -> frozenset[str]:
+    """The qualified names of the classes traced into although their library marks them as leaves."""
+    return frozenset(e.name for e in load_untraceable() if e.kind == "traced")
 
 
 def qualified_name(cls: type) -> str:

@@ -36,8 +36,12 @@ class ChannelGate:
 
 
 def is_pooled(node: fx.Node) -> bool:
+    """A feature map pooled to one value per channel: (N, C), ECA's (N, 1, C), or (N, C, 1, 1). Group
+    statistics such as EvoNorm's (N, groups, 1) are not: a norm is not a channel gate."""
     shape = shape_of(node)
-    return shape is not None and (len(shape) in (2, 3) or (len(shape) == 4 and shape[2] * shape[3] == 1))
+    if shape is None:
+        return False
+    return len(shape) == 2 or (len(shape) == 3 and shape[1] == 1) or (len(shape) == 4 and shape[2] * shape[3] == 1)
 
 
 def _is_gate_product(node: fx.Node, x: fx.Node) -> bool:
@@ -47,7 +51,20 @@ def _is_gate_product(node: fx.Node, x: fx.Node) -> bool:
         return False
     gate = operands[1] if operands[0] is x else operands[0]
     between = ancestors(gate) - ancestors(x)
-    return x in ancestors(gate) and any(is_pooled(n) for n in between)
+    # the pooling must be of x's values: a learned per-channel parameter viewed as (1, C, 1, 1) and cast to
+    # x's dtype (EvoNorm's x * sigmoid(v * x), a norm's activation) is not a squeeze
+    return x in ancestors(gate) and any(is_pooled(n) and x in _tensor_ancestors(n) for n in between)
+
+
+def _tensor_ancestors(node: fx.Node) -> set[fx.Node]:
+    """``node`` and the tensors it is computed from (not through metadata such as ``x.dtype``)."""
+    seen, todo = {node}, [node]
+    while todo:
+        for parent in todo.pop().all_input_nodes:
+            if parent not in seen and shape_of(parent) is not None:
+                seen.add(parent)
+                todo.append(parent)
+    return seen
 
 
 def through_gate(gm: fx.GraphModule, node: fx.Node) -> fx.Node:

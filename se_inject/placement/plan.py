@@ -11,9 +11,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 
-from se_inject.config import InjectConfig, parse_block_range
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from se_inject.config import Group, InjectConfig, parse_block_range
 from se_inject.errors import ConfigError, NoSitesError, RewriteError
-from se_inject.graph.ops import tensor_shape
+from se_inject.graph.ops import is_activation, module_of, tensor_shape
 from se_inject.graph.trace import module_scope
 from se_inject.placement.patterns.base import Insertion
 from se_inject.placement.sites import Analysis, Site, SiteSearch
@@ -98,7 +103,7 @@ def _outermost_owners(owners: set[str]) -> dict[str, str]:
     return {o: min((p for p in owners if contains(p, o)), key=len) for o in owners}
 
 
-def _no_sites(search: SiteSearch, config: InjectConfig) -> NoSitesError:
+def _no_sites(search: SiteSearch, config: InjectConfig, family: bool = False) -> NoSitesError:
     if not search.supporting_rules:
         return NoSitesError(f"no placement rule supports position '{config.position}'")
     if search.sites and len(search.skipped) == len(search.sites) and search.gates:
@@ -111,9 +116,10 @@ def _no_sites(search: SiteSearch, config: InjectConfig) -> NoSitesError:
             f"position '{config.position}' applies to none of the {len(search.sites)} sites found: "
             f"{search.skipped[0][1]}"
         )
+    own = f"; the style '{config.style}' places units by its own rules alone" if family else ""
     return NoSitesError(
         f"no place for an SE unit at position '{config.position}' (rules: {', '.join(search.supporting_rules)}): "
-        f"{search.describe()}"
+        f"{search.describe()}{own}"
     )
 
 
@@ -128,9 +134,9 @@ def _repeated_call(scope: str) -> str | None:
 
 
 def _block_module(site: Site) -> str:
-    """The module that holds the site (a residual block, usually): what include and exclude match."""
-    assert site.insertion is not None
-    return _common_scope(site.insertion.anchors)
+    """The module that holds the site (a residual block, usually): what include and exclude match. A site
+    without the rule's anchor (skipped, with its reason) is named by the structure's output."""
+    return _common_scope(site.insertion.anchors if site.insertion is not None else (site.candidate.output,))
 
 
 def _chosen(site: Site, module: str, config: InjectConfig) -> bool:
@@ -144,12 +150,15 @@ def _in_range(site: Site, text: str) -> bool:
     return site.stage == stage and first <= site.block <= last
 
 
-def _group_config(module: str, config: InjectConfig) -> InjectConfig:
-    """The options of the units in ``module``: the first group matching it, else the call's."""
+def _group_config(module: str, config: InjectConfig, site: Site) -> InjectConfig:
+    """The options of the units in ``module``: the first group matching it, else the call's, under
+    the options the site's rule gives its units (a family's widths per kind of block) where the call
+    does not set them."""
     for group in config.groups:
         if any(fnmatchcase(module, pattern) for pattern in group.blocks):
             return config.for_group(group)
-    return config
+    from_rule = {k: v for k, v in site.rule.options.items() if not config.set_options([k])}
+    return config.for_group(Group(("*",), from_rule)) if from_rule else config
 
 
 def _check_selection(
@@ -179,8 +188,10 @@ def _check_selection(
 
 def _reduced(site: Site, config: InjectConfig) -> int | None:
     """What r divides for this site when it is not the unit's channels: the block's input channels."""
-    if config.reduce_from != "block_input":
+    if config.reduce_from == "channels":
         return None
+    if config.reduce_from == "block_output":
+        return tensor_shape(site.candidate.block_output or site.candidate.output)[1]
     if site.candidate.block_input is None:
         raise ConfigError(
             f"reduce_from: the blocks of rule '{site.rule.name}' have no input se_inject can identify; "
@@ -223,6 +234,40 @@ def _check_stages(selected: Sequence[int], stage_count: int, sites: int, config:
         raise ConfigError(f"stages: stage {out_of_range[0]} does not exist; {whose}")
 
 
+# activation functions a block may apply, by the name of the act option that builds the same
+_ACT_FUNCTIONS: dict[object, str] = {
+    torch.relu: "relu",
+    F.relu: "relu",
+    F.relu6: "relu6",
+    F.silu: "silu",
+    F.gelu: "gelu",
+    F.hardswish: "hard_swish",
+    F.leaky_relu: "leaky_relu",
+}
+
+
+def _block_activation(gm: fx.GraphModule, site: Site, module: str) -> str | type:
+    """The activation the block applies last before the unit's place (``act="block"``): the module's class,
+    or the act name of a function; walking back along the first input, never before the block's input."""
+    assert site.insertion is not None
+    node: fx.Node | None = site.insertion.value
+    for _ in range(64):  # a block's tail is a few nodes; far more means there is no activation to find
+        if node is None or node is site.candidate.block_input:
+            break
+        if is_activation(gm, node):
+            found = module_of(gm, node)
+            found = getattr(found, "act", found)  # timm's norm + activation layers hold theirs as .act
+            if isinstance(found, nn.Module) and not isinstance(found, nn.Identity) and not any(found.parameters()):
+                return type(found)  # an activation of its own: a unit builds another of the class
+            name = _ACT_FUNCTIONS.get(node.target) if node.op == "call_function" else None
+            if name is not None:
+                return name
+        node = node.all_input_nodes[0] if node.all_input_nodes else None
+    raise ConfigError(
+        f"act: 'block' found no activation before the unit in {module or 'the root'}; name one (e.g. act='relu')"
+    )
+
+
 def _planned_unit(
     site: Site,
     module: str,
@@ -230,12 +275,15 @@ def _planned_unit(
     stage_count: int,
     selected: tuple[int, ...],
     obstacle: Callable[[str], str | None],
+    gm: fx.GraphModule,
 ) -> PlannedUnit:
     """The unit for ``site`` in block ``module``, with its group's options, checked."""
     insertion = site.insertion
     assert insertion is not None  # a site without one is among search.skipped, handled before
     unit_type = unit_class(config.unit)
-    own = _group_config(module, config)
+    own = _group_config(module, config, site)
+    if own.act == "block":
+        own = own.for_group(Group(("*",), {"act": _block_activation(gm, site, module)}))
     r = stage_ratio(own, site.stage, stage_count, selected)
     reduced = _reduced(site, own)
     divided = reduced or insertion.channels
@@ -274,7 +322,7 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
         else analysis.select(config.position, config.existing)
     )
     if not search.placeable:
-        raise _no_sites(search, config)
+        raise _no_sites(search, config, family=bool(analysis.rules) and all(r.style for r in analysis.rules))
     stage_count = search.stage_count
     selected = config.stages or tuple(range(1, stage_count + 1))
     _check_stages(selected, stage_count, len(search.sites), config)
@@ -296,7 +344,7 @@ def plan_units(analysis: Analysis, config: InjectConfig, obstacle: Callable[[str
                 (site, f"module '{repeated}' is called more than once; the unit of its first call serves every call")
             )
             continue
-        planned.append(_planned_unit(site, module, config, stage_count, selected, obstacle))
+        planned.append(_planned_unit(site, module, config, stage_count, selected, obstacle, analysis.gm))
     if not planned:
         raise NoSitesError(
             f"none of the {len(in_stages)} sites of stages {list(selected)} "

@@ -16,6 +16,14 @@ A rule::
     description = "..."
     positions = { standard = "branch_output", post = "after_activation" }   # position -> anchor
     when = { min_branch_convs = 1 }      # conditions on the pattern's facts: NAME, min_NAME, max_NAME
+    style = "tresnet"                    # optional: the rule is used only under this style (or these: a list)
+    options = { r = 2 }                  # optional: unit options of the units it places (a family's
+                                         # widths per kind of block); the call's explicit options win
+
+A rule with a ``style`` is part of that style's design: where the family puts its units and which
+blocks get one. A style with rules of its own is placed by them alone (the family's design is whole:
+CoAtNet's transformer stages get no unit because its rules name only its MBConv blocks); under any
+other style they are ignored.
 """
 
 from __future__ import annotations
@@ -25,13 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from se_inject.config import POSITIONS, builtin_data_dir
+from se_inject.config import GROUP_FIELDS, POSITIONS, InjectConfig, builtin_data_dir, styles
 from se_inject.datafiles import read_tables, table_error
-from se_inject.errors import RuleError
+from se_inject.errors import ConfigError, RuleError
 from se_inject.io.files import read_text_file
 from se_inject.placement.patterns.base import PATTERNS, Candidate
 
-_RULE_FIELDS = {"name", "pattern", "priority", "fallback", "description", "positions", "when"}
+_RULE_FIELDS = {"name", "pattern", "priority", "fallback", "description", "positions", "when", "style", "options"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,8 @@ class Rule:
     fallback: bool = False
     description: str = ""
     source: str = ""  # the file it was read from
+    style: tuple[str, ...] = ()  # the styles whose design it is (none: every style's)
+    options: dict[str, Any] = field(default_factory=dict)  # unit options of the units it places
 
     def matches(self, candidate: Candidate) -> bool:
         """Whether ``candidate`` (of this rule's pattern kind) meets every condition."""
@@ -116,7 +126,28 @@ def _parse_rule(entry: dict[str, Any], source: str) -> Rule:
     _check_type(fallback, bool, source, name, "fallback")
     description = entry.get("description", "")
     _check_type(description, str, source, name, "description")
-    return Rule(name, pattern, dict(positions), dict(when), priority, fallback, description, source)
+    style = entry.get("style", ())
+    style = (style,) if isinstance(style, str) else style
+    if not isinstance(style, list | tuple) or not all(isinstance(s, str) and s.isidentifier() for s in style):
+        raise _fail(source, name, "style", f"expected a style's name or a list of them, got {entry.get('style')!r}")
+    options = _rule_options(entry.get("options", {}), source, name)
+    return Rule(
+        name, pattern, dict(positions), dict(when), priority, fallback, description, source, tuple(style), options
+    )
+
+
+def _rule_options(options: object, source: str, name: str) -> dict[str, Any]:
+    """The unit options a rule gives its units: group options (widths, act, gate...), each checked."""
+    if not isinstance(options, dict):
+        raise _fail(source, name, "options", "expected a table of unit options, e.g. { r = 2 }")
+    for key in options:
+        if key not in GROUP_FIELDS:
+            raise _fail(source, name, f"options.{key}", f"a rule sets {', '.join(GROUP_FIELDS)}; not {key!r}")
+    try:
+        InjectConfig.from_dict(options)
+    except ConfigError as err:
+        raise _fail(source, name, "options", str(err)) from None
+    return dict(options)
 
 
 def parse_rules(text: str, source: str) -> list[Rule]:
@@ -133,13 +164,22 @@ def read_rule_file(path: str | Path) -> list[Rule]:
     return parse_rules(text, str(path))
 
 
-def load_rules(extra: Sequence[str | Path] = ()) -> tuple[Rule, ...]:
-    """The built-in rules, then those of ``extra`` files (a rule named like an earlier one replaces it)."""
+def load_rules(extra: Sequence[str | Path] = (), style: str | None = "paper") -> tuple[Rule, ...]:
+    """The built-in rules, then those of ``extra`` files (a rule named like an earlier one replaces it);
+    a style with rules of its own is placed by them alone, rules of other styles are left out (None:
+    every rule, as listed)."""
     builtin = sorted(builtin_rules_dir().glob("*.toml"))
     if not builtin:
         raise RuleError(f"{builtin_rules_dir()}: no built-in rule files found; is se_inject installed completely?")
     by_name: dict[str, Rule] = {}
-    for path in [*builtin, *map(Path, extra)]:
+    for path in [*builtin, *sorted((builtin_rules_dir() / "families").glob("*.toml")), *map(Path, extra)]:
         for rule in read_rule_file(path):
             by_name[rule.name] = rule
-    return tuple(by_name.values())
+    known = styles()
+    for rule in by_name.values():
+        for unknown in (s for s in rule.style if s not in known):
+            raise _fail(rule.source, rule.name, "style", f"{unknown!r} is not a style; styles are {', '.join(known)}")
+    if style is None:
+        return tuple(by_name.values())
+    own = tuple(r for r in by_name.values() if style in r.style)
+    return own or tuple(r for r in by_name.values() if not r.style)

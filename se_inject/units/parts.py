@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -27,9 +28,10 @@ if TYPE_CHECKING:
     from se_inject.config import InjectConfig
 
 
-def _nearest_multiple_of_8(exact: Fraction) -> int:
-    """timm's ``make_divisible(v, 8)`` core: the nearest multiple of 8 (halves up), at least 8."""
-    return max(8, math.floor(exact + 4) // 8 * 8)
+def _nearest_multiple(exact: Fraction, divisor: int = 8) -> int:
+    """timm's ``make_divisible(v, divisor)`` core: the nearest multiple of ``divisor`` (halves up), at
+    least ``divisor``."""
+    return max(divisor, math.floor(exact + Fraction(divisor, 2)) // divisor * divisor)
 
 
 def hidden_width(channels: int, r: int, rounding: str = "floor") -> int:
@@ -41,8 +43,10 @@ def hidden_width(channels: int, r: int, rounding: str = "floor") -> int:
     - ``round_even``: Python's ``round`` (halves to even), as EfficientNet's and RegNetY's SE;
     - ``divisible8``: timm's ``make_divisible(C/r, 8)``: the nearest multiple of 8, at least 8,
       raised by 8 where that falls more than 10% below ``C/r`` (MobileNetV3's ``round_channels``);
+    - ``divisible4``: the same with 4, ``make_divisible(C/r, 4)`` (GhostNet's SE);
     - ``timm_se``: timm's SEModule, ``make_divisible(C/r, 8, round_limit=0)``: the nearest
-      multiple of 8, at least 8, without the 10% correction.
+      multiple of 8, at least 8, without the 10% correction;
+    - ``floor_min64``: ``max(C // r, 64)`` (TResNet's SE).
 
     The result is never below 1.
 
@@ -50,6 +54,8 @@ def hidden_width(channels: int, r: int, rounding: str = "floor") -> int:
     (4, 8, 1)
     >>> hidden_width(144, 16, "timm_se"), hidden_width(144, 16, "divisible8")
     (8, 16)
+    >>> hidden_width(72, 4, "divisible4"), hidden_width(256, 4, "floor_min64"), hidden_width(128, 4, "floor_min64")
+    (20, 64, 64)
     """
     if rounding not in ROUNDINGS:
         raise ConfigError(f"rounding: {rounding!r} is not one of {', '.join(ROUNDINGS)}")
@@ -63,11 +69,14 @@ def hidden_width(channels: int, r: int, rounding: str = "floor") -> int:
     elif rounding == "round_even":
         width = round(exact)
     elif rounding == "timm_se":
-        width = _nearest_multiple_of_8(exact)
-    else:  # divisible8
-        width = _nearest_multiple_of_8(exact)
+        width = _nearest_multiple(exact)
+    elif rounding == "floor_min64":
+        width = max(channels // r, 64)
+    else:  # divisible8, divisible4
+        divisor = 4 if rounding == "divisible4" else 8
+        width = _nearest_multiple(exact, divisor)
         if width < Fraction(9, 10) * exact:
-            width += 8
+            width += divisor
     return max(1, width)
 
 
@@ -117,7 +126,7 @@ _ACTS: dict[str, type[nn.Module]] = {
     "hard_swish": nn.Hardswish,
     "leaky_relu": nn.LeakyReLU,
 }
-assert set(_ACTS) == set(ACTS)
+assert set(_ACTS) == set(ACTS) - {"block"}  # "block": the planner gives each unit its block's activation
 
 
 def create_gate(gate: str | type[nn.Module], preserve: bool) -> nn.Module:
@@ -157,7 +166,8 @@ def create_act(act: str | type[nn.Module]) -> nn.Module:
     """The activation between the FC layers, from a name (``relu``, ``silu``, ...) or a module class."""
     if isinstance(act, str):
         if act not in _ACTS:
-            raise ConfigError(f"act: {act!r} is not one of {', '.join(ACTS)}")
+            wanted = ", ".join(_ACTS)
+            raise ConfigError(f"act: {act!r} names no activation of its own here; use one of {wanted} or a class")
         return _ACTS[act]()
     if isinstance(act, type) and issubclass(act, nn.Module):
         return act()
@@ -390,3 +400,16 @@ class GatedUnit(ChannelUnit):
     @property
     def gate_range(self) -> float:
         return gate_range(self.gate)
+
+
+@dataclass(frozen=True)
+class SEOptions:
+    """The SE unit's own options (``unit_options``): what published variants add to the paper's unit."""
+
+    norm: bool = field(
+        default=False,
+        metadata={
+            "help": "a BatchNorm on the bottleneck, between the first layer and the activation (ReXNet's SE); "
+            "trained as a norm and counted as its 2 h weights"
+        },
+    )

@@ -29,6 +29,7 @@ from se_inject.units.parts import (  # noqa: F401 - the gates and widths are als
     GatedUnit,
     ScaledHardSigmoid,
     ScaledSigmoid,
+    SEOptions,
     ShiftedReLU,
     ShiftedTanh,
     bottleneck_params,
@@ -92,6 +93,7 @@ class SqueezeExcite(GatedUnit):
 
     paper = "Squeeze-and-Excitation Networks, Hu et al., CVPR 2018 (arXiv:1709.01507)"
     reads = BOTTLENECK_READS | {"squeeze"}
+    Options = SEOptions
 
     # buffers of squeeze_through: fc1, the block's conv and BatchNorm folded into one matrix
     fold_weight: torch.Tensor
@@ -110,6 +112,7 @@ class SqueezeExcite(GatedUnit):
         reduced: int | None = None,
         hidden: int | None = None,
         init: str = "preserve",
+        norm: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -123,11 +126,18 @@ class SqueezeExcite(GatedUnit):
         self.squeeze = squeeze
         self.fc1: nn.Conv2d | nn.Linear
         self.fc2: nn.Conv2d | nn.Linear
+        # registered in the order they run (fc1, bn, fc2): a state dict lists them as ReXNet's SE does
         if squeeze == "none":
             self.fc1 = nn.Conv2d(channels, self.hidden, 1, bias=bias, device=device, dtype=dtype)
-            self.fc2 = nn.Conv2d(self.hidden, channels, 1, bias=bias, device=device, dtype=dtype)
         else:
             self.fc1 = nn.Linear(channels, self.hidden, bias=bias, device=device, dtype=dtype)
+        self.bn: nn.Module | None = None
+        if norm:
+            norm_type = nn.BatchNorm2d if squeeze == "none" else nn.BatchNorm1d
+            self.bn = norm_type(self.hidden, device=device, dtype=dtype)
+        if squeeze == "none":
+            self.fc2 = nn.Conv2d(self.hidden, channels, 1, bias=bias, device=device, dtype=dtype)
+        else:
             self.fc2 = nn.Linear(self.hidden, channels, bias=bias, device=device, dtype=dtype)
         self.act = create_act(act_layer)
         # the block's (conv, norm) folded into the squeeze by squeeze_through: not children, not saved
@@ -139,9 +149,10 @@ class SqueezeExcite(GatedUnit):
 
     def expected_params(self) -> Fraction:
         bias = self.fc1.bias is not None
+        norm = 2 * self.hidden if self.bn is not None else 0  # its weight and bias, on the rounded width
         if self.absolute_hidden:  # no r to predict from: the closed form of the width asked for
-            return Fraction(unit_weights(self.channels, self.hidden, bias))
-        return eq5_params(self.channels, self.r, bias=bias, reduced=self.reduced)
+            return Fraction(unit_weights(self.channels, self.hidden, bias)) + norm
+        return eq5_params(self.channels, self.r, bias=bias, reduced=self.reduced) + norm
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """fc2's output on the squeezed ``x`` (what the gate is applied to), shaped to broadcast against ``x``."""
@@ -289,8 +300,10 @@ class SqueezeExcite(GatedUnit):
 
     def _second(self, h: torch.Tensor) -> torch.Tensor:
         """fc2's output from fc1's output ``h``, shaped to broadcast against the unit's input."""
+        if self.bn is not None:
+            h = self.bn(h)
         # in place on fc1's output, which nothing else holds and whose backward needs only fc1's input
-        h = h.relu_() if type(self.act) is nn.ReLU and not is_traced(h) else self.act(h)
+        h = h.relu_() if type(self.act) is nn.ReLU and not is_traced(h) and self.bn is None else self.act(h)
         s = self._layer(self.fc2, h)
         return s if self.squeeze == "none" else s.view(s.shape[0], s.shape[1], 1, 1)
 

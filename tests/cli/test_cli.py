@@ -90,7 +90,7 @@ def test_user_model_from_a_file(tmp_path):
             "no place for an SE unit at position 'identity' (rules: residual): found 8 convolutions",
         ),
         (["resnet50", "--input-size", "0"], "--input-size"),
-        (["resnet50", "--style", "senet"], "style: 'senet' is not a style; styles are paper, timm, efficientnet"),
+        (["resnet50", "--style", "sennet"], "style: 'sennet' is not a style; styles are paper, timm, efficientnet"),
         (["resnet50", "--include", "blocks.*"], "include: 'blocks.*' matches none of the 16 blocks"),
         (["resnet50", "--gate", "softmax"], "gate: 'softmax' is not one of sigmoid, hard_sigmoid, tanh, relu"),
         (["resnet50", "--style-file", "missing.toml"], "missing.toml"),
@@ -208,9 +208,18 @@ def test_rules_lists_the_registries(tmp_path):
         "dense_concat",
         "depthwise",
         "conv_act",
+        "branch_sum",
     }
     assert {r["name"] for r in data["rules"]} >= {"residual", "inception", "plain", "mine"}
-    assert next(k for k in data["patterns"] if k["name"] == "conv_act")["facts"] == {"kernel": "int"}
+    assert next(k for k in data["patterns"] if k["name"] == "conv_act")["facts"] == {
+        "kernel": "int",
+        "pointwise_before": "bool",
+        "pointwise_after": "bool",
+        "reads_concat": "bool",
+    }
+    tresnet = [r for r in data["rules"] if "tresnet" in r["style"]]  # a family's rules, with their units' options
+    assert {r["name"] for r in tresnet} == {"tresnet_basic", "tresnet_bottleneck"}
+    assert next(r for r in tresnet if r["name"] == "tresnet_bottleneck")["options"] == {"r": 2}
     assert {s["name"] for s in data["styles"]} >= {"paper", "timm", "efficientnet", "mobilenetv3", "regnety"}
     assert next(s for s in data["styles"] if s["name"] == "regnety")["options"]["position"] == "inner"
     assert "efficientnet" in out and "round_even" in out  # the table lists the styles too

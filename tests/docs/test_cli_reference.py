@@ -27,3 +27,16 @@ def test_each_commands_help_is_on_the_page(command):
     assert result.exit_code == 0
     assert result.stdout == help_text(*args)
     assert f"$ se-inject {' '.join([*args, '--help'])}\n{result.stdout}" in PAGE.read_text()
+
+
+def test_the_styles_page_is_what_the_generator_prints():
+    """Every built-in style on the page with its options and the rules of its placement (a style a user
+    registered is not on it)."""
+    from se_inject.cli.reference import styles_markdown
+    from se_inject.config import builtin_styles
+
+    page = (PAGE.parent / "styles.md").read_text()
+    assert page == styles_markdown(), "regenerate: python -m se_inject.cli.reference styles > docs/reference/styles.md"
+    for name in builtin_styles():
+        assert f"| `{name}` |" in page
+    assert "tresnet_bottleneck: residual_add -> standard: before_last_conv" in page  # a family's placement

@@ -44,6 +44,7 @@ HOW = {
     "mkdocs build --strict": CI,
     "python benchmarks/bench_retrofit.py": BENCHMARK,
     "python benchmarks/zoo.py": BENCHMARK,
+    "python benchmarks/twins.py --workers 2": BENCHMARK,
     "python benchmarks/units.py": BENCHMARK,
     "python benchmarks/optimize.py --batch 16": BENCHMARK,
     "python benchmarks/startup.py": BENCHMARK,

@@ -26,7 +26,7 @@ from se_inject.placement.sites import analyse
 
 
 def test_the_registry_refuses_a_name_twice():
-    assert set(PATTERNS) == {"residual_add", "branch_concat", "dense_concat", "depthwise", "conv_act"}
+    assert set(PATTERNS) == {"residual_add", "branch_concat", "dense_concat", "depthwise", "conv_act", "branch_sum"}
     with pytest.raises(ValueError, match="already registered"):
         register_pattern("depthwise", anchors=(), facts={})(lambda gm, order: [])
 

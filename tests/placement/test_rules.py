@@ -143,6 +143,8 @@ def test_rule_files_are_data_only():
                 "fallback",
                 "description",
                 "source",
+                "style",
+                "options",
             }
 
 
@@ -167,4 +169,5 @@ def test_a_wheel_ships_the_rules(tmp_path):
     (wheel,) = tmp_path.glob("*.whl")
     assert wheel.name.startswith(f"se_inject-{se_inject.__version__}-")  # the version comes from se_inject/_version.py
     names = zipfile.ZipFile(wheel).namelist()
-    assert {f"se_inject/rules/{p.name}" for p in (ROOT / "rules").glob("*.toml")} <= set(names)
+    shipped = {f"se_inject/rules/{p.relative_to(ROOT / 'rules').as_posix()}" for p in (ROOT / "rules").rglob("*.toml")}
+    assert shipped <= set(names)  # every data file, the families' rules and the styles included

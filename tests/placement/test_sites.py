@@ -50,7 +50,12 @@ def test_branch_and_shortcut_are_told_apart_by_structure():
     analysis, (first, _, downsampling, *_) = residual_sites(FunctionalResNet(), 32)
     assert _targets(analysis, first.region) == ["stages.0.0.conv1", "stages.0.0.conv2"]
     assert parts(first)["shortcut_output"] is parts(first)["fork"]  # identity shortcut
-    assert first.candidate.facts == {"branch_convs": 2, "shortcut_convs": 0, "branch_nodes": 5}
+    assert first.candidate.facts == {
+        "branch_convs": 2,
+        "branch_pointwise_convs": 0,
+        "shortcut_convs": 0,
+        "branch_nodes": 5,
+    }
     assert downsampling.candidate.facts["shortcut_convs"] == 1  # projection: 1x1 conv + BN
     assert parts(downsampling)["shortcut_output"].target == "stages.1.0.proj.1"
     assert parts(downsampling)["branch_output"].target == "stages.1.0.bn2"

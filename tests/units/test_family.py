@@ -253,7 +253,7 @@ def test_eca_kernel_sizes_follow_the_paper():
         ("ge", {"extent": 3}, r"extent: expected 0 \(global\) or a power of two"),
         ("ge", {"mlp": False}, r"init: the parameter-free Gather-Excite .* has no last layer to start at zero"),
         ("cbam", {"spatial_kernel": 6}, r"spatial_kernel: expected an odd size"),
-        ("se", {"kernel_size": 3}, r"unit_options.kernel_size: not an option of this unit; its options are none"),
+        ("se", {"kernel_size": 3}, r"unit_options.kernel_size: not an option of this unit; its options are norm"),
     ],
 )
 def test_bad_unit_options_name_the_field_and_change_nothing(unit, options, message):

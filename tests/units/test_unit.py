@@ -49,6 +49,10 @@ def test_widths_are_those_of_timms_own_rules_for_every_channel_count():
             assert hidden_width(channels, r, "timm_se") == make_divisible(channels * (1 / r), 8, round_limit=0.0)
             assert hidden_width(channels, r, "divisible8") == make_divisible(channels / r, 8)  # round_channels
             assert hidden_width(channels, r, "round_even") == max(1, round(channels * (1 / r)))
+            assert hidden_width(channels, r, "divisible4") == make_divisible(channels / r, 4)  # GhostNet's SE
+            assert hidden_width(channels, r, "floor_min64") == max(channels // r, 64)  # TResNet's SE
+    for channels in range(12, 4097):  # ReXNet: make_divisible(int(C * se_ratio), 1) with se_ratio 1/12
+        assert hidden_width(channels, 12, "floor") == make_divisible(int(channels * (1 / 12)), 1)
 
 
 def test_the_old_rounding_name_is_read_as_what_it_computed():

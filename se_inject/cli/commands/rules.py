@@ -22,7 +22,7 @@ def command(
     from se_inject.placement.patterns import PATTERNS
     from se_inject.placement.rules import load_rules
 
-    loaded = load_rules(tuple(rules))
+    loaded = load_rules(tuple(rules), style=None)
     if as_json:
         print_json(_as_data(PATTERNS.values(), loaded, styles().values()))
         return
@@ -40,11 +40,19 @@ def command(
         positions = ", ".join(f"{p}: {a}" for p, a in rule.positions.items())
         when = ", ".join(f"{k}={v}" for k, v in rule.when.items()) or "-"
         priority = f"{rule.priority}{' (fallback)' if rule.fallback else ''}"
+        if rule.style:
+            priority += f" (style {', '.join(rule.style)})"
+        if rule.options:
+            when += "; units: " + ", ".join(f"{k}={v}" for k, v in rule.options.items())
         listed.add_row(rule.name, rule.pattern, priority, positions, when, Path(rule.source).name)
     out.print(listed)
     named = text_table("Styles (style=NAME; options left out are the paper's)", ("style", "options", "reproduces"))
     for style in styles().values():
-        named.add_row(style.name, ", ".join(f"{k}={v}" for k, v in style.options.items()), style.description)
+        options = ", ".join(f"{k}={v}" for k, v in style.options.items())
+        options += "".join(
+            f"; {unit}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for unit, o in style.units.items()
+        )
+        named.add_row(style.name, options, style.description)
     out.print(named)
 
 
@@ -67,11 +75,14 @@ def _as_data(kinds: Any, rules: Any, styles: Any) -> dict[str, Any]:
                 "fallback": r.fallback,
                 "positions": r.positions,
                 "when": r.when,
+                "style": list(r.style),
+                "options": r.options,
                 "source": r.source,
             }
             for r in rules
         ],
         "styles": [
-            {"name": s.name, "options": s.options, "description": s.description, "source": s.source} for s in styles
+            {"name": s.name, "options": s.options, "units": s.units, "description": s.description, "source": s.source}
+            for s in styles
         ],
     }

@@ -12,11 +12,19 @@ with which anchor per position is decided by the rules in ``rules/*.toml``, not 
 - ``dense_concat``: DenseNet's concatenation of a dense layer's new features to those it read.
 - ``depthwise``: a depthwise convolution (groups == in_channels) with the norm and activation after it.
 - ``conv_act``: a convolution followed (through its norm) by a non-linearity (plain VGG stacks).
+- ``branch_sum``: the sum of parallel conv branches of one input (RepVGG, MobileOne), whole.
 
 Existing channel gates (``x * f(pool(x))``: SE, ECA, ...) are found by :func:`find_channel_gates`.
 """
 
-from se_inject.placement.patterns import concat, conv_act, dense, depthwise, residual  # noqa: F401 - registers the kinds
+from se_inject.placement.patterns import (  # noqa: F401 - registers the kinds
+    branch_sum,
+    concat,
+    conv_act,
+    dense,
+    depthwise,
+    residual,
+)
 from se_inject.placement.patterns.base import (
     PATTERNS,
     Candidate,

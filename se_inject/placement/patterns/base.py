@@ -44,6 +44,8 @@ class Candidate:
     parts: dict[str, fx.Node] = field(default_factory=dict)  # named nodes, for tests and messages
     # the value entering the block (what EfficientNet's and RegNetY's SE widths are computed from)
     block_input: fx.Node | None = None
+    # the value the block produces (what MaxViT's and CoAtNet's SE widths are computed from); None: output
+    block_output: fx.Node | None = None
 
     @property
     def size(self) -> tuple[int, ...]:  # (height, width) of a feature map

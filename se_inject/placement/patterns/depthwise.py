@@ -4,21 +4,31 @@ and the pointwise convolution after it."""
 from __future__ import annotations
 
 import torch.fx as fx
-from torch import nn
 
-from se_inject.graph.ops import is_conv, is_spatial_conv, kernel_of, module_of, shape_of, tensor_shape
+from se_inject.graph.ops import (
+    conv_parts,
+    is_activation,
+    is_conv,
+    is_conv_like,
+    is_shape_keeping_layer,
+    is_spatial_conv,
+    kernel_of,
+    module_of,
+    shape_of,
+    tensor_shape,
+)
 from se_inject.graph.walk import activation_between, ancestors, follow_shape_keeping, walk_region
 from se_inject.placement.existing_gates import through_gate
 from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
 
 
 def is_depthwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A depthwise conv (groups == in_channels): a module, each part of a mixed conv (MixNet), or a
+    CondConv2d (EfficientNet-CondConv)."""
     mod = module_of(gm, node)
-    return (
-        isinstance(mod, nn.modules.conv._ConvNd)
-        and mod.groups > 1
-        and mod.groups == mod.in_channels
-        and mod.out_channels % mod.in_channels == 0
+    parts: list = conv_parts(mod) or ([mod] if mod is not None and is_conv_like(mod) else [])
+    return bool(parts) and all(
+        p.groups > 1 and p.groups == p.in_channels and p.out_channels % p.in_channels == 0 for p in parts
     )
 
 
@@ -35,9 +45,11 @@ def block_input(gm: fx.GraphModule, depthwise: fx.Node) -> fx.Node | None:
             widens = tensor_shape(walk)[1] > tensor_shape(walk.all_input_nodes[0])[1]
             return walk.all_input_nodes[0] if widens else start
         # only the norm and activation between an expansion and the depthwise conv
+        # (a functional norm reads its weight and bias too: parameters, not other feature maps)
         if (
             len(walk.users) != 1
-            or len(walk.all_input_nodes) != 1
+            or not walk.all_input_nodes
+            or any(n.op != "get_attr" for n in walk.all_input_nodes[1:])
             or shape_of(walk) != shape_of(depthwise.all_input_nodes[0])
         ):
             return start
@@ -58,6 +70,16 @@ def _past_existing_gate(gm: fx.GraphModule, node: fx.Node, activated: fx.Node) -
     return end, frozenset(region)
 
 
+def _normed(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """``node`` and its norm (one-user layers that keep the shape and are not activations)."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if is_activation(gm, user) or not is_shape_keeping_layer(gm, user) or shape_of(user) != shape_of(node):
+            break
+        node = user
+    return node
+
+
 def pointwise_after(gm: fx.GraphModule, end: fx.Node) -> fx.Node | None:
     if len(end.users) != 1:
         return None
@@ -67,7 +89,7 @@ def pointwise_after(gm: fx.GraphModule, end: fx.Node) -> fx.Node | None:
 
 @register_pattern(
     "depthwise",
-    anchors=("after_depthwise", "after_pointwise"),
+    anchors=("after_depthwise", "after_pointwise", "depthwise_output", "after_depthwise_norm"),
     facts={
         "activation_after": bool,
         "kernel": int,
@@ -84,6 +106,7 @@ def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candid
             continue
         activated = follow_shape_keeping(gm, node)
         end, region = _past_existing_gate(gm, node, activated)
+        normed = _normed(gm, node)
         pointwise = pointwise_after(gm, end)
         pointwise_end = follow_shape_keeping(gm, pointwise) if pointwise is not None else None
         reduces = pointwise is not None and tensor_shape(pointwise)[1] < tensor_shape(end)[1]
@@ -95,6 +118,10 @@ def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candid
         anchors = {
             "after_depthwise": Insertion(end, None, (end,)),
             "after_pointwise": Insertion(pointwise_end, None, (pointwise_end,)) if pointwise_end is not None else None,
+            # the depthwise conv's own output, before its norm (timm's CoAtNet-rw "SE early")
+            "depthwise_output": Insertion(node, None, (node,)),
+            # after its norm, before its activation (ReXNet)
+            "after_depthwise_norm": Insertion(normed, None, (normed,)),
         }
         if pointwise is not None and pointwise_end is not None:
             region |= walk_region(pointwise, pointwise_end)
@@ -113,6 +140,7 @@ def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candid
                 },
                 parts={"conv": node},
                 block_input=block_input(gm, node),
+                block_output=pointwise_end,
             )
         )
     return found

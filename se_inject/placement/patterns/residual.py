@@ -23,6 +23,36 @@ from se_inject.graph.walk import (
 from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
 
 
+def _inside_branch(
+    gm: fx.GraphModule, branch: frozenset[fx.Node], add: fx.Node, order: dict[fx.Node, int]
+) -> dict[str, Insertion | None]:
+    """The anchors inside the branch, by its convolutions (None where the branch has no such conv)."""
+
+    def after(node: fx.Node | None) -> Insertion | None:
+        return Insertion(node, None, (node, add)) if node is not None else None
+
+    def into(conv: fx.Node | None) -> Insertion | None:  # what enters ``conv``, for it alone
+        feeding = conv.args[0] if conv is not None and isinstance(conv.args[0], fx.Node) else None
+        return Insertion(feeding, (conv,), (feeding, conv, add)) if conv is not None and feeding in branch else None
+
+    convs = sorted((n for n in branch if is_conv(gm, n)), key=order.__getitem__)
+    spatial = [n for n in convs if is_spatial_conv(gm, n)]
+    pointwise = [n for n in convs if not is_spatial_conv(gm, n)]
+    return {
+        "after_spatial_conv": after(follow_shape_keeping(gm, spatial[0], branch) if spatial else None),
+        # DarkNet's SE follows the branch's first conv, its norm and its activation
+        "after_first_conv": after(follow_shape_keeping(gm, convs[0], branch) if convs else None),
+        # TResNet's bottleneck: on what enters the last conv (after the 3x3 and its anti-aliasing pool)
+        "before_last_conv": into(convs[-1] if convs else None),
+        # a pre-activation block's spatial conv feeds the next block's norm: SE on the conv itself
+        "spatial_conv_output": after(spatial[0] if spatial else None),
+        # NFNet's attn_last: on the last conv's output, before the branch is scaled by alpha
+        "after_last_conv": after(follow_shape_keeping(gm, convs[-1], branch) if convs else None),
+        # GhostNet: on what enters the second ghost module, whose first conv is the branch's last 1x1
+        "before_last_pointwise": into(pointwise[-1] if pointwise else None),
+    }
+
+
 @register_pattern(
     "residual_add",
     anchors=(
@@ -32,8 +62,12 @@ from se_inject.placement.patterns.base import Candidate, Insertion, register_pat
         "shortcut_output",
         "after_spatial_conv",
         "after_first_conv",
+        "before_last_conv",
+        "spatial_conv_output",
+        "after_last_conv",
+        "before_last_pointwise",
     ),
-    facts={"branch_convs": int, "shortcut_convs": int, "branch_nodes": int},
+    facts={"branch_convs": int, "branch_pointwise_convs": int, "shortcut_convs": int, "branch_nodes": int},
 )
 def find_residual_adds(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candidate]:
     """Residual additions: post(add(branch(fork), shortcut(fork)))."""
@@ -63,11 +97,6 @@ def find_residual_adds(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Ca
             user = next(iter(node.users))
             if is_activation(gm, user) and user.all_input_nodes[:1] == [node] and shape_of(user) == shape:
                 post = user
-        spatial = sorted((n for n in branch if is_spatial_conv(gm, n)), key=order.__getitem__)
-        inner = follow_shape_keeping(gm, spatial[0], branch) if spatial else None
-        convs = sorted((n for n in branch if is_conv(gm, n)), key=order.__getitem__)
-        # DarkNet's SE follows the branch's first conv, its norm and its activation
-        first = follow_shape_keeping(gm, convs[0], branch) if convs else None
         branch_users = tuple(u for u in fork.users if u in branch)
         found.append(
             Candidate(
@@ -79,11 +108,11 @@ def find_residual_adds(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Ca
                     "branch_input": Insertion(fork, branch_users, branch_users + (node,)) if branch_users else None,
                     "after_activation": Insertion(post, None, (post, node)),
                     "shortcut_output": Insertion(shortcut_out, (node,), (node,)),
-                    "after_spatial_conv": Insertion(inner, None, (inner, node)) if inner is not None else None,
-                    "after_first_conv": Insertion(first, None, (first, node)) if first is not None else None,
+                    **_inside_branch(gm, branch, node, order),
                 },
                 facts={
                     "branch_convs": conv_count(gm, branch),
+                    "branch_pointwise_convs": sum(is_conv(gm, n) and not is_spatial_conv(gm, n) for n in branch),
                     "shortcut_convs": conv_count(gm, shortcut),
                     "branch_nodes": len(branch),
                 },

@@ -1,0 +1,290 @@
+"""A family's design by name: each style reproduces one of timm's networks of its family from the
+network's plain sibling, with ``style=`` alone (``include=`` only where the family picks its SE blocks
+by index), placement included; the sweep over every variant is benchmarks/twins.py.
+
+The twins come from tests/twin_harness.py: random BatchNorm statistics and attention weights, the
+published start of the units (a scaled preserve gate could not pass), float64, every block compared.
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from twin_harness import NotReproduced, reproduce
+
+import se_inject
+from se_inject.placement.rules import load_rules
+
+# model -> (the call that reproduces it, whether the family picks its blocks by index): one or two per
+# family, the smallest; the sweep over every variant is benchmarks/twins.py (docs/reference/twins.md)
+FAMILY_TWINS: dict[str, tuple[dict, bool]] = {
+    "legacy_seresnet18": ({"style": "senet"}, False),  # floor(C/16), bias
+    "resnetrs50": ({"style": "resnetrs"}, False),  # timm's SE at r=4
+    "ecaresnet26t": ({"style": "timm", "unit": "eca"}, False),  # eca's own conventions under timm's style
+    "sedarknet21": ({"style": "darknet"}, False),  # after the block's first conv: a rule of the style
+    "cs3sedarknet_l": ({"style": "cspnet"}, False),  # DarkBlock: 1x1 -> SE -> 3x3
+    "cs3se_edgenet_x": ({"style": "cspnet"}, False),  # EdgeBlock: 3x3 -> SE -> 1x1
+    # BottleneckBlock: 1x1, 3x3 -> SE, 1x1; this model's config keeps timm's default rd_ratio 1/16
+    "cs3sedarknet_xdw": ({"style": "cspnet", "r": 16}, False),
+    "cspnext_tiny": ({"style": "cspnext"}, False),  # effective SE on a CSP layer's concatenation
+    "seresnext26ts": ({"style": "byobnet"}, False),  # after the 3x3 conv
+    "eca_resnext26ts": ({"style": "byobnet", "unit": "eca"}, False),
+    "gcresnext26ts": ({"style": "byobnet", "unit": "gc"}, False),  # timm's gca: r=8, additive fusion
+    "regnetz_b16": ({"style": "regnetz"}, False),  # blocks without a shortcut too (conv_act rule)
+    "repvgg_d2se": ({"style": "repvgg"}, False),  # on the sum of the branches, before the activation
+    "regnetz_005": ({"style": "regnetz_pycls"}, False),
+    "regnetv_040": ({"style": "regnetv"}, False),  # pre-activation: on the 3x3 conv's own output
+    "tresnet_m": ({"style": "tresnet"}, True),  # two rules: basic and bottleneck blocks; stages 1-3
+    "efficientnetv2_rw_t": ({"style": "efficientnet"}, True),  # no SE in the first stages
+    "efficientnet_cc_b0_4e": ({"style": "efficientnet"}, True),  # CondConv2d is a depthwise conv
+    "efficientnet_b0_gn": ({"style": "efficientnet"}, True),  # GroupNorm traced as a function
+    "semnasnet_050": ({"style": "mnasnet"}, True),
+    "mobilenetv3_rw": ({"style": "mobilenetv3_rw"}, True),  # the block's own activation (act="block")
+    "fbnetv3_b": ({"style": "fbnetv3"}, True),
+    "lcnet_050": ({"style": "lcnet"}, True),  # after the depthwise conv of a separable block
+    "rexnet_100": ({"style": "rexnet"}, True),  # a BatchNorm in the bottleneck, before the ReLU6
+    "ghostnet_050": ({"style": "ghostnet"}, True),  # what enters the second ghost module
+    "repghostnet_050": ({"style": "repghost"}, True),
+    "nf_regnet_b0": ({"style": "nf_regnet"}, False),  # inside timm's fx leaf NormFreeBlock
+    "test_nfnet": ({"style": "nfnet_l"}, False),  # on the last conv, before the scaling by alpha
+    "ese_vovnet19b_dw": ({"style": "vovnet"}, True),  # after the aggregation conv; last block of a stage
+    "hgnet_tiny": ({"style": "hgnet"}, False),
+    "repvit_m0_9": ({"style": "repvit"}, True),  # on the token mixer's normalised sum
+    "shvit_s1": ({"style": "shvit"}, False),  # the downsampling layers only
+    "efficientvim_m1": ({"style": "efficientvim"}, False),
+    "efficientvit_m0": ({"style": "efficientvit_msra"}, False),  # after the second call of one activation
+    "lcnetv2_small": ({"style": "lcnetv2"}, True),
+    "gcvit_xxtiny": ({"style": "gcvit"}, False),
+    "fastvit_t8": ({"style": "fastvit"}, True),  # the final MobileOne conv
+    "test_maxvit": ({"style": "maxvit_rw"}, False),  # MBConv blocks only, not the attention
+    "coatnet_0_rw_224": ({"style": "coatnet_rw_early"}, False),  # on the depthwise conv before its norm
+    "torchvision:efficientnet_b0": ({"style": "torchvision_efficientnet"}, False),
+    "torchvision:mobilenet_v3_small": ({"style": "mobilenetv3"}, True),
+    "torchvision:regnet_y_400mf": ({"style": "regnety"}, False),
+}
+
+
+# the families' larger twins (over 5 s each on 2 cores): run with -m slow; each family keeps a model in
+# the fast suite, or is reproduced there by tests/test_twins.py
+SLOW = {
+    "cs3sedarknet_xdw",
+    "cs3se_edgenet_x",
+    "repvgg_d2se",
+    "efficientnetv2_rw_t",
+    "ghostnet_050",
+    "resnetrs50",
+    "seresnext26ts",
+    "regnetv_040",
+    "regnetz_005",
+}
+
+
+def _family_twins() -> list:
+    return [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in FAMILY_TWINS]
+
+
+def _build(name: str):
+    if name.startswith("torchvision:"):
+        return torchvision.models.get_model(name.partition(":")[2])
+    return timm.create_model(name)
+
+
+@pytest.mark.parametrize("name", _family_twins())
+def test_a_style_reproduces_its_family(name):
+    options, by_index = FAMILY_TWINS[name]
+    result = reproduce(lambda: _build(name), options, by_index)
+    # every block to float64 rounding; end to end, random weights amplify that rounding block after block
+    # (RepVGG's 48 blocks: to 0.6 of the output's scale), so the blocks are the measure
+    assert result.worst_block <= 1e-10
+
+
+@pytest.mark.parametrize(
+    "name, conventions_alone",
+    [
+        # the family's widths, act and bias without its placement: the paper's position is another place
+        ("sedarknet21", {"r": 16, "act": "leaky_relu", "bias": True, "rounding": "timm_se"}),
+        ("cs3sedarknet_l", {"r": 4, "act": "silu", "bias": True, "rounding": "timm_se"}),
+        ("tresnet_m", {"r": 4, "bias": True, "rounding": "floor_min64"}),
+    ],
+)
+def test_the_conventions_without_the_familys_placement_do_not_reproduce_it(name, conventions_alone):
+    _, by_index = FAMILY_TWINS[name]
+    try:
+        result = reproduce(lambda: timm.create_model(name), conventions_alone, by_index)
+    except NotReproduced:  # a unit of another width (TResNet's bottlenecks) fails the weight copy
+        return
+    assert result.worst_block > 1e-3
+
+
+def test_a_familys_rules_apply_under_its_style_only():
+    darknet = {r.name for r in load_rules(style="darknet")}
+    paper = {r.name for r in load_rules()}
+    assert "darknet" in darknet and "darknet" not in paper and "tresnet_bottleneck" not in darknet
+    assert {"darknet", "tresnet_basic", "residual"} <= {r.name for r in load_rules(style=None)}  # as listed
+
+
+def test_a_rules_unit_options_yield_to_the_calls():
+    """TResNet's bottleneck rule sets r=2; an r given explicitly wins over it."""
+    with torch.device("meta"):
+        plain = timm.create_model("resnet26")
+    by_rule = se_inject.report(plain, style="tresnet", input_size=64)
+    explicit = se_inject.report(plain, style="tresnet", r=8, input_size=64)
+    assert {u.r for u in by_rule.sites} == {2}
+    assert {u.r for u in explicit.sites} == {8}
+    # max(C / 2, 64) of the bottlenecks' 64, 128, 256 and 512 channels
+    assert sorted({(u.channels, u.hidden) for u in by_rule.sites}) == [(64, 64), (128, 64), (256, 128), (512, 256)]
+
+
+STYLE_FILE = """
+[[style]]
+name = "{name}"
+options = {{ r = 8 }}
+units.{unit} = {options}
+"""
+
+
+@pytest.mark.parametrize(
+    "unit, options, problem",
+    [
+        ("gc", "{ position = 'pre' }", None),
+        ("gc", "{ unit = 'eca' }", "field 'units.gc.unit': a style sets"),
+        ("gc", "{ r = 0 }", "field 'units.gc': r:"),
+        ("gc", "{ unit_options = 3 }", "field 'units.gc.unit_options': expected a table"),
+        ("gc", "3", "field 'units.gc': expected a table of options"),
+    ],
+)
+def test_a_styles_entries_for_other_units_are_checked(tmp_path, unit, options, problem):
+    from se_inject.config import parse_styles
+    from se_inject.errors import ConfigError
+
+    text = STYLE_FILE.format(name="mine", unit=unit, options=options)
+    if problem is None:
+        (parsed,) = parse_styles(text, "mine.toml")
+        assert parsed.units == {"gc": {"position": "pre"}}
+        return
+    with pytest.raises(ConfigError, match=rf"mine.toml: style 'mine': {problem}"):
+        parse_styles(text, "mine.toml")
+
+
+def test_a_styles_options_are_its_units_and_another_unit_takes_only_its_placement():
+    from se_inject.config import InjectConfig
+
+    timm_se = InjectConfig(style="timm")
+    assert (timm_se.unit, timm_se.r, timm_se.bias, timm_se.rounding) == ("se", 16, True, "timm_se")
+    eca = InjectConfig(style="byobnet", unit="eca")  # byobnet's SE widths and bias are not eca's
+    assert (eca.position, eca.bias, eca.gate) == ("inner", False, "sigmoid")
+    gc = InjectConfig(style="byobnet", unit="gc")  # the style's own entry for gc: timm's gca
+    assert (gc.r, gc.rounding, gc.bias, gc.unit_options) == (8, "round", True, {"fusion": "add"})
+    assert InjectConfig(style="timm", unit="gc", unit_options={"fusion": "add"}).unit_options == {"fusion": "add"}
+
+
+RULE = """
+[[rule]]
+name = "mine"
+pattern = "residual_add"
+positions = {{ standard = "branch_output" }}
+{extra}
+"""
+
+
+@pytest.mark.parametrize(
+    "extra, problem",
+    [
+        ('style = "nope"', "field 'style': 'nope' is not a style"),
+        ("style = 3", "field 'style': expected a style.s name or a list of them"),
+        ("options = { position = 'pre' }", "field 'options.position': a rule sets"),
+        ("options = { r = 0 }", "field 'options': r:"),
+        ("options = 2", "field 'options': expected a table of unit options"),
+    ],
+)
+def test_a_rules_style_and_options_are_checked(tmp_path, extra, problem):
+    from se_inject.errors import RuleError
+
+    path = tmp_path / "mine.toml"
+    path.write_text(RULE.format(extra=extra))
+    with pytest.raises(RuleError, match=rf"mine.toml: rule 'mine': {problem}"):
+        load_rules([path])
+
+
+def _rule_file(tmp_path, text: str) -> str:
+    path = tmp_path / "rule.toml"
+    path.write_text(text)
+    return str(path)
+
+
+# a family's own rule replaced by one of the same name that puts the unit one step off: the twin must fail
+MISPLACED = {
+    # ReXNet: after the ReLU6 instead of between the depthwise conv's norm and it
+    "rexnet_100": 'name = "rexnet"\nstyle = "rexnet"\npattern = "depthwise"\npositions = { standard = "after_depthwise" }',
+    # EfficientViT-MSRA: on the depthwise conv's raw output, before its norm and the second call of the act
+    "efficientvit_m0": 'name = "vit_downsample"\nstyle = "efficientvit_msra"\npattern = "depthwise"\n'
+    'positions = { standard = "depthwise_output" }\nwhen = { pointwise_reduces = true }',
+    # FastViT / RepVGG: after the activation instead of on the sum before it
+    "fastvit_t8": 'name = "repvgg"\nstyle = ["repvgg", "fastvit"]\npattern = "branch_sum"\n'
+    'positions = { standard = "after_activation" }',
+    # NFNet: on the branch output, after its scaling by alpha, instead of on the last conv's output
+    "test_nfnet": 'name = "nfnet"\nstyle = ["nfnet", "nfnet_l"]\npattern = "residual_add"\n'
+    'positions = { standard = "branch_output" }',
+}
+
+
+@pytest.mark.parametrize("name", list(MISPLACED))
+def test_a_unit_one_step_off_the_familys_place_fails(tmp_path, name):
+    options, by_index = FAMILY_TWINS[name]
+    rules = [_rule_file(tmp_path, "[[rule]]\n" + MISPLACED[name] + "\n")]
+    result = reproduce(lambda: _build(name), {**options, "rules": rules}, by_index)
+    assert result.worst_block > 1e-3
+
+
+def test_rexnets_bottleneck_norm_is_part_of_the_unit():
+    """Without the norm the unit has other tensors than ReXNet's SE: the copy refuses them."""
+    options, by_index = FAMILY_TWINS["rexnet_100"]
+    with pytest.raises(NotReproduced, match="unit tensors"):
+        reproduce(lambda: _build("rexnet_100"), {**options, "unit_options": {"norm": False}}, by_index)
+
+
+def test_the_blocks_own_activation_is_not_one_for_all():
+    """mobilenetv3_rw's SE uses the block's ReLU or hard-swish (act="block"); one act for all fails."""
+    options, by_index = FAMILY_TWINS["mobilenetv3_rw"]
+    result = reproduce(lambda: _build("mobilenetv3_rw"), {**options, "act": "hard_swish"}, by_index)
+    assert result.worst_block > 1e-3
+
+
+def test_an_eca_kernel_per_group_reproduces_a_pruned_network():
+    """ecaresnet50d_pruned keeps the kernel sizes of the unpruned widths (5 and 7 where its own channels
+    give 3 and 5): groups give each block its kernel, as the twin has it; without them the copy fails."""
+    from timm.layers.eca import EcaModule
+
+    twin = timm.create_model("ecaresnet50d_pruned")
+    kernels = {n.rpartition(".")[0]: m.conv.kernel_size[0] for n, m in twin.named_modules() if isinstance(m, EcaModule)}
+    groups = [{"blocks": [block], "unit_options": {"kernel_size": k}} for block, k in kernels.items()]
+    call = {"style": "timm", "unit": "eca"}
+    with pytest.raises(NotReproduced, match="unit tensors"):
+        reproduce(lambda: timm.create_model("ecaresnet50d_pruned"), call)
+    result = reproduce(lambda: timm.create_model("ecaresnet50d_pruned"), {**call, "groups": groups})
+    assert result.worst_block <= 1e-10
+
+
+def test_a_site_without_the_rules_anchor_is_skipped_not_a_crash():
+    """eca_botnext26ts_256's attention blocks have no spatial conv where the rule's anchor would be: they
+    are listed as skipped, with include= naming blocks (the planner once failed a bare assert there)."""
+    with torch.device("meta"):
+        plain = timm.create_model("eca_botnext26ts_256")
+    from twin_harness import attention_modules
+
+    blocks = sorted({n.rpartition(".")[0] for n in attention_modules(plain)})
+    for name in attention_modules(plain):
+        plain.set_submodule(name, torch.nn.Identity())
+    report = se_inject.report(plain, style="byobnet", unit="eca", include=blocks, input_size=256)
+    assert len(report.sites) == len(blocks)
+
+
+def test_a_style_places_by_its_own_rules_alone():
+    """GhostNet's rule finds no ghost bottleneck in a ResNet: no unit, and the error says why."""
+    with torch.device("meta"):
+        resnet = timm.create_model("resnet18")
+    with pytest.raises(se_inject.NoSitesError, match="the style 'ghostnet' places units by its own rules alone"):
+        se_inject.report(resnet, style="ghostnet", input_size=64)
+    assert len(se_inject.report(resnet, style="timm", input_size=64).sites) == 8  # a style without rules: the built-in
