@@ -155,23 +155,12 @@ def style_for(name: str) -> tuple[str, bool] | None:
     return None
 
 
-def build(name: str):
-    """The model ``name`` as its library builds it: ``torchvision:NAME`` or a timm name."""
-    import timm
-    import torchvision
-
-    if name.startswith("torchvision:"):
-        return torchvision.models.get_model(name.partition(":")[2])
-    return timm.create_model(name)
-
-
 def se_models(only: str | None) -> list[tuple[str, str]]:
     """(family, name) of every timm and torchvision classification model holding an attention module the
     harness knows, built on the meta device."""
     import timm
-    import torch
     import torchvision
-    from twin_harness import attention_modules
+    from twin_harness import attention_modules, build_model, on_meta
 
     names = timm.list_models() + [f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
     found = []
@@ -180,11 +169,7 @@ def se_models(only: str | None) -> list[tuple[str, str]]:
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            try:
-                with torch.device("meta"):
-                    model = build(name)
-            except NotImplementedError:  # torchvision's RegNets compute their widths with tensors
-                model = build(name)
+            model = on_meta(lambda name=name: build_model(name))
         if attention_modules(model):
             family = type(model).__module__.rpartition(".")[2]
             found.append((f"torchvision.{family}" if name.startswith("torchvision:") else family, name))
@@ -192,8 +177,7 @@ def se_models(only: str | None) -> list[tuple[str, str]]:
 
 
 def check(family: str, name: str) -> dict:
-    import torch
-    from twin_harness import NotReproduced, attention_modules, placed_on_meta, reproduce
+    from twin_harness import NotReproduced, attention_modules, build_model, on_meta, placed_on_meta, reproduce
 
     import se_inject
 
@@ -202,11 +186,7 @@ def check(family: str, name: str) -> dict:
     chosen = style_for(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            with torch.device("meta"):
-                meta = build(name)
-        except NotImplementedError:
-            meta = build(name)
+        meta = on_meta(lambda: build_model(name))
     attention = attention_modules(meta)
     kinds = sorted({type(m).__name__ for m in attention.values()})
     row["attention"] = ", ".join(kinds)
@@ -230,14 +210,14 @@ def check(family: str, name: str) -> dict:
         if row["params"] > MAX_RUN_PARAMS:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                row.update(status="placed", units=placed_on_meta(lambda: build(name), options, by_index=by_index))
+                row.update(status="placed", units=placed_on_meta(lambda: build_model(name), options, by_index=by_index))
             row["reason"] = (
                 f"{row['params'] / 1e6:.0f}M parameters: planned on the meta device, places and widths match"
             )
             return row
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = reproduce(lambda: build(name), options, by_index=by_index)
+            result = reproduce(lambda: build_model(name), options, by_index=by_index)
         reproduced = result.worst_block <= TOLERANCE
         row.update(
             status="reproduced" if reproduced else "missed",

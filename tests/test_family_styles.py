@@ -11,8 +11,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-import torchvision
-from twin_harness import NotReproduced, reproduce
+from twin_harness import NotReproduced, build_model, reproduce
 
 import se_inject
 from se_inject.placement.rules import load_rules
@@ -90,16 +89,10 @@ def _family_twins() -> list:
     return [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in FAMILY_TWINS]
 
 
-def _build(name: str):
-    if name.startswith("torchvision:"):
-        return torchvision.models.get_model(name.partition(":")[2])
-    return timm.create_model(name)
-
-
 @pytest.mark.parametrize("name", _family_twins())
 def test_a_style_reproduces_its_family(name):
     options, by_index = FAMILY_TWINS[name]
-    result = reproduce(lambda: _build(name), options, by_index)
+    result = reproduce(lambda: build_model(name), options, by_index)
     # every block to float64 rounding; end to end, random weights amplify that rounding block after block
     # (RepVGG's 48 blocks: to 0.6 of the output's scale), so the blocks are the measure
     assert result.worst_block <= 1e-10
@@ -239,7 +232,7 @@ MISPLACED = {
 def test_a_unit_one_step_off_the_familys_place_fails(tmp_path, name):
     options, by_index = FAMILY_TWINS[name]
     rules = [_rule_file(tmp_path, "[[rule]]\n" + MISPLACED[name] + "\n")]
-    result = reproduce(lambda: _build(name), {**options, "rules": rules}, by_index)
+    result = reproduce(lambda: build_model(name), {**options, "rules": rules}, by_index)
     assert result.worst_block > 1e-3
 
 
@@ -247,13 +240,13 @@ def test_rexnets_bottleneck_norm_is_part_of_the_unit():
     """Without the norm the unit has other tensors than ReXNet's SE: the copy refuses them."""
     options, by_index = FAMILY_TWINS["rexnet_100"]
     with pytest.raises(NotReproduced, match="unit tensors"):
-        reproduce(lambda: _build("rexnet_100"), {**options, "unit_options": {"norm": False}}, by_index)
+        reproduce(lambda: build_model("rexnet_100"), {**options, "unit_options": {"norm": False}}, by_index)
 
 
 def test_the_blocks_own_activation_is_not_one_for_all():
     """mobilenetv3_rw's SE uses the block's ReLU or hard-swish (act="block"); one act for all fails."""
     options, by_index = FAMILY_TWINS["mobilenetv3_rw"]
-    result = reproduce(lambda: _build("mobilenetv3_rw"), {**options, "act": "hard_swish"}, by_index)
+    result = reproduce(lambda: build_model("mobilenetv3_rw"), {**options, "act": "hard_swish"}, by_index)
     assert result.worst_block > 1e-3
 
 

@@ -13,6 +13,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import timm
 import torch
 from conftest import randomize_batchnorm
 from torch import nn
@@ -107,13 +108,19 @@ def _state(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(k, v) for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")]
 
 
+def check_layout(unit: nn.Module, module: nn.Module, where: str) -> None:
+    """NotReproduced unless the unit holds tensors of the twin module's sizes, in its order."""
+    mine, theirs = _state(unit), _state(module)
+    if [v.numel() for _, v in mine] != [v.numel() for _, v in theirs]:
+        shapes = [tuple(v.shape) for _, v in mine], [tuple(v.shape) for _, v in theirs]
+        raise NotReproduced(f"{where}: unit tensors {shapes[0]} against the twin's {shapes[1]}")
+
+
 def copy_twin_weights(unit: nn.Module, module: nn.Module, where: str) -> None:
     """The twin's attention weights into the unit, tensor by tensor in order (1x1 convs into linear
     layers); a different count or shape is a unit built differently from the twin's."""
+    check_layout(unit, module, where)
     mine, theirs = _state(unit), _state(module)
-    shapes = [tuple(v.shape) for _, v in mine], [tuple(v.shape) for _, v in theirs]
-    if len(mine) != len(theirs) or any(a.numel() != b.numel() for (_, a), (_, b) in zip(mine, theirs, strict=True)):
-        raise NotReproduced(f"{where}: unit tensors {shapes[0]} against the twin's {shapes[1]}")
     with torch.no_grad():
         for (_, a), (_, b) in zip(mine, theirs, strict=True):
             a.copy_(b.reshape(a.shape))
@@ -164,6 +171,15 @@ def _twin_block(unit: str, parents: list[str]) -> str | None:
     owner = unit.rpartition(".")[0]
     within = [p for p in parents if p.startswith(owner + ".")]  # the twin's block is inside the unit's owner
     return within[0] if len(within) == 1 else owner
+
+
+def build_model(name: str) -> nn.Module:
+    """The model ``name`` as its library builds it: ``torchvision:NAME`` or a timm name."""
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        return torchvision.models.get_model(name.partition(":")[2])
+    return timm.create_model(name)
 
 
 def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
@@ -218,10 +234,7 @@ def placed_on_meta(build: Callable[[], nn.Module], options: dict, by_index: bool
     units = {n: m for n, m in injected.named_modules() if isinstance(m, ChannelUnit)}
     by_parent = _matched(units, attention, parents)
     for name, module in attention.items():
-        mine, theirs = _state(by_parent[name.rpartition(".")[0]]), _state(module)
-        if [v.numel() for _, v in mine] != [v.numel() for _, v in theirs]:
-            shapes = [tuple(v.shape) for _, v in mine], [tuple(v.shape) for _, v in theirs]
-            raise NotReproduced(f"{name}: unit tensors {shapes[0]} against the twin's {shapes[1]}")
+        check_layout(by_parent[name.rpartition(".")[0]], module, name)
     return len(units)
 
 

@@ -6,7 +6,7 @@ import heapq
 
 import torch.fx as fx
 
-from se_inject.graph.ops import is_activation, is_shape_keeping_layer, shape_of
+from se_inject.graph.ops import is_activation, is_conv, is_shape_keeping_layer, is_spatial_conv, shape_of
 
 # --- graph walks --------------------------------------------------------------------------------
 
@@ -89,3 +89,22 @@ def walk_region(start: fx.Node, end: fx.Node) -> frozenset[fx.Node]:
         walk = next(iter(walk.users))
         region.add(walk)
     return frozenset(region)
+
+
+def follow_norms(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """``node`` and its norm: the sole-user layers after it that keep its shape and are not activations
+    (ReXNet's depthwise conv before its ReLU6, RepViT's token-mixer sum)."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if is_activation(gm, user) or not is_shape_keeping_layer(gm, user) or shape_of(user) != shape_of(node):
+            break
+        node = user
+    return node
+
+
+def pointwise_conv_after(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The 1x1 conv that is ``node``'s only user, if it is one."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    return user if is_conv(gm, user) and not is_spatial_conv(gm, user) else None

@@ -15,7 +15,7 @@ from se_inject.graph.ops import (
     module_of,
     shape_of,
 )
-from se_inject.graph.walk import ancestors, common_fork, descendants, path_between
+from se_inject.graph.walk import ancestors, common_fork, descendants, follow_norms, path_between
 from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
 
 
@@ -82,12 +82,7 @@ def find_branch_sums(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Cand
         conv_paths = sum(conv_count(gm, p - {fork}) > 0 for p in paths)
         if conv_paths < 1:
             continue
-        normed = node  # RepViT's token mixer normalises its sum: the SE follows that norm
-        while len(normed.users) == 1:
-            user = next(iter(normed.users))
-            if is_activation(gm, user) or not is_shape_keeping_layer(gm, user) or shape_of(user) != shape_of(node):
-                break
-            normed = user
+        normed = follow_norms(gm, node)  # RepViT's token mixer normalises its sum: the SE follows that norm
         post = _activation_after(gm, normed)
         region = frozenset(set().union(*paths) - {fork}) | {node, post, normed}
         found.append(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from se_inject.graph.ops import cat_inputs, is_conv, is_feature_map, is_shape_keeping_layer, is_spatial_conv, kernel_of
-from se_inject.graph.walk import activation_between, follow_shape_keeping, walk_region
+from se_inject.graph.walk import activation_between, follow_shape_keeping, pointwise_conv_after, walk_region
 from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
 
 
@@ -20,11 +20,6 @@ def _pointwise_before(gm: fx.GraphModule, conv: fx.Node) -> fx.Node | None:
             return None  # only the norm and activation of the 1x1 conv lie between
         walk = walk.all_input_nodes[0]
     return None
-
-
-def _pointwise_after(gm: fx.GraphModule, end: fx.Node) -> bool:
-    users = list(end.users)
-    return len(users) == 1 and is_conv(gm, users[0]) and not is_spatial_conv(gm, users[0])
 
 
 @register_pattern(
@@ -53,7 +48,7 @@ def find_conv_activations(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list
                 facts={
                     "kernel": max(kernel_of(gm, node) or (1,)),
                     "pointwise_before": before is not None,
-                    "pointwise_after": _pointwise_after(gm, end),
+                    "pointwise_after": pointwise_conv_after(gm, end) is not None,
                     # VoVNet's and HGNet's aggregation conv: it mixes the concatenation of the block's layers
                     "reads_concat": bool(node.all_input_nodes) and cat_inputs(node.all_input_nodes[0]) is not None,
                 },

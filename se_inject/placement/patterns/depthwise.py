@@ -7,17 +7,22 @@ import torch.fx as fx
 
 from se_inject.graph.ops import (
     conv_parts,
-    is_activation,
     is_conv,
     is_conv_like,
-    is_shape_keeping_layer,
     is_spatial_conv,
     kernel_of,
     module_of,
     shape_of,
     tensor_shape,
 )
-from se_inject.graph.walk import activation_between, ancestors, follow_shape_keeping, walk_region
+from se_inject.graph.walk import (
+    activation_between,
+    ancestors,
+    follow_norms,
+    follow_shape_keeping,
+    pointwise_conv_after,
+    walk_region,
+)
 from se_inject.placement.existing_gates import through_gate
 from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
 
@@ -70,23 +75,6 @@ def _past_existing_gate(gm: fx.GraphModule, node: fx.Node, activated: fx.Node) -
     return end, frozenset(region)
 
 
-def _normed(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    """``node`` and its norm (one-user layers that keep the shape and are not activations)."""
-    while len(node.users) == 1:
-        user = next(iter(node.users))
-        if is_activation(gm, user) or not is_shape_keeping_layer(gm, user) or shape_of(user) != shape_of(node):
-            break
-        node = user
-    return node
-
-
-def pointwise_after(gm: fx.GraphModule, end: fx.Node) -> fx.Node | None:
-    if len(end.users) != 1:
-        return None
-    nxt = next(iter(end.users))
-    return nxt if is_conv(gm, nxt) and not is_spatial_conv(gm, nxt) else None
-
-
 @register_pattern(
     "depthwise",
     anchors=("after_depthwise", "after_pointwise", "depthwise_output", "after_depthwise_norm"),
@@ -106,8 +94,8 @@ def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candid
             continue
         activated = follow_shape_keeping(gm, node)
         end, region = _past_existing_gate(gm, node, activated)
-        normed = _normed(gm, node)
-        pointwise = pointwise_after(gm, end)
+        normed = follow_norms(gm, node)
+        pointwise = pointwise_conv_after(gm, end)
         pointwise_end = follow_shape_keeping(gm, pointwise) if pointwise is not None else None
         reduces = pointwise is not None and tensor_shape(pointwise)[1] < tensor_shape(end)[1]
         # a linear bottleneck (no activation after the pointwise conv: MobileNetV2, EfficientNet, whatever the
