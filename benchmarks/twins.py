@@ -51,6 +51,7 @@ STYLES: list[tuple[str, str, bool]] = [
     ("ecaresne*", "timm", False),
     ("senet154", "timm", False),
     ("sedarknet*", "darknet", False),
+    ("cs3sedarknet_x*", "cspnet_r16", False),
     ("cs3se*", "cspnet", False),
     ("tresnet*", "tresnet", True),  # SE in the first three stages
     ("regnety*", "regnety", False),
@@ -74,7 +75,7 @@ STYLES: list[tuple[str, str, bool]] = [
     ("mnasnet_small", "mnasnet", True),
     ("*efficientnet*", "efficientnet", True),  # B0-B8, L2, V2, GN, the tests; SE by the config's blocks
     ("tinynet_*", "efficientnet", True),
-    ("*mixnet_*", "efficientnet", True),
+    ("*mixnet_*", "mixnet", True),
     ("maxvit_*_tf_*", "maxvit", False),
     ("coatnet_[0-9]_224", "maxvit", False),
     ("maxvit_*", "maxvit_rw", False),
@@ -100,14 +101,16 @@ STYLES: list[tuple[str, str, bool]] = [
     ("shvit_*", "shvit", False),
     ("efficientvit_m[0-9]", "efficientvit_msra", False),
     ("repvit_*", "repvit", True),  # SE in every other block
-    ("ghostnet*", "ghostnet", True),
+    ("ghostnet*", "ghostnet", True),  # GhostNetV3 too
     ("repghostnet_*", "repghost", True),
+    ("fastvit_mci*", "fastvit_mci", True),  # the downsampling convs and the final conv
     ("fastvit_*", "fastvit", True),  # the final conv only
     ("gcvit_*", "gcvit", False),
     ("lcnetv2_*", "lcnetv2", True),
     ("cspnext_*", "cspnext", False),
     ("*vovnet*", "vovnet", True),  # the last block of each stage
     ("hgnet_*", "hgnet", False),
+    ("rdnet_*", "rdnet", True),  # BlockESE stages: the config's choice
     ("rexnetr_*", "rexnetr", True),
     ("rexnet_*", "rexnet", True),
 ]
@@ -117,20 +120,13 @@ CAUSES: list[tuple[str, str]] = [
         "*_pruned",
         "a pruned network keeps the SE widths (ECA kernels) of the unpruned one: per-block groups reproduce it",
     ),
-    (
-        "*evos",
-        "EvoNorm holds the block's activation inside the norm: the conv, norm, activation the rules read is not there",
-    ),
-    ("*_g[0-9]*_gn", "grouped convs (8 or 16 channels a group) where EfficientNet has depthwise ones"),
-    ("*mixnet_*", "MixNet's SE ratio changes by stage (1/2, 1/4 of the block input): not one style"),
-    ("ghostnetv3_*", "GhostNetV3's reparameterised ghost modules: its SE place is not studied yet"),
-    ("fastvit_mci*", "MobileCLIP's FastViTs add SE to their downsampling layers at C/4"),
-    ("cs3sedarknet_x*", "these configs keep rd_ratio 1/16 where the family's other SE models use 1/4"),
-    ("efficientnet_blur_b0", "anti-aliased downsampling: a blur pool after the depthwise conv"),
-    ("efficientnet_[hx]_*", "SE in EdgeResidual (fused) blocks, which have no depthwise conv"),
+    ("*_g[0-9]*_*", "grouped convs (8 or 16 channels a group) where EfficientNet has depthwise ones"),
     ("fbnetv3_g", "timm applies this model's width multiplier to its SE widths a second time"),
     ("rexnetr_300", "this model's SE widths are made divisible by 16, the family's by 8"),
-    ("mobileone_s4", "the last stage's SE follows a 1x1 conv that sums no branches"),
+    (
+        "test_efficientnet_ln",
+        "timm's LayerNormAct2d permutes to channels-last inside: the conv, norm, activation chain is not seen",
+    ),
     ("test_*", "a test network of timm's with options of its own"),
 ]
 # the twin's attention module -> the unit that reproduces it

@@ -435,9 +435,13 @@ class Style:
     source: str = ""
     # the style's conventions for units other than its own: unit name -> options (e.g. timm's gc at r=8)
     units: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # blocks the family's design gives other options by name (MixNet's searched ratio per stage): after
+    # the call's own groups, yielding to options the call sets; a group naming no block of a network is
+    # no error (the names are the family's own network's)
+    groups: tuple[Group, ...] = ()
 
 
-_STYLE_KEYS = {"name", "description", "options", "units"}
+_STYLE_KEYS = {"name", "description", "options", "units", "groups"}
 
 
 def _style_error(source: str, name: str | None, field_name: str | None, problem: str) -> Exception:
@@ -477,7 +481,17 @@ def _parse_style(entry: dict[str, Any], source: str) -> Style:
     description = entry.get("description", "")
     if not isinstance(description, str):
         raise _style_error(source, name, "description", f"expected a string, got {description!r}")
-    return Style(name, options, description, source, per_unit)
+    return Style(name, options, description, source, per_unit, _style_groups(entry.get("groups", []), source, name))
+
+
+def _style_groups(groups: object, source: str, name: str) -> tuple[Group, ...]:
+    """A style's groups, each checked as the ``groups`` option checks it."""
+    if not isinstance(groups, list) or len(groups) > MAX_PATTERNS:
+        raise _style_error(source, name, "groups", f"expected a list of at most {MAX_PATTERNS} groups of blocks")
+    try:
+        return InjectConfig(groups=tuple(groups)).groups
+    except ConfigError as err:
+        raise _style_error(source, name, "groups", str(err)) from None
 
 
 def parse_styles(text: str, source: str) -> list[Style]:

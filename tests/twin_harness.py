@@ -178,7 +178,11 @@ def build_model(name: str) -> nn.Module:
     if name.startswith("torchvision:"):
         import torchvision
 
-        return torchvision.models.get_model(name.partition(":")[2])
+        model = torchvision.models.get_model(name.partition(":")[2])
+        # the smallest input torchvision declares (MaxViT's windows: 224), where twin_size looks for timm's
+        weights = torchvision.models.get_model_weights(name.partition(":")[2]).DEFAULT
+        model.pretrained_cfg = {"min_input_size": (3, *weights.meta["min_size"])}
+        return model
     return timm.create_model(name)
 
 

@@ -75,6 +75,7 @@ def styles_markdown() -> str:
     ]
     for style in builtin_styles().values():
         placement = "; ".join(_placement(r) for r in rules if style.name in r.style) or "the built-in rules"
+        placement += "".join(f"; blocks {', '.join(g.blocks)}: {_options(g.options)}" for g in style.groups)
         others = "; ".join(f"{unit}: {_options(options)}" for unit, options in style.units.items()) or "-"
         source = Path(style.source).name if style.source.endswith(".toml") else style.source
         description = f"{style.description} ({source})".replace("|", "/")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from se_inject.errors import ShapePropagationError
+from se_inject.graph.untraceable import norm_classes, qualified_name
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = {"add", "add_"}
@@ -100,18 +101,42 @@ def _inplace_product(node: fx.Node) -> bool:
     )
 
 
+def _added_to_zero(node: fx.Node) -> fx.Node | None:
+    """The tensor ``x`` of ``0 + x`` or ``x + 0`` (MobileOne adds the number 0 for a branch it does not
+    have); None for any other node."""
+    if not (
+        (node.op == "call_function" and node.target in ADD_FUNCTIONS)
+        or (node.op == "call_method" and node.target in ADD_METHODS)
+    ):
+        return None
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    first, other = node.args
+    for tensor, number in ((other, first), (first, other)):
+        # only the tensor's one use: what the sum returned cannot alias a tensor read elsewhere
+        if isinstance(tensor, fx.Node) and type(number) in (int, float) and number == 0 and len(tensor.users) == 1:
+            return tensor
+    return None
+
+
 def normalize_inplace_adds(graph: fx.Graph) -> None:
     """Rewrite ``a += b`` / ``a.add_(b)`` as ``a + b`` (and ``a *= b`` / ``a.mul_(b)`` as ``a * b``),
     pointing later uses of ``a`` at the result.
 
     In-place adds hide the data flow (``out.add_(x)`` may have no users at all: NFNet's ``out.mul_(gain)``
-    too) and a unit inserted before one would be mutated by it. Analysis and rewrite both run this pass,
-    so their graphs keep the same node sequence.
+    too) and a unit inserted before one would be mutated by it. A sum with the number 0 (``out = 0;
+    out += conv(x)``: MobileOne's single-branch block) is the tensor itself, and is dropped. Analysis and
+    rewrite both run this pass, so their graphs keep the same node sequence.
     """
     renamed: dict[fx.Node, fx.Node] = {}
     for node in list(graph.nodes):
         for old in [n for n in node.all_input_nodes if n in renamed]:
             node.replace_input_with(old, renamed[old])
+        kept = _added_to_zero(node)
+        if kept is not None:
+            node.replace_all_uses_with(kept)
+            graph.erase_node(node)
+            continue
         product = _inplace_product(node) and binary_operands(node, {operator.imul}, {"mul_"}) is not None
         if not (product or (is_inplace_add(node) and add_operands(node))):
             continue
@@ -189,6 +214,16 @@ def kernel_of(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...]:
     return tuple(shape[2:]) if shape else ()
 
 
+def is_depthwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A depthwise conv (groups == in_channels): a module, each part of a mixed conv (MixNet), or a
+    CondConv2d (EfficientNet-CondConv)."""
+    mod = module_of(gm, node)
+    parts: list = conv_parts(mod) or ([mod] if mod is not None and is_conv_like(mod) else [])
+    return bool(parts) and all(
+        p.groups > 1 and p.groups == p.in_channels and p.out_channels % p.in_channels == 0 for p in parts
+    )
+
+
 def is_spatial_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A convolution with a kernel wider than 1x1 (the paper's "3x3")."""
     return is_conv(gm, node) and any(k > 1 for k in kernel_of(gm, node))
@@ -204,6 +239,9 @@ def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
         return False
     if type(mod).__name__.lower() in ACTIVATION_NAMES:
         return True
+    if qualified_name(type(mod)) in norm_classes():  # rules/tracing: a norm computing an activation (EvoNorm)
+        flag = norm_classes()[qualified_name(type(mod))]
+        return flag is not None and getattr(mod, flag, False) is True
     act = getattr(mod, "act", None)  # timm's fused norm + activation layers (BatchNormAct2d, ...)
     return isinstance(mod, NORM_TYPES) and isinstance(act, nn.Module) and not isinstance(act, nn.Identity)
 
@@ -218,8 +256,12 @@ def is_shape_keeping_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in NORM_FUNCTIONS:
         return True
     mod = module_of(gm, node)
-    return isinstance(mod, NORM_TYPES + PASSTHROUGH_TYPES) or (
-        mod is not None and type(mod).__name__.lower() in PASSTHROUGH_NAMES
+    if mod is None:
+        return False
+    return (
+        isinstance(mod, NORM_TYPES + PASSTHROUGH_TYPES)
+        or type(mod).__name__.lower() in PASSTHROUGH_NAMES
+        or qualified_name(type(mod)) in norm_classes()
     )
 
 

@@ -2,12 +2,15 @@
 
 An entry names a class (``kind = "module"``: kept whole, one node) or a function (``kind = "function"``:
 one node per call) by its qualified name, with the reason; ``kind = "traced"`` names a class its library
-keeps whole for reasons of its own although its code traces, and which holds SE sites (NFNet's blocks). Nothing is imported to apply an entry: a
+keeps whole for reasons of its own although its code traces, and which holds SE sites (NFNet's blocks);
+``kind = "norm"`` keeps a normalisation layer whole and makes it one to the placement, an activation
+too where the attribute ``activation_flag`` names is true (EvoNorm: the norm computes the block's
+activation). Nothing is imported to apply an entry: a
 class is matched by the qualified name of the model's own classes, and a function is looked up in its
 module only where that module is already loaded (it is, once a model that calls it has been built).
 
 >>> sorted({e.kind for e in load_untraceable()})
-['function', 'module', 'traced']
+['function', 'module', 'norm', 'traced']
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from se_inject.config import builtin_data_dir
 from se_inject.datafiles import read_tables, table_error
 from se_inject.errors import RuleError
 
-KINDS = ("module", "function", "traced")
-_FIELDS = {"name", "kind", "reason"}
+KINDS = ("module", "function", "traced", "norm")
+_FIELDS = {"name", "kind", "reason", "activation_flag"}
 MAX_NAME_LENGTH = 300
 
 
@@ -34,6 +37,7 @@ class Untraceable:
     name: str
     kind: str
     reason: str
+    activation_flag: str | None = None  # a norm's: the boolean attribute that says it applies an activation
 
     @property
     def module(self) -> str:
@@ -62,7 +66,10 @@ def parse_untraceable(text: str, source: str) -> list[Untraceable]:
         reason = entry.get("reason")
         if not isinstance(reason, str) or not reason.strip():
             raise fail("reason", "expected a sentence saying why fx cannot trace it")
-        entries.append(Untraceable(name, kind, reason))
+        flag = entry.get("activation_flag")
+        if flag is not None and (kind != "norm" or not isinstance(flag, str) or not flag.isidentifier()):
+            raise fail("activation_flag", "expected an attribute name, on a kind = 'norm' entry only")
+        entries.append(Untraceable(name, kind, reason, flag))
     return entries
 
 
@@ -78,7 +85,14 @@ def load_untraceable() -> tuple[Untraceable, ...]:
 @functools.cache
 def untraceable_classes() -> frozenset[str]:
     """The qualified names of the classes kept whole."""
-    return frozenset(e.name for e in load_untraceable() if e.kind == "module")
+    return frozenset(e.name for e in load_untraceable() if e.kind in ("module", "norm"))
+
+
+@functools.cache
+def norm_classes() -> dict[str, str | None]:
+    """The qualified names of the classes kept whole as norms -> the attribute saying they apply an
+    activation (None: they never do)."""
+    return {e.name: e.activation_flag for e in load_untraceable() if e.kind == "norm"}
 
 
 @functools.cache

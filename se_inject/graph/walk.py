@@ -6,7 +6,7 @@ import heapq
 
 import torch.fx as fx
 
-from se_inject.graph.ops import is_activation, is_conv, is_shape_keeping_layer, is_spatial_conv, shape_of
+from se_inject.graph.ops import is_activation, is_conv, is_shape_keeping_layer, is_spatial_conv, module_of, shape_of
 
 # --- graph walks --------------------------------------------------------------------------------
 
@@ -71,6 +71,19 @@ def follow_shape_keeping(gm: fx.GraphModule, node: fx.Node, within: frozenset[fx
             break
         node = nxt
     return node
+
+
+def past_antialiasing(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Past a blur pool that strides what ``node`` computed (anti-aliased downsampling: timm's
+    ``aa`` layers), and the shape-keeping layers after it; ``node`` itself where none follows."""
+    if len(node.users) != 1:
+        return node
+    nxt = next(iter(node.users))
+    mod = module_of(gm, nxt)
+    shape, after = shape_of(node), shape_of(nxt)
+    if mod is None or type(mod).__name__.lower() != "blurpool2d" or not shape or not after or after[:2] != shape[:2]:
+        return node
+    return follow_shape_keeping(gm, nxt)
 
 
 def activation_between(gm: fx.GraphModule, start: fx.Node, end: fx.Node) -> bool:

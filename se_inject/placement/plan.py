@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from se_inject.config import Group, InjectConfig, parse_block_range
+from se_inject.config import Group, InjectConfig, parse_block_range, style
 from se_inject.errors import ConfigError, NoSitesError, RewriteError
 from se_inject.graph.ops import is_activation, module_of, tensor_shape
 from se_inject.graph.trace import module_scope
@@ -152,12 +152,14 @@ def _in_range(site: Site, text: str) -> bool:
 
 def _group_config(module: str, config: InjectConfig, site: Site) -> InjectConfig:
     """The options of the units in ``module``: the first group matching it, else the call's, under
-    the options the site's rule gives its units (a family's widths per kind of block) where the call
-    does not set them."""
+    the options the style's groups (MixNet's ratio per stage) or else the site's rule (a family's widths
+    per kind of block) give its units, where the call does not set them."""
     for group in config.groups:
         if any(fnmatchcase(module, pattern) for pattern in group.blocks):
             return config.for_group(group)
-    from_rule = {k: v for k, v in site.rule.options.items() if not config.set_options([k])}
+    styled = next((g for g in style(config.style).groups if any(fnmatchcase(module, p) for p in g.blocks)), None)
+    given = {**site.rule.options, **(styled.options if styled is not None else {})}
+    from_rule = {k: v for k, v in given.items() if not config.set_options([k])}
     return config.for_group(Group(("*",), from_rule)) if from_rule else config
 
 
@@ -246,9 +248,11 @@ _ACT_FUNCTIONS: dict[object, str] = {
 }
 
 
-def _block_activation(gm: fx.GraphModule, site: Site, module: str) -> str | type:
+def _block_activation(gm: fx.GraphModule, site: Site, module: str, fallback: str | type | None) -> str | type:
     """The activation the block applies last before the unit's place (``act="block"``): the module's class,
-    or the act name of a function; walking back along the first input, never before the block's input."""
+    or the act name of a function; walking back along the first input, never before the block's input.
+    One with weights of its own (EvoNorm's, inside the norm) is not one a unit can build: ``fallback`` (the
+    call's act where a rule asked for the block's), else an error."""
     assert site.insertion is not None
     node: fx.Node | None = site.insertion.value
     for _ in range(64):  # a block's tail is a few nodes; far more means there is no activation to find
@@ -257,12 +261,15 @@ def _block_activation(gm: fx.GraphModule, site: Site, module: str) -> str | type
         if is_activation(gm, node):
             found = module_of(gm, node)
             found = getattr(found, "act", found)  # timm's norm + activation layers hold theirs as .act
-            if isinstance(found, nn.Module) and not isinstance(found, nn.Identity) and not any(found.parameters()):
+            weightless = isinstance(found, nn.Module) and next(found.parameters(), None) is None
+            if weightless and not isinstance(found, nn.Identity):
                 return type(found)  # an activation of its own: a unit builds another of the class
             name = _ACT_FUNCTIONS.get(node.target) if node.op == "call_function" else None
             if name is not None:
                 return name
         node = node.all_input_nodes[0] if node.all_input_nodes else None
+    if fallback is not None:
+        return fallback
     raise ConfigError(
         f"act: 'block' found no activation before the unit in {module or 'the root'}; name one (e.g. act='relu')"
     )
@@ -283,7 +290,8 @@ def _planned_unit(
     unit_type = unit_class(config.unit)
     own = _group_config(module, config, site)
     if own.act == "block":
-        own = own.for_group(Group(("*",), {"act": _block_activation(gm, site, module)}))
+        fallback = config.act if config.act != "block" else None
+        own = own.for_group(Group(("*",), {"act": _block_activation(gm, site, module, fallback)}))
     r = stage_ratio(own, site.stage, stage_count, selected)
     reduced = _reduced(site, own)
     divided = reduced or insertion.channels

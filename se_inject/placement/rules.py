@@ -19,11 +19,13 @@ A rule::
     style = "tresnet"                    # optional: the rule is used only under this style (or these: a list)
     options = { r = 2 }                  # optional: unit options of the units it places (a family's
                                          # widths per kind of block); the call's explicit options win
+    adds = true                          # optional, with style: the style keeps the built-in rules too
 
 A rule with a ``style`` is part of that style's design: where the family puts its units and which
 blocks get one. A style with rules of its own is placed by them alone (the family's design is whole:
-CoAtNet's transformer stages get no unit because its rules name only its MBConv blocks); under any
-other style they are ignored.
+CoAtNet's transformer stages get no unit because its rules name only its MBConv blocks), unless every
+one of them ``adds`` to the built-in rules (EfficientNet-X's fused blocks beside EfficientNet's
+depthwise ones); under any other style they are ignored.
 """
 
 from __future__ import annotations
@@ -39,7 +41,18 @@ from se_inject.errors import ConfigError, RuleError
 from se_inject.io.files import read_text_file
 from se_inject.placement.patterns.base import PATTERNS, Candidate
 
-_RULE_FIELDS = {"name", "pattern", "priority", "fallback", "description", "positions", "when", "style", "options"}
+_RULE_FIELDS = {
+    "name",
+    "pattern",
+    "priority",
+    "fallback",
+    "description",
+    "positions",
+    "when",
+    "style",
+    "options",
+    "adds",
+}
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,7 @@ class Rule:
     source: str = ""  # the file it was read from
     style: tuple[str, ...] = ()  # the styles whose design it is (none: every style's)
     options: dict[str, Any] = field(default_factory=dict)  # unit options of the units it places
+    adds: bool = False  # a style's rule that adds to the built-in rules instead of replacing them
 
     def matches(self, candidate: Candidate) -> bool:
         """Whether ``candidate`` (of this rule's pattern kind) meets every condition."""
@@ -131,8 +145,12 @@ def _parse_rule(entry: dict[str, Any], source: str) -> Rule:
     if not isinstance(style, list | tuple) or not all(isinstance(s, str) and s.isidentifier() for s in style):
         raise _fail(source, name, "style", f"expected a style's name or a list of them, got {entry.get('style')!r}")
     options = _rule_options(entry.get("options", {}), source, name)
+    adds = entry.get("adds", False)
+    _check_type(adds, bool, source, name, "adds")
+    if adds and not style:
+        raise _fail(source, name, "adds", "only a style's rule adds to the built-in rules; give the rule a style")
     return Rule(
-        name, pattern, dict(positions), dict(when), priority, fallback, description, source, tuple(style), options
+        name, pattern, dict(positions), dict(when), priority, fallback, description, source, tuple(style), options, adds
     )
 
 
@@ -182,4 +200,5 @@ def load_rules(extra: Sequence[str | Path] = (), style: str | None = "paper") ->
     if style is None:
         return tuple(by_name.values())
     own = tuple(r for r in by_name.values() if style in r.style)
-    return own or tuple(r for r in by_name.values() if not r.style)
+    unstyled = tuple(r for r in by_name.values() if not r.style)
+    return (*unstyled, *own) if own and all(r.adds for r in own) else (own or unstyled)

@@ -213,6 +213,7 @@ def test_rules_lists_the_registries(tmp_path):
     assert {r["name"] for r in data["rules"]} >= {"residual", "inception", "plain", "mine"}
     assert next(k for k in data["patterns"] if k["name"] == "conv_act")["facts"] == {
         "kernel": "int",
+        "depthwise": "bool",
         "pointwise_before": "bool",
         "pointwise_after": "bool",
         "reads_concat": "bool",
@@ -222,6 +223,8 @@ def test_rules_lists_the_registries(tmp_path):
     assert next(r for r in tresnet if r["name"] == "tresnet_bottleneck")["options"] == {"r": 2}
     assert {s["name"] for s in data["styles"]} >= {"paper", "timm", "efficientnet", "mobilenetv3", "regnety"}
     assert next(s for s in data["styles"] if s["name"] == "regnety")["options"]["position"] == "inner"
+    assert next(s for s in data["styles"] if s["name"] == "mixnet")["groups"] == [{"blocks": ["blocks.3.*"], "r": 4}]
+    assert next(r for r in data["rules"] if r["name"] == "efficientnet_fused")["adds"] is True
     assert "efficientnet" in out and "round_even" in out  # the table lists the styles too
 
 

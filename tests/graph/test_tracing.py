@@ -307,3 +307,55 @@ def test_the_shipped_tracing_data_is_valid():
     entries = load_untraceable()
     assert entries and all(e.reason for e in entries)
     assert len({e.name for e in entries}) == len(entries)
+
+
+def test_a_declared_norm_is_kept_whole_and_is_an_activation_where_its_flag_says():
+    """EvoNorm (rules/tracing/timm.toml, kind = "norm"): one node, a shape-keeping layer, and an activation
+    only while its apply_act is true; activation_flag belongs to norms alone."""
+    from timm.layers import EvoNorm2dB0, EvoNorm2dS0
+
+    from se_inject.errors import RuleError
+    from se_inject.graph.ops import is_activation, is_shape_keeping_layer
+    from se_inject.graph.untraceable import parse_untraceable
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), EvoNorm2dS0(8, group_size=4), nn.Conv2d(8, 8, 1), EvoNorm2dB0(8))
+    model[3].apply_act = False
+    gm = trace(model)
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    assert list(nodes) == ["0", "1", "2", "3"]  # each norm one node, not traced into
+    assert is_activation(gm, nodes["1"]) and not is_activation(gm, nodes["3"])
+    assert is_shape_keeping_layer(gm, nodes["1"]) and is_shape_keeping_layer(gm, nodes["3"])
+    with pytest.raises(RuleError, match="t.toml: untraceable 'a.B': field 'activation_flag'"):
+        parse_untraceable(
+            "[[untraceable]]\nname = 'a.B'\nkind = 'module'\nactivation_flag = 'on'\nreason = 'r'\n", "t.toml"
+        )
+
+
+def test_a_sum_with_the_number_zero_is_the_tensor_itself():
+    """MobileOne sums ``0`` for the branches it lacks (``out = 0; out += conv(x)``, ``out + 0``): the sums
+    are dropped, so the conv, its norm and the activation read as one chain; a zero added to a tensor read
+    elsewhere stays (dropping it would alias the two)."""
+    from se_inject.graph.ops import normalize_inplace_adds
+
+    class SingleBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
+
+        def forward(self, x):
+            out = 0
+            out += self.bn(self.conv(x))
+            kept = x + 0  # x is read again below
+            return self.act(out + 0) + kept + x
+
+    gm = trace(SingleBranch())
+    normalize_inplace_adds(gm.graph)
+    gm.recompile()
+    act = next(n for n in gm.graph.nodes if n.target == "act")
+    assert act.args[0].target == "bn"
+    zeros = [n for n in gm.graph.nodes if n.op == "call_function" and 0 in n.args]
+    assert len(zeros) == 1 and zeros[0].args[0].op == "placeholder"
+    x = torch.randn(2, 4, 5, 5)
+    model = SingleBranch().eval()
+    gm.load_state_dict(model.state_dict())
+    assert torch.equal(gm.eval()(x), model(x))

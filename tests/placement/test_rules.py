@@ -145,6 +145,7 @@ def test_rule_files_are_data_only():
                 "source",
                 "style",
                 "options",
+                "adds",
             }
 
 

@@ -41,7 +41,7 @@ def command(
         when = ", ".join(f"{k}={v}" for k, v in rule.when.items()) or "-"
         priority = f"{rule.priority}{' (fallback)' if rule.fallback else ''}"
         if rule.style:
-            priority += f" (style {', '.join(rule.style)})"
+            priority += f" (style {', '.join(rule.style)}{', adds' if rule.adds else ''})"
         if rule.options:
             when += "; units: " + ", ".join(f"{k}={v}" for k, v in rule.options.items())
         listed.add_row(rule.name, rule.pattern, priority, positions, when, Path(rule.source).name)
@@ -51,6 +51,10 @@ def command(
         options = ", ".join(f"{k}={v}" for k, v in style.options.items())
         options += "".join(
             f"; {unit}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for unit, o in style.units.items()
+        )
+        options += "".join(
+            f"; blocks {'|'.join(g.blocks)}: " + ", ".join(f"{k}={v}" for k, v in g.options.items())
+            for g in style.groups
         )
         named.add_row(style.name, options, style.description)
     out.print(named)
@@ -77,12 +81,20 @@ def _as_data(kinds: Any, rules: Any, styles: Any) -> dict[str, Any]:
                 "when": r.when,
                 "style": list(r.style),
                 "options": r.options,
+                "adds": r.adds,
                 "source": r.source,
             }
             for r in rules
         ],
         "styles": [
-            {"name": s.name, "options": s.options, "units": s.units, "description": s.description, "source": s.source}
+            {
+                "name": s.name,
+                "options": s.options,
+                "units": s.units,
+                "groups": [{"blocks": list(g.blocks), **g.options} for g in s.groups],
+                "description": s.description,
+                "source": s.source,
+            }
             for s in styles
         ],
     }

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from se_inject.graph.ops import cat_inputs, is_conv, is_feature_map, is_shape_keeping_layer, is_spatial_conv, kernel_of
-from se_inject.graph.walk import activation_between, follow_shape_keeping, pointwise_conv_after, walk_region
+from se_inject.graph.ops import (
+    cat_inputs,
+    is_conv,
+    is_depthwise,
+    is_feature_map,
+    is_shape_keeping_layer,
+    is_spatial_conv,
+    kernel_of,
+)
+from se_inject.graph.walk import (
+    activation_between,
+    follow_norms,
+    follow_shape_keeping,
+    pointwise_conv_after,
+    walk_region,
+)
 from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
 
 
@@ -24,8 +38,8 @@ def _pointwise_before(gm: fx.GraphModule, conv: fx.Node) -> fx.Node | None:
 
 @register_pattern(
     "conv_act",
-    anchors=("after_activation",),
-    facts={"kernel": int, "pointwise_before": bool, "pointwise_after": bool, "reads_concat": bool},
+    anchors=("after_activation", "after_norm"),
+    facts={"kernel": int, "depthwise": bool, "pointwise_before": bool, "pointwise_after": bool, "reads_concat": bool},
 )
 def find_conv_activations(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candidate]:
     """Convolutions followed, through their norm, by a non-linearity (plain conv stacks); those between
@@ -38,15 +52,21 @@ def find_conv_activations(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list
         if end is node or not activation_between(gm, node, end):
             continue
         before = _pointwise_before(gm, node)
+        normed = follow_norms(gm, node)
         entry = before if before is not None else node
         found.append(
             Candidate(
                 kind="conv_act",
                 output=end,
                 region=walk_region(node, end),
-                anchors={"after_activation": Insertion(end, None, (end,))},
+                anchors={
+                    "after_activation": Insertion(end, None, (end,)),
+                    # between the norm and the activation (MobileOne's single-branch block)
+                    "after_norm": Insertion(normed, None, (normed,)),
+                },
                 facts={
                     "kernel": max(kernel_of(gm, node) or (1,)),
+                    "depthwise": is_depthwise(gm, node),
                     "pointwise_before": before is not None,
                     "pointwise_after": pointwise_conv_after(gm, end) is not None,
                     # VoVNet's and HGNet's aggregation conv: it mixes the concatenation of the block's layers

@@ -4,11 +4,11 @@ and the pointwise convolution after it."""
 from __future__ import annotations
 
 import torch.fx as fx
+from torch import nn
 
 from se_inject.graph.ops import (
-    conv_parts,
     is_conv,
-    is_conv_like,
+    is_depthwise,
     is_spatial_conv,
     kernel_of,
     module_of,
@@ -20,6 +20,7 @@ from se_inject.graph.walk import (
     ancestors,
     follow_norms,
     follow_shape_keeping,
+    past_antialiasing,
     pointwise_conv_after,
     walk_region,
 )
@@ -27,25 +28,26 @@ from se_inject.placement.existing_gates import through_gate
 from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
 
 
-def is_depthwise(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A depthwise conv (groups == in_channels): a module, each part of a mixed conv (MixNet), or a
-    CondConv2d (EfficientNet-CondConv)."""
-    mod = module_of(gm, node)
-    parts: list = conv_parts(mod) or ([mod] if mod is not None and is_conv_like(mod) else [])
-    return bool(parts) and all(
-        p.groups > 1 and p.groups == p.in_channels and p.out_channels % p.in_channels == 0 for p in parts
-    )
+def _space_to_depth(gm: fx.GraphModule, conv: fx.Node) -> bool:
+    """A conv over non-overlapping k x k patches with k x k times its input's channels: a learned
+    space-to-depth, which widens channels as an expansion conv does."""
+    mod = module_of(gm, conv)
+    if not isinstance(mod, nn.Conv2d) or mod.groups != 1:
+        return False
+    kernel, stride = tuple(mod.kernel_size), tuple(mod.stride)
+    return kernel == stride and mod.out_channels == mod.in_channels * kernel[0] * kernel[1]
 
 
 def block_input(gm: fx.GraphModule, depthwise: fx.Node) -> fx.Node | None:
     """What enters a depthwise block: the input of the pointwise conv that expands channels for the
     depthwise conv (an inverted residual), else the depthwise conv's own input (a separable block;
-    a conv found upstream that does not widen belongs to the previous block)."""
+    a conv found upstream that does not widen belongs to the previous block). A space-to-depth conv
+    (EfficientNet-X's first block) expands as a pointwise conv does."""
     start = depthwise.all_input_nodes[0] if depthwise.all_input_nodes else None
     walk = start
     while walk is not None:
         if is_conv(gm, walk):
-            if is_spatial_conv(gm, walk) or not walk.all_input_nodes:
+            if (is_spatial_conv(gm, walk) and not _space_to_depth(gm, walk)) or not walk.all_input_nodes:
                 return start
             widens = tensor_shape(walk)[1] > tensor_shape(walk.all_input_nodes[0])[1]
             return walk.all_input_nodes[0] if widens else start
@@ -92,7 +94,8 @@ def find_depthwise(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Candid
     for node in gm.graph.nodes:
         if not is_depthwise(gm, node):
             continue
-        activated = follow_shape_keeping(gm, node)
+        # an anti-aliased block strides after the activation, with a blur pool: the depthwise part ends there
+        activated = past_antialiasing(gm, follow_shape_keeping(gm, node))
         end, region = _past_existing_gate(gm, node, activated)
         normed = follow_norms(gm, node)
         pointwise = pointwise_conv_after(gm, end)

@@ -10,6 +10,7 @@ from se_inject.graph.ops import (
     conv_count,
     is_activation,
     is_conv,
+    is_depthwise,
     is_feature_map,
     is_spatial_conv,
     shape_of,
@@ -23,6 +24,11 @@ from se_inject.graph.walk import (
 from se_inject.placement.patterns.base import Candidate, Insertion, register_pattern
 
 
+def _is_pointwise(gm: fx.GraphModule, conv: fx.Node) -> bool:
+    """A 1x1 conv that mixes channels: a 1x1 depthwise conv (a reparameterisable scale branch) is not one."""
+    return not is_spatial_conv(gm, conv) and not is_depthwise(gm, conv)
+
+
 def _inside_branch(
     gm: fx.GraphModule, branch: frozenset[fx.Node], add: fx.Node, order: dict[fx.Node, int]
 ) -> dict[str, Insertion | None]:
@@ -31,13 +37,16 @@ def _inside_branch(
     def after(node: fx.Node | None) -> Insertion | None:
         return Insertion(node, None, (node, add)) if node is not None else None
 
-    def into(conv: fx.Node | None) -> Insertion | None:  # what enters ``conv``, for it alone
+    def into(conv: fx.Node | None, alone: bool = True) -> Insertion | None:
+        """What enters ``conv``: for it alone, or for all that read it (parallel convs: GhostNetV3)."""
         feeding = conv.args[0] if conv is not None and isinstance(conv.args[0], fx.Node) else None
-        return Insertion(feeding, (conv,), (feeding, conv, add)) if conv is not None and feeding in branch else None
+        if conv is None or feeding not in branch or not (alone or set(feeding.users) <= branch):
+            return None
+        return Insertion(feeding, (conv,) if alone else None, (feeding, conv, add))
 
     convs = sorted((n for n in branch if is_conv(gm, n)), key=order.__getitem__)
     spatial = [n for n in convs if is_spatial_conv(gm, n)]
-    pointwise = [n for n in convs if not is_spatial_conv(gm, n)]
+    pointwise = [n for n in convs if _is_pointwise(gm, n)]
     return {
         "after_spatial_conv": after(follow_shape_keeping(gm, spatial[0], branch) if spatial else None),
         # DarkNet's SE follows the branch's first conv, its norm and its activation
@@ -48,8 +57,9 @@ def _inside_branch(
         "spatial_conv_output": after(spatial[0] if spatial else None),
         # NFNet's attn_last: on the last conv's output, before the branch is scaled by alpha
         "after_last_conv": after(follow_shape_keeping(gm, convs[-1], branch) if convs else None),
-        # GhostNet: on what enters the second ghost module, whose first conv is the branch's last 1x1
-        "before_last_pointwise": into(pointwise[-1] if pointwise else None),
+        # GhostNet: on what enters the second ghost module, whose 1x1 convs (one, or GhostNetV3's parallel
+        # reparameterisable ones) are the branch's last
+        "before_last_pointwise": into(pointwise[-1] if pointwise else None, alone=False),
     }
 
 
@@ -112,7 +122,7 @@ def find_residual_adds(gm: fx.GraphModule, order: dict[fx.Node, int]) -> list[Ca
                 },
                 facts={
                     "branch_convs": conv_count(gm, branch),
-                    "branch_pointwise_convs": sum(is_conv(gm, n) and not is_spatial_conv(gm, n) for n in branch),
+                    "branch_pointwise_convs": sum(is_conv(gm, n) and _is_pointwise(gm, n) for n in branch),
                     "shortcut_convs": conv_count(gm, shortcut),
                     "branch_nodes": len(branch),
                 },
