@@ -33,6 +33,16 @@ class FinetuneConfig:
     optimizer: Literal["sgd", "adamw"] = field(default="sgd", metadata={"help": "sgd (momentum 0.9) or adamw"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum, in [0, 1)"})
     weight_decay: float = field(default=1e-4, metadata={"help": "weight decay (not on biases and norms)"})
+    unit_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "the inserted units' learning rate, times the phase's (both phases): units that start as the "
+            "identity begin with small gradients, as new modules in a trained network do"
+        },
+    )
+    unit_weight_decay: float | None = field(
+        default=None, metadata={"help": "weight decay of the units' weights (not their biases); default: weight_decay"}
+    )
     schedule: Literal["step", "cosine"] = field(default="cosine", metadata={"help": "decay within each phase"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: cuda when there is one"})
@@ -64,11 +74,18 @@ class FinetuneConfig:
                 raise ConfigError(f"{name}: must be at least {low}, got {value}")
         if self.se_epochs > self.epochs:
             raise ConfigError(f"se_epochs: must be between 0 and epochs ({self.epochs}), got {self.se_epochs}")
-        for name in ("lr", "full_lr_scale", "momentum", "weight_decay", "label_smoothing"):
+        for name in ("lr", "full_lr_scale", "momentum", "weight_decay", "label_smoothing", "unit_lr_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"{name}: expected a finite number, got {value!r}")
-        for name in ("lr", "full_lr_scale"):
+        unit_decay = self.unit_weight_decay
+        if unit_decay is not None and (
+            isinstance(unit_decay, bool) or not isinstance(unit_decay, (int, float)) or not math.isfinite(unit_decay)
+        ):
+            raise ConfigError(f"unit_weight_decay: expected a finite number, got {unit_decay!r}")
+        if unit_decay is not None and unit_decay < 0:
+            raise ConfigError(f"unit_weight_decay: must be zero or positive, got {unit_decay}")
+        for name in ("lr", "full_lr_scale", "unit_lr_scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if not 0 <= self.momentum < 1:

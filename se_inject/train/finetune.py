@@ -54,6 +54,7 @@ from se_inject.io.saving import write_model_files
 from se_inject.runtime import rank_and_world, resolve_device
 from se_inject.train.config import RESUMABLE_CHANGES, FinetuneConfig
 from se_inject.train.data import DataSplits, SeededSamples
+from se_inject.train.movement import MovementReport, measure_movement, probe_images, unit_snapshot
 from se_inject.units.base import ChannelUnit
 
 
@@ -64,10 +65,20 @@ class FinetuneResult:
     accuracy: dict[str, float | None]  # before retrofit, after injection, after fine-tuning
     out: Path
     warnings: list[str] = field(default_factory=list)  # what the user should know (shown by the CLI)
+    movement: MovementReport | None = None  # how far the units moved from their start (None: no units)
 
 
 class UntrainedModelWarning(UserWarning):
     """The model scores at chance before fine-tuning: an SE-only phase on it learns nothing."""
+
+
+class StartChangedModelWarning(UserWarning):
+    """Right after injection, before any training, the model scores below its original: units that do
+    not start as the identity (``init="paper"`` or ``"zero"``) changed what it computes."""
+
+
+class UnitsDidNotLearnWarning(UserWarning):
+    """No unit moved out of the identity band during fine-tuning: the units added weights, not behaviour."""
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -77,14 +88,24 @@ def se_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, ChannelUnit) for p in m.parameters()]
 
 
-def _param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]  # biases and norm scales
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _param_groups(params: list[nn.Parameter], units: set[int], config: FinetuneConfig, lr: float) -> list[dict]:
+    """The backbone's weights and the units' (their ``id`` in ``units``), each split into those that decay
+    and biases and norm scales, which do not; the units at ``unit_lr_scale`` times ``lr``."""
+    unit_decay = config.weight_decay if config.unit_weight_decay is None else config.unit_weight_decay
+    groups = []
+    for own, rate, decay in ((False, lr, config.weight_decay), (True, lr * config.unit_lr_scale, unit_decay)):
+        mine = [p for p in params if (id(p) in units) == own]
+        groups += [
+            {"params": [p for p in mine if p.ndim > 1], "weight_decay": decay, "lr": rate},
+            {"params": [p for p in mine if p.ndim <= 1], "weight_decay": 0.0, "lr": rate},
+        ]
+    return groups
 
 
-def _make_optimizer(config: FinetuneConfig, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    groups = _param_groups(params, config.weight_decay)
+def _make_optimizer(
+    config: FinetuneConfig, params: list[nn.Parameter], lr: float, units: set[int]
+) -> torch.optim.Optimizer:
+    groups = _param_groups(params, units, config, lr)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=False)
     return torch.optim.AdamW(groups, lr=lr)
@@ -404,19 +425,54 @@ def _check_data(data: DataSplits, world: int) -> None:
         raise DataError("the validation set is empty: accuracy cannot be measured")
 
 
-def _chance_warning(accuracy: float | None, data: DataSplits) -> str | None:
-    """A warning when ``accuracy`` is no better than guessing the most frequent class (2 sigma)."""
-    if accuracy is None:
-        return None
+START_DROP = 0.01  # a drop of accuracy right after injection, on the same images, that says the start broke it
+
+
+def _chance(data: DataSplits) -> tuple[float, int]:
+    """(the share of the validation set's most frequent class, the validation set's size)."""
     labels = data.val_labels()
-    counts = [labels.count(c) for c in set(labels)]
-    chance, n = max(counts) / len(labels), len(labels)
-    if accuracy > chance + 2 * math.sqrt(chance * (1 - chance) / n):
+    return max(labels.count(c) for c in set(labels)) / len(labels), len(labels)
+
+
+def _at_chance(accuracy: float, data: DataSplits) -> bool:
+    """Whether ``accuracy`` is no better than guessing the most frequent class (2 standard errors)."""
+    chance, n = _chance(data)
+    return accuracy <= chance + 2 * math.sqrt(chance * (1 - chance) / n)
+
+
+def _start_warning(
+    before: float | None, after: float | None, identity: bool, data: DataSplits
+) -> tuple[str, type[Warning]] | None:
+    """What the accuracy before and right after injection says before any training: an untrained
+    backbone, a trained one the units' start broke, or neither (None). ``identity``: the units start as
+    the identity, so the accuracy right after injection is the backbone's."""
+    if after is None:
         return None
+    chance = f"{_chance(data)[0]:.1%}"
+    if before is not None and not _at_chance(before, data):
+        # the same images before and after: a drop of more than a point (and two images) is the start's doing
+        if after < before - max(START_DROP, 2 / _chance(data)[1]):
+            return (
+                f"the units' start changed the trained model: {before:.1%} before injection, {after:.1%} right after "
+                "(they do not start as the identity); fine-tuning must first win that back: init='preserve' "
+                "(--init preserve) starts them as the identity",
+                StartChangedModelWarning,
+            )
+        return None
+    if not _at_chance(before if before is not None else after, data):
+        return None
+    if before is None and not identity:
+        return (
+            f"the model scores {after:.1%} right after injection, no better than chance ({chance}), and its units do "
+            "not start as the identity: either their start broke a trained backbone or the backbone is untrained; "
+            "give the original (a model to inject, not a saved retrofit) or inject with init='preserve' to tell",
+            StartChangedModelWarning,
+        )
     return (
-        f"the model scores {accuracy:.1%} before fine-tuning, no better than chance ({chance:.1%}): its backbone is "
-        "untrained, so the SE-only phase has nothing to recalibrate (every gate stays at its start); "
-        "start from trained weights (--checkpoint FILE)"
+        f"the model scores {(before if before is not None else after):.1%} before fine-tuning, no better than "
+        f"chance ({chance}): its backbone is untrained, so the SE-only phase has nothing to recalibrate (every "
+        "gate stays at its start); start from trained weights (--checkpoint FILE)",
+        UntrainedModelWarning,
     )
 
 
@@ -491,9 +547,20 @@ class _Run:
         default_factory=lambda: {"before retrofit": None, "after injection": None, "after fine-tuning": None}
     )
     notes: list[str] = field(default_factory=list)
+    # the units' weights at the start of the run (by unit, then tensor), to measure how far they moved
+    start_units: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
         return evaluate(model, self.val_loader, self.device, **self.cuda_opts)
+
+    def movement(self) -> MovementReport | None:
+        """How far the units moved from their start, on the first validation images; None without units."""
+        if not self.start_units:
+            return None
+        start = unit_snapshot(self.model)
+        for name, unit in start.items():
+            unit.load_state_dict(self.start_units[name])
+        return measure_movement(self.model, start, probe_images(self.data.val).to(self.device))
 
 
 def _prepare(model, data, out, config, state, rank, world, device, old: list[Path]) -> _Run:
@@ -519,6 +586,7 @@ def _resume(run: _Run, state: dict[str, Any]) -> int:
     """Continue from ``state``: weights, history and run identity; the model files repaired. The next epoch."""
     run.model.load_state_dict(state["model"])
     run.history, run.accuracy, run.run_id = state["history"], state["accuracy"], state["run_id"]
+    run.start_units = state.get("start_units", {})  # a checkpoint of an earlier version has none
     if run.rank == 0:
         _repair_model_files(run.model, run.out, state, run.config.save_weights)
     return state["epoch"] + 1
@@ -534,12 +602,17 @@ def _measure_start(run: _Run, original: nn.Module | None) -> None:
             reference.set_submodule(found[0], copy.deepcopy(found[1]))
         run.accuracy["before retrofit"] = run.evaluate(reference.to(run.device))[1]
     run.accuracy["after injection"] = run.evaluate(run.model)[1]
-    # only an SE-only phase is wasted on an untrained backbone; a new head scores at chance whatever the backbone
-    if run.config.se_epochs and not run.head_params:
-        warning = _chance_warning(run.accuracy["before retrofit"] or run.accuracy["after injection"], run.data)
-        if warning:
-            run.notes.append(warning)
-            warnings.warn(warning, UntrainedModelWarning, stacklevel=4)
+    run.start_units = {
+        name: {k: v.detach().cpu().clone() for k, v in unit.state_dict().items()}
+        for name, unit in unit_snapshot(run.model).items()
+    }
+    # a new head scores at chance whatever the backbone: nothing can be told from the accuracy then
+    if not run.head_params:
+        identity = all(u.starts_as_identity for u in unit_snapshot(run.model).values())
+        said = _start_warning(run.accuracy["before retrofit"], run.accuracy["after injection"], identity, run.data)
+        if said is not None and (said[1] is not UntrainedModelWarning or run.config.se_epochs):
+            run.notes.append(said[0])
+            warnings.warn(said[0], said[1], stacklevel=4)
 
 
 def _begin_phase(run: _Run, phase: str, epoch: int, state: dict[str, Any] | None):
@@ -552,7 +625,7 @@ def _begin_phase(run: _Run, phase: str, epoch: int, state: dict[str, Any] | None
     for p in trainable:
         p.requires_grad_(True)
     lr = config.lr if phase == "se" else config.lr * config.full_lr_scale
-    optimizer = _make_optimizer(config, trainable, lr)
+    optimizer = _make_optimizer(config, trainable, lr, {id(p) for p in se_parameters(model)})
     scheduler = _make_scheduler(config, optimizer, config.phase_epochs(phase))
     if state is not None and state["phase"] == phase and state["epoch"] + 1 == epoch:
         optimizer.load_state_dict(state["optimizer"])
@@ -581,6 +654,7 @@ def _checkpoint(run: _Run, optimizer, scheduler, epoch: int, phase: str) -> dict
         "config": asdict(run.config),
         "run": run_fingerprint(run.model, run.data, run.config),
         "run_id": run.run_id,
+        "start_units": run.start_units,
     }
 
 
@@ -613,6 +687,7 @@ def _run(model, data, out, config, original, state, rank, world, device, show_pr
         if metrics["trained"]:  # an idle phase has no schedule to follow
             scheduler.step()
         val_loss, val_acc = run.evaluate(model)
+        movement = run.movement()
         run.history.append(
             {
                 "epoch": epoch + 1,
@@ -623,6 +698,9 @@ def _run(model, data, out, config, original, state, rank, world, device, show_pr
                 "lr": lr_used,
                 "world_size": world,
                 "device": str(device),
+                # the share of units out of the identity band, and the mean movement per stage
+                "units_learned": movement.learned if movement else None,
+                "unit_movement": {str(k): v for k, v in movement.by_stage().items()} if movement else None,
             }
         )
         run.accuracy["after fine-tuning"] = val_acc
@@ -631,7 +709,12 @@ def _run(model, data, out, config, original, state, rank, world, device, show_pr
             _commit_epoch(model, out, checkpoint, run.history, run.config.save_weights)
         if world > 1:
             dist.barrier()
-    return FinetuneResult(model, run.history, run.accuracy, out, run.notes)
+    movement = run.movement()
+    warning = movement.warning() if movement else None
+    if warning:
+        run.notes.append(warning)
+        warnings.warn(warning, UnitsDidNotLearnWarning, stacklevel=3)
+    return FinetuneResult(model, run.history, run.accuracy, out, run.notes, movement)
 
 
 @contextlib.contextmanager

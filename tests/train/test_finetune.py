@@ -23,6 +23,7 @@ from se_inject.train.finetune import (
     _param_groups,
     finetune,
     fit_head,
+    se_parameters,
 )
 
 ROOT = Path(__file__).parents[2]
@@ -85,9 +86,25 @@ def test_the_head_is_fitted_to_the_classes_and_decay_spares_biases_and_norms():
     new = fit_head(model, 10)
     assert model.head.out_features == 10 and len(new) == 2
     assert fit_head(model, 10) == []
-    decay, no_decay = _param_groups(list(model.parameters()), 1e-4)
+    decay, no_decay, _, _ = _param_groups(list(model.parameters()), set(), FinetuneConfig(weight_decay=1e-4), 0.1)
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
-    assert no_decay["weight_decay"] == 0.0
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 1e-4
+
+
+def test_the_units_take_their_own_learning_rate_and_weight_decay():
+    """unit_lr_scale multiplies the phase's rate for the units' weights alone; unit_weight_decay decays
+    their weights, not their biases; the backbone keeps the phase's rate and weight decay."""
+    model = se_inject.inject(FunctionalResNet(), r=4)
+    units = {id(p) for p in se_parameters(model)}
+    config = FinetuneConfig(unit_lr_scale=10.0, weight_decay=1e-4, unit_weight_decay=0.0)
+    groups = _param_groups(list(model.parameters()), units, config, 0.05)
+    backbone, units_groups = groups[:2], groups[2:]
+    assert {g["lr"] for g in backbone} == {0.05} and {g["lr"] for g in units_groups} == {0.5}
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0, 0.0, 0.0]
+    assert {id(p) for g in units_groups for p in g["params"]} == units
+    assert not units & {id(p) for g in backbone for p in g["params"]}
+    default = _param_groups(list(model.parameters()), units, FinetuneConfig(), 0.05)
+    assert [g["weight_decay"] for g in default] == [1e-4, 0.0, 1e-4, 0.0] and {g["lr"] for g in default} == {0.05}
 
 
 @pytest.mark.parametrize(
@@ -97,6 +114,8 @@ def test_the_head_is_fitted_to_the_classes_and_decay_spares_biases_and_norms():
         ({"se_epochs": 4}, "se_epochs"),
         ({"optimizer": "lamb"}, "optimizer"),
         ({"lr": 0}, "lr"),
+        ({"unit_lr_scale": 0}, "unit_lr_scale"),
+        ({"unit_weight_decay": -1.0}, "unit_weight_decay"),
         ({"schedule": "poly"}, "schedule"),
         ({"label_smoothing": 1.0}, "label_smoothing"),
     ],

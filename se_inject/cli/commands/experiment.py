@@ -47,6 +47,8 @@ def command(
     schedule: str = opt.finetune_option("schedule"),
     label_smoothing: float = opt.finetune_option("label_smoothing"),
     weight_decay: float = opt.finetune_option("weight_decay"),
+    unit_lr_scale: float = opt.finetune_option("unit_lr_scale"),
+    unit_weight_decay: float | None = opt.finetune_option("unit_weight_decay"),
     momentum: float = opt.finetune_option("momentum"),
     device: str = opt.device_option(),
     amp: bool = opt.finetune_option("amp"),
@@ -153,10 +155,12 @@ def _run(
 ) -> Any:
     """The experiment's result (None in every process but the first); its warnings are shown once."""
     from se_inject.train.experiment import experiment
-    from se_inject.train.finetune import UntrainedModelWarning
+    from se_inject.train.finetune import StartChangedModelWarning, UnitsDidNotLearnWarning, UntrainedModelWarning
 
-    with warnings.catch_warnings(record=True) as caught:  # an untrained base is said once, below
-        warnings.simplefilter("always", UntrainedModelWarning)
+    ours = (UntrainedModelWarning, StartChangedModelWarning, UnitsDidNotLearnWarning)
+    with warnings.catch_warnings(record=True) as caught:  # what the runs say is said once each, below
+        for category in ours:
+            warnings.simplefilter("always", category)
         result = experiment(
             network,
             splits,
@@ -173,7 +177,7 @@ def _run(
         )
     if not is_first_process():
         return None
-    untrained = [w for w in caught if issubclass(w.category, UntrainedModelWarning)]
+    untrained = [w for w in caught if issubclass(w.category, ours)]
     for w in caught:  # every other warning as Python would have shown it
         if w not in untrained:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import typer
 from rich.console import Console
@@ -33,6 +35,8 @@ def command(
     schedule: str = opt.finetune_option("schedule"),
     label_smoothing: float = opt.finetune_option("label_smoothing"),
     weight_decay: float = opt.finetune_option("weight_decay"),
+    unit_lr_scale: float = opt.finetune_option("unit_lr_scale"),
+    unit_weight_decay: float | None = opt.finetune_option("unit_weight_decay"),
     momentum: float = opt.finetune_option("momentum"),
     device: str = opt.device_option(),
     amp: bool = opt.finetune_option("amp"),
@@ -74,15 +78,14 @@ def command(
         raise typer.Exit(launch_torchrun(nproc, device))
     import torch
 
-    from se_inject.train.finetune import UntrainedModelWarning, finetune
+    from se_inject.train.finetune import finetune
 
     torch.manual_seed(seed)
     model, original, splits = _model_and_data(
         source, data, input_size, classes, injection, head, num_classes, checkpoint, pretrained, trust_code, base
     )
     output = console()
-    with warnings.catch_warnings():  # shown below as se-inject's own one-line warnings
-        warnings.simplefilter("ignore", UntrainedModelWarning)
+    with _start_said_at_once() as said:
         result = finetune(
             model,
             splits,
@@ -96,8 +99,42 @@ def command(
         )
     if is_first_process():
         for message in result.warnings:
-            warn(message)
+            if message not in said:
+                warn(message)
         render(result, output)
+
+
+@contextlib.contextmanager
+def _start_said_at_once() -> Iterator[list[str]]:
+    """What the start says (an untrained backbone, a start that broke a trained one) is said as soon as it is
+    decided, before training, as se-inject's one line; the messages said. Other warnings as Python shows
+    them; that the units did not learn is said with the result."""
+    from se_inject.train.finetune import StartChangedModelWarning, UnitsDidNotLearnWarning, UntrainedModelWarning
+
+    said: list[str] = []
+    shown = warnings.showwarning
+
+    def say_now(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if not issubclass(category, (UntrainedModelWarning, StartChangedModelWarning)):
+            shown(message, category, filename, lineno, file, line)
+            return
+        if is_first_process():
+            warn(str(message))
+        said.append(str(message))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UntrainedModelWarning)
+        warnings.simplefilter("always", StartChangedModelWarning)
+        warnings.simplefilter("ignore", UnitsDidNotLearnWarning)
+        warnings.showwarning = say_now
+        yield said
 
 
 def _model_and_data(
@@ -138,6 +175,8 @@ def render(result: Any, out: Console) -> None:
     accuracy = table("Validation accuracy", ("before retrofit", "after injection", "after fine-tuning"))
     accuracy.add_row(*(percent(v) for v in result.accuracy.values()))
     out.print(accuracy)
+    if result.movement is not None:
+        out.print(result.movement.summary())
     last = result.history[-1] if result.history else {}
     out.print(
         f"{len(result.history)} epochs, {last.get('world_size', 1)} process(es) on {last.get('device', '?')}; "
