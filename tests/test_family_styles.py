@@ -89,9 +89,7 @@ SLOW = {
     "regnetz_005",
     # their rules are each covered by another family's twin here (mnasnet by test_twins' semnasnet_100)
     "semnasnet_050",
-    "hgnet_tiny",
     "nf_regnet_b0",
-    "efficientvim_m1",
     # what they add beyond the fast twins is checked by the sweep too (benchmarks/twins.py)
     "ghostnetv3_050",
     "fastvit_mci0",
