@@ -25,6 +25,7 @@ from se_inject.errors import ConfigError
 from se_inject.graph.shadow import eval_mode
 from se_inject.io.recipe import attach_recipe, attached_recipe
 from se_inject.train.data import DataSplits
+from se_inject.train.movement import stage_block
 from se_inject.units.base import UNITS, ChannelUnit
 from se_inject.units.se import ChannelScale
 
@@ -107,12 +108,6 @@ def _kind(unit: ChannelUnit) -> str:
     return next((name for name, cls in UNITS.items() if cls is type(unit)), type(unit).__name__)
 
 
-def _stage_block(name: str) -> tuple[int, int]:
-    """(stage, block) of a unit named UNIT_stage_block by the planner (``layer1.0.eca_1_1``); else (0, 0)."""
-    parts = name.rpartition(".")[2].rsplit("_", 2)
-    return (int(parts[1]), int(parts[2])) if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() else (0, 0)
-
-
 def collect(
     model: nn.Module,
     loader: DataLoader,
@@ -174,7 +169,7 @@ def _unit_stats(
     class_mean[~(counts > 0)] = float("nan")
     gate_range = unit.gate_range
     image_std = float(var_all.sqrt().mean())
-    stage, block = _stage_block(name)
+    stage, block = stage_block(name)
     return UnitStats(
         name,
         stage,

@@ -602,13 +602,11 @@ def _measure_start(run: _Run, original: nn.Module | None) -> None:
             reference.set_submodule(found[0], copy.deepcopy(found[1]))
         run.accuracy["before retrofit"] = run.evaluate(reference.to(run.device))[1]
     run.accuracy["after injection"] = run.evaluate(run.model)[1]
-    run.start_units = {
-        name: {k: v.detach().cpu().clone() for k, v in unit.state_dict().items()}
-        for name, unit in unit_snapshot(run.model).items()
-    }
+    start = unit_snapshot(run.model)
+    run.start_units = {name: {k: v.cpu() for k, v in unit.state_dict().items()} for name, unit in start.items()}
     # a new head scores at chance whatever the backbone: nothing can be told from the accuracy then
     if not run.head_params:
-        identity = all(u.starts_as_identity for u in unit_snapshot(run.model).values())
+        identity = all(u.starts_as_identity for u in start.values())
         said = _start_warning(run.accuracy["before retrofit"], run.accuracy["after injection"], identity, run.data)
         if said is not None and (said[1] is not UntrainedModelWarning or run.config.se_epochs):
             run.notes.append(said[0])
@@ -669,6 +667,7 @@ def _run(model, data, out, config, original, state, rank, world, device, show_pr
         DistributedSampler(data.train, world, rank, shuffle=True, seed=config.seed) if world > 1 else None
     )
     current_phase = None
+    movement: MovementReport | None = None
     for epoch in range(start_epoch, config.epochs):
         phase = config.phase(epoch)
         if phase != current_phase:
@@ -709,7 +708,8 @@ def _run(model, data, out, config, original, state, rank, world, device, show_pr
             _commit_epoch(model, out, checkpoint, run.history, run.config.save_weights)
         if world > 1:
             dist.barrier()
-    movement = run.movement()
+    if movement is None:  # no epoch ran (a resumed run already complete): measured here, once
+        movement = run.movement()
     warning = movement.warning() if movement else None
     if warning:
         run.notes.append(warning)

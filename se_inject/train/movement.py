@@ -93,10 +93,10 @@ def unit_snapshot(model: nn.Module) -> dict[str, ChannelUnit]:
     return snapshot
 
 
-def _stage(name: str) -> int:
-    """The stage of a unit named UNIT_stage_block by the planner (``layer1.0.se_1_1``); 0 if not so named."""
+def stage_block(name: str) -> tuple[int, int]:
+    """(stage, block) of a unit named UNIT_stage_block by the planner (``layer1.0.eca_1_1``); else (0, 0)."""
     parts = name.rpartition(".")[2].rsplit("_", 2)
-    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
+    return (int(parts[1]), int(parts[2])) if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() else (0, 0)
 
 
 def measure_movement(model: nn.Module, start: dict[str, ChannelUnit], images: torch.Tensor) -> MovementReport:
@@ -137,7 +137,7 @@ def measure_movement(model: nn.Module, start: dict[str, ChannelUnit], images: to
         for handle in handles:
             handle.remove()
     found = [
-        UnitMovement(name, _stage(name), moved / max(size, 1e-12), effect / max(size, 1e-12))
+        UnitMovement(name, stage_block(name)[0], moved / max(size, 1e-12), effect / max(size, 1e-12))
         for name, (moved, effect, size) in sums.items()
     ]
     return MovementReport(found, images=len(images))
