@@ -79,6 +79,7 @@ _LAZY: dict[str, str] = {
     "load_style_file": "se_inject.io.styles",
     "make_config": "se_inject.api",
     "prune": "se_inject.inspect.excitation",
+    "unit_movement": "se_inject.inspect.excitation",
     "push_to_hub": "se_inject.io.hub",
     "optimize_for_inference": "se_inject.surgery.optimize",
     "optimized_units": "se_inject.surgery.optimize",
@@ -92,7 +93,7 @@ _LAZY: dict[str, str] = {
 if TYPE_CHECKING:
     from se_inject.api import Retrofit, check_outputs, inject, largest_difference, make_config, report, retrofit
     from se_inject.graph.trace import register_leaf_module
-    from se_inject.inspect.excitation import PruneResult, prune
+    from se_inject.inspect.excitation import PruneResult, prune, unit_movement
     from se_inject.io.hub import push_to_hub
     from se_inject.io.models import load_checkpoint, load_model
     from se_inject.io.recipe import Recipe
@@ -190,6 +191,7 @@ __all__ = [
     "load_model",
     "make_config",
     "prune",
+    "unit_movement",
     "push_to_hub",
     "experiment",
     "arms",

@@ -19,9 +19,9 @@ import typer
 
 from se_inject.config import MAX_IN_CHANS, InjectConfig
 from se_inject.errors import ConfigError
-from se_inject.grammar import as_tuple, field_types, parse_int_list, read_options
+from se_inject.grammar import as_tuple, field_types, parse_int_list, read_options, read_value
 from se_inject.io.sources import syntaxes
-from se_inject.train.config import ExperimentConfig, FinetuneConfig
+from se_inject.train.config import ARM_TUNING, ExperimentConfig, FinetuneConfig
 
 MODEL_HELP = f"the model: {syntaxes()} (se-inject sources lists them)"
 Command = TypeVar("Command", bound=Callable[..., Any])
@@ -223,15 +223,23 @@ def parse_group(text: str) -> dict[str, Any]:
     return {"blocks": [b.strip() for b in blocks.split("|")], **options}
 
 
-def parse_candidate(text: str) -> dict[str, Any]:
+def parse_candidate(text: str, tuning: bool = False) -> dict[str, Any]:
     """``"position=pre,r=8,include=layer3.*|layer4.*"`` -> injection options, read as InjectConfig declares
-    them (lists joined with ``|``) and checked by it now, as a group's are."""
-    options = read_options(text, field_types(InjectConfig), "--candidate", "position=pre,r=8")
-    unknown = sorted(set(options) - set(field_types(InjectConfig)))
+    them (lists joined with ``|``) and checked by it now, as a group's are; with ``tuning``, an experiment's
+    arm, which may also set its own fine-tuning (``unit_lr_scale=100``: ARM_TUNING, as FinetuneConfig reads it)."""
+    own = {k: v for k, v in field_types(FinetuneConfig).items() if k in ARM_TUNING} if tuning else {}
+    options = read_options(text, {**field_types(InjectConfig), **own}, "--candidate", "position=pre,r=8")
+    unknown = sorted(set(options) - set(field_types(InjectConfig)) - set(own))
     if unknown:
-        raise ConfigError(f"--candidate: {unknown[0]}: not an injection option; see se-inject inject --help")
-    InjectConfig.from_dict(options)
+        also = f" nor one of {', '.join(own)}" if own else ""
+        raise ConfigError(f"--candidate: {unknown[0]}: not an injection option{also}; see se-inject inject --help")
+    InjectConfig.from_dict({k: v for k, v in options.items() if k not in own})
     return options
+
+
+def parse_number_list(text: str | None, option: str, kind: type = float) -> list[Any]:
+    """``"1,30,100"`` -> [1.0, 30.0, 100.0] (None: none); each value read as ``kind`` with the one grammar."""
+    return [read_value(value, kind, option) for value in parse_names(text, option)]
 
 
 def parse_unit_options(unit: str, texts: list[str]) -> dict[str, Any]:

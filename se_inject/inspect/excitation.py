@@ -25,7 +25,7 @@ from se_inject.errors import ConfigError
 from se_inject.graph.shadow import eval_mode
 from se_inject.io.recipe import attach_recipe, attached_recipe
 from se_inject.train.data import DataSplits
-from se_inject.train.movement import stage_block
+from se_inject.train.movement import MovementReport, measure_movement, probe_images, stage_block, unit_snapshot
 from se_inject.units.base import UNITS, ChannelUnit
 from se_inject.units.se import ChannelScale
 
@@ -291,11 +291,43 @@ def plot(report: ExcitationReport, out: str | Path, units: list[str] | None = No
     return files
 
 
-def write_json(report: ExcitationReport, out: str | Path, threshold: float = 0.95) -> Path:
+def write_json(
+    report: ExcitationReport, out: str | Path, threshold: float = 0.95, movement: MovementReport | None = None
+) -> Path:
     path = Path(out) / "excitation.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_dict(threshold), indent=1))
+    data = report.to_dict(threshold)
+    if movement is not None:
+        data["movement"] = movement.to_dict()
+    path.write_text(json.dumps(data, indent=1))
     return path
+
+
+def unit_movement(model: nn.Module, data: DataSplits, run: str | Path | None = None) -> MovementReport | None:
+    """How far each unit of ``model`` moved from its start, on the first validation images of ``data``: the
+    start is the one the fine-tuning run in ``run`` kept in its checkpoint; without one, each unit's
+    distance from the identity (its start with ``init="preserve"``). None: no units.
+
+    Example::
+
+        se_inject.unit_movement(se_inject.load("runs/digits"), se_inject.load_data("digits"), "runs/digits").summary()
+    """
+    from se_inject.io.layout import CHECKPOINT_FILE
+    from se_inject.train.finetune import read_checkpoint
+
+    now = unit_snapshot(model)
+    if not now:
+        return None
+    checkpoint = Path(run) / CHECKPOINT_FILE if run is not None else None
+    kept = read_checkpoint(checkpoint).get("start_units", {}) if checkpoint and checkpoint.is_file() else {}
+    known = bool(kept) and set(kept) == set(now)  # a start of another model's units is no start of these
+    if known:
+        for name, unit in now.items():
+            unit.load_state_dict(kept[name])
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    report = measure_movement(model, now, probe_images(data.val).to(device))
+    report.from_identity = not known
+    return report
 
 
 def prune(

@@ -14,6 +14,9 @@ from se_inject.errors import ConfigError
 # Settings a resumed run may change: they do not alter what the run computes (epochs may only grow:
 # the phase in progress then follows its schedule over the new total).
 RESUMABLE_CHANGES = ("epochs", "workers", "device", "amp", "channels_last", "save_weights")
+# The fine-tuning settings an experiment's arm may set for itself: they change what the units learn, not
+# what the control computes (a longer SE phase comes before the same full phase: FinetuneConfig.data_epoch).
+ARM_TUNING = ("unit_lr_scale", "unit_weight_decay", "unit_warmup_steps", "se_epochs")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,10 @@ class FinetuneConfig:
     unit_weight_decay: float | None = field(
         default=None, metadata={"help": "weight decay of the units' weights (not their biases); default: weight_decay"}
     )
+    unit_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "the units' learning rate rises linearly from 0 over the run's first N steps (0: none)"},
+    )
     schedule: Literal["step", "cosine"] = field(default="cosine", metadata={"help": "decay within each phase"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: cuda when there is one"})
@@ -66,7 +73,14 @@ class FinetuneConfig:
     )
 
     def __post_init__(self) -> None:
-        for name, low in (("epochs", 1), ("se_epochs", 0), ("batch_size", 1), ("seed", 0), ("workers", 0)):
+        for name, low in (
+            ("epochs", 1),
+            ("se_epochs", 0),
+            ("batch_size", 1),
+            ("seed", 0),
+            ("workers", 0),
+            ("unit_warmup_steps", 0),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name}: expected a whole number, got {value!r}")
@@ -113,6 +127,17 @@ class FinetuneConfig:
 
     def phase(self, epoch: int) -> str:
         return "se" if epoch < self.se_epochs else "full"
+
+    def data_epoch(self, epoch: int) -> int:
+        """The number the batches of ``epoch`` are drawn under: the full phase's epochs count from 0 and the
+        SE phase's from -1 down, so runs with SE phases of different lengths (an experiment's ``se_epochs``
+        axis) are fed the same batches in their full phases.
+
+        Examples:
+            >>> [FinetuneConfig(epochs=4, se_epochs=2).data_epoch(e) for e in range(4)]
+            [-1, -2, 0, 1]
+        """
+        return -1 - epoch if epoch < self.se_epochs else epoch - self.se_epochs
 
 
 @dataclass(frozen=True)

@@ -4,20 +4,23 @@ A retrofit's accuracy means little without a control. :func:`experiment` takes a
 first trains it for a stated budget), then fine-tunes
 
 - a **control** arm: the same model without units, on exactly the retrofit arms' schedule, and
-- **retrofit** arms: positions, r values, units, starts (``init``), styles, block selections,
+- **retrofit** arms: positions, r values, units, starts (``init``), styles, block selections, and
+  how the units are fine-tuned (their learning rate, an SE-only phase of their own: :data:`ARM_TUNING`),
 
 each once per seed. Arm and control with one seed see the same data order (a function of the seed
 and epoch), the same augmentation (each sample's drawn under RNGs seeded from seed, epoch and index)
 and the same new head; the runs record a digest of every batch they were fed and the result says
 whether the arms' digests equal the control's. Per arm it reports the accuracy over seeds (mean,
 standard deviation), the difference to the control paired by seed with a t interval, the cost
-(weights, FLOPs, inference time measured interleaved by :func:`se_inject.measure.compare`), training
-images/s and, given the original task's validation data, how much of it was forgotten.
+(weights, FLOPs, inference and training-step time over the base's, measured interleaved by
+:func:`se_inject.measure.compare`), how far the units moved from their start (the share out of the
+identity band) and, given the original task's validation data, how much of it was forgotten.
 
 Every run is a :func:`~se_inject.train.finetune.finetune` run in its own directory, checkpointed
 every epoch; ``experiment.json`` records each finished run. ``resume=True`` continues a killed
 experiment where it stopped: finished runs are read back, the interrupted one resumes from its
-checkpoint, bit for bit.
+checkpoint, bit for bit; arms and seeds may be added then (only the new runs train), nothing else
+may differ (the refusal names the field).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +49,7 @@ from se_inject.measure.bench import Spread
 from se_inject.measure.compare import Candidate, compare, label_of
 from se_inject.measure.compare import candidates as option_candidates
 from se_inject.runtime import rank_and_world, resolve_device
-from se_inject.train.config import ExperimentConfig, FinetuneConfig
+from se_inject.train.config import ARM_TUNING, ExperimentConfig, FinetuneConfig
 from se_inject.train.data import DataSplits
 from se_inject.train.finetune import (
     evaluate,
@@ -62,14 +66,30 @@ CONTROL = "control"
 
 @dataclass(frozen=True)
 class Arm:
-    """One arm: a label and the injection options (``se_inject.inject``'s keywords); ``None`` for the control."""
+    """One arm: a label, the injection options (``se_inject.inject``'s keywords; ``None`` for the control)
+    and the fine-tuning settings of its own (:data:`ARM_TUNING`) over the experiment's."""
 
     label: str
     options: dict[str, Any] | None
+    tuning: dict[str, Any] | None = None
 
     @property
     def is_control(self) -> bool:
         return self.options is None
+
+    def finetune_config(self, shared: FinetuneConfig) -> FinetuneConfig:
+        """The experiment's settings with this arm's own; an arm's ``se_epochs`` comes before the shared
+        full phase (``epochs`` grows by the difference), so every arm trains everything equally long.
+
+        Examples:
+            >>> Arm("se", {}, {"se_epochs": 2}).finetune_config(FinetuneConfig(epochs=3, se_epochs=1)).epochs
+            4
+        """
+        own = dict(self.tuning or {})
+        phase = own.get("se_epochs")
+        if isinstance(phase, int) and not isinstance(phase, bool) and phase >= 0:  # else FinetuneConfig refuses it
+            own["epochs"] = shared.epochs - shared.se_epochs + phase
+        return replace(shared, **own) if own else shared
 
 
 def arms(
@@ -79,21 +99,34 @@ def arms(
     units: Sequence[str] = (),
     inits: Sequence[str] = (),
     styles: Sequence[str] = (),
+    unit_lr_scales: Sequence[float] = (),
+    se_epochs: Sequence[int] = (),
     candidates: Sequence[Mapping[str, Any]] = (),
     base: Mapping[str, Any] | None = None,
 ) -> list[Arm]:
     """The control, then every combination of the values given (an axis left empty keeps the default),
-    then each of ``candidates``; with nothing given, one arm with the default retrofit.
+    then each of ``candidates``; with nothing given, one arm with the default retrofit. The injection
+    axes build the units; ``unit_lr_scales`` and ``se_epochs`` vary how each is fine-tuned, and a
+    candidate may hold those settings (:data:`ARM_TUNING`) beside its injection options.
 
     Examples:
         >>> [a.label for a in arms(inits=["preserve", "paper"])]
         ['control', 'init=preserve', 'init=paper']
+        >>> [a.label for a in arms(unit_lr_scales=[1, 100], candidates=[{"init": "zero"}])]
+        ['control', 'unit_lr_scale=1', 'unit_lr_scale=100', 'init=zero']
     """
     found = [Arm(CONTROL, None)]
-    if any((positions, rs, units, inits, styles)) or not candidates:  # with nothing given: the default retrofit
-        product = option_candidates(positions=positions, rs=rs, units=units, inits=inits, styles=styles, base=base)
-        found += [Arm(c.label, c.options) for c in product]
-    found += [Arm(label_of(c), {**(base or {}), **c}) for c in candidates]
+    tuning_axes = [(name, list(v)) for name, v in (("unit_lr_scale", unit_lr_scales), ("se_epochs", se_epochs)) if v]
+    settings = [dict(zip((n for n, _ in tuning_axes), c, strict=True)) for c in product(*(v for _, v in tuning_axes))]
+    if any((positions, rs, units, inits, styles, tuning_axes)) or not candidates:  # nothing given: the default
+        built = option_candidates(positions=positions, rs=rs, units=units, inits=inits, styles=styles, base=base)
+        for candidate, own in product(built, settings):
+            label = " ".join(part for part in (candidate.label, label_of(own)) if part and part != "default")
+            found.append(Arm(label or "default", candidate.options, own or None))
+    for given in candidates:
+        own = {k: v for k, v in given.items() if k in ARM_TUNING}
+        options = {k: v for k, v in given.items() if k not in ARM_TUNING}
+        found.append(Arm(label_of(given), {**(base or {}), **options}, own or None))
     return found
 
 
@@ -109,12 +142,15 @@ class ArmResult:
     start_accuracy: Summary
     difference: Summary | None  # None for the control
     same_data: bool  # every epoch both trained was fed the same batches as the control's
-    images_per_s: float | None
     seconds: float  # training time, all seeds
+    tuning: dict[str, Any] | None = None  # the arm's own fine-tuning settings (Arm.tuning)
     params_added: int = 0
     params_increase: float = 0.0
     flops_increase: float = 0.0
     latency: Spread | None = None  # inference time over the base's at ExperimentConfig.latency_batch
+    training: Spread | None = None  # a training step's time over the base's, measured with the latency
+    units_learned: Summary | None = None  # the share of units out of the identity band at the end, over seeds
+    unit_movement: dict[str, float] | None = None  # stage -> movement of its units from their start, mean of seeds
     reference_accuracy: Summary | None = None
     forgetting: Summary | None = None  # base accuracy on the reference set minus the arm's, per seed
     error: str | None = None  # the arm could not be injected
@@ -196,9 +232,10 @@ def _spec(
         "model": fingerprint["model"],
         "weights": _weights_digest(model),
         "data": fingerprint["data"],
-        "arms": [{"label": a.label, "options": a.options} for a in chosen],
         "finetune": {k: v for k, v in asdict(tuning).items() if k not in ("seed", "workers", "device")},
-        "experiment": {k: v for k, v in asdict(config).items() if k not in ("latency_repeats",)},
+        "experiment": {k: v for k, v in asdict(config).items() if k not in ("latency_repeats", "seeds")},
+        "arms": [{"label": a.label, "options": a.options, "tuning": a.tuning} for a in chosen],
+        "seeds": list(config.seeds),
     }
 
 
@@ -223,7 +260,24 @@ def _check_inputs(model: object, data: object, reference: object) -> None:
             raise DataError(f"{name}: expected the data as se_inject.load_data returns it, got {type(value).__name__}")
 
 
-def _check_arms(chosen: Sequence[Arm]) -> list[Arm]:
+def _check_tuning(arm: Arm, shared: FinetuneConfig) -> None:
+    """An arm's own settings: only :data:`ARM_TUNING`, the control none, each checked as FinetuneConfig checks it."""
+    if arm.tuning is None:
+        return
+    if not isinstance(arm.tuning, Mapping) or arm.is_control:
+        raise ConfigError(f"arms: arm {arm.label!r}: tuning must map settings to values, and the control has none")
+    unknown = sorted(set(arm.tuning) - set(ARM_TUNING))
+    if unknown:
+        raise ConfigError(
+            f"arms: arm {arm.label!r}: {unknown[0]!r} is not a setting an arm may change (one of {', '.join(ARM_TUNING)})"
+        )
+    try:
+        arm.finetune_config(shared)
+    except ConfigError as err:
+        raise ConfigError(f"arms: arm {arm.label!r}: {err}") from None
+
+
+def _check_arms(chosen: Sequence[Arm], shared: FinetuneConfig) -> list[Arm]:
     if isinstance(chosen, (str, bytes, Mapping)) or not isinstance(chosen, Sequence):
         raise ConfigError(f"arms: expected a list of arms made by se_inject.arms(), got {type(chosen).__name__}")
     chosen = list(chosen)
@@ -236,6 +290,8 @@ def _check_arms(chosen: Sequence[Arm]) -> list[Arm]:
             raise ConfigError(
                 f"arms: arm {arm.label!r}: options must map option names to values, got {arm.options!r:.60}"
             )
+    for arm in chosen:
+        _check_tuning(arm, shared)
     if not chosen or not chosen[0].is_control:
         raise ConfigError("arms: the first arm must be the control (options None); build them with se_inject.arms()")
     if not any(not a.is_control for a in chosen):
@@ -297,7 +353,7 @@ def experiment(
     if not isinstance(tuning, FinetuneConfig) or not isinstance(config, ExperimentConfig):
         raise ConfigError("finetune_config and config: expected a FinetuneConfig and an ExperimentConfig")
     _check_inputs(model, data, reference)
-    chosen = _check_arms(arms)
+    chosen = _check_arms(arms, tuning)
     out = as_path(out, "out", DataError)
     state_path = out / EXPERIMENT_FILE
     replaced = check_out(out, resume, force)
@@ -312,9 +368,12 @@ def experiment(
     costs = _inject_all(base, chosen, data, model_name, tuning.head)
     spec = _spec(base, data, chosen, tuning, config)
     digest = spec_digest(spec)
-    state: dict[str, Any] = {"spec": spec, "runs": {}, "base": {}, "latency": {}}
-    if resume:
-        state = read_state(state_path, spec, [a.label for a in chosen], config.seeds, tuning.epochs)
+    state: dict[str, Any] = {"spec": spec, "runs": {}, "base": {}, "latency": {}, "training": {}}
+    if resume:  # the arms it had keep their places (and folders); those added follow
+        state = read_state(state_path, spec, {a.label: a.finetune_config(tuning).epochs for a in chosen})
+        had = [a["label"] for a in state["spec"].get("arms", [])]
+        chosen = sorted(chosen, key=lambda a: had.index(a.label) if a.label in had else len(had))
+        spec = state["spec"] = _spec(base, data, chosen, tuning, config)
     # everything is checked: only now is anything written (a forced start first removes the old experiment)
     if rank == 0:
         remove_experiment(out, replaced)
@@ -341,8 +400,9 @@ def experiment(
     ]
     runs = _Runs(base, data, reference, tuning, model_name, digest, resume, show_progress and rank == 0, console)
     _train_runs(runs, pending, state, save, on_run)
-    if config.latency_batch and not state["latency"] and rank == 0:
-        state["latency"] = _latency(base, chosen, costs, data, config, tuning, model_name)
+    unmeasured = [a for a in chosen[1:] if "error" not in costs[a.label] and a.label not in state["latency"]]
+    if config.latency_batch and unmeasured and rank == 0:
+        _measure_time(state, base, unmeasured, data, config, tuning, model_name)
         save()
     return _result(state, chosen, costs, config, tuning, model_name or type(model).__name__, str(device), out, started)
 
@@ -374,7 +434,8 @@ def _train_runs(
     rank, world = rank_and_world()
     mine = pending[rank::world]
     for number, run in enumerate(mine, 1):
-        record = read_record(run.directory, runs.digest, runs.tuning.epochs) if runs.resume else None
+        epochs = run.arm.finetune_config(runs.tuning).epochs
+        record = read_record(run.directory, runs.digest, epochs) if runs.resume else None
         if record is None:
             if runs.show_progress and runs.console is not None:  # which run the bars below belong to
                 runs.console.print(f"[bold]{run.arm.label}[/], seed {run.seed} (run {number} of {len(mine)})")
@@ -399,7 +460,7 @@ def _train_runs(
     if world > 1:  # every process reads what the others finished
         torch.distributed.barrier()
         for run in pending:
-            found = read_record(run.directory, runs.digest, runs.tuning.epochs)
+            found = read_record(run.directory, runs.digest, run.arm.finetune_config(runs.tuning).epochs)
             assert found is not None, run.directory  # written by the process that ran it, before the barrier
             state["runs"][run.key] = asdict(found)
         save()
@@ -478,7 +539,7 @@ def _run_arm(base, run: _Pending, again, data, tuning, reference, model_name, sh
         model,
         data,
         run_dir,
-        replace(tuning, seed=seed),
+        replace(arm.finetune_config(tuning), seed=seed),
         resume=again,
         force=not again,
         show_progress=show_progress,
@@ -489,6 +550,7 @@ def _run_arm(base, run: _Pending, again, data, tuning, reference, model_name, sh
     trained = [h for h in result.history if h.get("trained", True)]
     # the speed of the epochs that train everything: the same work in every arm (an SE phase trains units only)
     timed = [h for h in trained if h["phase"] == "full"] or trained
+    movement = result.movement
     reference_accuracy = None
     if reference is not None:
         device = resolve_device(tuning.device)
@@ -502,39 +564,65 @@ def _run_arm(base, run: _Pending, again, data, tuning, reference, model_name, sh
         seconds=sum(h["seconds"] for h in result.history),
         digests=[h.get("data_digest") for h in result.history],
         reference_accuracy=reference_accuracy,
+        phases=[h["phase"] for h in result.history],
+        units_learned=movement.learned if movement else None,
+        unit_movement={str(k): v for k, v in movement.by_stage().items()} if movement else None,
     )
 
 
-def _latency(base, chosen, costs, data, config, tuning, model_name) -> dict[str, list[float]]:
-    """Each built arm's inference time over the base's, measured interleaved by compare()."""
-    candidates = [Candidate(a.label, dict(a.options or {})) for a in chosen[1:] if "error" not in costs[a.label]]
-    device = resolve_device(tuning.device)
+def _measure_time(state, base, unmeasured: list[Arm], data, config, tuning, model_name) -> None:
+    """The inference time and a training step's time of each arm's model over the base's, measured
+    interleaved by compare() at ``config.latency_batch`` (once per distinct model: arms that differ in
+    their fine-tuning alone share it), into ``state``'s ``latency`` and ``training``."""
+    models: dict[str, Candidate] = {}
+    for arm in unmeasured:
+        key = json.dumps(arm.options, sort_keys=True, default=str)
+        models.setdefault(key, Candidate(arm.label, dict(arm.options or {})))
     measured = compare(
         base,
-        candidates,
+        list(models.values()),
         model_name=model_name,
         batches=(config.latency_batch,),
         size=data.image_size,
         repeats=config.latency_repeats,
-        device=device,
+        train=True,
+        device=resolve_device(tuning.device),
     )
-    return {
-        r.label: [
-            r.latency[config.latency_batch].median,
-            r.latency[config.latency_batch].q1,
-            r.latency[config.latency_batch].q3,
-        ]
-        for r in measured.measured()
-    }
+    found = {r.label: r for r in measured.measured()}
+    batch = config.latency_batch
+    for arm in unmeasured:
+        result = found.get(models[json.dumps(arm.options, sort_keys=True, default=str)].label)
+        if result is not None:
+            for kind, spread in (("latency", result.latency[batch]), ("training", result.train[batch])):
+                state[kind][arm.label] = [spread.median, spread.q1, spread.q3]
 
 
-def _same_data(arm: list[list[str | None]], control: list[list[str | None]]) -> bool:
-    """Whether, seed by seed, every epoch both trained was fed the same batches."""
+def _by_phase(record: RunRecord) -> dict[str, list[str | None]]:
+    """A run's batch digests per phase, in order (a record of an earlier version: all in one)."""
+    phases = record.phases or ["full"] * len(record.digests)
+    found: dict[str, list[str | None]] = {"se": [], "full": []}
+    for phase, digest in zip(phases, record.digests, strict=True):
+        found[phase].append(digest)
+    return found
+
+
+def _same_data(arm: list[RunRecord], control: list[RunRecord]) -> bool:
+    """Whether, seed by seed, every epoch both trained was fed the same batches (within each phase, so
+    that an arm with another SE phase is compared in its full phase with the control's)."""
     for mine, theirs in zip(arm, control, strict=True):
-        for a, b in zip(mine, theirs, strict=False):
-            if a is not None and b is not None and a != b:
-                return False
+        ours, its = _by_phase(mine), _by_phase(theirs)
+        for phase in ("se", "full"):
+            for a, b in zip(ours[phase], its[phase], strict=False):
+                if a is not None and b is not None and a != b:
+                    return False
     return True
+
+
+def _mean_movement(per_seed: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """Each stage's movement, the mean over the seeds that measured it (None: the arm has no units)."""
+    measured = [m for m in per_seed if m]
+    stages = dict.fromkeys(stage for m in measured for stage in m)
+    return {stage: statistics.fmean(m[stage] for m in measured if stage in m) for stage in stages} or None
 
 
 def _result(state, chosen, costs, config, tuning, name, device, out, started) -> ExperimentResult:
@@ -548,14 +636,16 @@ def _result(state, chosen, costs, config, tuning, name, device, out, started) ->
         if "error" in cost:
             empty = Summary(0, 0.0, None, None, None, config.level)
             results.append(
-                ArmResult(arm.label, arm.options, seeds, [], empty, empty, None, True, None, 0.0, error=cost["error"])
+                ArmResult(
+                    arm.label, arm.options, seeds, [], empty, empty, None, True, 0.0, arm.tuning, error=cost["error"]
+                )
             )
             continue
         mine = [runs[f"{arm.label}|{s}"] for s in seeds]
         accuracies = [r.accuracy for r in mine]
-        speeds = [r.images_per_s for r in mine if r.images_per_s is not None]
+        learned = [r.units_learned for r in mine if r.units_learned is not None]
         references = [r.reference_accuracy for r in mine if r.reference_accuracy is not None]
-        latency = state["latency"].get(arm.label)
+        latency, training = state["latency"].get(arm.label), state["training"].get(arm.label)
         results.append(
             ArmResult(
                 arm.label,
@@ -565,13 +655,16 @@ def _result(state, chosen, costs, config, tuning, name, device, out, started) ->
                 Summary.of(accuracies, config.level),
                 Summary.of([r.start_accuracy for r in mine], config.level),
                 None if arm.is_control else paired_difference(accuracies, [c.accuracy for c in control], config.level),
-                _same_data([r.digests for r in mine], [c.digests for c in control]),
-                statistics.fmean(speeds) if speeds else None,
+                _same_data(mine, control),
                 sum(r.seconds for r in mine),
+                arm.tuning,
                 params_added=cost.get("params_added", 0),
                 params_increase=cost.get("params_increase", 0.0),
                 flops_increase=cost.get("flops_increase", 0.0),
                 latency=Spread(*latency) if latency else None,
+                training=Spread(*training) if training else None,
+                units_learned=Summary.of(learned, config.level) if learned else None,
+                unit_movement=_mean_movement([r.unit_movement for r in mine]),
                 reference_accuracy=Summary.of(references, config.level) if references else None,
                 forgetting=Summary.of([base_reference - v for v in references], config.level)
                 if references and base_reference is not None

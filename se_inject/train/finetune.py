@@ -96,8 +96,8 @@ def _param_groups(params: list[nn.Parameter], units: set[int], config: FinetuneC
     for own, rate, decay in ((False, lr, config.weight_decay), (True, lr * config.unit_lr_scale, unit_decay)):
         mine = [p for p in params if (id(p) in units) == own]
         groups += [
-            {"params": [p for p in mine if p.ndim > 1], "weight_decay": decay, "lr": rate},
-            {"params": [p for p in mine if p.ndim <= 1], "weight_decay": 0.0, "lr": rate},
+            {"params": [p for p in mine if p.ndim > 1], "weight_decay": decay, "lr": rate, "units": own},
+            {"params": [p for p in mine if p.ndim <= 1], "weight_decay": 0.0, "lr": rate, "units": own},
         ]
     return groups
 
@@ -209,6 +209,15 @@ def evaluation_options(config: FinetuneConfig, device: torch.device) -> dict[str
     return {"amp": config.amp, "channels_last": config.channels_last} if device.type == "cuda" else {}
 
 
+def _warm_up_units(optimizer: torch.optim.Optimizer, scheduled: list[float], steps: int, step: int) -> None:
+    """The units' groups at ``step / steps`` of their scheduled rate during the run's first ``steps`` steps
+    (``step`` counts from 1 over the run: an epoch's steps follow the earlier epochs', idle ones included)."""
+    if step <= steps:
+        for group, rate in zip(optimizer.param_groups, scheduled, strict=True):
+            if group.get("units"):
+                group["lr"] = rate * step / steps
+
+
 def _train_epoch(model, loader, optimizer, device, config, phase, progress, epoch) -> dict[str, Any]:
     model.train()
     digest = hashlib.blake2b(digest_size=16)  # what the epoch was fed: experiments compare it across arms
@@ -217,7 +226,9 @@ def _train_epoch(model, loader, optimizer, device, config, phase, progress, epoc
         scaler = torch.amp.GradScaler(
             "cuda", enabled=device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
         )
+        scheduled = [group["lr"] for group in optimizer.param_groups]
         for step, (images, labels) in enumerate(loader, 1):
+            _warm_up_units(optimizer, scheduled, config.unit_warmup_steps, epoch * len(loader) + step)
             _digest_batch(digest, images, labels)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if device.type == "cuda" and config.channels_last:
@@ -239,6 +250,8 @@ def _train_epoch(model, loader, optimizer, device, config, phase, progress, epoc
             loss_sum += value * labels.numel()
             correct += (logits.argmax(1) == labels).sum().item()
             progress(labels.numel(), loss_sum / seen, correct / seen, seen / (time.perf_counter() - start))
+        for group, rate in zip(optimizer.param_groups, scheduled, strict=True):  # the schedule's rates again
+            group["lr"] = rate
     seconds = time.perf_counter() - start
     return {
         "trained": True,
@@ -399,14 +412,15 @@ def _start_over(out: Path, old: list[Path]) -> None:
 
 
 def _loader_for(dataset: Any, config: FinetuneConfig, sampler: Any, epoch: int, world: int) -> DataLoader:
-    """The training batches of ``epoch``: order a function of (seed, epoch), each sample's random
-    augmentation a function of (seed, epoch, index) (:class:`SeededSamples`), whatever the model
-    draws from the RNG in between; a last batch of a single image is dropped, since BatchNorm
-    cannot normalise one value per channel in training."""
+    """The training batches of ``epoch``: order a function of the seed and the epoch's number within its
+    phase (:meth:`FinetuneConfig.data_epoch`), each sample's random augmentation a function of those and
+    its index (:class:`SeededSamples`), whatever the model draws from the RNG in between; a last batch
+    of a single image is dropped, since BatchNorm cannot normalise one value per channel in training."""
     per_process = len(dataset) // world if world > 1 else len(dataset)
-    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    numbered = config.data_epoch(epoch)
+    generator = torch.Generator().manual_seed(config.seed * 1000 + numbered)
     return DataLoader(
-        SeededSamples(dataset, config.seed, epoch),
+        SeededSamples(dataset, config.seed, numbered),
         batch_size=config.batch_size,
         sampler=sampler,
         shuffle=sampler is None,
@@ -674,7 +688,7 @@ def _run(model, data, out, config, original, state, rank, world, device, show_pr
             optimizer, scheduler, ddp = _begin_phase(run, phase, epoch, state)
             state, current_phase = None, phase
         if train_sampler is not None:
-            train_sampler.set_epoch(epoch)
+            train_sampler.set_epoch(config.data_epoch(epoch))
         loader = _loader_for(data.train, config, train_sampler, epoch, world)
         title = f"epoch {epoch + 1}/{config.epochs} ({phase})"
         if any(p.requires_grad for p in model.parameters()):

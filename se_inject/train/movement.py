@@ -44,24 +44,36 @@ class MovementReport:
     units: list[UnitMovement]
     band: float = IDENTITY_BAND
     images: int = 0
+    # True: no start was known, and each unit's figure is its effect (its distance from the identity), which
+    # is its movement for a unit that started as the identity (init="preserve")
+    from_identity: bool = False
+
+    def figure(self, unit: UnitMovement) -> float:
+        """The unit's movement from its start (its effect when measured from the identity)."""
+        return unit.effect if self.from_identity else unit.moved
 
     @property
     def learned(self) -> float:
         """The share of units that moved out of the identity band."""
-        return sum(u.moved > self.band for u in self.units) / len(self.units) if self.units else 0.0
+        return sum(self.figure(u) > self.band for u in self.units) / len(self.units) if self.units else 0.0
 
     def by_stage(self) -> dict[int, float]:
         """The mean movement of the units of each stage."""
         moved: dict[int, list[float]] = defaultdict(list)
         for unit in self.units:
-            moved[unit.stage].append(unit.moved)
+            moved[unit.stage].append(self.figure(unit))
         return {stage: sum(values) / len(values) for stage, values in sorted(moved.items())}
 
     def summary(self) -> str:
         """One line: the share of units that learned and the movement per stage."""
         stages = ", ".join(f"stage {s} {m:.2%}" for s, m in self.by_stage().items())
+        what = (
+            "away from the identity (no start known: their effect)"
+            if self.from_identity
+            else "out of the identity band"
+        )
         return (
-            f"units that moved out of the identity band (> {self.band:.0%} of their input): "
+            f"units that moved {what} (> {self.band:.0%} of their input): "
             f"{self.learned:.0%} of {len(self.units)}; mean movement {stages}"
         )
 
@@ -70,7 +82,7 @@ class MovementReport:
         if not self.units or self.learned > 0:
             return None
         return (
-            f"no unit moved out of the identity band (the largest moved {max(u.moved for u in self.units):.2%} of "
+            f"no unit moved out of the identity band (the largest moved {max(map(self.figure, self.units)):.2%} of "
             "its input): the units added weights but learned nothing; give them a higher learning rate "
             "(--unit-lr-scale), more SE-only epochs (--se-epochs) or a longer run"
         )
@@ -80,6 +92,7 @@ class MovementReport:
             "band": self.band,
             "images": self.images,
             "learned": self.learned,
+            "from_identity": self.from_identity,
             "by_stage": {str(k): v for k, v in self.by_stage().items()},
             "units": [u.__dict__ for u in self.units],
         }

@@ -37,11 +37,22 @@ class RunRecord:
     digests: list[str | None]  # per epoch, what it was fed (None: nothing trained that epoch)
     reference_accuracy: float | None = None
     process: int = 0  # which process trained it (under torchrun: its rank)
-    spec: str = ""  # the digest of the experiment's specification it was trained under
+    spec: str = ""  # the digest of the experiment's shared specification it was trained under
+    phases: list[str] | None = None  # per epoch, "se" or "full" (the batches are paired within a phase)
+    units_learned: float | None = None  # the share of units out of the identity band at the end (None: no units)
+    unit_movement: dict[str, float] | None = None  # stage -> mean movement of its units from their start
+
+
+# The fields a record of an earlier version lacks; the others must all be there.
+_OPTIONAL = ("reference_accuracy", "process", "phases", "units_learned", "unit_movement")
+# The parts of an experiment's specification every run shares (its arms and seeds may grow on --resume).
+SHARED_SPEC = ("model", "weights", "data", "finetune", "experiment")
 
 
 def spec_digest(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    """The digest of the shared part of an experiment's specification, which every run's record carries."""
+    shared = {k: spec[k] for k in SHARED_SPEC}
+    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _refuse(path: Path, field: str, problem: str) -> DataError:
@@ -64,7 +75,7 @@ def _check_fields(data: object, path: Path, where: str) -> None:
     if not isinstance(data, dict):
         raise _refuse(path, where, "expected an object")
     known = {f.name for f in fields(RunRecord)}
-    missing = sorted(k for k in known - set(data) if k not in ("reference_accuracy", "process"))
+    missing = sorted(k for k in known - set(data) if k not in _OPTIONAL)
     if missing or set(data) - known:
         name = missing[0] if missing else sorted(set(data) - known)[0]
         raise _refuse(path, f"{where}.{name}", "missing" if missing else "not a field of a run record")
@@ -81,6 +92,16 @@ def _check_fields(data: object, path: Path, where: str) -> None:
         raise _refuse(path, f"{where}.digests", "expected one digest (a string) or null per epoch")
     if not isinstance(data["spec"], str):
         raise _refuse(path, f"{where}.spec", f"expected a digest, got {data['spec']!r:.60}")
+    phases = data.get("phases")
+    if phases is not None and (not isinstance(phases, list) or not all(p in ("se", "full") for p in phases)):
+        raise _refuse(path, f"{where}.phases", "expected one phase (se or full) per epoch")
+    _number(path, f"{where}.units_learned", data.get("units_learned"), 0.0, 1.0, optional=True)
+    movement = data.get("unit_movement")
+    if movement is not None:
+        if not isinstance(movement, dict) or len(movement) > 1000:
+            raise _refuse(path, f"{where}.unit_movement", "expected the movement per stage")
+        for stage, value in movement.items():
+            _number(path, f"{where}.unit_movement.{stage:.40}", value, 0.0, 1e9)
 
 
 def check_record(data: object, path: Path, where: str, digest: str, epochs: int) -> RunRecord:
@@ -90,14 +111,17 @@ def check_record(data: object, path: Path, where: str, digest: str, epochs: int)
     assert isinstance(data, dict)  # checked above
     if len(data["digests"]) != epochs:
         raise _refuse(path, f"{where}.digests", f"expected one digest per epoch ({epochs})")
+    if data.get("phases") is not None and len(data["phases"]) != epochs:
+        raise _refuse(path, f"{where}.phases", f"expected one phase per epoch ({epochs})")
     if data["spec"] != digest:
         raise _refuse(path, f"{where}.spec", "the run was recorded under another specification of the experiment")
     return RunRecord(**data)
 
 
-def read_state(path: Path, spec: dict[str, Any], labels: list[str], seeds: tuple[int, ...], epochs: int) -> dict:
+def read_state(path: Path, spec: dict[str, Any], epochs: dict[str, int]) -> dict:
     """The experiment file in ``out``: first every field checked for what it is (types, ranges), then the
-    whole against this experiment's specification (the settings, its arms and seeds, each run's digest)."""
+    whole against this experiment's specification (the settings, its arms and seeds, each run's digest).
+    ``epochs`` holds each arm's number of epochs, by label."""
     try:
         state = json.loads(read_text_file(path, limit=MAX_EXPERIMENT_BYTES, what="experiment file"))
     except json.JSONDecodeError as err:
@@ -105,6 +129,7 @@ def read_state(path: Path, spec: dict[str, Any], labels: list[str], seeds: tuple
     if not isinstance(state, dict) or not {"spec", "runs", "base", "latency"} <= set(state):
         raise DataError(f"{path}: not an se_inject experiment file (no spec or runs); start over with --force")
     runs, base, latency = state["runs"], state["base"], state["latency"]
+    training = state.setdefault("training", {})  # an experiment of an earlier version measured none
     if not isinstance(runs, dict):
         raise _refuse(path, "runs", "expected an object of runs")
     for key, record in runs.items():
@@ -113,36 +138,60 @@ def read_state(path: Path, spec: dict[str, Any], labels: list[str], seeds: tuple
         raise _refuse(path, "base", "expected the base's accuracy and reference accuracy")
     for name, value in base.items():
         _number(path, f"base.{name}", value, 0.0, 1.0, optional=True)
-    if not isinstance(latency, dict):
-        raise _refuse(path, "latency", "expected an object of latency ratios")
-    for label, spread in latency.items():
-        if not isinstance(spread, list) or len(spread) != 3:
-            raise _refuse(path, f"latency.{label}", "expected an arm's [median, q1, q3]")
-        for i, value in enumerate(spread):
-            _number(path, f"latency.{label}[{i}]", value, 1e-6, 1e6)
+    for kind, spreads in (("latency", latency), ("training", training)):
+        if not isinstance(spreads, dict):
+            raise _refuse(path, kind, "expected an object of time ratios")
+        for label, spread in spreads.items():
+            if not isinstance(spread, list) or len(spread) != 3:
+                raise _refuse(path, f"{kind}.{label}", "expected an arm's [median, q1, q3]")
+            for i, value in enumerate(spread):
+                _number(path, f"{kind}.{label}[{i}]", value, 1e-6, 1e6)
     check_spec(state["spec"], spec, path)
-    keys, digest = {f"{label}|{seed}" for label in labels for seed in seeds}, spec_digest(spec)
+    keys, digest = {f"{label}|{seed}" for label in epochs for seed in spec["seeds"]}, spec_digest(spec)
     for key, record in runs.items():
         if key not in keys:
             raise _refuse(path, f"runs.{key}", "not a run of this experiment's arms and seeds")
-        check_record(record, path, f"runs.{key}", digest, epochs)
-    unknown = sorted(set(latency) - set(labels[1:]))
-    if unknown:
-        raise _refuse(path, f"latency.{unknown[0]}", "not an arm of this experiment")
+        check_record(record, path, f"runs.{key}", digest, epochs[key.rpartition("|")[0]])
+    for kind, spreads in (("latency", latency), ("training", training)):
+        unknown = sorted(set(spreads) - set(list(epochs)[1:]))
+        if unknown:
+            raise _refuse(path, f"{kind}.{unknown[0]}", "not an arm of this experiment")
     return state
 
 
+def _first_difference(then: Any, now: Any, where: str) -> str | None:
+    """The first field, as ``where.sub.field (THEN then, NOW now)``, in which two settings differ."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        for key in [*now, *(k for k in then if k not in now)]:
+            found = _first_difference(then.get(key), now.get(key), f"{where}.{key}")
+            if found:
+                return found
+        return None
+    return None if then == now else f"{where} ({json.dumps(then)[:60]} then, {json.dumps(now)[:60]} now)"
+
+
 def check_spec(saved: object, now: dict[str, Any], path: Path) -> None:
-    """Refuse to resume with another specification: only the workers and the device may change."""
-    if not isinstance(saved, dict):
+    """Refuse to resume with another specification, naming the field: only the workers and the device
+    may change, and arms and seeds may be added (not dropped, nor an arm's options changed)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("arms", []), list):
         raise _refuse(path, "spec", "expected the experiment's specification (an object)")
     written: dict[str, Any] = json.loads(json.dumps(saved))
     now = json.loads(json.dumps(now))  # tuples as lists, as the file has them
-    differences = [key for key in now if written.get(key) != now[key]]
-    if differences:
+    difference = next((d for key in SHARED_SPEC if (d := _first_difference(written.get(key), now[key], key))), None)
+    arms_now = {a["label"]: a for a in now["arms"]}
+    for arm in written.get("arms", []):
+        label = str(arm.get("label") if isinstance(arm, dict) else arm)[:60]
+        if difference is None and label not in arms_now:
+            difference = f"arms: {label!r} is not among them (--resume may add arms, not drop them)"
+        elif difference is None:
+            difference = _first_difference(arm, arms_now[label], f"arm {label!r}")
+    dropped = [s for s in written.get("seeds", []) if s not in now["seeds"]]
+    if difference is None and dropped:
+        difference = f"seeds: {dropped[0]!r} is not among them (--resume may add seeds, not drop them)"
+    if difference:
         raise ResumeMismatchError(
-            f"{path}: cannot resume this experiment with another {', '.join(differences)}; only the number of "
-            "workers and the device may change; start over with --force or choose another --out"
+            f"{path}: cannot resume this experiment with another {difference}; --resume may add arms and seeds and "
+            "change the number of workers and the device; start over with --force or choose another --out"
         )
 
 

@@ -162,3 +162,34 @@ def test_prune_api_returns_a_pruned_copy_with_its_cost_and_accuracy(trained):
     assert result.max_output_change <= 1e-5 and result.accuracy_after == pytest.approx(result.accuracy_before, abs=0.01)
     with pytest.raises(se_inject.ConfigError, match="threshold"):
         se_inject.prune(model, data, threshold=2.0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # an untrained tiny model: finetune says so
+def test_inspect_measures_how_far_the_units_moved_from_the_runs_start(tmp_path):
+    """With the fine-tuning run's folder, each unit against the start its checkpoint kept (a unit put back
+    to its start: exactly 0); without it, each unit's distance from the identity; the CLI shows both."""
+    torch.manual_seed(0)
+    data = digits(image_size=16)
+    model = se_inject.inject(FunctionalResNet(num_classes=10), r=4, init="paper", input_size=16, model_name=SPEC)
+    start = copy.deepcopy(model.stages[0][0].se_1_1.state_dict())
+    finetune(model, data, tmp_path / "run", FinetuneConfig(epochs=1, se_epochs=1, lr=0.5))
+    from_start = se_inject.unit_movement(model, data, tmp_path / "run")
+    assert from_start is not None and not from_start.from_identity and len(from_start.units) == 5
+    assert all(u.moved > 0 for u in from_start.units)
+    model.stages[0][0].se_1_1.load_state_dict(start)  # back to where it began
+    again = se_inject.unit_movement(model, data, tmp_path / "run")
+    assert again is not None
+    moved = {u.name: u.moved for u in again.units}
+    assert moved["stages.0.0.se_1_1"] == 0 and sum(v > 0 for v in moved.values()) == 4
+    no_start = se_inject.unit_movement(model, data)  # a paper start is far from the identity
+    assert no_start is not None and no_start.from_identity and no_start.learned == 1.0
+    fresh = se_inject.unit_movement(se_inject.inject(FunctionalResNet(num_classes=10), r=4, input_size=16), data)
+    assert fresh is not None and fresh.learned == 0.0 and max(fresh.by_stage().values()) == 0.0  # preserve
+    assert se_inject.unit_movement(FunctionalResNet(num_classes=10), data) is None
+    args = ["inspect", str(tmp_path / "run"), "--data", "digits", "--input-size", "16", "--out", str(tmp_path / "i"),
+            "--trust-code"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "units that moved out of the identity band" in result.stdout and "moved" in result.stdout
+    written = json.loads((tmp_path / "i" / "excitation.json").read_text())["movement"]
+    assert written["from_identity"] is False and len(written["units"]) == 5

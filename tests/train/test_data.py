@@ -97,3 +97,35 @@ def test_splits_need_sized_datasets_and_read_labels_either_way():
     assert (splits.train_size, splits.val_size, splits.val_labels()) == (4, 3, [0, 1, 0])
     with pytest.raises(DataError, match=r"data.train: Stream has no len\(\)"):
         _ = DataSplits(Stream(), data, ["a", "b"], 4).train_size
+
+
+def test_textures_are_generated_and_the_useful_channel_changes_per_image():
+    """The same seed gives the same images; each image's class grating is in one channel (the one whose
+    grating is strongest), and that channel is not the same for every image of a class."""
+    from se_inject.train.data import DataConfig, data_classes, textures
+
+    plain = DataConfig(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    splits = textures(image_size=32, train=64, val=16, config=plain)
+    again = textures(image_size=32, train=64, val=16, config=plain)
+    assert torch.equal(splits.train.tensors[0], again.train.tensors[0])
+    assert not torch.equal(splits.train.tensors[0], textures(32, 64, 16, seed=1, config=plain).train.tensors[0])
+    assert splits.num_classes == 8 and data_classes("textures") == splits.classes
+    images, labels = splits.train.tensors
+    assert images.shape == (64, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    # the channel with the most contrast carries the class: per image, and it differs between images
+    strongest = images.flatten(2).std(dim=2).argmax(dim=1)
+    assert len(set(strongest.tolist())) == 3
+    for label in range(8):
+        assert len(set(strongest[labels == label].tolist())) > 1
+    assert load_data("textures", image_size=16).image_size == 16
+
+
+@pytest.mark.parametrize(
+    "kwargs, field", [({"train": 0}, "train"), ({"val": 10**6}, "val"), ({"image_size": 0}, "image_size")]
+)
+def test_textures_refuse_bad_sizes_naming_the_field(kwargs, field):
+    from se_inject.errors import ConfigError
+    from se_inject.train.data import textures
+
+    with pytest.raises(ConfigError, match=f"^{field}:"):
+        textures(**kwargs)

@@ -130,8 +130,8 @@ def test_control_and_retrofit_arms_see_the_same_batches_for_a_seed(tmp_path):
     assert {"model", "device", "seeds", "level", "base_accuracy", "arms", "verdicts", "finetune", "seconds"} <= set(
         data
     )
-    assert {"label", "options", "accuracies", "accuracy", "difference", "same_data", "images_per_s", "params_added",
-            "flops_increase", "latency", "forgetting"} <= set(data["arms"][1])  # fmt: skip
+    assert {"label", "options", "accuracies", "accuracy", "difference", "same_data", "units_learned", "params_added",
+            "flops_increase", "latency", "training", "forgetting"} <= set(data["arms"][1])  # fmt: skip
     assert set(data["arms"][1]["difference"]) == {"n", "mean", "std", "low", "high", "level"}
     assert len(data["verdicts"]) == 2 and data["arms"][0]["difference"] is None
 

@@ -229,3 +229,54 @@ def test_cuda_asked_for_without_cuda_is_a_clear_error():
     with pytest.raises(ConfigError, match="device: cuda was asked for but torch sees no CUDA device"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_the_units_warm_up_over_the_runs_first_steps(data, tmp_path):
+    """unit_warmup_steps: the units' rate rises linearly over the run's first steps (through the epochs), the
+    backbone's does not, and the schedule's rate is back in place after the epoch."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    torch.manual_seed(0)
+    model = se_inject.inject(FunctionalResNet(num_classes=10), r=4, input_size=16)
+    seen: list[tuple[float, float]] = []
+
+    def record(optimizer, args, kwargs):
+        groups = optimizer.param_groups
+        seen.append((groups[0]["lr"], next(g["lr"] for g in groups if g["units"])))
+
+    steps_per_epoch = -(-data.train_size // 64)
+    config = FinetuneConfig(epochs=2, se_epochs=0, lr=0.05, full_lr_scale=1.0, unit_lr_scale=10.0,
+                            unit_warmup_steps=steps_per_epoch + 3, schedule="step")  # fmt: skip
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        result = finetune(model, data, tmp_path / "run", config)
+    finally:
+        handle.remove()
+    warmup = config.unit_warmup_steps
+    assert len(seen) == 2 * steps_per_epoch
+    assert [b for b, _ in seen] == [0.05] * len(seen)  # the backbone: the phase's rate throughout
+    expected = [0.5 * min(1.0, step / warmup) for step in range(1, len(seen) + 1)]
+    assert [u for _, u in seen] == pytest.approx(expected)  # across the epoch boundary, then the full rate
+    assert [h["lr"] for h in result.history] == [0.05, 0.05]
+
+
+def test_timms_optimizer_factory_with_layer_decay_keeps_working_on_a_retrofit():
+    """timm's create_optimizer_v2 on a retrofit of a timm model: every weight in one group, each unit in its
+    block's layer-decay group (the block's rate), the units' biases without weight decay."""
+    import timm
+    from timm.optim import create_optimizer_v2
+
+    from se_inject.units import ChannelUnit
+
+    model = se_inject.inject(timm.create_model("resnet18", num_classes=10), r=8)
+    optimizer = create_optimizer_v2(model, "sgd", lr=0.1, weight_decay=1e-4, layer_decay=0.7)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    assert sorted(group_of) == sorted(id(p) for p in model.parameters())  # each weight once
+    units = [(n, m) for n, m in model.named_modules() if isinstance(m, ChannelUnit)]
+    assert len(units) == 8
+    for name, unit in units:
+        block = model.get_submodule(name.rsplit(".", 1)[0])
+        for param in unit.parameters():
+            assert group_of[id(param)]["lr_scale"] == group_of[id(block.conv1.weight)]["lr_scale"]
+            assert group_of[id(param)]["weight_decay"] == (1e-4 if param.ndim > 1 else 0.0)
+    assert len({g["lr_scale"] for g in optimizer.param_groups}) > 2  # the layers decay

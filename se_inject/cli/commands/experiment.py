@@ -19,7 +19,9 @@ def command(
     ctx: typer.Context,
     injection: dict[str, Any],
     model: str = typer.Argument(..., help=opt.MODEL_HELP),
-    data: str = typer.Option(..., "--data", help="digits, or a folder with train/ and val/ class folders"),
+    data: str = typer.Option(
+        ..., "--data", help="digits, textures (generated), or a folder with train/ and val/ class folders"
+    ),
     out: str = typer.Option(
         ..., "--out", help="experiment directory: experiment.json, base/ and one run per arm and seed"
     ),
@@ -29,7 +31,13 @@ def command(
     units: str | None = axis_option("--units", "unit types to try", "se,eca"),
     inits: str | None = axis_option("--inits", "starts to try", "preserve,paper,zero"),
     styles: str | None = axis_option("--styles", "styles to try", "paper,timm"),
-    candidate: list[str] = candidate_option("arm"),
+    unit_lr_scales: str | None = axis_option(
+        "--unit-lr-scales", "the units' learning rates to try, times the phase's (--unit-lr-scale's axis)", "1,30,100"
+    ),
+    se_phases: str | None = axis_option(
+        "--se-phases", "SE-only epochs to try, each before the same full phase (--se-epochs' axis)", "0,1,2"
+    ),
+    candidate: list[str] = candidate_option("arm (it may also set unit_lr_scale, se_epochs and the units' own)"),
     reference_data: str | None = typer.Option(
         None, "--reference-data", help="the original task's data: each arm's final model is scored on it (forgetting)"
     ),
@@ -49,13 +57,14 @@ def command(
     weight_decay: float = opt.finetune_option("weight_decay"),
     unit_lr_scale: float = opt.finetune_option("unit_lr_scale"),
     unit_weight_decay: float | None = opt.finetune_option("unit_weight_decay"),
+    unit_warmup_steps: int = opt.finetune_option("unit_warmup_steps"),
     momentum: float = opt.finetune_option("momentum"),
     device: str = opt.device_option(),
     amp: bool = opt.finetune_option("amp"),
     channels_last: bool = opt.finetune_option("channels_last"),
     workers: int = opt.finetune_option("workers"),
     head: str | None = opt.finetune_option("head"),
-    input_size: int | None = opt.input_size_option("image size (digits: 32, folders: the model's)"),
+    input_size: int | None = opt.input_size_option("image size (digits: 32, textures: 64, folders: the model's)"),
     resume: bool = typer.Option(False, "--resume", help="continue the experiment in --out where it stopped"),
     force: bool = typer.Option(False, "--force", help="start over in an --out that holds an experiment"),
     nproc: int = opt.nproc_option("launch N processes with torchrun; each trains every N-th run alone (one GPU each)"),
@@ -70,7 +79,7 @@ def command(
     """Fine-tune a control (no units) and retrofit arms of MODEL over several seeds, on the same
     batches; report accuracy, its difference to the control with an interval, cost and speed. The arms
     vary the axes given (--positions, --ratios, --units, --inits, --styles; --candidate adds one) on top
-    of the injection options given."""
+    of the injection options given, and how the units are fine-tuned (--unit-lr-scales, --se-phases)."""
     from se_inject.measure.compare import check_plot_target
     from se_inject.train.config import ExperimentConfig
     from se_inject.train.data import check_image_size, data_classes
@@ -91,7 +100,9 @@ def command(
         units=opt.parse_names(units, "--units"),
         inits=opt.parse_names(inits, "--inits"),
         styles=opt.parse_names(styles, "--styles"),
-        candidates=[opt.parse_candidate(text) for text in candidate],
+        unit_lr_scales=opt.parse_number_list(unit_lr_scales, "--unit-lr-scales"),
+        se_epochs=opt.parse_number_list(se_phases, "--se-phases", int),
+        candidates=[opt.parse_candidate(text, tuning=True) for text in candidate],
         base=injection,
     )
     if plot_file is not None:
@@ -192,13 +203,15 @@ def render(result: Any, out: Console) -> None:
     out.print(_arms_table(result))
     level = f"{result.level:.0%}"
     timed = (
-        f"time b{result.latency_batch}: inference time over the base's, median [25%, 75%]; "
+        f"time/train b{result.latency_batch}: inference time / a training step's time over the base's, measured "
+        "interleaved, median [25%, 75%]; "
         if result.latency_batch
         else ""
     )
     out.print(
         f"accuracy: mean over seeds, sd in points; vs control: mean of the per-seed differences in points, {level} t "
-        f"interval; start: right after injection; {timed}img/s: training speed in the epochs that train everything"
+        f"interval; start: right after injection; {timed}learned: share of units out of the identity band at the "
+        "end (mean over seeds)"
     )
     for arm in result.arms:
         if arm.error is not None:
@@ -215,8 +228,8 @@ def _arms_table(result: Any) -> Any:
     )
     forgetting = any(a.forgetting is not None for a in result.arms)
     columns = ["arm", "accuracy", "sd", f"vs control [{result.level:.0%}]", "start", "+weights", "+FLOPs"]
-    columns += [f"time b{result.latency_batch}"] if result.latency_batch else []
-    columns += ["img/s"] + (["forgetting"] if forgetting else [])
+    columns += [f"time b{result.latency_batch}", f"train b{result.latency_batch}"] if result.latency_batch else []
+    columns += ["learned"] + (["forgetting"] if forgetting else [])
     arms = table(title, columns, left=("arm",), no_wrap=True)
     for arm in result.arms:
         if arm.error is None:
@@ -241,8 +254,8 @@ def _arm_cells(arm: Any, latency_batch: int | None, forgetting: bool) -> list[st
         "-" if arm.options is None else f"{arm.flops_increase:+.2%}",
     ]
     if latency_batch:
-        cells.append("-" if arm.latency is None else str(arm.latency))
-    cells.append("-" if arm.images_per_s is None else f"{arm.images_per_s:,.0f}")
+        cells += ["-" if spread is None else str(spread) for spread in (arm.latency, arm.training)]
+    cells.append("-" if arm.units_learned is None else f"{arm.units_learned.mean:.0%}")
     if forgetting:
         cells.append("-" if arm.forgetting is None else points(arm.forgetting.mean))
     return cells

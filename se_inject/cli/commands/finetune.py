@@ -24,7 +24,9 @@ def command(
     source: str = typer.Argument(
         ..., help=f"a directory written by --save, or a model to inject first: {opt.MODEL_HELP}"
     ),
-    data: str = typer.Option(..., "--data", help="'digits' or an image folder with train/ and val/ class folders"),
+    data: str = typer.Option(
+        ..., "--data", help="'digits', 'textures' (generated) or an image folder with train/ and val/ class folders"
+    ),
     out: str = typer.Option(..., "--out", help="run directory: checkpoint.pt, metrics.jsonl and the final model"),
     epochs: int = opt.finetune_option("epochs"),
     se_epochs: int = opt.finetune_option("se_epochs"),
@@ -37,6 +39,7 @@ def command(
     weight_decay: float = opt.finetune_option("weight_decay"),
     unit_lr_scale: float = opt.finetune_option("unit_lr_scale"),
     unit_weight_decay: float | None = opt.finetune_option("unit_weight_decay"),
+    unit_warmup_steps: int = opt.finetune_option("unit_warmup_steps"),
     momentum: float = opt.finetune_option("momentum"),
     device: str = opt.device_option(),
     amp: bool = opt.finetune_option("amp"),
@@ -45,7 +48,9 @@ def command(
     workers: int = opt.finetune_option("workers"),
     head: str | None = opt.finetune_option("head"),
     save_weights: str = opt.finetune_option("save_weights"),
-    input_size: int | None = opt.input_size_option("training image size (digits: 32, folders: the model's)"),
+    input_size: int | None = opt.input_size_option(
+        "training image size (digits: 32, textures: 64, folders: the model's)"
+    ),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     force: bool = typer.Option(False, "--force", help="start over in an --out that holds a saved model or run"),
     nproc: int = opt.nproc_option("launch N processes with torchrun (DistributedDataParallel)"),

@@ -10,8 +10,8 @@ from se_inject.cli import options as opt
 from se_inject.cli.render import console, table
 
 SAVED_HELP = "a directory written by --save or finetune"
-VAL_DATA_HELP = "'digits' or an image folder (its val/ split is used)"
-IMAGE_SIZE_HELP = "image size (digits: 32, folders: the model's)"
+VAL_DATA_HELP = "'digits', 'textures' or an image folder (its val/ split is used)"
+IMAGE_SIZE_HELP = "image size (digits: 32, textures: 64, folders: the model's)"
 
 
 def threshold_option(help: str) -> Any:
@@ -38,7 +38,7 @@ def command(
     gate only (the spatial gate after it is not shown, and it cannot be pruned)."""
     from torch.utils.data import DataLoader
 
-    from se_inject.inspect.excitation import collect, plot, write_json
+    from se_inject.inspect.excitation import collect, plot, unit_movement, write_json
     from se_inject.io.saving import load
     from se_inject.train.data import load_data, model_data_config
 
@@ -46,10 +46,13 @@ def command(
     model = load(saved, base=base, trust_code=trust_code)
     splits = load_data(data, input_size, model_data_config(model))
     report = collect(model, DataLoader(splits.val, batch_size=128), splits.classes, max_images=max_images)
-    files = [write_json(report, out, threshold), *plot(report, out, chosen, classes)]
+    movement = unit_movement(model, splits, saved)  # from the start its fine-tuning run kept, if it did
+    files = [write_json(report, out, threshold, movement), *plot(report, out, chosen, classes)]
     suggested = set(report.suggestions(threshold))
     output = console()
-    output.print(_gates_table(report, suggested))
+    output.print(_gates_table(report, suggested, movement))
+    if movement is not None:
+        output.print(movement.summary())
     for kind, shows in sorted({(u.kind, u.shows) for u in report.units if u.shows != "the channel gate"}):
         output.print(f"{kind} units: the statistics describe {shows}")
     output.print(f"wrote {', '.join(str(f) for f in files)}")
@@ -57,10 +60,12 @@ def command(
         output.print(f"suggested: se-inject prune-se {saved} --data {data} --out PRUNED_DIR --threshold {threshold}")
 
 
-def _gates_table(report: Any, suggested: set[str]) -> Any:
-    columns = ("unit", "stage", "block", "C", "mean gate", "std over images", "saturation", "prune?")
+def _gates_table(report: Any, suggested: set[str], movement: Any) -> Any:
+    columns = ("unit", "stage", "block", "C", "mean gate", "std over images", "saturation", "moved", "prune?")
     gates = table(f"Excitation over {report.images} images", columns, left=("unit", "prune?"))
+    moved = {m.name: f"{movement.figure(m):.2%}" for m in movement.units} if movement is not None else {}
     for u in report.units:
         cells = (u.name, str(u.stage), str(u.block), str(u.channels), f"{sum(u.mean) / len(u.mean):.3f}")
-        gates.add_row(*cells, f"{u.image_std:.4f}", f"{u.saturation:.3f}", "yes" if u.name in suggested else "")
+        stats = (f"{u.image_std:.4f}", f"{u.saturation:.3f}", moved.get(u.name, "-"))
+        gates.add_row(*cells, *stats, "yes" if u.name in suggested else "")
     return gates
