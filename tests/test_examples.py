@@ -52,8 +52,11 @@ LONG = ("finetune_digits.py", "inspect_digits.py")
 @pytest.mark.parametrize(
     "path", [pytest.param(p, marks=pytest.mark.slow) if p.name in LONG else p for p in EXAMPLES], ids=lambda p: p.name
 )
-def test_example_runs(path, capsys, monkeypatch, tmp_path):
-    out = _run(path, capsys, monkeypatch, tmp_path)
+def test_example_runs(path, capsys, monkeypatch, tmp_path, request):
+    if path.name == "train_digits_base.py":  # trained once for this module (the fine-tuning test below uses it)
+        tmp_path, out = request.getfixturevalue("digits_base")
+    else:
+        out = _run(path, capsys, monkeypatch, tmp_path)
     assert out.strip()
     if path.name == "retrofit_own_model.py":
         assert "max |injected - original| at insertion: 0.0" in out
@@ -72,6 +75,48 @@ def test_example_runs(path, capsys, monkeypatch, tmp_path):
         assert float(base.rstrip("%")) > 50  # chance is 10%
     if path.name in SEEDED:
         check_against_readme(path.name, out)
+
+
+@pytest.fixture(scope="module")
+def digits_base(tmp_path_factory) -> tuple[Path, str]:
+    """The guide's trained base, as examples/train_digits_base.py makes it: (its folder, what it printed)."""
+    import contextlib
+    import io
+    import sys
+
+    folder = tmp_path_factory.mktemp("base")
+    path = next(p for p in EXAMPLES if p.name == "train_digits_base.py")
+    argv, sys.argv = sys.argv, [str(path), str(folder / "base.pth")]
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            runpy.run_path(str(path), run_name="__main__")
+    finally:
+        sys.argv = argv
+    return folder, printed.getvalue()
+
+
+def test_the_guides_finetune_makes_the_units_learn_with_the_defaults(digits_base, tmp_path):
+    """The fine-tuning guide's command, as written (its defaults): the units leave the identity band, and
+    nothing warns that they learned nothing. A change of default that stops them learning fails here."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from se_inject.cli.app import app
+
+    text = GUIDES[0].read_text().replace("\\\n", " ")
+    shown = re.search(r"^se-inject finetune resnet18 --checkpoint runs/resnet18_digits.pth .*$", text, flags=re.M)
+    assert shown is not None, "the guide shows the README's fine-tune"
+    command = shown.group(0).split("#")[0].replace("runs/resnet18_digits.pth", str(digits_base[0] / "base.pth"))
+    command = command.replace("runs/digits", str(tmp_path / "digits"))
+    result = CliRunner().invoke(app, shlex.split(command)[1:])
+    assert result.exit_code == 0, result.output
+    learned = re.search(
+        r"units that moved out of the identity band \(> 1% of their input\): (\d+)% of (\d+)", result.output
+    )
+    assert learned is not None, result.output
+    assert int(learned.group(1)) > 0 and "learned nothing" not in result.output, result.output
 
 
 @pytest.mark.slow

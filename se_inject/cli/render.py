@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -16,9 +17,10 @@ from rich.table import Table
 
 def console(stderr: bool = False) -> Console:
     """The console on stdout (or stderr); when it is no terminal (a pipe, a file, a test) tables get 120
-    columns."""
+    columns, or as many as ``COLUMNS`` says."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(soft_wrap=True, stderr=stderr, width=None if stream.isatty() else 120)
+    width = None if stream.isatty() or os.environ.get("COLUMNS", "").isdigit() else 120  # None: rich decides
+    return Console(soft_wrap=True, stderr=stderr, width=width)
 
 
 def table(title: str | None, columns: Sequence[str], left: Sequence[str] = (), no_wrap: bool = False) -> Table:

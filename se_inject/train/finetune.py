@@ -102,13 +102,45 @@ def _param_groups(params: list[nn.Parameter], units: set[int], config: FinetuneC
     return groups
 
 
+class SplitOptimizer(torch.optim.Optimizer):
+    """The backbone's parameter groups under one optimizer and the units' under another (``unit_optimizer``),
+    seen as one: one schedule sets every group's rate, one state dict is checkpointed and restored."""
+
+    def __init__(self, parts: list[torch.optim.Optimizer]) -> None:
+        self.parts = parts
+        # the parts' own group dicts: a rate the schedule or the warm-up sets is the one the part steps with
+        super().__init__([group for part in parts for group in part.param_groups], {})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for part in self.parts:
+            part.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for part, state in zip(self.parts, state_dict["parts"], strict=True):
+            part.load_state_dict(state)
+
+
+def _optimizer(kind: str, groups: list[dict], lr: float, config: FinetuneConfig) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=False)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
 def _make_optimizer(
     config: FinetuneConfig, params: list[nn.Parameter], lr: float, units: set[int]
 ) -> torch.optim.Optimizer:
+    """The phase's optimizer: one, or the backbone's and the units' own (a :class:`SplitOptimizer`)."""
     groups = _param_groups(params, units, config, lr)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=False)
-    return torch.optim.AdamW(groups, lr=lr)
+    own = [g for g in groups if g["units"]]
+    kind = config.optimizer if config.unit_optimizer == "same" else config.unit_optimizer
+    if kind == config.optimizer or not any(g["params"] for g in own):
+        return _optimizer(config.optimizer, groups, lr, config)
+    backbone = [g for g in groups if not g["units"]]
+    return SplitOptimizer([_optimizer(config.optimizer, backbone, lr, config), _optimizer(kind, own, lr, config)])
 
 
 def _make_scheduler(

@@ -83,8 +83,9 @@ class MovementReport:
             return None
         return (
             f"no unit moved out of the identity band (the largest moved {max(map(self.figure, self.units)):.2%} of "
-            "its input): the units added weights but learned nothing; give them a higher learning rate "
-            "(--unit-lr-scale), more SE-only epochs (--se-epochs) or a longer run"
+            "its input): the units added weights but learned nothing; give them their own optimizer "
+            "(--unit-optimizer adamw), a higher learning rate (--unit-lr-scale), more SE-only epochs (--se-epochs) "
+            "or a longer run"
         )
 
     def to_dict(self) -> dict:

@@ -34,7 +34,16 @@ CI = "ci"  # .ci/run runs it (the install, the suite, the linters)
 BENCHMARK = "benchmark"  # a measurement of minutes to hours: its --help runs here, the figures carry their date
 NETWORK = "network"  # needs the network (a package index, the Hub): not run here; CI installs the plain way; the Hub tests use a local cache
 SLOW_SUITE = "slow suite"  # the suite's long coverage: the tests themselves, run with -m slow, not from here
+ONE_SEED = "one seed"  # an experiment of most of an hour: run with --seeds 1 (the arms, the table, not the figures)
+TEXTURES_EXPERIMENT = (
+    "se-inject experiment resnet18 --data textures --base-epochs 3 --out runs/exp-textures --seeds 5 --epochs 3 "
+    "--se-epochs 1 --unit-optimizer same --unit-lr-scale 1 --inits preserve --unit-lr-scales 1,10,30,100 "
+    "--candidate init=paper,unit_lr_scale=1 --candidate init=zero,unit_lr_scale=1 "
+    "--candidate init=preserve,unit_optimizer=adamw,unit_lr_scale=0.02 "
+    "--candidate init=preserve,unit_optimizer=adamw,unit_lr_scale=0.1"
+)
 HOW = {
+    TEXTURES_EXPERIMENT: ONE_SEED,
     'pip install -e ".[test]"': CI,
     "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu": NETWORK,
     "python -m pytest -q": CI,
@@ -153,6 +162,8 @@ def run(command: str, folder: Path, error: str | None = None) -> str:
         return ""
     if how in (NETWORK, SLOW_SUITE):
         return ""
+    if how == ONE_SEED:
+        command = command.replace("--seeds 5", "--seeds 1")
     args = shlex.split(command)
     if args[0] == "se-inject" and "--nproc" in args:  # the launcher re-runs the process's own command line
         args = ["python", "-m", "se_inject", *args[1:]]

@@ -4,6 +4,7 @@ their own), each paired with the one control; --resume adding seeds and arms; ea
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from test_experiment import TUNING, _data, _model
@@ -85,9 +86,10 @@ def test_each_arm_reports_how_far_its_units_moved(tmp_path):
     assert "units_learned" in json.loads(json.dumps(result.to_dict()))["arms"][1]
 
 
-def test_resume_adds_seeds_and_arms_and_trains_only_the_new_runs(tmp_path, monkeypatch):
+def test_resume_adds_seeds_and_arms_and_trains_only_the_new_runs(one_seed, tmp_path, monkeypatch):
     out = tmp_path / "exp"
-    first = experiment(_model(), _data(), out, arms(inits=["preserve"]), TUNING, ONE_SEED)
+    shutil.copytree(one_seed, out)
+    first = experiment(_model(), _data(), out, arms(inits=["preserve"]), TUNING, ONE_SEED, resume=True)
     trained: list[str] = []
     real = finetune_module.finetune
 
@@ -112,6 +114,14 @@ def test_resume_adds_seeds_and_arms_and_trains_only_the_new_runs(tmp_path, monke
     assert trained == [] and [a.accuracies for a in again.arms] == [a.accuracies for a in resumed.arms]
 
 
+@pytest.fixture(scope="module")
+def one_seed(tmp_path_factory):
+    """A finished experiment (the control and init=preserve, seed 0): copied by each test that resumes it."""
+    out = tmp_path_factory.mktemp("one_seed") / "exp"
+    experiment(_model(), _data(), out, arms(inits=["preserve"]), TUNING, ONE_SEED)
+    return out
+
+
 @pytest.mark.parametrize(
     "change, named",
     [
@@ -128,9 +138,9 @@ def test_resume_adds_seeds_and_arms_and_trains_only_the_new_runs(tmp_path, monke
         ),
     ],
 )
-def test_resume_refuses_another_specification_naming_the_field(tmp_path, change, named):
+def test_resume_refuses_another_specification_naming_the_field(one_seed, tmp_path, change, named):
     out = tmp_path / "exp"
-    experiment(_model(), _data(), out, arms(inits=["preserve"]), TUNING, ONE_SEED)
+    shutil.copytree(one_seed, out)
     before = (out / EXPERIMENT_FILE).read_text()
     kwargs = {"chosen": arms(inits=["preserve"]), "tuning": TUNING, "config": ONE_SEED, **change}
     with pytest.raises(ResumeMismatchError, match=f"cannot resume this experiment with another {named}"):
@@ -151,7 +161,7 @@ def test_the_command_takes_the_tuning_axes_and_refuses_a_bad_candidate_in_one_li
             "--out",
             str(tmp_path / "a"),
             "--unit-lr-scales",
-            "1,30",
+            "30",
             "--se-phases",
             "1",
             "--candidate",
@@ -161,10 +171,10 @@ def test_the_command_takes_the_tuning_axes_and_refuses_a_bad_candidate_in_one_li
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [a["label"] for a in data["arms"]] == [
-        "control", "unit_lr_scale=1.0 se_epochs=1", "unit_lr_scale=30.0 se_epochs=1", "init=zero unit_lr_scale=30.0"
+        "control", "unit_lr_scale=30.0 se_epochs=1", "init=zero unit_lr_scale=30.0"
     ]  # fmt: skip
-    assert data["arms"][2]["tuning"] == {"unit_lr_scale": 30.0, "se_epochs": 1}
+    assert data["arms"][1]["tuning"] == {"unit_lr_scale": 30.0, "se_epochs": 1}
     bad = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "b"), "--candidate", "init=zero,lr=3"])
     assert bad.exit_code == 2 and len(bad.stderr.splitlines()) == 1
-    assert "--candidate: lr: not an injection option nor one of se_epochs, unit_lr_scale" in bad.stderr
+    assert "--candidate: lr: not an injection option nor one of se_epochs, unit_optimizer, unit_lr_scale" in bad.stderr
     assert not (tmp_path / "b").exists()

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,8 @@ def test_the_units_take_their_own_learning_rate_and_weight_decay():
     assert {id(p) for g in units_groups for p in g["params"]} == units
     assert not units & {id(p) for g in backbone for p in g["params"]}
     default = _param_groups(list(model.parameters()), units, FinetuneConfig(), 0.05)
-    assert [g["weight_decay"] for g in default] == [1e-4, 0.0, 1e-4, 0.0] and {g["lr"] for g in default} == {0.05}
+    assert [g["weight_decay"] for g in default] == [1e-4, 0.0, 1e-4, 0.0]
+    assert [g["lr"] for g in default] == pytest.approx([0.05, 0.05, 0.005, 0.005])  # the units' default: 0.1
 
 
 @pytest.mark.parametrize(
@@ -113,6 +115,7 @@ def test_the_units_take_their_own_learning_rate_and_weight_decay():
         ({"epochs": 0}, "epochs"),
         ({"se_epochs": 4}, "se_epochs"),
         ({"optimizer": "lamb"}, "optimizer"),
+        ({"unit_optimizer": "lamb"}, "unit_optimizer"),
         ({"lr": 0}, "lr"),
         ({"unit_lr_scale": 0}, "unit_lr_scale"),
         ({"unit_weight_decay": -1.0}, "unit_weight_decay"),
@@ -245,7 +248,7 @@ def test_the_units_warm_up_over_the_runs_first_steps(data, tmp_path):
         seen.append((groups[0]["lr"], next(g["lr"] for g in groups if g["units"])))
 
     steps_per_epoch = -(-data.train_size // 64)
-    config = FinetuneConfig(epochs=2, se_epochs=0, lr=0.05, full_lr_scale=1.0, unit_lr_scale=10.0,
+    config = FinetuneConfig(epochs=2, se_epochs=0, lr=0.05, full_lr_scale=1.0, unit_lr_scale=10.0, unit_optimizer="same",
                             unit_warmup_steps=steps_per_epoch + 3, schedule="step")  # fmt: skip
     handle = register_optimizer_step_pre_hook(record)
     try:
@@ -280,3 +283,32 @@ def test_timms_optimizer_factory_with_layer_decay_keeps_working_on_a_retrofit():
             assert group_of[id(param)]["lr_scale"] == group_of[id(block.conv1.weight)]["lr_scale"]
             assert group_of[id(param)]["weight_decay"] == (1e-4 if param.ndim > 1 else 0.0)
     assert len({g["lr_scale"] for g in optimizer.param_groups}) > 2  # the layers decay
+
+
+def test_the_units_own_optimizer_steps_them_and_resumes_exactly(data, tmp_path):
+    """unit_optimizer="adamw" under SGD: the units' groups step under AdamW, the backbone's under SGD, one
+    schedule over both; a run stopped after its SE epoch and resumed ends with the uninterrupted run's
+    weights, bit for bit (both parts' state is checkpointed)."""
+    from se_inject.train.finetune import SplitOptimizer, _make_optimizer
+
+    def model():
+        torch.manual_seed(0)
+        return se_inject.inject(FunctionalResNet(num_classes=10), r=4, input_size=16)
+
+    config = FinetuneConfig(epochs=2, se_epochs=1, unit_optimizer="adamw", unit_lr_scale=0.02)
+    built = model()
+    optimizer = _make_optimizer(config, list(built.parameters()), 0.05, {id(p) for p in se_parameters(built)})
+    assert isinstance(optimizer, SplitOptimizer)
+    sgd, adamw = optimizer.parts
+    assert isinstance(sgd, torch.optim.SGD) and isinstance(adamw, torch.optim.AdamW)
+    assert {id(p) for g in adamw.param_groups for p in g["params"]} == {id(p) for p in se_parameters(built)}
+    assert [g["lr"] for g in adamw.param_groups] == pytest.approx([0.001, 0.001])
+    whole = model()
+    finetune(whole, data, tmp_path / "whole", config)
+    stopped = model()
+    finetune(stopped, data, tmp_path / "stopped", replace(config, epochs=1))
+    finetune(stopped, data, tmp_path / "stopped", config, resume=True)
+    for (name, a), b in zip(whole.state_dict().items(), stopped.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    same = _make_optimizer(replace(config, unit_optimizer="sgd"), list(built.parameters()), 0.05, set())
+    assert isinstance(same, torch.optim.SGD)

@@ -68,13 +68,16 @@ def data():
     return digits(image_size=16)
 
 
-@pytest.mark.parametrize("scale, learns", [(1.0, False), (100.0, True)])
-def test_finetune_says_whether_the_units_learned(tmp_path, data, scale, learns):
-    """At the backbone's rate the identity-start units of a tiny net stay in the band, and the run warns
-    with the fix; at 100 times it they leave it. Every epoch's metrics carry the figure."""
+@pytest.mark.parametrize(
+    "unit_optimizer, scale, learns", [("same", 1.0, False), ("same", 100.0, True), ("adamw", 0.1, True)]
+)
+def test_finetune_says_whether_the_units_learned(tmp_path, data, unit_optimizer, scale, learns):
+    """At the backbone's rate and optimizer the identity-start units of a tiny net stay in the band, and the
+    run warns with the fix; at 100 times it, or under AdamW at a tenth of it (the defaults), they leave it.
+    Every epoch's metrics carry the figure."""
     torch.manual_seed(0)
     model = se_inject.inject(FunctionalResNet(num_classes=10), r=4)
-    config = FinetuneConfig(epochs=1, se_epochs=0, lr=0.5, unit_lr_scale=scale)
+    config = FinetuneConfig(epochs=1, se_epochs=0, lr=0.5, unit_optimizer=unit_optimizer, unit_lr_scale=scale)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = finetune(model, data, tmp_path / "run", config)

@@ -56,6 +56,7 @@ def command(
     label_smoothing: float = opt.finetune_option("label_smoothing"),
     weight_decay: float = opt.finetune_option("weight_decay"),
     unit_lr_scale: float = opt.finetune_option("unit_lr_scale"),
+    unit_optimizer: str = opt.finetune_option("unit_optimizer"),
     unit_weight_decay: float | None = opt.finetune_option("unit_weight_decay"),
     unit_warmup_steps: int = opt.finetune_option("unit_warmup_steps"),
     momentum: float = opt.finetune_option("momentum"),
