@@ -72,8 +72,13 @@ def test_resnet_zoo_report_on_meta(zoo, spec, position):
     assert all(p.is_meta for p in model.parameters())
 
 
+# the deep ones run the code the others run, block after block: they run with -m slow (their plans are
+# checked on the meta device above in the fast suite)
+DEEP = ("resnet101", "resnet152", "wide_resnet50_2")
+
+
 @pytest.mark.parametrize("position", POSITIONS)
-@pytest.mark.parametrize("spec", list(RESNETS))
+@pytest.mark.parametrize("spec", [pytest.param(s, marks=pytest.mark.slow) if s in DEEP else s for s in RESNETS])
 def test_resnet_zoo_runs_and_preserves_outputs(zoo, spec, position):
     model = zoo(spec, "cpu")
     before = snapshot(model)

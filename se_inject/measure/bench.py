@@ -181,10 +181,15 @@ def _inference(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
-def train_step(model: nn.Module, x: torch.Tensor, device: torch.device) -> Callable[[], object]:
+def train_step(
+    model: nn.Module, x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
+) -> Callable[[], object]:
+    """Forward, backward and an SGD step, under autocast to ``dtype`` (default: bf16 on CUDA, none elsewhere;
+    float32: none)."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     target = torch.zeros(x.shape[0], dtype=torch.long, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def run() -> object:
         with autocast:

@@ -57,6 +57,7 @@ HOW = {
     "python benchmarks/units.py": BENCHMARK,
     "python benchmarks/optimize.py --batch 16": BENCHMARK,
     "python benchmarks/startup.py": BENCHMARK,
+    "python benchmarks/gpu.py --out benchmarks/gpu.json": BENCHMARK,
 }
 
 
