@@ -220,6 +220,7 @@ def test_the_experiment_command(tmp_path):
     assert bad.exit_code == 2 and "--seeds" in bad.output
 
 
+@pytest.mark.slow  # 24 s of torchrun; two-process training itself runs in the fast suite (test_finetune's gloo test)
 def test_two_processes_spread_the_runs(tmp_path):
     """Under torchrun (--nproc 2, gloo on the CPU) each process trains every other run alone; the
     first process reports them all."""
