@@ -25,7 +25,7 @@ from se_inject.errors import ConfigError
 from se_inject.graph.shadow import eval_mode
 from se_inject.io.recipe import attach_recipe, attached_recipe
 from se_inject.train.data import DataSplits
-from se_inject.train.movement import MovementReport, measure_movement, probe_images, stage_block, unit_snapshot
+from se_inject.train.movement import MovementReport, movement_from_start, probe_images, stage_block
 from se_inject.units.base import UNITS, ChannelUnit
 from se_inject.units.se import ChannelScale
 
@@ -315,19 +315,10 @@ def unit_movement(model: nn.Module, data: DataSplits, run: str | Path | None = N
     from se_inject.io.layout import CHECKPOINT_FILE
     from se_inject.train.finetune import read_checkpoint
 
-    now = unit_snapshot(model)
-    if not now:
-        return None
     checkpoint = Path(run) / CHECKPOINT_FILE if run is not None else None
     kept = read_checkpoint(checkpoint).get("start_units", {}) if checkpoint and checkpoint.is_file() else {}
-    known = bool(kept) and set(kept) == set(now)  # a start of another model's units is no start of these
-    if known:
-        for name, unit in now.items():
-            unit.load_state_dict(kept[name])
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    report = measure_movement(model, now, probe_images(data.val).to(device))
-    report.from_identity = not known
-    return report
+    return movement_from_start(model, kept, probe_images(data.val).to(device))
 
 
 def prune(

@@ -574,10 +574,10 @@ def _measure_time(state, base, unmeasured: list[Arm], data, config, tuning, mode
     """The inference time and a training step's time of each arm's model over the base's, measured
     interleaved by compare() at ``config.latency_batch`` (once per distinct model: arms that differ in
     their fine-tuning alone share it), into ``state``'s ``latency`` and ``training``."""
+    keys = {arm.label: json.dumps(arm.options, sort_keys=True, default=str) for arm in unmeasured}
     models: dict[str, Candidate] = {}
     for arm in unmeasured:
-        key = json.dumps(arm.options, sort_keys=True, default=str)
-        models.setdefault(key, Candidate(arm.label, dict(arm.options or {})))
+        models.setdefault(keys[arm.label], Candidate(arm.label, dict(arm.options or {})))
     measured = compare(
         base,
         list(models.values()),
@@ -591,7 +591,7 @@ def _measure_time(state, base, unmeasured: list[Arm], data, config, tuning, mode
     found = {r.label: r for r in measured.measured()}
     batch = config.latency_batch
     for arm in unmeasured:
-        result = found.get(models[json.dumps(arm.options, sort_keys=True, default=str)].label)
+        result = found.get(models[keys[arm.label]].label)
         if result is not None:
             for kind, spread in (("latency", result.latency[batch]), ("training", result.train[batch])):
                 state[kind][arm.label] = [spread.median, spread.q1, spread.q3]

@@ -54,7 +54,7 @@ from se_inject.io.saving import write_model_files
 from se_inject.runtime import rank_and_world, resolve_device
 from se_inject.train.config import RESUMABLE_CHANGES, FinetuneConfig
 from se_inject.train.data import DataSplits, SeededSamples
-from se_inject.train.movement import MovementReport, measure_movement, probe_images, unit_snapshot
+from se_inject.train.movement import MovementReport, movement_from_start, probe_images, unit_snapshot
 from se_inject.units.base import ChannelUnit
 
 
@@ -603,10 +603,7 @@ class _Run:
         """How far the units moved from their start, on the first validation images; None without units."""
         if not self.start_units:
             return None
-        start = unit_snapshot(self.model)
-        for name, unit in start.items():
-            unit.load_state_dict(self.start_units[name])
-        return measure_movement(self.model, start, probe_images(self.data.val).to(self.device))
+        return movement_from_start(self.model, self.start_units, probe_images(self.data.val).to(self.device))
 
 
 def _prepare(model, data, out, config, state, rank, world, device, old: list[Path]) -> _Run:

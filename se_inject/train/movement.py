@@ -157,6 +157,24 @@ def measure_movement(model: nn.Module, start: dict[str, ChannelUnit], images: to
     return MovementReport(found, images=len(images))
 
 
+def movement_from_start(
+    model: nn.Module, started: dict[str, dict[str, torch.Tensor]], images: torch.Tensor
+) -> MovementReport | None:
+    """Each unit of ``model`` against its start, given as each unit's state dict by name (a fine-tuning
+    run's ``start_units``), on ``images``; a start that is not these units' (empty, another model's)
+    measures each unit's distance from the identity instead. None: ``model`` has no units."""
+    start = unit_snapshot(model)
+    if not start:
+        return None
+    known = bool(started) and set(started) == set(start)
+    if known:
+        for name, unit in start.items():
+            unit.load_state_dict(started[name])
+    report = measure_movement(model, start, images)
+    report.from_identity = not known
+    return report
+
+
 def probe_images(dataset: object, count: int = PROBE_IMAGES) -> torch.Tensor:
     """The first ``count`` images of a dataset of (image, label) pairs, as one batch."""
     size = len(dataset)  # type: ignore[arg-type]
