@@ -1,15 +1,19 @@
 """Inference optimisation of a retrofitted model: the squeeze taken before the block's last 1x1 conv.
 
-Where an SE unit's input is BatchNorm (eval) of a stride-1 1x1 convolution, the last conv of every
+Where a unit's input is BatchNorm (eval) of a stride-1 1x1 convolution, the last conv of every
 bottleneck and inverted residual, the squeeze (the mean over positions) commutes with both and with
-the unit's first FC layer: ``fc1(mean(BN(W h + c))) = fc1(a * (W mean(h) + c) + b)``, with BN's
-affine map ``a, b`` from its running statistics. The unit then pools ``h``, which is 4x (bottleneck)
-to 6x (inverted residual) narrower than its own input, and applies one matrix ``W1 diag(a) W``
-(``hidden x narrow``, also smaller than ``fc1``). No hand-built SE network does this: its SE module
-sees only its own input.
+the unit's first linear map: for SE ``fc1(mean(BN(W h + c))) = fc1(a * (W mean(h) + c) + b)``, with
+BN's affine map ``a, b`` from its running statistics. The unit then pools ``h``, which is 4x
+(bottleneck) to 6x (inverted residual) narrower than its own input, and applies one matrix
+``W1 diag(a) W`` (``hidden x narrow``, also smaller than ``fc1``). eSE, ECA, CECA, Gather-Excite over
+the whole map and GC (whose attention weights over positions come from ``h`` too) fold the same way;
+``se_inject.units.fold`` has the machinery and each unit's ``fold_refusal`` says where it does not
+apply (a max squeeze, windowed or learned gathers, CBAM's spatial gate). No hand-built SE network
+does this: its SE module sees only its own input.
 
 The values are the usual ones up to float rounding (the sums are taken in another order);
-``tests/surgery/test_optimize.py`` checks that in float64 on every bottleneck family of the suite.
+``tests/surgery/test_optimize.py`` checks that in float64 on every bottleneck family of the suite
+and for every unit that folds.
 Under ``torch.compile`` the narrow pooling fuses into the kernel that writes ``h`` (the activation
 after the middle conv), so the squeeze costs almost no memory traffic; in eager mode it is a
 separate pass either way. The README's "Performance" section has the measured ratios.
@@ -32,7 +36,7 @@ import torch.fx as fx
 from torch import nn
 
 from se_inject.errors import ConfigError, InvalidModelError
-from se_inject.units.se import SqueezeExcite
+from se_inject.units.fold import SqueezeFold
 
 
 def _affine_batch_norm(module: nn.Module) -> bool:
@@ -116,8 +120,8 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
         )
     if not changed:
         raise ConfigError(
-            "optimize_for_inference: no SE unit of this model reads BatchNorm of a 1x1 conv with an average "
-            "squeeze, so there is nothing to fold; use the model as it is"
+            "optimize_for_inference: no unit of this model both reads BatchNorm of a 1x1 conv and squeezes by "
+            f"pooling the whole map ({FOLDING_UNITS}), so there is nothing to fold; use the model as it is"
         )
     return optimized
 
@@ -134,7 +138,7 @@ def fold_squeezes(model: nn.Module) -> int:
             if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
                 continue
             unit = graph_module.get_submodule(str(node.target))
-            if not isinstance(unit, SqueezeExcite) or unit.squeeze != "avg" or "source" in node.kwargs:
+            if not isinstance(unit, SqueezeFold) or unit.fold_refusal() is not None or "source" in node.kwargs:
                 continue
             found = _squeezable(graph_module, node.args[0])
             if found is None:
@@ -148,14 +152,16 @@ def fold_squeezes(model: nn.Module) -> int:
             changed += found_here
     if changed:
         # the units the pre-hook checks, listed once (walking the model at every call costs more than the check)
-        setattr(
-            model, FOLDED_UNITS, [m for m in model.modules() if isinstance(m, SqueezeExcite) and m.squeezes_through]
-        )
+        setattr(model, FOLDED_UNITS, [m for m in model.modules() if isinstance(m, SqueezeFold) and m.squeezes_through])
         if refresh_folds not in model._forward_pre_hooks.values():
             model.register_forward_pre_hook(refresh_folds)
     return changed
 
 
+# the units whose squeeze can fold, in words (each unit's fold_refusal says why a configuration cannot)
+FOLDING_UNITS = (
+    "SE with an average squeeze, eSE, ECA, CECA, GC, Gather-Excite over the whole map without a learned gather"
+)
 FOLDED_UNITS = "_se_inject_folded_units"  # attribute of an optimised model: its units that squeeze through
 
 
@@ -173,4 +179,4 @@ def refresh_folds(model: nn.Module, args: object) -> None:
 
 def optimized_units(model: nn.Module) -> list[str]:
     """The names of ``model``'s units that squeeze before their block's last 1x1 conv."""
-    return [name for name, m in model.named_modules() if isinstance(m, SqueezeExcite) and m.squeezes_through]
+    return [name for name, m in model.named_modules() if isinstance(m, SqueezeFold) and m.squeezes_through]

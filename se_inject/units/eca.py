@@ -24,7 +24,8 @@ from torch import nn
 
 from se_inject.errors import ConfigError
 from se_inject.units.base import register_unit
-from se_inject.units.parts import GATE_READS, GatedUnit, runs_functional, zero_, zeroes_last
+from se_inject.units.fold import SqueezeFold
+from se_inject.units.parts import GATE_READS, GatedUnit, gated, runs_functional, spatial_mean, zero_, zeroes_last
 
 
 def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int:
@@ -60,7 +61,7 @@ class EcaOptions:
             raise ValueError(f"gamma: expected a positive number, got {self.gamma}")
 
 
-class EfficientChannelAttention(GatedUnit):
+class EfficientChannelAttention(SqueezeFold, GatedUnit):
     """``x * gate(conv1d(mean(x)))``, the 1-D conv running across channels (timm's ``EcaModule`` layout).
 
     Example::
@@ -114,16 +115,44 @@ class EfficientChannelAttention(GatedUnit):
         """``k`` weights of the 1-D kernel, ``+ 1`` with a bias."""
         return Fraction(self.kernel_size + (1 if self.conv.bias is not None else 0))
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels = x.shape[0], x.shape[1]
-        y = x.mean((2, 3)).view(batch, 1, channels)
+    def _across_channels(self, y: torch.Tensor) -> torch.Tensor:
+        """The 1-D conv over the channels of ``y`` (B, 1, C), padded as the unit pads."""
         if not runs_functional(self.conv, nn.Conv1d, y):
-            y = self.conv(y)
-        elif self.circular:
-            y = F.conv1d(F.pad(y, (self.padding, self.padding), mode="circular"), self.conv.weight, self.conv.bias)
+            return self.conv(y)
+        if self.circular:
+            return F.conv1d(F.pad(y, (self.padding, self.padding), mode="circular"), self.conv.weight, self.conv.bias)
+        return F.conv1d(y, self.conv.weight, self.conv.bias, padding=self.padding)
+
+    def pooled_map(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The conv across channels as a (C, C) band (circulant for CECA): its response to each basis vector."""
+        weight = self.conv.weight
+        basis = torch.eye(self.channels, dtype=weight.dtype, device=weight.device).view(self.channels, 1, self.channels)
+        if self.circular:
+            basis = F.pad(basis, (self.padding, self.padding), mode="circular")
+            padding = 0
         else:
-            y = F.conv1d(y, self.conv.weight, self.conv.bias, padding=self.padding)
-        return y.view(batch, channels, 1, 1)
+            padding = self.padding
+        columns = F.conv1d(basis, weight, padding=padding).view(self.channels, self.channels)
+        bias = self.conv.bias
+        return columns.T, None if bias is None else bias.expand(self.channels)
+
+    def fold_inputs(self) -> tuple[torch.Tensor | None, ...]:
+        return self.conv.weight, self.conv.bias
+
+    def logits(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        batch, channels = x.shape[0], x.shape[1]
+        folded = self.folded_pool(source)
+        if folded is not None:  # squeezed before the block's last conv (optimize_for_inference)
+            return folded.view(batch, channels, 1, 1)
+        return self._across_channels(spatial_mean(x, keepdim=False).view(batch, 1, channels)).view(
+            batch, channels, 1, 1
+        )
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, source: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x * gate(conv1d(mean(x)))`` (plus ``residual``); ``source`` as SE's (see ``SqueezeFold``)."""
+        return gated(x, self.gate(self.logits(x, source)), residual, self.overwrite_input)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}, circular={self.circular}"

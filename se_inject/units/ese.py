@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from se_inject.units.base import register_unit
-from se_inject.units.parts import GATE_READS, GatedUnit, runs_functional, zero_, zeroes_last
+from se_inject.units.fold import SqueezeFold
+from se_inject.units.parts import GATE_READS, GatedUnit, gated, runs_functional, spatial_mean, zero_, zeroes_last
 
 
-class EffectiveSE(GatedUnit):
+class EffectiveSE(SqueezeFold, GatedUnit):
     """``x * gate(fc(mean(x)))`` with one 1x1 conv ``C -> C`` (timm's ``EffectiveSEModule`` layout).
 
     Example::
@@ -54,9 +55,24 @@ class EffectiveSE(GatedUnit):
         """``C^2`` weights of the one FC layer, ``+ C`` with its bias."""
         return Fraction(self.channels * self.channels + (self.channels if self.fc.bias is not None else 0))
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        z = x.mean((2, 3), keepdim=True)
+    def pooled_map(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.fc.weight.flatten(1), self.fc.bias
+
+    def fold_inputs(self) -> tuple[torch.Tensor | None, ...]:
+        return self.fc.weight, self.fc.bias
+
+    def logits(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        folded = self.folded_pool(source)
+        if folded is not None:  # squeezed before the block's last conv (optimize_for_inference)
+            return folded.view(x.shape[0], self.channels, 1, 1)
+        z = spatial_mean(x)
         return F.conv2d(z, self.fc.weight, self.fc.bias) if runs_functional(self.fc, nn.Conv2d, z) else self.fc(z)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, source: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x * gate(fc(mean(x)))`` (plus ``residual``); ``source`` as SE's (see ``SqueezeFold``)."""
+        return gated(x, self.gate(self.logits(x, source)), residual, self.overwrite_input)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from se_inject.units.base import register_unit
+from se_inject.units.fold import Affine, SqueezeFold
 from se_inject.units.parts import (
     ConvMlp,
     GatedUnit,
@@ -31,6 +32,7 @@ from se_inject.units.parts import (
     gated,
     is_traced,
     runs_functional,
+    spatial_mean,
 )
 
 
@@ -47,7 +49,7 @@ class GlobalContextOptions:
     )
 
 
-class GlobalContext(GatedUnit):
+class GlobalContext(SqueezeFold, GatedUnit):
     """GCNet's block: ``x * gate(T_s(context)) + T_a(context)``, with the transforms ``T`` each
     ``fc2(relu(layernorm(fc1(.))))`` (timm's ``GlobalContext`` layout: ``conv_attn``, ``mlp_scale``,
     ``mlp_add``).
@@ -115,15 +117,44 @@ class GlobalContext(GatedUnit):
         attention = self.channels + 1 if self.conv_attn is not None else 0
         return attention + transforms * transform
 
-    def context(self, x: torch.Tensor) -> torch.Tensor:
+    # the squeeze before the block's last conv: the attention logits over positions are an affine map of the
+    # conv's input h, u . h_p plus a constant that the softmax drops (u = W^T (a * w)), and the weights sum
+    # to 1, so the attention-weighted context is BatchNorm and the conv of h's attention-weighted mean
+    fold_attn: torch.Tensor  # u, in the conv's dtype
+
+    def fold_inputs(self) -> tuple[torch.Tensor | None, ...]:
+        return () if self.conv_attn is None else (self.conv_attn.weight,)
+
+    def fold_extra(self, affine: Affine, conv: torch.Tensor) -> None:
+        if self.conv_attn is not None:
+            self.store_fold("fold_attn", self._narrow_attention(affine, conv).to(self.conv_attn.weight.dtype))
+
+    def _narrow_attention(self, affine: Affine, conv: torch.Tensor) -> torch.Tensor:
+        assert self.conv_attn is not None
+        weight = self.conv_attn.weight.flatten().to(conv.dtype)
+        return conv.T @ (affine[0] * weight)
+
+    def pool_narrow(self, source: torch.Tensor, live: tuple[Affine, torch.Tensor] | None) -> torch.Tensor:
+        if self.conv_attn is None:
+            return source.mean((2, 3))
+        u = self.fold_attn if live is None else self._narrow_attention(*live)
+        batch, narrow = source.shape[0], source.shape[1]
+        flat = source.reshape(batch, narrow, -1)
+        attn = F.softmax(torch.bmm(u.view(1, 1, narrow).expand(batch, 1, narrow), flat), dim=-1)
+        return torch.bmm(flat, attn.transpose(1, 2)).view(batch, narrow)
+
+    def context(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
         """The pooled context, (B, C, 1, 1): attention-weighted over positions, or the mean.
 
         The attention conv (C -> 1, 1x1) is computed as a batched matrix-vector product over the
         flattened map: the same sums, on CPU about a fifth of a one-channel convolution's time (bmm, not
         matmul: torch.matmul broadcasting a weight that requires grad was twenty times slower here).
         """
+        folded = self.folded_pool(source)
+        if folded is not None:  # pooled before the block's last conv (optimize_for_inference)
+            return folded.view(x.shape[0], self.channels, 1, 1)
         if self.conv_attn is None:
-            return x.mean((2, 3), keepdim=True)
+            return spatial_mean(x)
         batch, channels, height, width = x.shape
         flat = x.reshape(batch, channels, height * width)
         if runs_functional(self.conv_attn, nn.Conv2d, x):
@@ -141,8 +172,11 @@ class GlobalContext(GatedUnit):
             raise TypeError("a GC block with fusion='add' has no gate")
         return self.mlp_scale(self.context(x))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        context = self.context(x)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, source: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The fusions of the context with ``x`` (plus ``residual``); ``source`` as SE's (see ``SqueezeFold``)."""
+        context = self.context(x, source)
         if self.mlp_add is None:  # scale alone: SE's product
             assert self.mlp_scale is not None
             return gated(x, self.gate(self.mlp_scale(context)), residual, self.overwrite_input)

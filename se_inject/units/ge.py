@@ -28,11 +28,14 @@ from torch import nn
 
 from se_inject.errors import ConfigError
 from se_inject.units.base import register_unit
+from se_inject.units.fold import SqueezeFold
 from se_inject.units.parts import (
     ConvMlp,
     GatedUnit,
     bottleneck_params,
     create_act,
+    gated,
+    spatial_mean,
     zeroes_last,
 )
 
@@ -70,7 +73,7 @@ class GatherExciteOptions:
             )
 
 
-class GatherExcite(GatedUnit):
+class GatherExcite(SqueezeFold, GatedUnit):
     """``x * gate(resize(mlp(gather(x))))`` (timm's ``GatherExcite`` layout: ``gather``, ``mlp``).
 
     Example::
@@ -177,11 +180,28 @@ class GatherExcite(GatedUnit):
                 total += self.channels * kernel_h * kernel_w + 2 * self.channels
         return total
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def fold_refusal(self) -> str | None:
+        if self.extent:
+            return f"its gather pools windows (extent={self.extent}), not the whole map"
+        if self.gather is not None:
+            return "its gather is learned (extra_params): a depthwise conv weighs each channel's positions apart"
+        return None
+
+    def pooled_map(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (None, None) if self.mlp is None else (self.mlp.fc1.weight.flatten(1), self.mlp.fc1.bias)
+
+    def fold_inputs(self) -> tuple[torch.Tensor | None, ...]:
+        return () if self.mlp is None else (self.mlp.fc1.weight, self.mlp.fc1.bias)
+
+    def logits(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        folded = self.folded_pool(source)
+        if folded is not None:  # the mean and the MLP's first layer, before the block's last conv
+            folded = folded.view(folded.shape[0], folded.shape[1], 1, 1)
+            return folded if self.mlp is None else self.mlp.fc2(self.mlp.act(self.mlp.norm(folded)))
         if self.gather is not None:
             gathered = self.gather(x)
         elif self.extent == 0:
-            gathered = x.mean((2, 3), keepdim=True)
+            gathered = spatial_mean(x)
         else:
             kernel = 2 * self.extent - 1
             gathered = F.avg_pool2d(x, kernel, stride=self.extent, padding=kernel // 2, count_include_pad=False)
@@ -190,6 +210,12 @@ class GatherExcite(GatedUnit):
         if gathered.shape[-2:] != (1, 1):
             gathered = F.interpolate(gathered, size=x.shape[-2:])  # nearest: each region's value over the region
         return gathered
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, source: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x * gate(excite(gather(x)))`` (plus ``residual``); ``source`` as SE's (see ``SqueezeFold``)."""
+        return gated(x, self.gate(self.logits(x, source)), residual, self.overwrite_input)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, r={self.r}, hidden={self.hidden}, extent={self.extent}"

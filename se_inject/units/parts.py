@@ -234,12 +234,72 @@ def _global_module_hooks() -> bool:
     return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
 
 
+def spatial_mean(x: torch.Tensor, keepdim: bool = True) -> torch.Tensor:
+    """The mean of ``x`` over positions (the squeeze). Where autograd records it, as the sum times ``1/(H W)``:
+    the same value up to rounding, whose backward hands the gradient on as a broadcast view of the small
+    pooled gradient instead of writing a full map (``mean``'s backward divides an expanded copy)."""
+    if not is_traced(x) and torch.is_grad_enabled() and x.requires_grad:  # a proxy has no requires_grad
+        return x.sum((2, 3), keepdim=keepdim) * (1.0 / (x.shape[2] * x.shape[3]))
+    return x.mean((2, 3), keepdim=keepdim)
+
+
+class ChannelScaleAdd(torch.autograd.Function):
+    """``residual + x * s`` (or ``x * s``) for a per-channel gate ``s`` (B, C, 1, 1), with a backward of two
+    passes over the map where autograd's ``addcmul`` takes five: ``x``'s gradient ``g * s`` and the gate's
+    ``sum(g * x)`` over positions, taken as batched dot products (no product map is written); the residual's
+    is ``g`` itself. The gradients are autograd's up to rounding (``tests/units/test_training_path.py``
+    compares them in float64); the backward is built of differentiable operations, so a second
+    derivative is right too."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, s: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        return x * s if residual is None else torch.addcmul(residual, x, s)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, s, _ = inputs
+        ctx.save_for_backward(x, s)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, s = ctx.saved_tensors
+        needs_x, needs_s, needs_residual = ctx.needs_input_grad
+        grad_x = grad * s if needs_x else None
+        grad_s = None
+        if needs_s:
+            if grad.is_contiguous() and x.is_contiguous():  # NCHW: one dot product per (sample, channel)
+                grad_s = torch.einsum("bchw,bchw->bc", grad, x).view(s.shape)
+            else:  # channels-last: the positions of a channel are not adjacent
+                grad_s = (grad * x).sum((2, 3), keepdim=True)
+        return grad_x, grad_s, grad if needs_residual else None
+
+
+def _records_product(x: torch.Tensor, s: torch.Tensor) -> bool:
+    """Whether :class:`ChannelScaleAdd` computes the product: autograd records it (training), the gate is per
+    channel, and nothing that needs autograd's own operations runs (a tracer, a compiler, which fuses these
+    itself, or a torch.func transform)."""
+    return (
+        not is_traced(x)  # first: a proxy's properties are proxies, which cannot decide anything
+        and not is_traced(s)
+        and torch.is_grad_enabled()
+        and (x.requires_grad or s.requires_grad)
+        and x.dim() == 4
+        and s.dim() == 4
+        and s.shape[2:] == (1, 1)
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
 def gated(
     x: torch.Tensor, s: torch.Tensor, residual: torch.Tensor | None, overwrite: bool, scale: float = 1.0
 ) -> torch.Tensor:
     """``x * s * scale``, or ``residual + x * s * scale`` in one pass (addcmul); written over ``x``
     when ``overwrite`` (the rewrite found nothing else reads it) and :func:`can_write_over` allows
-    (never while the forward is traced: a tracer records the out-of-place product)."""
+    (never while the forward is traced: a tracer records the out-of-place product). In training the
+    product is :class:`ChannelScaleAdd`, whose backward is cheaper than autograd's."""
+    if _records_product(x, s):
+        return ChannelScaleAdd.apply(x, s * scale if scale != 1.0 else s, residual)
     if overwrite and not is_traced(x) and can_write_over(x, s, residual):
         if residual is None:
             return x.mul_(s * scale if scale != 1.0 else s)

@@ -24,6 +24,7 @@ from torch import nn
 from se_inject.config import SQUEEZES
 from se_inject.errors import ConfigError
 from se_inject.units.base import register_unit
+from se_inject.units.fold import SqueezeFold
 from se_inject.units.parts import (  # noqa: F401 - the gates and widths are also this module's public names
     BOTTLENECK_READS,
     GatedUnit,
@@ -43,6 +44,7 @@ from se_inject.units.parts import (  # noqa: F401 - the gates and widths are als
     is_traced,
     reduced_width,
     runs_functional,
+    spatial_mean,
     zero_,
     zeroes_last,
 )
@@ -63,7 +65,7 @@ def unit_weights(channels: int, hidden: int, bias: bool = False) -> int:
     return int(bottleneck_params(channels, hidden, bias))
 
 
-class SqueezeExcite(GatedUnit):
+class SqueezeExcite(SqueezeFold, GatedUnit):
     """The SE unit of Hu et al.: ``x * gate(fc2(act(fc1(squeeze(x)))))``.
 
     A :class:`~se_inject.units.parts.GatedUnit` that reads every shared option (``squeeze`` too):
@@ -94,10 +96,6 @@ class SqueezeExcite(GatedUnit):
     paper = "Squeeze-and-Excitation Networks, Hu et al., CVPR 2018 (arXiv:1709.01507)"
     reads = BOTTLENECK_READS | {"squeeze"}
     Options = SEOptions
-
-    # buffers of squeeze_through: fc1, the block's conv and BatchNorm folded into one matrix
-    fold_weight: torch.Tensor
-    fold_bias: torch.Tensor
 
     def __init__(
         self,
@@ -140,10 +138,6 @@ class SqueezeExcite(GatedUnit):
         else:
             self.fc2 = nn.Linear(self.hidden, channels, bias=bias, device=device, dtype=dtype)
         self.act = create_act(act_layer)
-        # the block's (conv, norm) folded into the squeeze by squeeze_through: not children, not saved
-        # norm: a BatchNorm2d, or torchvision's FrozenBatchNorm2d, which has its tensors and eps
-        self._through: tuple[nn.Conv2d, nn.BatchNorm2d] | None = None
-        self._folded_from: tuple | None = None  # _fold_key() when the fold buffers were computed
         if zeroes_last(init):
             zero_(self.fc2)
 
@@ -158,120 +152,13 @@ class SqueezeExcite(GatedUnit):
         """fc2's output on the squeezed ``x`` (what the gate is applied to), shaped to broadcast against ``x``."""
         return self._second(self._first(x, None))
 
-    def squeeze_through(self, conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
-        """Squeeze before ``conv`` (1x1, stride 1, one group) and ``norm`` (BatchNorm in eval mode),
-        which produce the unit's input: called with ``source=`` (the conv's input), the unit in eval
-        mode pools ``source`` and applies one matrix that folds ``conv``, ``norm``'s affine map and
-        ``fc1`` together. The mean over positions commutes with all three, so the result is the
-        usual one up to float rounding; see ``se_inject.optimize_for_inference``.
-
-        ``conv`` and ``norm`` stay the block's modules (not children of the unit). The folded matrix
-        follows their weights and ``fc1``'s: whatever changes one of them in place or replaces it
-        (``load_state_dict``, an optimiser step, ``.to()``) is seen at the next call, which folds again
-        (under ``torch.compile`` the model's pre-hook does this check, outside the graph). Where a
-        gradient is wanted (grad mode on and one of those weights trainable) the unit computes from the
-        live weights layer by layer, so every weight gets its gradient.
-        """
+    def fold_refusal(self) -> str | None:
         if self.squeeze != "avg":
-            raise ConfigError(
-                f"squeeze: only an average squeeze commutes with a convolution, this unit's is {self.squeeze!r}"
-            )
-        self._through = (conv, norm)
-        self._folded_from = None
-        self._fold()
+            return f"only an average squeeze commutes with a convolution, this unit's is {self.squeeze!r}"
+        return None
 
-    @property
-    def squeezes_through(self) -> bool:
-        """Whether :meth:`squeeze_through` folded a conv and BatchNorm into the squeeze."""
-        return self._through is not None
-
-    def _folded_tensors(self) -> tuple[torch.Tensor | None, ...]:
-        assert self._through is not None
-        conv, norm = self._through
-        return (
-            self.fc1.weight,
-            self.fc1.bias,
-            conv.weight,
-            conv.bias,
-            norm.weight,
-            norm.bias,
-            norm.running_mean,
-            norm.running_var,
-        )
-
-    def _fold_key(self) -> tuple | None:
-        """What the folded matrix was computed from: each tensor's identity and version counter (every in-place
-        change bumps it; ``load_state_dict(assign=True)`` or a new Parameter changes the identity), and fc1's
-        dtype and device; None where a tensor keeps no version (made in inference mode). Not data pointers:
-        torch.compile cannot trace a comparison of one. Cheap: it runs before every call."""
-        try:
-            key = tuple(None if t is None else (id(t), t._version) for t in self._folded_tensors())
-        except RuntimeError:  # inference tensors track no version: fold at every call
-            return None
-        assert self._through is not None
-        weight = self.fc1.weight
-        return (*key, weight.dtype, weight.device, self._through[1].eps)
-
-    def _folds_now(self) -> bool:
-        """Whether the folded path may run: it computes no gradient for the weights folded into it."""
-        if not torch.is_grad_enabled():
-            return True
-        return not any(t is not None and t.requires_grad for t in self._folded_tensors()[:6])
-
-    def _fold(self) -> None:
-        """``fold_weight``/``fold_bias``: ``fc1(a * (W m + c) + b) = fold_weight m + fold_bias`` for the pooled
-        conv input ``m``, with BatchNorm's affine map ``a, b`` from its running statistics (in float64)."""
-        assert self._through is not None
-        conv, norm = self._through
-        assert norm.running_mean is not None and norm.running_var is not None  # checked by optimize_for_inference
-        with torch.no_grad():
-            wide = torch.float64
-            a = torch.rsqrt(norm.running_var.to(wide) + norm.eps)
-            if norm.weight is not None:
-                a = a * norm.weight.to(wide)
-            b = -norm.running_mean.to(wide) * a + (norm.bias.to(wide) if norm.bias is not None else 0.0)
-            if conv.bias is not None:
-                b = b + a * conv.bias.to(wide)
-            w1 = self.fc1.weight.to(wide)
-            weight = w1 @ (a[:, None] * conv.weight.to(wide).flatten(1))
-            bias = w1 @ b + (self.fc1.bias.to(wide) if self.fc1.bias is not None else 0.0)
-        dtype = self.fc1.weight.dtype
-        for name, value in (("fold_weight", weight.to(dtype)), ("fold_bias", bias.to(dtype))):
-            current = getattr(self, name, None)
-            if isinstance(current, torch.Tensor) and (current.shape, current.dtype, current.device) == (
-                value.shape,
-                value.dtype,
-                value.device,
-            ):
-                with torch.no_grad():
-                    current.copy_(value)  # in place: a compiled graph keeps reading the same buffer
-            else:
-                self.register_buffer(name, value, persistent=False)
-        self._folded_from = self._fold_key()
-
-    def _narrow_first(self, source: torch.Tensor) -> torch.Tensor:
-        """fc1's output from the pooled ``source`` through the live weights, one layer after the other (the
-        conv's matrix, BatchNorm's affine map, fc1): where a gradient is wanted, so that each gets its own."""
-        assert self._through is not None
-        conv, norm = self._through
-        assert norm.running_mean is not None and norm.running_var is not None  # checked by optimize_for_inference
-        y = F.linear(source.mean((2, 3)), conv.weight.flatten(1), conv.bias)
-        a = torch.rsqrt(norm.running_var + norm.eps)
-        a = a * norm.weight if norm.weight is not None else a
-        b = norm.bias - norm.running_mean * a if norm.bias is not None else -norm.running_mean * a
-        return F.linear(torch.addcmul(b, y, a), self.fc1.weight, self.fc1.bias)
-
-    def _current_fold(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The folded matrix and bias for the weights as they are now (folded again if they changed)."""
-        self.refresh_fold()
-        return self.fold_weight, self.fold_bias
-
-    def refresh_fold(self) -> None:
-        """Fold again if a weight folded into the squeeze changed since the last fold (eagerly: the check
-        reads version counters, which a compiler cannot trace)."""
-        key = self._fold_key()
-        if key is None or key != self._folded_from:
-            self._fold()
+    def pooled_map(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.fc1.weight, self.fc1.bias
 
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
         """The per-channel (per-position for NoSqueeze) gate, shaped to broadcast against ``x``."""
@@ -282,13 +169,10 @@ class SqueezeExcite(GatedUnit):
         """fc1's output: on the squeezed ``x``, or (folded, in eval mode) on the pooled ``source``."""
         if self.squeeze == "none":
             return self._layer(self.fc1, x)
-        if source is not None and not self.training and self.squeezes_through:
-            if not self._folds_now():  # a gradient is wanted: through every weight folded into the squeeze
-                return self._narrow_first(source)
-            # compiled, the model's pre-hook (refresh_folds, run outside the graph) has just checked the fold
-            weight, bias = (self.fold_weight, self.fold_bias) if torch.compiler.is_compiling() else self._current_fold()
-            return F.linear(source.mean((2, 3)), weight, bias)
-        z = x.mean((2, 3), keepdim=True) if self.squeeze == "avg" else x.amax((2, 3), keepdim=True)
+        folded = self.folded_pool(source)
+        if folded is not None:
+            return folded
+        z = spatial_mean(x) if self.squeeze == "avg" else x.amax((2, 3), keepdim=True)
         return self._layer(self.fc1, z.flatten(1))
 
     def _layer(self, layer: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -326,7 +210,7 @@ class SqueezeExcite(GatedUnit):
         The rewrite passes the residual when the unit feeds an addition (standard and identity
         positions), which saves writing and re-reading a full feature map per block.
         ``source`` is the input of the conv that produced ``x``, given by
-        ``se_inject.optimize_for_inference`` (see :meth:`squeeze_through`).
+        ``se_inject.optimize_for_inference`` (see :meth:`~se_inject.units.fold.SqueezeFold.squeeze_through`).
         """
         s, scale = self._gate(self._first(x, source))
         return gated(x, s, residual, self.overwrite_input, scale)

@@ -138,11 +138,11 @@ def test_the_compare_command(tmp_path):
 def test_optimize_measures_each_candidate_optimized_where_its_units_fold():
     from tiny_models import InplaceResNet
 
-    chosen = candidates(positions=["standard", "pre"]) + candidates(units=["eca"])
+    chosen = candidates(positions=["standard", "pre"]) + candidates(units=["eca", "cbam"])
     result = compare(InplaceResNet(), chosen, batches=(2,), size=32, repeats=2, warmup=1, optimize=True)
     folded = {r.label: (r.optimized_units, r.units) for r in result.measured()}
-    # standard: every unit reads BN(1x1 conv); pre: the block input; ECA is not an SE unit: measured as built
-    assert folded == {"position=standard": (4, 4), "position=pre": (0, 4), "unit=eca": (0, 4)}
+    # standard: every unit reads BN(1x1 conv), ECA's too; pre: the block input; CBAM's spatial gate does not fold
+    assert folded == {"position=standard": (4, 4), "position=pre": (0, 4), "unit=eca": (4, 4), "unit=cbam": (0, 4)}
     assert result.optimized and json.loads(json.dumps(result.to_dict(), default=str))["optimized"] is True
     out = CliRunner().invoke(
         app,

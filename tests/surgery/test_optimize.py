@@ -15,6 +15,8 @@ import se_inject
 from se_inject.errors import ConfigError, InvalidModelError
 from se_inject.measure.bench import bench
 from se_inject.surgery.optimize import optimize_for_inference, optimized_units
+from se_inject.units.base import ChannelUnit
+from se_inject.units.fold import SqueezeFold
 from se_inject.units.se import SqueezeExcite
 
 # every bottleneck family the suite has: the last conv of each block is 1x1, so every unit folds
@@ -27,9 +29,32 @@ BOTTLENECKS = {
 }
 
 
-def _retrofit(build, init: str) -> torch.nn.Module:
+# every unit configuration whose squeeze folds: a pooled linear map (the identity for GC's context)
+FOLDING = {
+    "se": {"unit": "se"},
+    "ese": {"unit": "ese"},
+    "eca": {"unit": "eca"},
+    "eca, 9 taps over 32 channels": {"unit": "eca", "unit_options": {"kernel_size": 9}},
+    "ceca, 9 taps": {"unit": "ceca", "unit_options": {"kernel_size": 9}},
+    "ge over the whole map, MLP": {"unit": "ge"},
+    "ge over the whole map, no MLP": {"unit": "ge", "unit_options": {"mlp": False}, "init": "paper"},
+    "gc attention, add": {"unit": "gc"},
+    "gc attention, scale": {"unit": "gc", "unit_options": {"fusion": "scale"}},
+    "gc mean, both": {"unit": "gc", "unit_options": {"fusion": "both", "pooling": "avg"}},
+}
+# and those that must not: pooling that does not commute with a conv, or no pooled squeeze at all
+NOT_FOLDING = {
+    "se, max squeeze": {"unit": "se", "squeeze": "max"},
+    "ge, windows": {"unit": "ge", "unit_options": {"extent": 2}},
+    "ge, learned gather": {"unit": "ge", "unit_options": {"extra_params": True}, "input_size": 32},
+    "cbam": {"unit": "cbam"},
+}
+
+
+def _retrofit(build, init: str = "paper", **options) -> torch.nn.Module:
     model = randomize_batchnorm(build().double().eval())
-    return randomize_units(se_inject.inject(model, r=4, init=init)).eval()
+    options = {"init": init} | options
+    return randomize_units(se_inject.inject(model, r=4, **options)).eval()
 
 
 @pytest.mark.parametrize("init", ["preserve", "paper"])
@@ -82,13 +107,62 @@ def test_weights_changed_in_training_are_folded_again_at_eval():
         assert (optimized(x) - expected).abs().max() <= 1e-9 * expected.abs().max()
 
 
+@pytest.mark.parametrize("case", list(FOLDING))
+def test_every_unit_with_a_pooled_linear_squeeze_folds_exactly(case):
+    """float64, random BatchNorm statistics and unit weights: the optimised copy computes the retrofit, and
+    the folded matrix is what runs (scaled by hand, the outputs change)."""
+    retrofitted = _retrofit(InplaceResNet, **FOLDING[case])
+    units = [name for name, m in retrofitted.named_modules() if isinstance(m, ChannelUnit)]
+    optimized = optimize_for_inference(retrofitted)
+    assert optimized_units(optimized) == units and len(units) == 4
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = retrofitted(x)
+        _close(optimized(x), expected)
+        optimized.get_submodule(units[0]).fold_weight.mul_(1.5)
+        assert not torch.allclose(optimized(x), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("case", list(FOLDING))
+def test_every_folding_unit_trained_in_eval_mode_gets_the_gradients_of_the_retrofit(case):
+    """Where a gradient is wanted, the live weights layer by layer (ECA's band, GC's attention from the
+    narrow map): the unit's, the block's last conv's and its BatchNorm's gradients are the retrofit's."""
+    retrofitted = _retrofit(InplaceResNet, **FOLDING[case])
+    optimized = optimize_for_inference(retrofitted)
+    unit_name = optimized_units(optimized)[-1]
+    block = unit_name.rsplit(".", 1)[0]
+    watched = [n for n, _ in optimized.named_parameters() if n.startswith(unit_name + ".")]
+    watched += [f"{block}.conv3.weight", f"{block}.bn3.weight", f"{block}.bn3.bias"]
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for model in (retrofitted, optimized):
+        model.zero_grad()
+        model(x).square().sum().backward()
+        grads.append({name: model.get_parameter(name).grad for name in watched})
+    for name in watched:
+        if name.endswith("conv_attn.bias"):  # a constant added to every logit: the softmax drops it
+            assert grads[0][name].abs().max() < 1e-9 and grads[1][name] is None
+            continue
+        assert grads[1][name] is not None and grads[1][name].abs().sum() > 0, name
+        _close(grads[1][name], grads[0][name])
+
+
+@pytest.mark.parametrize("case", list(NOT_FOLDING))
+def test_units_whose_squeeze_does_not_commute_with_a_conv_are_refused(case):
+    retrofitted = se_inject.inject(InplaceResNet(), r=4, init="paper", **NOT_FOLDING[case])
+    with pytest.raises(ConfigError, match="nothing to fold; use the model as it is"):
+        optimize_for_inference(retrofitted)
+    unit = next(m for m in retrofitted.modules() if isinstance(m, ChannelUnit))
+    if isinstance(unit, SqueezeFold):  # asked directly, the unit says why
+        block = retrofitted.layer1[0]
+        with pytest.raises(ConfigError, match="cannot squeeze before a conv: (only an average|its gather)"):
+            unit.squeeze_through(block.conv3, block.bn3)
+
+
 def test_models_with_nothing_to_fold_are_refused_in_one_line():
     basic = se_inject.inject(FunctionalResNet(), r=4)  # 3x3 convs end its blocks
-    with pytest.raises(ConfigError, match="no SE unit of this model reads BatchNorm of a 1x1 conv"):
+    with pytest.raises(ConfigError, match="no unit of this model both reads BatchNorm of a 1x1 conv"):
         optimize_for_inference(basic)
-    max_squeeze = se_inject.inject(InplaceResNet(), r=4, squeeze="max")  # a max does not commute with a conv
-    with pytest.raises(ConfigError, match="nothing to fold"):
-        optimize_for_inference(max_squeeze)
     with pytest.raises(ConfigError, match=r"already optimised \(4 units fold\)"):
         optimize_for_inference(optimize_for_inference(se_inject.inject(InplaceResNet(), r=4)))
     with pytest.raises(InvalidModelError, match="expected an nn.Module"):

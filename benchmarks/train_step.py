@@ -1,0 +1,128 @@
+"""What a training step of a retrofit costs over the plain network, with the units' own training path
+(``ChannelScaleAdd``'s backward and the squeeze whose backward is a broadcast view) and without it
+(autograd's ``mean`` and ``addcmul``, as before this path existed), beside timm's hand-built twin.
+
+Every model takes a forward, backward and SGD step on the same batch (``se_inject.measure.bench.train_step``),
+timed interleaved in this process (the order rotates every round); each ratio is the median over rounds of
+one model's time over the plain network's in the same round, with the 25th-75th percentile of those
+per-round ratios. Before timing, the script checks that both paths give the same gradients (float32,
+relative to the largest).
+
+    python benchmarks/train_step.py --batch 16 --repeats 15 --threads 2 --out benchmarks/train_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import platform
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import timm
+import torch
+
+import se_inject
+from se_inject.measure.bench import Spread, time_interleaved, train_step
+from se_inject.units import parts
+
+UNITS_MODULES = ("se", "ese", "eca", "gc", "ge")
+
+
+@contextlib.contextmanager
+def autograd_ops() -> Iterator[None]:
+    """The units computed with autograd's own mean and addcmul (the training path switched off)."""
+    import importlib
+
+    saved = {m: importlib.import_module(f"se_inject.units.{m}").spatial_mean for m in UNITS_MODULES}
+    records = parts._records_product
+    try:
+        for m in UNITS_MODULES:
+            importlib.import_module(f"se_inject.units.{m}").spatial_mean = _plain_mean
+        parts._records_product = lambda x, s: False
+        yield
+    finally:
+        for m, f in saved.items():
+            importlib.import_module(f"se_inject.units.{m}").spatial_mean = f
+        parts._records_product = records
+
+
+def _plain_mean(t: torch.Tensor, keepdim: bool = True) -> torch.Tensor:
+    return t.mean((2, 3), keepdim=keepdim)
+
+
+def _unfused(step: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        with autograd_ops():
+            return step()
+
+    return run
+
+
+def _gradients(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(x).logsumexp(1).sum().backward()
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def _difference(retrofit: torch.nn.Module, x: torch.Tensor) -> float:
+    """The largest gradient difference between the two paths, relative to the largest gradient."""
+    fused = _gradients(retrofit, x)
+    with autograd_ops():
+        plain = _gradients(retrofit, x)
+    scale = max(float(g.abs().max()) for g in plain)
+    return max(float((a - b).abs().max()) for a, b in zip(fused, plain, strict=True)) / scale
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--twin", default="seresnet50")
+    parser.add_argument("--unit", default="se")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    plain = timm.create_model(args.model).train()
+    retrofit = se_inject.inject(plain, unit=args.unit, r=16).train()  # the default start: preserve
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    difference = _difference(copy.deepcopy(retrofit), x[:2])
+    models = {"plain": plain, "retrofit": retrofit, "retrofit, autograd ops": copy.deepcopy(retrofit)}
+    if args.twin:
+        models["twin"] = timm.create_model(args.twin).train()
+    steps = {name: train_step(m, x, torch.device("cpu")) for name, m in models.items()}
+    steps["retrofit, autograd ops"] = _unfused(steps["retrofit, autograd ops"])
+    started = time.perf_counter()
+    seconds = time_interleaved(steps, args.repeats, 2, torch.device("cpu"))
+    ratios = {f"{name}/plain": Spread.paired(seconds[name], seconds["plain"]) for name in models if name != "plain"}
+    ratios["retrofit/retrofit, autograd ops"] = Spread.paired(seconds["retrofit"], seconds["retrofit, autograd ops"])
+    result = {
+        "model": args.model,
+        "unit": args.unit,
+        "batch": args.batch,
+        "size": args.size,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "gradient_difference": difference,
+        "seconds": round(time.perf_counter() - started, 1),
+        "ratios": {name: {"median": s.median, "q1": s.q1, "q3": s.q3} for name, s in ratios.items()},
+    }
+    for name, spread in ratios.items():
+        print(f"training step, batch {args.batch}: {name} {spread}")
+    print(f"gradients of the two paths differ by {difference:.1e} of the largest; {result['seconds']} s")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The units' training path: the gated product's own backward (ChannelScaleAdd) and the squeeze whose
+backward is a broadcast view (spatial_mean) give autograd's gradients of the plain unit, in float64, for
+every unit that uses them, with and without a residual, NCHW and channels-last, and in an SE-only phase."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from se_inject.units import parts
+from se_inject.units.base import unit_class
+from se_inject.units.parts import ChannelScaleAdd
+
+UNITS = {
+    "se": {},
+    "se, preserve (2 sigmoid)": {"init": "preserve"},
+    "ese": {},
+    "eca": {},
+    "ceca": {},
+    "gc, scale": {"fusion": "scale"},
+    "gc, both": {"fusion": "both"},
+    "ge": {},
+}
+
+
+def _unit(case: str) -> torch.nn.Module:
+    options = dict(UNITS[case])
+    init = options.pop("init", "paper")
+    torch.manual_seed(0)
+    unit = unit_class(case.split(",")[0])(32, 4, init=init, **options).double()
+    with torch.no_grad():  # no zero hides a weight's gradient
+        for p in unit.parameters():
+            p.normal_(0, 0.5)
+    return unit
+
+
+def _plain_mean(t: torch.Tensor, keepdim: bool = True) -> torch.Tensor:
+    return t.mean((2, 3), keepdim=keepdim)
+
+
+def _grads(unit, x, residual, plain: bool, monkeypatch, product: str = "") -> dict[str, torch.Tensor]:
+    with monkeypatch.context() as patch:
+        if plain:  # autograd's own operations: mean and addcmul
+            patch.setattr(parts, "_records_product", lambda x, s: False)
+            for module in ("se", "ese", "eca", "gc", "ge"):
+                patch.setattr(f"se_inject.units.{module}.spatial_mean", _plain_mean)
+        unit.zero_grad()
+        inputs = [x] + ([residual] if residual is not None else [])
+        for t in inputs:
+            t.grad = None
+        out = unit(x, residual) if residual is not None else unit(x)
+        if not plain:  # the fused product is what ran (GC's "both" adds its context after its own product)
+            assert type(out.grad_fn).__name__ == product, out.grad_fn
+        out.mul(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    grads = {name: p.grad.clone() for name, p in unit.named_parameters() if p.grad is not None}
+    grads |= {f"input{i}": t.grad.clone() for i, t in enumerate(inputs) if t.grad is not None}
+    return {"out": out.detach(), **grads}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["alone", "residual"])
+@pytest.mark.parametrize("case", list(UNITS))
+def test_the_training_path_gives_autograds_gradients(case, with_residual, channels_last, monkeypatch):
+    unit = _unit(case)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 32, 5, 7, dtype=torch.float64, generator=generator)
+    residual = torch.randn(3, 32, 5, 7, dtype=torch.float64, generator=generator) if with_residual else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    if residual is not None:
+        residual.requires_grad_(True)
+    product = "AddBackward0" if case == "gc, both" else "ChannelScaleAddBackward"
+    fused = _grads(unit, x, residual, plain=False, monkeypatch=monkeypatch, product=product)
+    reference = _grads(unit, x, residual, plain=True, monkeypatch=monkeypatch)
+    assert fused.keys() == reference.keys() and len(fused) > 2
+    for name, expected in reference.items():
+        torch.testing.assert_close(fused[name], expected, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_an_se_only_phase_trains_the_gate_with_a_frozen_input():
+    """x needs no gradient (the backbone is frozen), the gate does: only the gate's gradient is computed."""
+    unit = _unit("se")
+    x = torch.randn(2, 32, 4, 4, dtype=torch.float64)
+    out = unit(x, torch.randn_like(x))
+    assert type(out.grad_fn).__name__ == "ChannelScaleAddBackward"
+    out.sum().backward()
+    assert unit.fc1.weight.grad is not None and unit.fc1.weight.grad.abs().sum() > 0
+
+
+def test_the_fused_product_passes_gradcheck_and_gradgradcheck():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    s = torch.rand(2, 3, 1, 1, dtype=torch.float64, generator=generator, requires_grad=True)
+    residual = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(ChannelScaleAdd.apply, (x, s, residual))
+    assert torch.autograd.gradgradcheck(ChannelScaleAdd.apply, (x, s, residual))
+    assert torch.autograd.gradcheck(lambda a, b: ChannelScaleAdd.apply(a, b, None), (x, s))
+    squeeze = parts.spatial_mean(x)
+    torch.testing.assert_close(squeeze, x.mean((2, 3), keepdim=True), rtol=1e-15, atol=0)
+    (grad,) = torch.autograd.grad(squeeze.sum(), x)
+    assert grad.stride()[2:] == (0, 0)  # a broadcast view: no full map written
