@@ -221,6 +221,7 @@ def test_concurrent_saves_to_one_new_target_exactly_one_wins(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging or lock left
 
 
+@pytest.mark.slow  # 11 s; concurrent saves to one new target (exactly one wins) stay in the fast suite
 def test_concurrent_forced_saves_never_leave_the_target_missing_or_half_written(tmp_path):
     from tiny_models import FunctionalResNet
 

@@ -56,6 +56,7 @@ HOW = {
     "python benchmarks/twins.py --workers 2": BENCHMARK,
     "python benchmarks/units.py": BENCHMARK,
     "python benchmarks/optimize.py --batch 16": BENCHMARK,
+    "python benchmarks/train_step.py": BENCHMARK,
     "python benchmarks/train_step.py --batch 16 --repeats 24 --threads 2 --out benchmarks/train_step.json": BENCHMARK,
     "python benchmarks/units.py --optimize --compile --batches 16 --repeats 20 --threads 2 "
     "--out benchmarks/units_optimized.json": BENCHMARK,

@@ -162,6 +162,9 @@ def _cli(*args: str) -> list[str]:
     ]
 
 
+# 28 s on 2 cores, for the suite's 12 minutes: a resume bit for bit stays in the fast suite
+# (test_the_units_own_optimizer_steps_them_and_resumes_exactly, and tests/test_roundtrips.py's kill at the write)
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: the same arithmetic in every run
     subprocess.run(_cli("--out", str(tmp_path / "whole"), "--epochs", "3"), check=True, env=env, capture_output=True)
