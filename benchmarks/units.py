@@ -15,7 +15,7 @@ output says which did; CBAM's do not), having checked that the optimised copy co
 retrofit computes; ``--compile`` times every model under ``torch.compile`` with its defaults, as a
 user calls it (compiling nine ResNet-50s takes about ten minutes on 2 cores):
 
-    python benchmarks/units.py --optimize --compile --batches 16 --repeats 20 --threads 2 \
+    python benchmarks/units.py --optimize --compile --batches 16 --repeats 40 --threads 2 \
         --out benchmarks/units_optimized.json
 """
 

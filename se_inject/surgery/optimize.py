@@ -95,19 +95,20 @@ def _squeezable(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Conv2d, nn.BatchN
 
 
 def optimize_for_inference(model: nn.Module) -> nn.Module:
-    """A copy of the retrofitted ``model``, in eval mode, whose SE units squeeze before the last 1x1 conv.
+    """A copy of the retrofitted ``model``, in eval mode, whose units squeeze before the last 1x1 conv.
 
-    Every average-squeeze SE unit whose input is BatchNorm of a stride-1 1x1 conv (read by nothing
-    else) pools that conv's narrower input instead, through one folded matrix; the outputs are the
-    same up to float rounding. Other units are left as they are; :func:`optimized_units` lists the
-    changed ones. ``model`` is not changed.
+    Every unit whose squeeze is a pooled linear map (SE with an average squeeze, eSE, ECA, CECA, GC,
+    Gather-Excite over the whole map without a learned gather) and whose input is BatchNorm of a
+    stride-1 1x1 conv (read by nothing else) pools that conv's narrower input instead, through one
+    folded matrix; the outputs are the same up to float rounding. Other units are left as they are;
+    :func:`optimized_units` lists the changed ones. ``model`` is not changed.
 
     Example::
 
         model = se_inject.inject(timm.create_model("resnet50"), r=16)
         fast = se_inject.optimize_for_inference(model)
         se_inject.optimized_units(fast)   # ['layer1.0.se_1_1', ...]: 16 units
-        torch.compile(fast)(x)            # where it pays: see the README's measured ratios
+        torch.compile(fast)(x)            # where it pays: see the cost guide's measured ratios
     """
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"model: expected an nn.Module, got {type(model).__name__}")

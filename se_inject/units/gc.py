@@ -139,6 +139,12 @@ class GlobalContext(SqueezeFold, GatedUnit):
             return source.mean((2, 3))
         u = self.fold_attn if live is None else self._narrow_attention(*live)
         batch, narrow = source.shape[0], source.shape[1]
+        if torch.compiler.is_compiling():
+            # as reductions the compiler fuses (3% off a compiled ResNet-50 at batch 16, against two bmm
+            # calls); eagerly these would write two product maps, which the bmm form does not
+            logits = (source * u.view(1, narrow, 1, 1)).sum(1, keepdim=True)
+            attn = F.softmax(logits.flatten(2), dim=-1).view_as(logits)
+            return (source * attn).sum((2, 3))
         flat = source.reshape(batch, narrow, -1)
         attn = F.softmax(torch.bmm(u.view(1, 1, narrow).expand(batch, 1, narrow), flat), dim=-1)
         return torch.bmm(flat, attn.transpose(1, 2)).view(batch, narrow)

@@ -58,7 +58,7 @@ HOW = {
     "python benchmarks/optimize.py --batch 16": BENCHMARK,
     "python benchmarks/train_step.py": BENCHMARK,
     "python benchmarks/train_step.py --batch 16 --repeats 24 --threads 2 --out benchmarks/train_step.json": BENCHMARK,
-    "python benchmarks/units.py --optimize --compile --batches 16 --repeats 20 --threads 2 "
+    "python benchmarks/units.py --optimize --compile --batches 16 --repeats 40 --threads 2 "
     "--out benchmarks/units_optimized.json": BENCHMARK,
     "python benchmarks/startup.py": BENCHMARK,
     "python benchmarks/gpu.py --out benchmarks/gpu.json": BENCHMARK,

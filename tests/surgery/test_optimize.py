@@ -109,17 +109,36 @@ def test_weights_changed_in_training_are_folded_again_at_eval():
 
 @pytest.mark.parametrize("case", list(FOLDING))
 def test_every_unit_with_a_pooled_linear_squeeze_folds_exactly(case):
-    """float64, random BatchNorm statistics and unit weights: the optimised copy computes the retrofit, and
-    the folded matrix is what runs (scaled by hand, the outputs change)."""
+    """float64, random BatchNorm statistics and unit weights: the optimised copy computes the retrofit, again
+    after every weight changed, and the folded matrix is what runs (scaled by hand, the outputs change)."""
     retrofitted = _retrofit(InplaceResNet, **FOLDING[case])
     units = [name for name, m in retrofitted.named_modules() if isinstance(m, ChannelUnit)]
     optimized = optimize_for_inference(retrofitted)
     assert optimized_units(optimized) == units and len(units) == 4
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
+        _close(optimized(x), retrofitted(x))
+        for model in (optimized, retrofitted):  # new weights everywhere the fold reads: it folds again
+            randomize_units(model, seed=7)
+            randomize_batchnorm(model, seed=8)
         expected = retrofitted(x)
         _close(optimized(x), expected)
         optimized.get_submodule(units[0]).fold_weight.mul_(1.5)
+        assert not torch.allclose(optimized(x), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("case", ["gc attention, add", "gc attention, scale"])
+def test_gcs_attention_pooled_as_a_compiler_sees_it_is_the_retrofits(case, monkeypatch):
+    """Under torch.compile GC pools the narrow map by reductions instead of bmm: the same values (float64,
+    run eagerly with is_compiling() true, as test_under_a_compiler_... does)."""
+    retrofitted = _retrofit(InplaceResNet, **FOLDING[case])
+    optimized = optimize_for_inference(retrofitted)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = retrofitted(x)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        _close(optimized(x), expected)
+        optimized.get_submodule(optimized_units(optimized)[0]).fold_attn.mul_(3.0)  # the path that runs
         assert not torch.allclose(optimized(x), expected, rtol=1e-6, atol=0)
 
 
