@@ -100,3 +100,13 @@ def test_the_fused_product_passes_gradcheck_and_gradgradcheck():
     torch.testing.assert_close(squeeze, x.mean((2, 3), keepdim=True), rtol=1e-15, atol=0)
     (grad,) = torch.autograd.grad(squeeze.sum(), x)
     assert grad.stride()[2:] == (0, 0)  # a broadcast view: no full map written
+
+
+def test_under_autocast_the_squeeze_stays_a_mean_in_the_maps_dtype():
+    """autocast lists sum among the operations it runs in float32: the squeeze then stays mean, which
+    autocast leaves in the map's dtype, so no float32 copy of the map is made."""
+    x = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        squeezed = parts.spatial_mean(x)
+    assert squeezed.dtype == torch.bfloat16 and type(squeezed.grad_fn).__name__ == "MeanBackward1"
+    assert type(parts.spatial_mean(x).grad_fn).__name__ == "MulBackward0"  # outside autocast: the sum
