@@ -29,29 +29,17 @@ import se_inject
 from se_inject.measure.bench import Spread, time_interleaved, train_step
 from se_inject.units import parts
 
-UNITS_MODULES = ("se", "ese", "eca", "gc", "ge")
-
 
 @contextlib.contextmanager
 def autograd_ops() -> Iterator[None]:
     """The units computed with autograd's own mean and addcmul (the training path switched off)."""
-    import importlib
-
-    saved = {m: importlib.import_module(f"se_inject.units.{m}").spatial_mean for m in UNITS_MODULES}
-    records = parts._records_product
+    records, sums = parts._records_product, parts._sums_for_backward
     try:
-        for m in UNITS_MODULES:
-            importlib.import_module(f"se_inject.units.{m}").spatial_mean = _plain_mean
         parts._records_product = lambda x, s: False
+        parts._sums_for_backward = lambda x: False
         yield
     finally:
-        for m, f in saved.items():
-            importlib.import_module(f"se_inject.units.{m}").spatial_mean = f
-        parts._records_product = records
-
-
-def _plain_mean(t: torch.Tensor, keepdim: bool = True) -> torch.Tensor:
-    return t.mean((2, 3), keepdim=keepdim)
+        parts._records_product, parts._sums_for_backward = records, sums
 
 
 def _unfused(step: Callable[[], object]) -> Callable[[], object]:

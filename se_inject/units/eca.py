@@ -24,8 +24,8 @@ from torch import nn
 
 from se_inject.errors import ConfigError
 from se_inject.units.base import register_unit
-from se_inject.units.fold import SqueezeFold
-from se_inject.units.parts import GATE_READS, GatedUnit, gated, runs_functional, spatial_mean, zero_, zeroes_last
+from se_inject.units.fold import FoldingGatedUnit
+from se_inject.units.parts import GATE_READS, runs_functional, spatial_mean, zero_, zeroes_last
 
 
 def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int:
@@ -61,7 +61,7 @@ class EcaOptions:
             raise ValueError(f"gamma: expected a positive number, got {self.gamma}")
 
 
-class EfficientChannelAttention(SqueezeFold, GatedUnit):
+class EfficientChannelAttention(FoldingGatedUnit):
     """``x * gate(conv1d(mean(x)))``, the 1-D conv running across channels (timm's ``EcaModule`` layout).
 
     Example::
@@ -147,12 +147,6 @@ class EfficientChannelAttention(SqueezeFold, GatedUnit):
         return self._across_channels(spatial_mean(x, keepdim=False).view(batch, 1, channels)).view(
             batch, channels, 1, 1
         )
-
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, source: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``x * gate(conv1d(mean(x)))`` (plus ``residual``); ``source`` as SE's (see ``SqueezeFold``)."""
-        return gated(x, self.gate(self.logits(x, source)), residual, self.overwrite_input)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}, circular={self.circular}"

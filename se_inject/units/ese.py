@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from se_inject.units.base import register_unit
-from se_inject.units.fold import SqueezeFold
-from se_inject.units.parts import GATE_READS, GatedUnit, gated, runs_functional, spatial_mean, zero_, zeroes_last
+from se_inject.units.fold import FoldingGatedUnit
+from se_inject.units.parts import GATE_READS, runs_functional, spatial_mean, zero_, zeroes_last
 
 
-class EffectiveSE(SqueezeFold, GatedUnit):
+class EffectiveSE(FoldingGatedUnit):
     """``x * gate(fc(mean(x)))`` with one 1x1 conv ``C -> C`` (timm's ``EffectiveSEModule`` layout).
 
     Example::
@@ -67,12 +67,6 @@ class EffectiveSE(SqueezeFold, GatedUnit):
             return folded.view(x.shape[0], self.channels, 1, 1)
         z = spatial_mean(x)
         return F.conv2d(z, self.fc.weight, self.fc.bias) if runs_functional(self.fc, nn.Conv2d, z) else self.fc(z)
-
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, source: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``x * gate(fc(mean(x)))`` (plus ``residual``); ``source`` as SE's (see ``SqueezeFold``)."""
-        return gated(x, self.gate(self.logits(x, source)), residual, self.overwrite_input)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from se_inject.errors import ConfigError
+from se_inject.units.parts import GatedUnit, gated
 
 Affine = tuple[torch.Tensor, torch.Tensor]  # BatchNorm's (a, b): x = a * y + b per channel
 
@@ -209,3 +210,19 @@ class SqueezeFold(nn.Module):
         if not torch.compiler.is_compiling():  # compiled, the model's pre-hook has just checked the fold
             self.refresh_fold()
         return F.linear(self.pool_narrow(source, None), self.fold_weight, self.fold_bias)
+
+
+class FoldingGatedUnit(SqueezeFold, GatedUnit):
+    """A gated unit that can fold (eSE, ECA, CECA, Gather-Excite): ``x * gate(logits(x))``, where ``logits``
+    takes the conv's input as ``source`` and starts from :meth:`~SqueezeFold.folded_pool` when it is given.
+    SE and GC, which compute more than a gate from the pooled values, write their own forward."""
+
+    def logits(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__} must implement logits")
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, source: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x * gate(logits(x))`` (plus ``residual``, in one pass); ``source`` is the input of the conv that
+        produced ``x``, passed by ``se_inject.optimize_for_inference``'s rewrite."""
+        return gated(x, self.gate(self.logits(x, source)), residual, self.overwrite_input)

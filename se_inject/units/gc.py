@@ -49,6 +49,12 @@ class GlobalContextOptions:
     )
 
 
+def _attention_pool(flat: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``flat`` (B, N, HW) averaged over positions with the softmax of ``logits`` (B, 1, HW): (B, N)."""
+    attn = F.softmax(logits, dim=-1)
+    return torch.bmm(flat, attn.transpose(1, 2)).flatten(1)
+
+
 class GlobalContext(SqueezeFold, GatedUnit):
     """GCNet's block: ``x * gate(T_s(context)) + T_a(context)``, with the transforms ``T`` each
     ``fc2(relu(layernorm(fc1(.))))`` (timm's ``GlobalContext`` layout: ``conv_attn``, ``mlp_scale``,
@@ -136,18 +142,16 @@ class GlobalContext(SqueezeFold, GatedUnit):
 
     def pool_narrow(self, source: torch.Tensor, live: tuple[Affine, torch.Tensor] | None) -> torch.Tensor:
         if self.conv_attn is None:
-            return source.mean((2, 3))
+            return super().pool_narrow(source, live)
         u = self.fold_attn if live is None else self._narrow_attention(*live)
-        batch, narrow = source.shape[0], source.shape[1]
         if torch.compiler.is_compiling():
             # as reductions the compiler fuses (3% off a compiled ResNet-50 at batch 16, against two bmm
             # calls); eagerly these would write two product maps, which the bmm form does not
-            logits = (source * u.view(1, narrow, 1, 1)).sum(1, keepdim=True)
+            logits = (source * u.view(1, -1, 1, 1)).sum(1, keepdim=True)
             attn = F.softmax(logits.flatten(2), dim=-1).view_as(logits)
             return (source * attn).sum((2, 3))
-        flat = source.reshape(batch, narrow, -1)
-        attn = F.softmax(torch.bmm(u.view(1, 1, narrow).expand(batch, 1, narrow), flat), dim=-1)
-        return torch.bmm(flat, attn.transpose(1, 2)).view(batch, narrow)
+        flat = source.flatten(2)
+        return _attention_pool(flat, torch.bmm(u.view(1, 1, -1).expand(flat.shape[0], 1, -1), flat))
 
     def context(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
         """The pooled context, (B, C, 1, 1): attention-weighted over positions, or the mean.
@@ -170,8 +174,7 @@ class GlobalContext(SqueezeFold, GatedUnit):
                 logits = logits + self.conv_attn.bias.view(1, 1, 1)
         else:  # a swapped or hooked layer, or a traced forward: the module's own call
             logits = self.conv_attn(x).reshape(batch, 1, height * width)
-        attn = F.softmax(logits, dim=-1)
-        return torch.matmul(flat, attn.transpose(1, 2)).view(batch, channels, 1, 1)
+        return _attention_pool(flat, logits).view(batch, channels, 1, 1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.mlp_scale is None:

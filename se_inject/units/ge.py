@@ -28,13 +28,11 @@ from torch import nn
 
 from se_inject.errors import ConfigError
 from se_inject.units.base import register_unit
-from se_inject.units.fold import SqueezeFold
+from se_inject.units.fold import FoldingGatedUnit
 from se_inject.units.parts import (
     ConvMlp,
-    GatedUnit,
     bottleneck_params,
     create_act,
-    gated,
     spatial_mean,
     zeroes_last,
 )
@@ -73,7 +71,7 @@ class GatherExciteOptions:
             )
 
 
-class GatherExcite(SqueezeFold, GatedUnit):
+class GatherExcite(FoldingGatedUnit):
     """``x * gate(resize(mlp(gather(x))))`` (timm's ``GatherExcite`` layout: ``gather``, ``mlp``).
 
     Example::
@@ -210,12 +208,6 @@ class GatherExcite(SqueezeFold, GatedUnit):
         if gathered.shape[-2:] != (1, 1):
             gathered = F.interpolate(gathered, size=x.shape[-2:])  # nearest: each region's value over the region
         return gathered
-
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, source: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``x * gate(excite(gather(x)))`` (plus ``residual``); ``source`` as SE's (see ``SqueezeFold``)."""
-        return gated(x, self.gate(self.logits(x, source)), residual, self.overwrite_input)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, r={self.r}, hidden={self.hidden}, extent={self.extent}"

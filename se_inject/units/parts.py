@@ -238,15 +238,20 @@ def spatial_mean(x: torch.Tensor, keepdim: bool = True) -> torch.Tensor:
     """The mean of ``x`` over positions (the squeeze). Where autograd records it, as the sum times ``1/(H W)``:
     the same value up to rounding, whose backward hands the gradient on as a broadcast view of the small
     pooled gradient instead of writing a full map (``mean``'s backward divides an expanded copy)."""
-    if (
+    if _sums_for_backward(x):
+        return x.sum((2, 3), keepdim=keepdim) * (1.0 / (x.shape[2] * x.shape[3]))
+    return x.mean((2, 3), keepdim=keepdim)
+
+
+def _sums_for_backward(x: torch.Tensor) -> bool:
+    """Whether :func:`spatial_mean` takes the sum: autograd records it, outside autocast."""
+    return (
         not is_traced(x)  # first: a proxy has no requires_grad to decide on
         and torch.is_grad_enabled()
         and x.requires_grad
         # autocast runs sum (not mean) in float32: it would write a float32 copy of a bf16/fp16 map
         and not torch.is_autocast_enabled(x.device.type)
-    ):
-        return x.sum((2, 3), keepdim=keepdim) * (1.0 / (x.shape[2] * x.shape[3]))
-    return x.mean((2, 3), keepdim=keepdim)
+    )
 
 
 class ChannelScaleAdd(torch.autograd.Function):
