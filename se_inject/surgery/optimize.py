@@ -36,7 +36,7 @@ import torch.fx as fx
 from torch import nn
 
 from se_inject.errors import ConfigError, InvalidModelError
-from se_inject.units.fold import SqueezeFold
+from se_inject.units.fold import FoldsChecked, SqueezeFold
 
 
 def _affine_batch_norm(module: nn.Module) -> bool:
@@ -131,7 +131,8 @@ def fold_squeezes(model: nn.Module) -> int:
     """Fold, in place, every unit of ``model`` that can squeeze before its block's last 1x1 conv and does
     not yet (see :func:`optimize_for_inference`, which does this on a copy and checks the result);
     how many were folded. ``model`` should be in eval mode, where the folded path runs; it gets the
-    pre-hook :func:`refresh_folds` that keeps the folds current under torch.compile."""
+    pre-hook :func:`refresh_folds` that keeps the folds current (under torch.compile too) and the hook
+    :func:`folds_unchecked` that ends what the pre-hook checked with the call."""
     changed = 0
     for graph_module in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
         found_here = 0
@@ -153,9 +154,14 @@ def fold_squeezes(model: nn.Module) -> int:
             changed += found_here
     if changed:
         # the units the pre-hook checks, listed once (walking the model at every call costs more than the check)
-        setattr(model, FOLDED_UNITS, [m for m in model.modules() if isinstance(m, SqueezeFold) and m.squeezes_through])
+        units = [m for m in model.modules() if isinstance(m, SqueezeFold) and m.squeezes_through]
+        setattr(model, FOLDED_UNITS, units)
+        checked = FoldsChecked()
+        for unit in units:
+            unit.folds_checked = checked
         if refresh_folds not in model._forward_pre_hooks.values():
             model.register_forward_pre_hook(refresh_folds)
+            model.register_forward_hook(folds_unchecked, always_call=True)
     return changed
 
 
@@ -174,8 +180,20 @@ def refresh_folds(model: nn.Module, args: object) -> None:
     compiled, the model breaks once at its start, runs this eagerly, and the rest is one graph that
     reads the folded matrices. Eagerly each unit also checks itself, so a block called alone is right.
     """
-    for unit in getattr(model, FOLDED_UNITS, ()):
+    units = getattr(model, FOLDED_UNITS, ())
+    for unit in units:
         unit.refresh_fold()
+    if units and units[0].folds_checked is not None:
+        units[0].folds_checked.now = True  # shared by all: none checks itself again in this call
+
+
+@torch.compiler.disable
+def folds_unchecked(model: nn.Module, args: object, output: object) -> None:
+    """When a call of an optimised model returns or raises: its units check their own folds again when
+    called alone (see :class:`~se_inject.units.fold.FoldsChecked`)."""
+    units = getattr(model, FOLDED_UNITS, ())
+    if units and units[0].folds_checked is not None:
+        units[0].folds_checked.now = False
 
 
 def optimized_units(model: nn.Module) -> list[str]:

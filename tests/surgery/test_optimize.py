@@ -253,6 +253,34 @@ def test_the_folded_path_runs_where_no_gradient_is_wanted():
     torch.testing.assert_close(optimized(x), before, rtol=1e-9, atol=0)  # gradients wanted: the unfolded path
 
 
+def test_inside_the_models_call_the_units_trust_its_check_and_alone_they_check_themselves(monkeypatch):
+    """The model's pre-hook checks every fold once per call; a unit called inside that call does not check
+    again, a block called alone does (and follows a weight changed since), and a call that raises ends
+    what the pre-hook checked."""
+    retrofitted = _retrofit(InplaceResNet, "paper")
+    optimized = optimize_for_inference(retrofitted)
+    names = optimized_units(optimized)
+    checks: list[SqueezeFold] = []
+    refresh = SqueezeFold.refresh_fold
+    monkeypatch.setattr(SqueezeFold, "refresh_fold", lambda unit: (checks.append(unit), refresh(unit))[1])
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        _close(optimized(x), retrofitted(x))
+        assert len(checks) == len(names) == len(set(map(id, checks)))  # the pre-hook's, once each
+        block = names[-1].rsplit(".", 1)[0]
+        for model in (optimized, retrofitted):
+            randomize_units(model, seed=3)
+        h = torch.randn(2, *optimized.get_submodule(block).conv1.weight.shape[1:2], 8, 8, dtype=torch.float64)
+        checks.clear()
+        _close(optimized.get_submodule(block)(h), retrofitted.get_submodule(block)(h))  # alone: it checks
+        assert checks == [optimized.get_submodule(names[-1])]
+        with pytest.raises(RuntimeError):
+            optimized(torch.randn(2, 5, 32, 32, dtype=torch.float64))  # the stem's conv refuses 5 channels
+        checks.clear()
+        _close(optimized.get_submodule(block)(h), retrofitted.get_submodule(block)(h))
+        assert len(checks) == 1  # the call that raised no longer counts as checked
+
+
 def test_under_a_compiler_the_folds_are_kept_current_outside_the_graph(monkeypatch):
     """What torch.compile traces (is_compiling() is true there) reads the folded matrices without a check;
     the model's pre-hook, which the compiler leaves out of the graph, refolds what changed. Run eagerly
