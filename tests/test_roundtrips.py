@@ -211,10 +211,10 @@ def _race(tmp_path: Path, target: Path, force: bool, processes: int, rounds: int
 
 def test_concurrent_saves_to_one_new_target_exactly_one_wins(tmp_path):
     target = tmp_path / "model"
-    outcomes = _race(tmp_path, target, force=False, processes=4, rounds=1)
+    outcomes = _race(tmp_path, target, force=False, processes=3, rounds=1)
     assert outcomes.count("saved") == 1, outcomes
     refusals = [o for o in outcomes if o != "saved"]
-    assert len(refusals) == 3 and all(
+    assert len(refusals) == 2 and all(
         ("already exists" in o or "in progress" in o or "created by another save" in o) for o in refusals
     ), refusals
     se_inject.load(target, model=__import__("tiny_models").FunctionalResNet())

@@ -208,22 +208,14 @@ def test_two_processes_with_gloo(tmp_path):
 
 
 def test_bad_data_stops_the_cli_before_training(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "se_inject",
-            "finetune",
-            SPEC,
-            "--data",
-            str(tmp_path / "nothing"),
-            "--out",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 2 and "no such data directory" in done.stderr and done.stderr.count("\n") == 1
+    from typer.testing import CliRunner
+
+    from se_inject.cli.app import app
+
+    args = ["finetune", SPEC, "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "no such data directory" in result.stderr, result.output
+    assert len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
 
