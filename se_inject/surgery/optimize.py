@@ -20,10 +20,10 @@ separate pass either way. The README's "Performance" section has the measured ra
 
 In training mode BatchNorm normalises with the batch's statistics, so a unit then pools its own
 input as before. The folded matrix follows the weights it is made of: a unit folds again at its next
-call once ``load_state_dict``, an optimiser step or anything else has changed one of them (compiled,
-a forward pre-hook that runs outside the graph does the check), and where a gradient is wanted (grad
-mode on, one of those weights trainable) it computes from the live weights layer by layer, so
-training in eval mode trains every weight.
+call once ``load_state_dict``, an optimiser step or anything else has changed one of them (the model's
+forward pre-hook checks every unit once per call, outside the graph when compiled; a unit called
+alone checks itself), and where a gradient is wanted (grad mode on, one of those weights trainable)
+it computes from the live weights layer by layer, so training in eval mode trains every weight.
 """
 
 from __future__ import annotations

@@ -64,6 +64,7 @@ HOW = {
     "--out benchmarks/units_optimized.json": BENCHMARK,
     "python benchmarks/startup.py": BENCHMARK,
     "python benchmarks/gpu.py --out benchmarks/gpu.json": BENCHMARK,
+    "python benchmarks/eager_b1.py": BENCHMARK,
 }
 
 
