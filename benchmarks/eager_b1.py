@@ -116,7 +116,9 @@ def _checked_twice(optimized: nn.Module) -> nn.Module:
 
 def build(seed: int = 0) -> dict[str, nn.Module]:
     torch.manual_seed(seed)
-    plain = timm.create_model("resnet50").eval()
+    # zero_init_last=False: timm zeroes each block's last BatchNorm weight, which would zero every unit's
+    # input and folded weights and make the check below vacuous
+    plain = timm.create_model("resnet50", zero_init_last=False).eval()
     retrofit = se_inject.inject(plain, position="standard", r=16)
     with torch.no_grad():
         for unit in _units(retrofit):  # no zero hides a unit; small, so the gates stay near 1
@@ -147,10 +149,12 @@ def check(models: dict[str, nn.Module], x: torch.Tensor) -> float:
     return worst
 
 
-def kernels_alone(optimized: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Seconds the 16 units' kernels take called one after the other, warm, on the inputs each receives in
-    the model (median of ``repeats`` passes): what they cost without the convolutions between them."""
-    inputs: list[tuple[SqueezeExcite, tuple[torch.Tensor, ...]]] = []
+UnitInputs = list[tuple[SqueezeExcite, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
+def unit_inputs(optimized: nn.Module, x: torch.Tensor) -> UnitInputs:
+    """Each unit with a copy of what it receives in the model: its input, the residual and the conv's input."""
+    inputs: UnitInputs = []
 
     def keep(unit: nn.Module, args: tuple, kwargs: dict) -> None:
         assert isinstance(unit, SqueezeExcite)
@@ -159,15 +163,39 @@ def kernels_alone(optimized: nn.Module, x: torch.Tensor, repeats: int) -> float:
     hooks = [unit.register_forward_pre_hook(keep, with_kwargs=True) for unit in _units(optimized)]
     with torch.no_grad():
         optimized(x)
-        for hook in hooks:
-            hook.remove()
-        passes = []
-        for _ in range(repeats + 5):
-            start = time.perf_counter()
-            for unit, (unit_input, residual, source) in inputs:
-                _kernels(unit, unit_input, residual, source)
-            passes.append(time.perf_counter() - start)
+    for hook in hooks:
+        hook.remove()
+    return inputs
+
+
+def _all_kernels(inputs: UnitInputs, forward: Forward = _kernels) -> None:
+    with torch.no_grad():
+        for unit, (unit_input, residual, source) in inputs:
+            forward(unit, unit_input, residual, source)
+
+
+def kernels_alone(inputs: UnitInputs, repeats: int, forward: Forward = _kernels) -> float:
+    """Seconds the units' kernels (or another forward) take called one after the other, warm, on the inputs
+    each receives in the model (median of ``repeats`` passes): what they cost without the convolutions
+    between them."""
+    passes = []
+    for _ in range(repeats + 5):
+        start = time.perf_counter()
+        _all_kernels(inputs, forward)
+        passes.append(time.perf_counter() - start)
     return sorted(passes[5:])[repeats // 2]
+
+
+def kernels_by_operation(inputs: UnitInputs, passes: int = 50) -> dict[str, float]:
+    """Microseconds per pass of the units' kernels alone, by ATen operation (torch.profiler's self time)."""
+    from torch.profiler import profile
+
+    _all_kernels(inputs)
+    with profile() as prof:
+        for _ in range(passes):
+            _all_kernels(inputs)
+    by_op = {event.key: event.self_cpu_time_total / passes for event in prof.key_averages()}
+    return dict(sorted(by_op.items(), key=lambda item: -item[1]))
 
 
 def main() -> None:
@@ -190,8 +218,13 @@ def main() -> None:
           f"{1e3 * sorted(times['plain'])[len(times['plain']) // 2]:.1f} ms (median)")  # fmt: skip
     for name, spread in rows.items():
         print(f"  {name:26s} {spread}")
-    alone = kernels_alone(models["optimized"], x, args.repeats)
-    print(f"the {len(_units(models['optimized']))} units' kernels called alone, warm: {1e3 * alone:.2f} ms (median)")
+    inputs = unit_inputs(models["optimized"], x)
+    alone = kernels_alone(inputs, args.repeats)
+    adds = kernels_alone(inputs, args.repeats, _structure)
+    by_op = kernels_by_operation(inputs)
+    print(f"the {len(inputs)} units' kernels called alone, warm: {1e3 * alone:.2f} ms (median), the residual additions "
+          f"they replace {1e3 * adds:.2f} ms; by operation (us):")  # fmt: skip
+    print("  " + ", ".join(f"{name} {us:.0f}" for name, us in list(by_op.items())[:6]))
     if args.out:
         record = {
             "threads": torch.get_num_threads(),
@@ -200,6 +233,8 @@ def main() -> None:
             "largest_difference": difference,
             "plain_ms": 1e3 * sorted(times["plain"])[len(times["plain"]) // 2],
             "kernels_alone_ms": 1e3 * alone,
+            "residual_adds_alone_ms": 1e3 * adds,
+            "kernels_alone_us_by_operation": {name: round(us, 1) for name, us in by_op.items()},
             "torch": torch.__version__,
             "machine": platform.processor() or platform.machine(),
             "ratios": {name: {"median": s.median, "q1": s.q1, "q3": s.q3} for name, s in rows.items()},
