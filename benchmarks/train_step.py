@@ -28,6 +28,7 @@ import torch
 import se_inject
 from se_inject.measure.bench import Spread, time_interleaved, train_step
 from se_inject.units import parts
+from se_inject.units.base import ChannelUnit
 
 
 @contextlib.contextmanager
@@ -56,6 +57,16 @@ def _gradients(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
+def _random_units(retrofit: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose units' weights are random: the preserve start's zero last layer would hide a wrong gate."""
+    probe = copy.deepcopy(retrofit)
+    with torch.no_grad():
+        for unit in (m for m in probe.modules() if isinstance(m, ChannelUnit)):
+            for weight in unit.parameters():
+                weight.normal_(0, 0.05)
+    return probe
+
+
 def _difference(retrofit: torch.nn.Module, x: torch.Tensor) -> float:
     """The largest gradient difference between the two paths, relative to the largest gradient."""
     fused = _gradients(retrofit, x)
@@ -79,10 +90,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    plain = timm.create_model(args.model).train()
+    # zero_init_last=False: timm zeroes each block's last BatchNorm weight, which would zero every unit's input
+    plain = timm.create_model(args.model, zero_init_last=False).train()
     retrofit = se_inject.inject(plain, unit=args.unit, r=16).train()  # the default start: preserve
     x = torch.randn(args.batch, 3, args.size, args.size)
-    difference = _difference(copy.deepcopy(retrofit), x[:2])
+    difference = _difference(_random_units(retrofit), x[:2])
     models = {"plain": plain, "retrofit": retrofit, "retrofit, autograd ops": copy.deepcopy(retrofit)}
     if args.twin:
         models["twin"] = timm.create_model(args.twin).train()
