@@ -16,7 +16,9 @@ Variants (each a copy of the optimised retrofit of timm's ResNet-50, standard po
 
 Each ratio is the median over rounds of a variant's time over plain ResNet-50's in the same round (the
 order rotates every round) with the 25th-75th percentile of those per-round ratios. Unit weights are
-random, and each variant is checked against the optimised retrofit before anything is timed.
+random, and each variant is checked against the optimised retrofit before anything is timed. Last, the
+units' kernels are timed alone, one unit after the other on the inputs each receives in the model,
+beside the residual additions they replace, and broken down by ATen operation (torch.profiler).
 
     python benchmarks/eager_b1.py --repeats 300 --threads 2 --out benchmarks/eager_b1.json
 """
@@ -92,7 +94,7 @@ def _with_forward(optimized: nn.Module, forward: Forward) -> nn.Module:
 def _early(optimized: nn.Module) -> nn.Module:
     """The pooling and the first product on the block's ``aa`` output (the last conv's input) as it is written."""
     model = _with_forward(optimized, _late)
-    for name in optimized_blocks(model):
+    for name in _optimized_blocks(model):
         block = model.get_submodule(name)
         (unit,) = _units(block)
 
@@ -103,7 +105,7 @@ def _early(optimized: nn.Module) -> nn.Module:
     return model
 
 
-def optimized_blocks(model: nn.Module) -> list[str]:
+def _optimized_blocks(model: nn.Module) -> list[str]:
     return [name.rsplit(".", 1)[0] for name in se_inject.optimized_units(model)]
 
 
@@ -198,6 +200,14 @@ def kernels_by_operation(inputs: UnitInputs, passes: int = 50) -> dict[str, floa
     return dict(sorted(by_op.items(), key=lambda item: -item[1]))
 
 
+def _inference(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.no_grad():
+            return model(x)
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=300)
@@ -240,14 +250,6 @@ def main() -> None:
             "ratios": {name: {"median": s.median, "q1": s.q1, "q3": s.q3} for name, s in rows.items()},
         }
         args.out.write_text(json.dumps(record, indent=1) + "\n")
-
-
-def _inference(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    def run() -> object:
-        with torch.no_grad():
-            return model(x)
-
-    return run
 
 
 if __name__ == "__main__":
