@@ -178,22 +178,26 @@ def refresh_folds(model: nn.Module, args: object) -> None:
 
     A forward pre-hook that torch.compile does not trace (the check reads tensors' version counters):
     compiled, the model breaks once at its start, runs this eagerly, and the rest is one graph that
-    reads the folded matrices. Eagerly each unit also checks itself, so a block called alone is right.
+    reads the folded matrices. Eagerly the units trust this check for the rest of the call (see
+    :func:`folds_unchecked`); a block called alone checks its units itself.
     """
-    units = getattr(model, FOLDED_UNITS, ())
-    for unit in units:
+    for unit in getattr(model, FOLDED_UNITS, ()):
         unit.refresh_fold()
-    if units and units[0].folds_checked is not None:
-        units[0].folds_checked.now = True  # shared by all: none checks itself again in this call
+    _mark_checked(model, True)  # no unit checks itself again in this call
 
 
 @torch.compiler.disable
 def folds_unchecked(model: nn.Module, args: object, output: object) -> None:
     """When a call of an optimised model returns or raises: its units check their own folds again when
     called alone (see :class:`~se_inject.units.fold.FoldsChecked`)."""
+    _mark_checked(model, False)
+
+
+def _mark_checked(model: nn.Module, now: bool) -> None:
+    """Set the :class:`~se_inject.units.fold.FoldsChecked` that ``model``'s folded units share."""
     units = getattr(model, FOLDED_UNITS, ())
     if units and units[0].folds_checked is not None:
-        units[0].folds_checked.now = False
+        units[0].folds_checked.now = now
 
 
 def optimized_units(model: nn.Module) -> list[str]:
