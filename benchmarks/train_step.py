@@ -6,7 +6,10 @@ Every model takes a forward, backward and SGD step on the same batch (``se_injec
 timed interleaved in this process (the order rotates every round); each ratio is the median over rounds of
 one model's time over the plain network's in the same round, with the 25th-75th percentile of those
 per-round ratios. Before timing, the script checks that both paths give the same gradients (float64, with
-random unit weights, relative to the largest).
+random unit weights, relative to the largest). Last, it times the units' gate gradients alone (``sum(g * x)``
+over positions, on random maps of the sizes the units see at this batch) three ways: as the units take it
+(``channel_dots``: a chunk of rows at a time on the CPU), as one batched product of one-row matrices
+(``einsum``), and as a product map and its sum.
 
     python benchmarks/train_step.py --batch 16 --repeats 24 --threads 2 --out benchmarks/train_step.json
 """
@@ -17,7 +20,9 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -76,7 +81,35 @@ def _difference(retrofit: torch.nn.Module, x: torch.Tensor) -> float:
     return max(float((a - b).abs().max()) for a, b in zip(fused, plain, strict=True)) / scale
 
 
-def main() -> None:
+def _gate_gradients_ms(retrofit: torch.nn.Module, x: torch.Tensor, repeats: int = 9) -> dict[str, float]:
+    """Milliseconds for the units' gate gradients, all units one after the other (median of ``repeats``)."""
+    shapes: list[torch.Size] = []
+    units = [m for m in retrofit.modules() if isinstance(m, ChannelUnit)]
+    hooks = [u.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape)) for u in units]
+    probe = copy.deepcopy(retrofit).eval()  # eval: the shapes without touching the model's running statistics
+    with torch.no_grad():
+        probe(x)
+    for hook in hooks:
+        hook.remove()
+    generator = torch.Generator().manual_seed(0)
+    maps = [(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)) for shape in shapes]
+    ways: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        "chunked (channel_dots)": parts.channel_dots,
+        "batched product (einsum)": lambda g, m: torch.einsum("bchw,bchw->bc", g, m),
+        "product map and sum": lambda g, m: (g * m).sum((2, 3)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    with torch.no_grad():  # as in a backward pass that records nothing
+        for _ in range(repeats):
+            for name, way in ways.items():
+                started = time.perf_counter()
+                for g, m in maps:
+                    way(g, m)
+                times[name].append(time.perf_counter() - started)
+    return {name: round(sorted(t)[len(t) // 2] * 1e3, 1) for name, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--twin", default="seresnet50")
@@ -86,7 +119,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -116,13 +149,22 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "gradient_difference": difference,
         "seconds": round(time.perf_counter() - started, 1),
+        # the allocator's settings: glibc's (MALLOC_*) decide whether a large map is fresh memory at every step
+        "allocator_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
+        "step_ms": {name: round(statistics.median(times) * 1e3, 1) for name, times in seconds.items()},
         "ratios": {name: {"median": s.median, "q1": s.q1, "q3": s.q3} for name, s in ratios.items()},
     }
+    result["gate_gradients_ms"] = _gate_gradients_ms(retrofit, x)
+    print(f"training step, batch {args.batch}: plain {result['step_ms']['plain']} ms (median)")
     for name, spread in ratios.items():
         print(f"training step, batch {args.batch}: {name} {spread}")
+    units = sum(isinstance(m, ChannelUnit) for m in retrofit.modules())
+    ways = ", ".join(f"{name} {ms} ms" for name, ms in result["gate_gradients_ms"].items())
+    print(f"the {units} units' gate gradients alone at batch {args.batch}: {ways}")
     print(f"gradients of the two paths differ by {difference:.1e} of the largest; {result['seconds']} s")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 if __name__ == "__main__":

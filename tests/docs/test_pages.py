@@ -60,6 +60,8 @@ HOW = {
     "python benchmarks/optimize.py --batch 16": BENCHMARK,
     "python benchmarks/train_step.py": BENCHMARK,
     "python benchmarks/train_step.py --batch 16 --repeats 24 --threads 2 --out benchmarks/train_step.json": BENCHMARK,
+    "MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=8589934592 python benchmarks/train_step.py --batch 16 "
+    "--repeats 24 --threads 2 --out benchmarks/train_step_kept_memory.json": BENCHMARK,
     "python benchmarks/units.py --optimize --compile --batches 16 --repeats 40 --threads 2 "
     "--out benchmarks/units_optimized.json": BENCHMARK,
     "python benchmarks/startup.py": BENCHMARK,
@@ -73,11 +75,17 @@ def _benchmark_help(script: str) -> int:
     return _benchmark_helps()[script]
 
 
+def _script(command: str) -> str:
+    """The Python script a benchmark command runs (after ``python``; environment settings may come first)."""
+    words = shlex.split(command)
+    return words[words.index("python") + 1]
+
+
 @functools.cache
 def _benchmark_helps() -> dict[str, int]:
     """Every benchmark script the pages show, run with ``--help`` as its own ``__main__``, all in one fresh
     process: each imports torch and timm first (4 s), which a process per script paid again."""
-    scripts = sorted({shlex.split(command)[1] for command, how in HOW.items() if how == BENCHMARK})
+    scripts = sorted({_script(command) for command, how in HOW.items() if how == BENCHMARK})
     code = (
         "import json, runpy, sys\n"
         "codes = {}\n"
@@ -193,7 +201,7 @@ def run(command: str, folder: Path, error: str | None = None) -> str:
             assert part.replace("pip install", "python -m pip install -q") in ci or part in ci, part
         return ""
     if how == BENCHMARK:
-        assert _benchmark_help(shlex.split(command)[1]) == 0
+        assert _benchmark_help(_script(command)) == 0
         return ""
     if how in (NETWORK, SLOW_SUITE):
         return ""
