@@ -64,6 +64,8 @@ HOW = {
     "--repeats 24 --threads 2 --out benchmarks/train_step_kept_memory.json": BENCHMARK,
     "python benchmarks/units.py --optimize --compile --batches 16 --repeats 40 --threads 2 "
     "--out benchmarks/units_optimized.json": BENCHMARK,
+    "MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=8589934592 python benchmarks/units.py --optimize "
+    "--compile --batches 16 --repeats 40 --threads 2 --out benchmarks/units_optimized_kept_memory.json": BENCHMARK,
     "python benchmarks/startup.py": BENCHMARK,
     "python benchmarks/gpu.py --out benchmarks/gpu.json": BENCHMARK,
     "python benchmarks/eager_b1.py": BENCHMARK,
