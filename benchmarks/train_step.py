@@ -132,7 +132,7 @@ def _gate_gradients_ms(retrofit: torch.nn.Module, x: torch.Tensor, repeats: int 
                 for g, m in maps:
                     way(g, m)
                 times[name].append(time.perf_counter() - started)
-    return {name: round(sorted(t)[len(t) // 2] * 1e3, 1) for name, t in times.items()}
+    return {name: round(statistics.median(t) * 1e3, 1) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
