@@ -7,9 +7,10 @@ timed interleaved in this process (the order rotates every round); each ratio is
 one model's time over the plain network's in the same round, with the 25th-75th percentile of those
 per-round ratios. Before timing, the script checks that both paths give the same gradients (float64, with
 random unit weights, relative to the largest). Last, it times the units' gate gradients alone (``sum(g * x)``
-over positions, on random maps of the sizes the units see at this batch) three ways: as the units take it
-(one batched product of one-row matrices, ``einsum``), as a product map and its sum, and a chunk of rows at a
-time into a small buffer that stays in the cache (an alternative, which rounds otherwise than ``einsum``).
+over positions, on random maps of the sizes the units see at this batch) three ways: as the units take it on
+the CPU (``se_inject.units.parts.channel_dots``: a chunk of rows at a time into a small buffer that stays in the
+cache), as one batched product of one-row matrices (``einsum``, which the units used before and still use on
+CUDA), and as a product map and its sum.
 
     python benchmarks/train_step.py --batch 16 --repeats 24 --threads 2 --out benchmarks/train_step.json
 
@@ -85,25 +86,6 @@ def _difference(retrofit: torch.nn.Module, x: torch.Tensor) -> float:
     return max(float((a - b).abs().max()) for a, b in zip(fused, plain, strict=True)) / scale
 
 
-# the bytes of the product that _chunked_dots writes at a time: few enough to stay in the cache
-DOT_CHUNK_BYTES = 1 << 20
-
-
-def _chunked_dots(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``(grad * x).sum((2, 3))`` for contiguous maps, a chunk of (sample, channel) rows at a time."""
-    batch, channels, height, width = grad.shape
-    rows, positions = batch * channels, height * width
-    grad_rows, x_rows = grad.view(rows, positions), x.view(rows, positions)
-    step = max(1, DOT_CHUNK_BYTES // max(1, positions * grad.element_size()))
-    product = grad.new_empty(min(step, rows), positions)
-    dots = grad.new_empty(rows)
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        torch.mul(grad_rows[start:stop], x_rows[start:stop], out=product[: stop - start])
-        torch.sum(product[: stop - start], 1, out=dots[start:stop])
-    return dots.view(batch, channels)
-
-
 def _gate_gradients_ms(retrofit: torch.nn.Module, x: torch.Tensor, repeats: int = 9) -> dict[str, float]:
     """Milliseconds for the units' gate gradients, all units one after the other (median of ``repeats``)."""
     shapes: list[torch.Size] = []
@@ -117,9 +99,9 @@ def _gate_gradients_ms(retrofit: torch.nn.Module, x: torch.Tensor, repeats: int 
     generator = torch.Generator().manual_seed(0)
     maps = [(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)) for shape in shapes]
     ways: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-        "batched product (einsum, the units')": lambda g, m: torch.einsum("bchw,bchw->bc", g, m),
+        "chunked rows (channel_dots, the units')": parts.channel_dots,
+        "batched product (einsum)": lambda g, m: torch.einsum("bchw,bchw->bc", g, m),
         "product map and sum": lambda g, m: (g * m).sum((2, 3)),
-        "chunked rows": _chunked_dots,
     }
     for g, m in maps[:1]:  # the three compute the same sums, up to rounding
         for way in ways.values():

@@ -9,7 +9,7 @@ import torch
 
 from se_inject.units import parts
 from se_inject.units.base import unit_class
-from se_inject.units.parts import ChannelScaleAdd
+from se_inject.units.parts import ChannelScaleAdd, channel_dots
 
 UNITS = {
     "se": {},
@@ -71,6 +71,30 @@ def test_the_training_path_gives_autograds_gradients(case, with_residual, channe
     assert fused.keys() == reference.keys() and len(fused) > 2
     for name, expected in reference.items():
         torch.testing.assert_close(fused[name], expected, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(
+    "chunk_bytes", [1, 5 * 35 * 8, 96 * 35 * 8], ids=["a row at a time", "5 rows", "the whole map, one chunk"]
+)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_the_gates_gradient_sums_every_channel_once_in_chunks(chunk_bytes, channels_last, monkeypatch):
+    """channel_dots on the CPU without a graph takes the product a chunk of (sample, channel) rows at a time:
+    96 rows of 35 positions in float64, in 96 or 20 chunks (the last of one row), or as one product and its
+    sum where the map fits in a chunk; channels-last maps, whose rows are not adjacent, take the product whole
+    (no chunk). Every row is summed whole, so the sums are the product map's bit for bit (the seeded figures
+    of the guides do not depend on the chunk)."""
+    generator = torch.Generator().manual_seed(3)
+    grad, x = torch.randn(2, 3, 32, 5, 7, dtype=torch.float64, generator=generator)
+    if channels_last:
+        grad, x = (t.contiguous(memory_format=torch.channels_last) for t in (grad, x))
+    calls, real_sum = [], torch.sum
+    monkeypatch.setattr(parts, "DOT_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(torch, "sum", lambda *a, **k: calls.append(a[1]) or real_sum(*a, **k))
+    with torch.no_grad():
+        dots = channel_dots(grad, x)
+    chunks = 0 if channels_last else {1: 96, 5 * 35 * 8: 20, 96 * 35 * 8: 0}[chunk_bytes]
+    assert len(calls) == chunks
+    assert torch.equal(dots, (grad * x).sum((2, 3)))
 
 
 def test_an_se_only_phase_trains_the_gate_with_a_frozen_input():
