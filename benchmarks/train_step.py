@@ -103,11 +103,11 @@ def _gate_gradients_ms(retrofit: torch.nn.Module, x: torch.Tensor, repeats: int 
         "batched product (einsum)": lambda g, m: torch.einsum("bchw,bchw->bc", g, m),
         "product map and sum": lambda g, m: (g * m).sum((2, 3)),
     }
-    for g, m in maps[:1]:  # the three compute the same sums, up to rounding
-        for way in ways.values():
-            torch.testing.assert_close(way(g, m), (g * m).sum((2, 3)), rtol=1e-4, atol=1e-3)
     times: dict[str, list[float]] = {name: [] for name in ways}
-    with torch.no_grad():  # as in a backward pass that records nothing
+    with torch.no_grad():  # as in a backward pass that records nothing (channel_dots chunks only then)
+        for g, m in maps[:1]:  # the three compute the same sums, up to rounding
+            for way in ways.values():
+                torch.testing.assert_close(way(g, m), (g * m).sum((2, 3)), rtol=1e-4, atol=1e-3)
         for _ in range(repeats):
             for name, way in ways.items():
                 started = time.perf_counter()
