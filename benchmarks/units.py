@@ -17,6 +17,8 @@ user calls it (compiling nine ResNet-50s takes about ten minutes on 2 cores):
 
     python benchmarks/units.py --optimize --compile --batches 16 --repeats 40 --threads 2 \
         --out benchmarks/units_optimized.json
+
+``--units se,ese`` times only those retrofits beside the original (more rounds in the same time).
 """
 
 from __future__ import annotations
@@ -83,7 +85,15 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--optimize", action="store_true", help="time each retrofit optimised where its units fold")
     parser.add_argument("--compile", action="store_true", help="time every model under torch.compile's defaults")
+    parser.add_argument(
+        "--units", default=",".join(ORDER), help="the units to retrofit, comma-separated (default: all)"
+    )
     args = parser.parse_args()
+    chosen = [name.strip() for name in args.units.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(ORDER))
+    if unknown or not chosen:
+        parser.error(f"--units: {', '.join(unknown) or 'none given'}: not among {', '.join(ORDER)}")
+    units = [name for name in ORDER if name in chosen]
     if args.threads:
         torch.set_num_threads(args.threads)
     assert set(ORDER) == set(UNITS), "a unit is missing from the benchmark"
@@ -92,7 +102,7 @@ def main() -> None:
     original = timm.create_model(args.model, zero_init_last=False).eval()
     results = {}
     models = {"original": original}
-    for unit in ORDER:
+    for unit in units:
         retrofit = se_inject.retrofit(original, unit=unit, model_name=args.model)
         totals = retrofit.report.totals
         results[unit] = {
@@ -119,7 +129,7 @@ def main() -> None:
         steps = {n: _inference(m, x) for n, m in models.items()}
         seconds = time_interleaved(steps, repeats, warmup=3, device=torch.device("cpu"))
         base = seconds["original"]
-        for unit in ORDER:
+        for unit in units:
             ratios = [t / b for t, b in zip(seconds[unit], base, strict=True)]
             q1, median, q3 = quartiles(ratios)
             results[unit]["latency"][str(batch)] = {
@@ -141,7 +151,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - started, 1),
         "units": results,
     }
-    for unit in ORDER:
+    for unit in units:
         r = results[unit]
         cells = [
             f"{unit:6s}",
