@@ -54,19 +54,22 @@ def _structure(unit: SqueezeExcite, x: torch.Tensor, residual: torch.Tensor, sou
     return x.add_(residual)
 
 
+def _hidden(unit: SqueezeExcite, source: torch.Tensor) -> torch.Tensor:
+    """The folded first layer on the pooled conv input: what every variant that computes the gate starts from."""
+    return F.linear(source.mean((2, 3)), unit.fold_weight, unit.fold_bias)
+
+
 def _gate(unit: SqueezeExcite, hidden: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(F.linear(hidden.relu_(), unit.fc2.weight)).view(1, -1, 1, 1)
 
 
 def _gate_only(unit: SqueezeExcite, x: torch.Tensor, residual: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    hidden = F.linear(source.mean((2, 3)), unit.fold_weight, unit.fold_bias)
-    _gate(unit, hidden)
+    _gate(unit, _hidden(unit, source))
     return x.add_(residual)
 
 
 def _kernels(unit: SqueezeExcite, x: torch.Tensor, residual: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    hidden = F.linear(source.mean((2, 3)), unit.fold_weight, unit.fold_bias)
-    return torch.addcmul(residual, x, _gate(unit, hidden), value=2.0, out=x)  # the preserve gate's 2
+    return torch.addcmul(residual, x, _gate(unit, _hidden(unit, source)), value=2.0, out=x)  # the preserve gate's 2
 
 
 def _kernels_mv(unit: SqueezeExcite, x: torch.Tensor, residual: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -109,7 +112,7 @@ def _early(optimized: nn.Module) -> nn.Module:
         (unit,) = _units(block)
 
         def pool(layer: nn.Module, args: object, output: torch.Tensor, unit: SqueezeExcite = unit) -> None:
-            unit.early_hidden = F.linear(output.mean((2, 3)), unit.fold_weight, unit.fold_bias)
+            unit.early_hidden = _hidden(unit, output)
 
         block.aa.register_forward_hook(pool)
     return model
